@@ -1,0 +1,323 @@
+"""Checkpoints: our layout (safetensors per stage) and conversion from the official SmartEdit release.
+
+Our layout (written by `save_pretrained` and `smartedit-convert`):
+    DIR/config.json              SmartEditConfig + {"format": "smartedit", "format_version", "random_weights", "source"}
+    DIR/tokenizer/               LLaMA tokenizer with the 35 SmartEdit tokens
+    DIR/<stage>.safetensors      vision, llm (LoRA unmerged), qformer, bim, unet, vae
+    DIR/null_text.safetensors    {"null_text_embeds": [1, 77, 768]}: CLIP text embedding of "" (IP2P's text encoder)
+
+Official release (HF TencentARC/SmartEdit-7B / -13B; shared/reference/smartedit-official-implementation.md §3):
+    LLM-<step>/adapter_model.bin                             whole PEFT-wrapped LLaMA (base + lora_A/B + embed_tokens)
+    embeddings_qformer/checkpoint-<step>_embeddings_qformer.bin   sd_query_tokens, sd_qformer.*, mm_projector.*, lm_head
+    modulate-<step>/adapter_model.bin                        BIM (our attribute names)
+    unet-<step>/adapter_model.bin                            unet.<diffusers key>
+and, from elsewhere: the CLIP ViT-L/14 vision tower, rows 0..31999 of embed_tokens / lm_head (LLaVA-1.1), the
+Vicuna tokenizer, the VAE and the null-text embedding (InstructPix2Pix). All .bin files are read with
+torch.load(weights_only=True): a pickle that needs code to load is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import BASE_VOCAB_SIZE, SmartEditConfig
+from .qformer import official_qformer_key
+
+log = logging.getLogger(__name__)
+
+FORMAT = "smartedit"
+FORMAT_VERSION = 1
+STAGE_FILES = ("vision", "llm", "qformer", "bim", "unet", "vae")
+NULL_TEXT_FILE = "null_text.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as is: missing file, unexpected/missing keys, shape mismatch, unsafe pickle."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and checking state dicts
+
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A .bin / .pt with weights_only=True (never runs pickled code), or a .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:  # not a zip archive (legacy torch.save format): mmap is impossible, plain read
+        if "mmap" not in str(e):
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise CheckpointError(
+            f"refused to load {path}: it is not a plain tensor checkpoint (weights_only=True failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0]}). Loading it would run code from the file."
+        ) from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a flat dict of tensors")
+    return sd
+
+
+def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError listing missing/unexpected keys and shape mismatches (key, expected, found)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [(k, tuple(expected[k].shape), tuple(sd[k].shape)) for k in expected
+              if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_few(unexpected)}")
+    if shapes:
+        problems.append("shape mismatches (key, expected, found): " + _few([f"{k} {a} vs {b}" for k, a, b in shapes]))
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def load_stage(module: nn.Module, path: Path) -> None:
+    sd = load_torch_file(path)
+    check_state_dict(module, sd, str(path))
+    module.load_state_dict(sd, strict=True)
+
+
+def save_stage(module: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    sd = module.state_dict() if isinstance(module, nn.Module) else module
+    # safetensors refuses shared storage and non-contiguous views: store plain copies
+    save_file({k: v.detach().contiguous().clone() if _shares(v) else v.detach().contiguous()
+               for k, v in sd.items()}, str(path))
+
+
+def _shares(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() != t.numel() * t.element_size()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic folder writes
+
+
+def write_folder_atomically(out_dir: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Run write(tmp) on a temporary sibling folder, then rename it to out_dir: a failure leaves nothing behind."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write into {parent}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_config(path: Path, cfg: SmartEditConfig, random_weights: bool, source: dict[str, Any]) -> None:
+    d = {"format": FORMAT, "format_version": FORMAT_VERSION, "random_weights": random_weights, "source": source,
+         **cfg.to_dict()}
+    path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def read_config(model_dir: Path) -> tuple[SmartEditConfig, dict[str, Any]]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} is not a SmartEdit model folder: missing {path.name} "
+                              "(convert the official release with `smartedit-convert` first)")
+    d = json.loads(path.read_text())
+    if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {d.get('format')!r} v{d.get('format_version')}, expected "
+                              f"{FORMAT!r} v{FORMAT_VERSION}")
+    meta = {k: d.pop(k) for k in ("format", "format_version", "random_weights", "source") if k in d}
+    return SmartEditConfig.from_dict(d), meta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The official release -> our stage state dicts
+
+
+def find_step(official_dir: Path, step: int | None = None) -> int:
+    """The training step shared by LLM-<step>/, modulate-<step>/, unet-<step>/ and the QFormer file."""
+    official_dir = Path(official_dir)
+    if not official_dir.is_dir():
+        raise CheckpointError(f"official checkpoint folder {official_dir} does not exist")
+    found: dict[str, set[int]] = {}
+    for prefix in ("LLM", "modulate", "unet"):
+        found[prefix] = {int(m.group(1)) for p in official_dir.iterdir()
+                         if (m := re.fullmatch(rf"{prefix}-(\d+)", p.name)) and p.is_dir()}
+    qdir = official_dir / "embeddings_qformer"
+    found["embeddings_qformer"] = {int(m.group(1)) for p in (qdir.iterdir() if qdir.is_dir() else [])
+                                   if (m := re.fullmatch(r"checkpoint-(\d+)_embeddings_qformer\.bin", p.name))}
+    common = set.intersection(*found.values())
+    if step is not None:
+        if step not in common:
+            raise CheckpointError(f"step {step} is not complete in {official_dir}: found {found}")
+        return step
+    if not common:
+        missing = [k for k, v in found.items() if not v]
+        raise CheckpointError(
+            f"{official_dir} is not an official SmartEdit release: no training step common to all four parts "
+            f"(found {found}; missing {missing}). Expected LLM-<step>/adapter_model.bin, "
+            "embeddings_qformer/checkpoint-<step>_embeddings_qformer.bin, modulate-<step>/adapter_model.bin, "
+            "unet-<step>/adapter_model.bin"
+        )
+    if len(common) > 1:
+        raise CheckpointError(f"several complete steps in {official_dir}: {sorted(common)}; choose one with --step")
+    return common.pop()
+
+
+def official_paths(official_dir: Path, step: int) -> dict[str, Path]:
+    d = Path(official_dir)
+    return {
+        "llm": d / f"LLM-{step}" / "adapter_model.bin",
+        "qformer": d / "embeddings_qformer" / f"checkpoint-{step}_embeddings_qformer.bin",
+        "bim": d / f"modulate-{step}" / "adapter_model.bin",
+        "unet": d / f"unet-{step}" / "adapter_model.bin",
+    }
+
+
+def load_hf_weights(model_dir: Path, what: str) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers/diffusers folder: *.safetensors, else pytorch_model*.bin / *.bin (sharded ok)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{what} folder {model_dir} does not exist")
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    files = [f for f in files if f.name != "training_args.bin"]
+    if not files:
+        raise CheckpointError(f"no *.safetensors or *.bin weights in {what} folder {model_dir}")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_torch_file(f))
+    return sd
+
+
+def convert_llm(llm_sd: dict[str, torch.Tensor], qformer_sd: dict[str, torch.Tensor],
+                llava_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LLM-<step> + QFormer file (lm_head) + LLaVA rows -> SmartEditLLM state dict (LoRA kept as peft layers).
+
+    Official: load_pretrained_LLaMA_for_inference (DS_SmartEdit_model.py:307-321): embed_tokens from LLM-<step>, rows
+    [:-35] reset to LLaVA's; load_pretrained_for_inference (:325-352): lm_head rows [-35:] from the QFormer file,
+    rows [:-35] from LLaVA.
+    """
+    prefix = "model.base_model.model."
+    out: dict[str, torch.Tensor] = {}
+    for k, v in llm_sd.items():
+        if not k.startswith(prefix):
+            raise CheckpointError(f"unexpected key in LLM-<step>/adapter_model.bin: {k!r} (expected {prefix}*)")
+        k = k[len(prefix):]
+        if k.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed by transformers from rope_theta
+        k = re.sub(r"\.(q_proj|v_proj)\.weight$", r".\1.base_layer.weight", k)
+        k = re.sub(r"\.(q_proj|v_proj)\.bias$", r".\1.base_layer.bias", k)
+        out["model." + k] = v
+    emb = out.get("model.embed_tokens.weight")
+    if emb is None:
+        raise CheckpointError("LLM-<step>/adapter_model.bin has no embed_tokens.weight")
+    llava_emb = _llava_tensor(llava_sd, "embed_tokens.weight")
+    llava_head = _llava_tensor(llava_sd, "lm_head.weight")
+    head = qformer_sd.get("lm_head.weight")
+    if head is None:
+        raise CheckpointError("the embeddings_qformer checkpoint has no lm_head.weight")
+    n_new = emb.shape[0] - BASE_VOCAB_SIZE
+    emb = emb.clone()
+    emb[:BASE_VOCAB_SIZE] = llava_emb[:BASE_VOCAB_SIZE].to(emb.dtype)
+    new_head = torch.empty(emb.shape[0], head.shape[1], dtype=head.dtype)
+    new_head[:BASE_VOCAB_SIZE] = llava_head[:BASE_VOCAB_SIZE].to(head.dtype)
+    new_head[BASE_VOCAB_SIZE:] = head[-n_new:]
+    out["model.embed_tokens.weight"] = emb
+    out["lm_head.weight"] = new_head
+    return out
+
+
+def _llava_tensor(llava_sd: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    for k in (f"model.{name}", name):
+        if k in llava_sd:
+            return llava_sd[k]
+    raise CheckpointError(f"the LLaVA-1.1 weights have no {name} (looked for model.{name} and {name})")
+
+
+def convert_vision(clip_sd: dict[str, torch.Tensor], qformer_sd: dict[str, torch.Tensor], n_layers_used: int
+                   ) -> dict[str, torch.Tensor]:
+    """CLIP ViT weights (a CLIPVisionModel / CLIPModel folder, or LLaVA's embedded tower) + mm_projector."""
+    out: dict[str, torch.Tensor] = {}
+    nested = any("vision_model." in k for k in clip_sd)  # CLIPModel / older CLIPVisionModel keep `vision_model.`
+    for k, v in clip_sd.items():
+        m = re.search(r"vision_model\.(.*)$", k) if nested else re.match(
+            r"((?:embeddings|pre_layrnorm|encoder|post_layernorm)\..*)$", k)
+        if not m or ("text_model" in k):
+            continue
+        rest = m.group(1)
+        layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
+        if layer and int(layer.group(1)) >= n_layers_used:
+            continue  # layers after the selected one are never computed (vision.py)
+        out["clip." + rest] = v
+    if not out:
+        raise CheckpointError("no CLIP vision weights (keys containing 'vision_model.') in the given CLIP folder")
+    for p in ("weight", "bias"):
+        key = f"mm_projector.{p}"
+        if key not in qformer_sd:
+            raise CheckpointError(f"the embeddings_qformer checkpoint has no {key}")
+        out[key] = qformer_sd[key]
+    return out
+
+
+def convert_qformer(qformer_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in qformer_sd.items():
+        if k in ("mm_projector.weight", "mm_projector.bias", "lm_head.weight") or k.endswith("embed_tokens.weight"):
+            continue  # consumed by convert_vision / convert_llm, or dropped (official loader pops it)
+        new = official_qformer_key(k)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+def convert_unet(unet_sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    bad = [k for k in unet_sd if not k.startswith("unet.")]
+    if bad:
+        raise CheckpointError(f"unexpected keys in unet-<step>/adapter_model.bin (expected unet.*): {_few(bad)}")
+    return dict(unet_sd)  # our SmartEditUNet keeps diffusers' UNet under `unet.`: same keys
+
+
+def null_text_from_ip2p(ip2p_dir: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CLIP text embedding of "" with IP2P's own text encoder and tokenizer -> [1, 77, 768] (computed once, here)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    ip2p_dir = Path(ip2p_dir)
+    for sub in ("text_encoder", "tokenizer"):
+        if not (ip2p_dir / sub).is_dir():
+            raise CheckpointError(f"missing {ip2p_dir / sub} (the InstructPix2Pix folder keeps its {sub} there); "
+                                  "or pass the embedding itself with --null-text FILE")
+    tok = CLIPTokenizer.from_pretrained(ip2p_dir / "tokenizer")
+    enc = CLIPTextModel.from_pretrained(ip2p_dir / "text_encoder", torch_dtype=dtype).eval()
+    ids = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return enc(ids.input_ids).last_hidden_state  # [1, 77, 768]
+
+
+def iter_missing(paths: Iterable[Path]) -> list[Path]:
+    return [p for p in paths if not Path(p).is_file()]

@@ -1,0 +1,247 @@
+"""Configs for every SmartEdit stage, with the presets "7b", "13b" (official dimensions) and "tiny" (CPU tests).
+
+Official dimensions: DESIGN.md §2 and shared/reference/smartedit-official-implementation.md §1. The "tiny" preset is
+fixed by the project (issue 2) so that tests and outside tools can build tiny checkpoints in the official layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Token ids of the 35 tokens SmartEdit adds to the 32000-token LLaMA vocabulary (official DS_SmartEdit_model.py:84-113).
+BASE_VOCAB_SIZE = 32000
+IMG_TOKEN_ID = 32000  # "<img>", named in the system prompt, never generated
+IM_START_ID = 32001  # "<im_start>"
+IM_END_ID = 32002  # "<im_end>"
+IMG_START_ID = 32003  # "<img_0>"; "<img_i>" = 32003 + i
+NUM_IMG_TOKENS = 32  # the hidden states of <img_0>..<img_31> feed the QFormer
+VOCAB_SIZE = BASE_VOCAB_SIZE + 3 + NUM_IMG_TOKENS  # 32035
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT (transformers CLIPVisionModel); LLaVA-1.1 uses ViT-L/14 at 224 px, penultimate layer, CLS dropped."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 224
+    patch_size: int = 14
+    select_layer: int = -2  # LLaVA mm_vision_select_layer: hidden_states[-2] = output of layer num_layers - 1
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2  # 256 at 224/14
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size  # 16
+
+    @property
+    def num_layers_used(self) -> int:
+        # hidden_states[0] is the embedding output, so hidden_states[-2] is after layer num_layers - 1
+        return self.num_layers + 1 + self.select_layer
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """LLaMA (Vicuna-1.1 / LLaVA-1.1) with the 35 SmartEdit tokens and the q/v LoRA of the release."""
+
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = VOCAB_SIZE
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    # LoRA of the release (train/DS_SmartEdit_train.py:466-485): r 8, alpha 16, q_proj/v_proj. 0 = no LoRA (merged).
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BLIP-2 Q-Former (LAVIS copy in the release), built as transformers Blip2QFormerModel, randomly initialised."""
+
+    hidden_size: int = 768
+    num_layers: int = 6
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_frequency: int = 2  # cross-attention in layers 0, 2, 4
+    num_queries: int = 77  # stands in for the 77 CLIP text tokens of SD-1.5
+    layer_norm_eps: float = 1e-12  # bert-base-uncased
+
+
+@dataclass(frozen=True)
+class BIMConfig:
+    """Bidirectional Interaction Module: SAM's two-way transformer between the queries and the CLIP patch grid."""
+
+    dim: int = 1024  # = vision hidden size (the image side is the raw CLIP feature, before mm_projector)
+    depth: int = 2
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    attention_downsample_rate: int = 2  # cross-attention runs at dim / 2
+    num_pos_feats: int = 512  # random-Fourier features; the PE has 2 * num_pos_feats = dim channels
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """SD-1.5 UNet (diffusers UNet2DConditionModel) with InstructPix2Pix's 8 input channels."""
+
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 768
+    in_channels: int = 8  # 4 noisy latent + 4 image latent
+    out_channels: int = 4
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        n = len(self.block_out_channels)
+        return dict(
+            sample_size=64,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            attention_head_dim=self.attention_head_dim,
+            cross_attention_dim=self.cross_attention_dim,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        )
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """SD-1.5 / InstructPix2Pix VAE (diffusers AutoencoderKL); 4 latent channels, downsampling factor 8."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    latent_channels: int = 4
+    scaling_factor: float = 0.18215
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        n = len(self.block_out_channels)
+        return dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            latent_channels=self.latent_channels,
+            scaling_factor=self.scaling_factor,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            sample_size=512,
+        )
+
+
+# timbrooks/instruct-pix2pix scheduler/scheduler_config.json (EulerAncestralDiscreteScheduler)
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+@dataclass(frozen=True)
+class SmartEditConfig:
+    name: str = "7b"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    bim: BIMConfig = field(default_factory=BIMConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+
+    def __post_init__(self) -> None:
+        # The cross-stage contracts; a mismatch here means a config that cannot run, so fail at construction.
+        checks = {
+            "bim.dim == vision.hidden_size (BIM image side is the raw CLIP feature)": self.bim.dim
+            == self.vision.hidden_size,
+            "2 * bim.num_pos_feats == bim.dim (random-Fourier PE width)": 2 * self.bim.num_pos_feats == self.bim.dim,
+            "qformer.hidden_size == unet.cross_attention_dim (QFormer output is the UNet text condition)": (
+                self.qformer.hidden_size == self.unet.cross_attention_dim
+            ),
+            "bim.dim % bim.num_heads == 0": self.bim.dim % self.bim.num_heads == 0,
+            "llm.hidden_size % llm.num_heads == 0": self.llm.hidden_size % self.llm.num_heads == 0,
+            "vision.image_size % vision.patch_size == 0": self.vision.image_size % self.vision.patch_size == 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"inconsistent SmartEdit config {self.name!r}: " + "; ".join(bad))
+
+    @property
+    def unet_residual_channels(self) -> int:
+        return self.unet.block_out_channels[0]  # conv_in output width: 320 in SD-1.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SmartEditConfig":
+        subs = {"vision": VisionConfig, "llm": LLMConfig, "qformer": QFormerConfig, "bim": BIMConfig,
+                "unet": UNetConfig, "vae": VAEConfig}
+        kwargs: dict[str, Any] = {"name": d.get("name", "custom")}
+        for key, sub in subs.items():
+            raw = dict(d.get(key, {}))
+            known = {f.name: f for f in dataclasses.fields(sub)}
+            unknown = sorted(set(raw) - set(known))
+            if unknown:
+                raise ValueError(f"config section {key!r} has unknown fields {unknown}")
+            for k, v in raw.items():
+                if isinstance(v, list):
+                    raw[k] = tuple(v)
+            kwargs[key] = sub(**raw)
+        return cls(**kwargs)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SmartEditConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_name(cls, name: str) -> "SmartEditConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+
+PRESETS: dict[str, SmartEditConfig] = {
+    "7b": SmartEditConfig(name="7b"),
+    # LLaVA-13B = LLaMA-13B: hidden 5120, 40 layers, 40 heads, FFN 13824; the QFormer's cross-attention k/v read 5120.
+    "13b": SmartEditConfig(
+        name="13b",
+        llm=LLMConfig(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824),
+    ),
+    "tiny": SmartEditConfig(
+        name="tiny",
+        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+        llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=128),
+        qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+        bim=BIMConfig(dim=64, depth=2, num_heads=8, mlp_dim=128, attention_downsample_rate=2, num_pos_feats=32),
+        unet=UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+                        cross_attention_dim=32),
+        vae=VAEConfig(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+    ),
+}
