@@ -321,3 +321,101 @@ def null_text_from_ip2p(ip2p_dir: Path, dtype: torch.dtype = torch.float32) -> t
 
 def iter_missing(paths: Iterable[Path]) -> list[Path]:
     return [p for p in paths if not Path(p).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# smartedit-convert
+
+
+def convert_official(official_dir: str | Path, out_dir: str | Path, preset: str, llava_dir: str | Path,
+                     ip2p_dir: str | Path | None = None, clip_dir: str | Path | None = None,
+                     tokenizer_dir: str | Path | None = None, step: int | None = None,
+                     null_text: str | Path | None = None, overwrite: bool = False,
+                     progress: Callable[[str], None] = log.info) -> Path:
+    """Official release (+ LLaVA-1.1, CLIP, InstructPix2Pix) -> our layout in out_dir, written atomically.
+
+    Every stage is checked against the preset's shapes before anything is written: a mismatch names the key, the
+    expected and the found shape. The LoRA stays unmerged (merging is the export's job).
+    """
+    from transformers import AutoTokenizer
+
+    from .pipeline import build_stages
+    from .tokenizer import add_smartedit_tokens
+
+    cfg = SmartEditConfig.from_name(preset)
+    official_dir = Path(official_dir)
+    step = find_step(official_dir, step)
+    paths = official_paths(official_dir, step)
+    missing = iter_missing(paths.values())
+    if missing:
+        raise CheckpointError(f"missing official checkpoint files: {', '.join(map(str, missing))}")
+    if ip2p_dir is None:
+        raise CheckpointError("the VAE comes from InstructPix2Pix (timbrooks/instruct-pix2pix): pass --ip2p DIR")
+    progress(f"official release at {official_dir}, step {step}")
+
+    tok_dir = Path(tokenizer_dir or llava_dir)
+    try:
+        tokenizer = add_smartedit_tokens(AutoTokenizer.from_pretrained(tok_dir))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the LLaMA tokenizer from {tok_dir}: {e}") from e
+
+    progress("reading LLaVA-1.1 weights")
+    llava_sd = load_hf_weights(Path(llava_dir), "LLaVA-1.1")
+    clip_sd = load_hf_weights(Path(clip_dir), "CLIP ViT-L/14") if clip_dir else llava_sd
+    progress(f"reading {paths['qformer'].name}")
+    qformer_sd = load_torch_file(paths["qformer"])
+    stage_sds: dict[str, dict[str, torch.Tensor]] = {}
+    progress(f"reading {paths['llm'].relative_to(official_dir)} (the whole LLaMA; large)")
+    stage_sds["llm"] = convert_llm(load_torch_file(paths["llm"]), qformer_sd, llava_sd)
+    stage_sds["vision"] = convert_vision(clip_sd, qformer_sd, cfg.vision.num_layers_used)
+    stage_sds["qformer"] = convert_qformer(qformer_sd)
+    progress(f"reading {paths['bim'].relative_to(official_dir)}")
+    stage_sds["bim"] = load_torch_file(paths["bim"])
+    progress(f"reading {paths['unet'].relative_to(official_dir)}")
+    stage_sds["unet"] = convert_unet(load_torch_file(paths["unet"]))
+    progress("reading the InstructPix2Pix VAE")
+    stage_sds["vae"] = {"vae." + k: v for k, v in _ip2p_vae_state_dict(Path(ip2p_dir)).items()}
+    if null_text is not None:
+        nt = load_torch_file(Path(null_text))
+        if len(nt) != 1:
+            raise CheckpointError(f"{null_text} must hold exactly one tensor (the [1, 77, D] embedding of \"\")")
+        null = next(iter(nt.values()))
+    else:
+        progress("computing the null-text embedding with InstructPix2Pix's CLIP text encoder")
+        null = null_text_from_ip2p(Path(ip2p_dir))
+    want = (1, cfg.qformer.num_queries, cfg.qformer.hidden_size)
+    if tuple(null.shape) != want:
+        raise CheckpointError(f"null-text embedding has shape {tuple(null.shape)}, expected {want}")
+
+    # shapes only: modules on the meta device cost no memory
+    stages = build_stages(cfg, "meta", torch.float32, init=False)
+    for name, module in stages.items():
+        check_state_dict(module, stage_sds[name], f"{name} (preset {preset!r})")
+
+    source = {"official_dir": str(official_dir.resolve()), "step": step, "preset": preset,
+              "llava_dir": str(Path(llava_dir).resolve()), "ip2p_dir": str(Path(ip2p_dir).resolve()),
+              "clip_dir": str(Path(clip_dir).resolve()) if clip_dir else None,
+              "files": {k: {"path": str(p.relative_to(official_dir)), "bytes": p.stat().st_size}
+                        for k, p in paths.items()}}
+
+    def write(tmp: Path) -> None:
+        write_config(tmp / "config.json", cfg, random_weights=False, source=source)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        for name in STAGE_FILES:
+            progress(f"writing {name}.safetensors")
+            save_stage(stage_sds[name], tmp / f"{name}.safetensors")
+        save_stage({"null_text_embeds": null.detach().float().cpu()}, tmp / NULL_TEXT_FILE)
+
+    out = write_folder_atomically(Path(out_dir), write, overwrite=overwrite)
+    progress(f"wrote {out}")
+    return out
+
+
+def _ip2p_vae_state_dict(ip2p_dir: Path) -> dict[str, torch.Tensor]:
+    from diffusers import AutoencoderKL
+
+    vae_dir = ip2p_dir / "vae"
+    if not vae_dir.is_dir():
+        raise CheckpointError(f"missing {vae_dir} (the InstructPix2Pix folder keeps its VAE there)")
+    # diffusers reads safetensors or weights_only .bin and renames the keys of older diffusers releases
+    return AutoencoderKL.from_pretrained(vae_dir).state_dict()

@@ -48,8 +48,8 @@ def add_smartedit_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     return tokenizer
 
 
-def build_offline_tokenizer() -> PreTrainedTokenizerFast:
-    """A LLaMA-shaped tokenizer made in code: character-level BPE with byte fallback, 32000 base ids + 35 added."""
+def build_offline_tokenizer(add_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """A LLaMA-shaped tokenizer made in code: character-level BPE with byte fallback, 32000 base ids (+ the 35)."""
     vocab: dict[str, int] = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
@@ -71,4 +71,4 @@ def build_offline_tokenizer() -> PreTrainedTokenizerFast:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<unk>", padding_side="right", model_max_length=2048)
-    return add_smartedit_tokens(fast)
+    return add_smartedit_tokens(fast) if add_tokens else fast
