@@ -375,6 +375,11 @@ def convert_official(official_dir: str | Path, out_dir: str | Path, preset: str,
     stage_sds["unet"] = convert_unet(load_torch_file(paths["unet"]))
     progress("reading the InstructPix2Pix VAE")
     stage_sds["vae"] = {"vae." + k: v for k, v in _ip2p_vae_state_dict(Path(ip2p_dir)).items()}
+    # shapes only: modules on the meta device cost no memory
+    stages = build_stages(cfg, "meta", torch.float32, init=False)
+    for name, module in stages.items():
+        check_state_dict(module, stage_sds[name], f"{name} (preset {preset!r})")
+
     if null_text is not None:
         nt = load_torch_file(Path(null_text))
         if len(nt) != 1:
@@ -386,11 +391,6 @@ def convert_official(official_dir: str | Path, out_dir: str | Path, preset: str,
     want = (1, cfg.qformer.num_queries, cfg.qformer.hidden_size)
     if tuple(null.shape) != want:
         raise CheckpointError(f"null-text embedding has shape {tuple(null.shape)}, expected {want}")
-
-    # shapes only: modules on the meta device cost no memory
-    stages = build_stages(cfg, "meta", torch.float32, init=False)
-    for name, module in stages.items():
-        check_state_dict(module, stage_sds[name], f"{name} (preset {preset!r})")
 
     source = {"official_dir": str(official_dir.resolve()), "step": step, "preset": preset,
               "llava_dir": str(Path(llava_dir).resolve()), "ip2p_dir": str(Path(ip2p_dir).resolve()),

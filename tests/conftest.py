@@ -1,0 +1,52 @@
+import importlib.util
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, msg: str = "") -> None:
+    """One comparison helper: reports the max error, where it is, and how many elements miss (never whole tensors)."""
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bool(bad.any()) or bool(torch.isnan(a).any() != torch.isnan(e).any()):
+        idx = np.unravel_index(int(err.argmax()), tuple(err.shape))
+        raise AssertionError(f"{msg}: {int(bad.sum())}/{err.numel()} elements exceed atol={atol} rtol={rtol}; "
+                             f"max abs err {err.max().item():.3e} at {tuple(int(i) for i in idx)} "
+                             f"(actual {a[idx].item():.6g}, expected {e[idx].item():.6g})")
+
+
+def load_sam_modeling():
+    """segment_anything.modeling without the package __init__ (which imports torchvision, absent with CPU torch)."""
+    if "segment_anything.modeling" not in sys.modules:
+        spec = importlib.util.find_spec("segment_anything")
+        if spec is None:
+            pytest.skip("segment-anything is not installed (pip install -e '.[test]')")
+        pkg = types.ModuleType("segment_anything")
+        pkg.__path__ = [os.path.dirname(spec.origin)]
+        sys.modules["segment_anything"] = pkg
+    import segment_anything.modeling.prompt_encoder as pe
+    import segment_anything.modeling.transformer as tr
+
+    return tr, pe
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from smartedit.pipeline import SmartEditPipeline
+
+    return SmartEditPipeline.from_preset("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def test_image():
+    rng = np.random.RandomState(0)
+    return Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8))

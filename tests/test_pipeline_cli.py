@@ -1,0 +1,98 @@
+"""The edit, end to end, through the Python API and the `smartedit-edit` command (tiny preset, CPU)."""
+
+import hashlib
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close
+
+CLI = shutil.which("smartedit-edit")
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_edit_is_fast_and_byte_identical(tmp_path, test_image):
+    src = tmp_path / "in.png"
+    test_image.save(src)
+    digests = []
+    for i in range(2):
+        out = tmp_path / f"out{i}.png"
+        t0 = time.perf_counter()
+        r = _run("--preset", "tiny", "--random-weights", "--image", src, "--instruction", "make it blue",
+                 "--out", out, "--seed", "0", "--quiet")  # defaults: 256x256, 100 steps
+        elapsed = time.perf_counter() - t0
+        assert r.returncode == 0, r.stderr
+        assert elapsed < 30, f"tiny edit took {elapsed:.1f} s on this machine (budget 30 s)"
+        from PIL import Image
+
+        assert Image.open(out).size == (256, 256)
+        digests.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    assert not list(tmp_path.glob(".out*"))  # no temp files left behind
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resolution", "100"], "positive multiple of 8"),
+    (["--image", "missing.png"], "does not exist"),
+    (["--image", "notes.txt"], "cannot read image"),
+    (["--steps", "0"], "must be >= 1"),
+])
+def test_cli_bad_input(tmp_path, test_image, args, message):
+    test_image.save(tmp_path / "in.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    base = {"--image": str(tmp_path / "in.png"), "--out": str(tmp_path / "o.png")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = str(tmp_path / v) if k == "--image" else v
+    r = _run("--preset", "tiny", "--random-weights", "--instruction", "x", *sum(base.items(), ()))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_preset_needs_explicit_random_weights(tmp_path):
+    r = _run("--preset", "tiny", "--image", "x.png", "--instruction", "x", "--out", tmp_path / "o.png")
+    assert r.returncode != 0 and "--random-weights" in r.stderr
+
+
+def test_pipeline_input_checks(tiny_pipe, test_image):
+    with pytest.raises(ValueError, match="multiple of 8, got 250"):
+        tiny_pipe(test_image, "x", resolution=250, steps=1)
+    with pytest.raises(ValueError, match="2 images and 1 instructions"):
+        tiny_pipe([test_image, test_image], ["x"], steps=1)
+    with pytest.raises(ValueError, match="non-empty string"):
+        tiny_pipe(test_image, "  ", steps=1)
+    with pytest.raises(ValueError, match="img_token_mode"):
+        tiny_pipe(test_image, "x", steps=1, img_token_mode="sampled")
+
+
+def test_batch_of_pairs_and_seeded_determinism(tiny_pipe, test_image):
+    a = tiny_pipe([(test_image, "make it blue"), (test_image, "add a hat")], steps=2, seed=1, resolution=64)
+    b = tiny_pipe([test_image, test_image], ["make it blue", "add a hat"], steps=2, seed=1, resolution=64)
+    assert len(a) == 2 and all(x.size == (64, 64) for x in a)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    c = tiny_pipe(test_image, "make it blue", steps=2, seed=2, resolution=64)
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c))
+
+
+def test_random_template_is_seeded(tiny_pipe, test_image):
+    a = tiny_pipe.encode_condition([test_image], ["x"], template="random", seed=5)[0]
+    b = tiny_pipe.encode_condition([test_image], ["x"], template="random", seed=5)[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_edit_on_cuda_fp16_matches_cpu_fp32(test_image):
+    from smartedit.pipeline import SmartEditPipeline
+
+    cpu = SmartEditPipeline.from_preset("tiny", seed=0)
+    gpu = SmartEditPipeline.from_preset("tiny", seed=0).to("cuda", torch.float16)
+    for a, b in zip(gpu.encode_condition([test_image], ["make it blue"]),
+                    cpu.encode_condition([test_image], ["make it blue"])):
+        assert_close(a.float(), b, atol=2e-2, rtol=2e-2, msg="conditioning fp16 CUDA vs fp32 CPU")
