@@ -130,10 +130,9 @@ class SmartEditPipeline:
                                     + [model_dir / ckpt.NULL_TEXT_FILE])
         if missing:
             raise ckpt.CheckpointError(f"{model_dir} is incomplete, missing: {', '.join(str(p) for p in missing)}")
-        stages = build_stages(cfg, "cpu", dtype, init=False)
+        stages = build_stages(cfg, device, dtype, init=False)  # uninitialised, on the target device
         for name, module in stages.items():
             ckpt.load_stage(module, model_dir / f"{name}.safetensors")
-            module.to(device=device, dtype=dtype)
         null = ckpt.load_torch_file(model_dir / ckpt.NULL_TEXT_FILE)["null_text_embeds"].to(device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         return cls(cfg, tokenizer, stages, null, random_weights=bool(meta.get("random_weights", False)))

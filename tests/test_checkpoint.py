@@ -48,6 +48,9 @@ def test_round_trip_is_exact(release, tmp_path, test_image):
     a = pipe(test_image, "make it blue", steps=2, seed=0)
     b = src(test_image, "make it blue", steps=2, seed=0)
     assert np.array_equal(np.asarray(a), np.asarray(b))
+    half = SmartEditPipeline.from_pretrained(out, dtype=torch.float16)  # cast while streaming in
+    w16, w32 = half.stages.unet.unet.conv_in.weight, pipe.stages.unet.unet.conv_in.weight
+    assert w16.dtype == torch.float16 and torch.equal(w16, w32.half())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["source"]["step"] == STEP and cfg["random_weights"] is False and cfg["format"] == "smartedit"
 
