@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ def load_pipeline(model: str | None, preset: str | None, random_weights: bool, d
 def edit(model: str | None, preset: str | None, random_weights: bool, image: str, instruction: str, out: str,
          steps: int = 100, seed: int = 0, resolution: int = 256, device: str = "cpu", dtype: str = "fp32",
          guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, img_token_mode: str = "forced",
-         template: str = "0", progress: bool = True) -> Path:
+         template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0) -> Path:
     """Run one edit and write the PNG atomically (temp file + rename): a failed run leaves no partial file."""
     out_path = Path(out)
     if out_path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -52,10 +53,12 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no CUDA GPU is available here")
     pipe = load_pipeline(model, preset, random_weights, device, DTYPES[dtype], seed)
+    for _ in range(warmup):  # untimed: first calls pay for allocator growth, cuDNN/cuBLAS autotuning
+        pipe(image, instruction, steps=steps, resolution=resolution, seed=seed, img_token_mode=img_token_mode)
     result = pipe(image, instruction, steps=steps, guidance_scale=guidance_scale,
                   image_guidance_scale=image_guidance_scale, resolution=resolution, seed=seed,
                   img_token_mode=img_token_mode, template=template if template == "random" else int(template),
-                  progress=progress)
+                  progress=progress, timings=timings)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=out_path.suffix, dir=out_path.parent)
     os.close(fd)
@@ -93,17 +96,29 @@ def edit_cli(argv: list[str] | None = None) -> None:
                    help="forced: canonical answer in one pass (default); generate: decode token by token")
     p.add_argument("--template", default="0", help="prompt template index 0-29, or 'random' as the official script")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
+                   "device and the arguments to this file (see --warmup)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed edits before the timed one (with --timings)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
+    stage_ms: dict[str, float] | None = {} if a.timings else None
     try:
         out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
-                   a.template, progress=not a.quiet)
+                   a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"smartedit-edit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+    if stage_ms is not None:
+        record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / a.steps,
+                  "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
+                  "torch": torch.__version__, "peak_gpu_GB": (torch.cuda.max_memory_allocated() / 2**30
+                                                             if a.device.startswith("cuda") else None),
+                  "warmup_edits": a.warmup, "args": sys.argv[1:] if argv is None else argv}
+        Path(a.timings).write_text(json.dumps(record, indent=2) + "\n")
+        print(" ".join(f"{k} {v:.1f} ms" for k, v in stage_ms.items()))
 
 
 def convert_cli(argv: list[str] | None = None) -> None:

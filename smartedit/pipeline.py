@@ -230,9 +230,13 @@ class SmartEditPipeline:
     def __call__(self, image, instruction: str | Sequence[str] | None = None, steps: int = 100,
                  guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, resolution: int = 256,
                  seed: int | None = None, img_token_mode: str = "forced", template: int | str = 0,
-                 temperature: float = 0.0, progress: bool = False):
+                 temperature: float = 0.0, progress: bool = False, timings: dict[str, float] | None = None):
         """One edit -> PIL image; lists of images and instructions (or a list of (image, instruction) pairs) -> a
-        list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image)."""
+        list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image).
+
+        `timings`, if given, receives the wall time in ms of each stage (device-synchronised): condition (vision +
+        LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total.
+        """
         single = not isinstance(image, (list, tuple))
         if instruction is None:
             if single or not all(isinstance(p, tuple) and len(p) == 2 for p in image):
@@ -251,10 +255,45 @@ class SmartEditPipeline:
         if seed is None:
             seed = random.randrange(2**31)
         generator = torch.Generator().manual_seed(seed)
-        prompt_embeds, bim_residual = self.encode_condition(pil, instructions, img_token_mode, template, temperature,
-                                                            seed)
-        image_latents = self.encode_image(pil, resolution)
-        latents = self.denoise(prompt_embeds, bim_residual, image_latents, steps, guidance_scale,
-                               image_guidance_scale, generator, progress)
-        out = postprocess(self.decode(latents))
+        clock = _StageClock(self.device, timings)
+        with clock("condition"):
+            prompt_embeds, bim_residual = self.encode_condition(pil, instructions, img_token_mode, template,
+                                                                temperature, seed)
+        with clock("vae_encode"):
+            image_latents = self.encode_image(pil, resolution)
+        with clock("denoise"):
+            latents = self.denoise(prompt_embeds, bim_residual, image_latents, steps, guidance_scale,
+                                   image_guidance_scale, generator, progress)
+        with clock("vae_decode"):
+            decoded = self.decode(latents)
+        out = postprocess(decoded)
+        clock.finish()
         return out[0] if single else out
+
+
+class _StageClock:
+    """Wall time per stage in ms, synchronising the device before each reading (CUDA work is asynchronous)."""
+
+    def __init__(self, device: torch.device, sink: dict[str, float] | None):
+        import time
+
+        self._now, self.device, self.sink = time.perf_counter, device, sink
+        self._start = self._read() if sink is not None else 0.0
+
+    def _read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self._now()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.sink is None:
+            yield
+            return
+        t0 = self._read()
+        yield
+        self.sink[name] = (self._read() - t0) * 1e3
+
+    def finish(self) -> None:
+        if self.sink is not None:
+            self.sink["total"] = (self._read() - self._start) * 1e3

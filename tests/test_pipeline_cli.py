@@ -96,3 +96,18 @@ def test_tiny_edit_on_cuda_fp16_matches_cpu_fp32(test_image):
     for a, b in zip(gpu.encode_condition([test_image], ["make it blue"]),
                     cpu.encode_condition([test_image], ["make it blue"])):
         assert_close(a.float(), b, atol=2e-2, rtol=2e-2, msg="conditioning fp16 CUDA vs fp32 CPU")
+
+
+def test_cli_timings_record(tmp_path, test_image):
+    import json
+
+    test_image.save(tmp_path / "in.png")
+    r = _run("--preset", "tiny", "--random-weights", "--image", tmp_path / "in.png", "--instruction", "make it blue",
+             "--out", tmp_path / "o.png", "--steps", "3", "--resolution", "64", "--quiet",
+             "--timings", tmp_path / "t.json", "--warmup", "1")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "t.json").read_text())
+    assert set(rec["stage_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode", "total"}
+    assert all(v > 0 for v in rec["stage_ms"].values())
+    assert rec["stage_ms"]["total"] >= rec["stage_ms"]["denoise"]
+    assert rec["device"] == "cpu" and rec["warmup_edits"] == 1 and rec["per_step_ms"] > 0
