@@ -287,6 +287,8 @@ def convert_vision(clip_sd: dict[str, torch.Tensor], qformer_sd: dict[str, torch
         if not m or ("text_model" in k):
             continue
         rest = m.group(1)
+        if rest == "embeddings.position_ids":
+            continue  # a persistent buffer in older transformers saves; recomputed (non-persistent) now
         layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
         if layer and int(layer.group(1)) >= n_layers_used:
             continue  # layers after the selected one are never computed (vision.py)

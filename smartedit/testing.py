@@ -105,6 +105,7 @@ def write_official_release(pipe: SmartEditPipeline, root: str | Path, step: int 
                                             hidden_act="quick_gelu"))
     tower = {k[len("clip."):]: v for k, v in pipe.stages.vision.state_dict().items() if k.startswith("clip.")}
     clip_sd = {k: tower.get(k, v).clone().contiguous() for k, v in full.state_dict().items()}
+    clip_sd["embeddings.position_ids"] = torch.arange(vc.num_patches + 1).unsqueeze(0)  # older saves keep it
     save_file({"vision_model." + k: v for k, v in clip_sd.items()}, str(clip / "model.safetensors"))
 
     # InstructPix2Pix: VAE + a CLIP text encoder/tokenizer for the null text
