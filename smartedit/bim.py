@@ -124,7 +124,17 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, num_pos_feats: int):
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))  # scale 1
+        self.register_buffer("positional_encoding_gaussian_matrix",
+                             torch.randn(2, num_pos_feats, dtype=torch.float32))  # scale 1
+
+    def _apply(self, fn, recurse=True):
+        # Keep the matrix fp32 when the model is cast to fp16/bf16 (device moves still apply): the phases
+        # 2*pi*(coords @ G) reach tens of radians, where fp16's 1e-3 relative error is a visible PE error.
+        g = self.positional_encoding_gaussian_matrix
+        super()._apply(fn, recurse)
+        moved = self.positional_encoding_gaussian_matrix
+        self.positional_encoding_gaussian_matrix = g.to(device=moved.device, dtype=torch.float32)
+        return self
 
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         h, w = size

@@ -225,3 +225,15 @@ def test_residual_is_added_to_conv_in_output():
         assert (plain - eps).abs().max() > 1e-3, "the residual must change the output"
     with pytest.raises(ValueError, match="not a multiple"):
         ours(torch.randn(4, 8, 32, 32), t, torch.randn(4, 77, 32), torch.randn(3, 32, 16, 16))
+
+
+def test_bim_positional_encoding_stays_fp32_in_half_precision():
+    torch.manual_seed(0)
+    bim = BIM(TINY.bim, 32, 32)
+    ref = bim.pe_layer((16, 16))
+    bim.half()
+    assert bim.modulate_head.weight.dtype == torch.float16
+    assert bim.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+    assert torch.equal(bim.pe_layer((16, 16)), ref)
+    prompt, residual = bim(torch.randn(1, 77, 32).half(), torch.randn(1, 256, 64).half())
+    assert prompt.dtype == residual.dtype == torch.float16
