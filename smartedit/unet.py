@@ -45,8 +45,8 @@ class SmartEditUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, prompt_embeds: torch.Tensor,
                 bim_residual: torch.Tensor) -> torch.Tensor:
-        n_branches, rem = divmod(sample.shape[0], bim_residual.shape[0])
-        if rem:
+        n_branches = sample.shape[0] // bim_residual.shape[0]  # not divmod: it rejects symbolic (exported) sizes
+        if sample.shape[0] != n_branches * bim_residual.shape[0]:
             raise ValueError(f"sample batch {sample.shape[0]} is not a multiple of bim_residual batch "
                              f"{bim_residual.shape[0]}")
         residual = resize_residual(bim_residual, tuple(sample.shape[-2:])).to(sample.dtype)

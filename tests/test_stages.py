@@ -237,3 +237,19 @@ def test_bim_positional_encoding_stays_fp32_in_half_precision():
     assert torch.equal(bim.pe_layer((16, 16)), ref)
     prompt, residual = bim(torch.randn(1, 77, 32).half(), torch.randn(1, 256, 64).half())
     assert prompt.dtype == residual.dtype == torch.float16
+
+
+def test_unet_with_residual_exports_with_dynamic_batch_and_size():
+    """The export issue builds on this: torch.export traces the conv_in hook with symbolic B, h, w."""
+    torch.manual_seed(0)
+    u = SmartEditUNet(TINY.unet).eval()
+    b, h, w = torch.export.Dim("B", min=1, max=4), torch.export.Dim("h8", min=4, max=12), torch.export.Dim(
+        "w8", min=4, max=12)
+    # example batch 2: torch.export specialises example sizes of 1
+    args = (torch.randn(6, 8, 32, 32), torch.tensor(500.0), torch.randn(6, 77, 32), torch.randn(2, 32, 16, 16))
+    ep = torch.export.export(u, args, dynamic_shapes=({0: 3 * b, 2: 8 * h, 3: 8 * w}, None, {0: 3 * b}, {0: b}))
+    for n, hh, ww in [(1, 40, 48), (3, 64, 32)]:
+        x, text, res = torch.randn(3 * n, 8, hh, ww), torch.randn(3 * n, 77, 32), torch.randn(n, 32, 16, 16)
+        with torch.no_grad():
+            assert_close(ep.module()(x, args[1], text, res), u(x, args[1], text, res), atol=1e-5,
+                         msg=f"exported UNet at B={n}, {hh}x{ww}")
