@@ -216,8 +216,13 @@ def official_paths(official_dir: Path, step: int) -> dict[str, Path]:
     }
 
 
-def load_hf_weights(model_dir: Path, what: str) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers/diffusers folder: *.safetensors, else pytorch_model*.bin / *.bin (sharded ok)."""
+def load_hf_weights(model_dir: Path, what: str, keep: Callable[[str], bool] = lambda k: True
+                    ) -> dict[str, torch.Tensor]:
+    """The tensors whose key passes `keep` from a transformers/diffusers folder: *.safetensors, else *.bin shards.
+
+    Only kept tensors are read: a 7b LLaVA folder is 13.5 GB, of which conversion needs embed_tokens, lm_head and
+    (when it embeds one) the vision tower. safetensors are opened lazily; .bin shards are memory-mapped.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{what} folder {model_dir} does not exist")
@@ -227,7 +232,11 @@ def load_hf_weights(model_dir: Path, what: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"no *.safetensors or *.bin weights in {what} folder {model_dir}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(load_torch_file(f))
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                sd.update({k: handle.get_tensor(k) for k in handle.keys() if keep(k)})
+        else:
+            sd.update({k: v for k, v in load_torch_file(f).items() if keep(k)})
     return sd
 
 
@@ -378,8 +387,12 @@ def convert_official(official_dir: str | Path, out_dir: str | Path, preset: str,
         raise CheckpointError(f"cannot load the LLaMA tokenizer from {tok_dir}: {e}") from e
 
     progress("reading LLaVA-1.1 weights")
-    llava_sd = load_hf_weights(Path(llava_dir), "LLaVA-1.1")
-    clip_sd = load_hf_weights(Path(clip_dir), "CLIP ViT-L/14") if clip_dir else llava_sd
+    def is_vision(k: str) -> bool:
+        return "vision_model." in k or (clip_dir is not None and "text_model" not in k)
+
+    llava_sd = load_hf_weights(Path(llava_dir), "LLaVA-1.1", keep=lambda k: k.endswith(
+        ("embed_tokens.weight", "lm_head.weight")) or (clip_dir is None and is_vision(k)))
+    clip_sd = load_hf_weights(Path(clip_dir), "CLIP ViT-L/14", keep=is_vision) if clip_dir else llava_sd
     progress(f"reading {paths['qformer'].name}")
     qformer_sd = load_torch_file(paths["qformer"])
     stage_sds: dict[str, dict[str, torch.Tensor]] = {}
