@@ -30,29 +30,59 @@ def _positive(text: str) -> int:
     return v
 
 
+BACKENDS = ("eager", "onnxruntime")
+
+
 def load_pipeline(model: str | None, preset: str | None, random_weights: bool, device: str, dtype: torch.dtype,
-                  seed: int = 0):
+                  seed: int = 0, backend: str = "eager", artifacts: str | None = None):
+    """The pipeline, with its stages on `backend`. Exported backends need no stage weights in PyTorch: only the
+    config, tokenizer and null-text embedding are loaded, and the artifacts must come from the same model."""
     from .pipeline import SmartEditPipeline
 
-    if model:
-        return SmartEditPipeline.from_pretrained(model, device=device, dtype=dtype)
-    if not random_weights:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend != "eager" and not artifacts:
+        raise ValueError(f"--backend {backend} runs exported graphs: pass --artifacts OUT (smartedit-export output)")
+    if not model and not random_weights:
         raise SystemExit("--preset builds random weights: add --random-weights to say that is what you want, "
                          "or load a converted checkpoint with --model DIR")
-    return SmartEditPipeline.from_preset(preset, seed=seed, device=device, dtype=dtype)
+    only = None if backend == "eager" else []
+    if model:
+        pipe = SmartEditPipeline.from_pretrained(model, device=device, dtype=dtype, only=only)
+    else:
+        pipe = SmartEditPipeline.from_preset(preset, seed=seed, device=device, dtype=dtype, only=only)
+    if backend == "onnxruntime":
+        from smartedit.engines.onnxruntime import OnnxRuntimeBackend
+
+        pipe.backend = OnnxRuntimeBackend(artifacts)
+        _check_same_source(pipe.backend.manifest, model, preset, seed)
+    return pipe
+
+
+def _check_same_source(manifest: dict, model: str | None, preset: str | None, seed: int) -> None:
+    src = manifest.get("source", {})
+    if model:
+        from smartedit.export.run import sha256_file
+
+        want = src.get("files", {}).get("config.json")
+        if src.get("kind") != "checkpoint" or want != sha256_file(Path(model) / "config.json"):
+            raise ValueError(f"the artifacts were exported from {src.get('path') or src}, not from {model}")
+    elif src.get("kind") != "random" or (src.get("preset"), src.get("seed")) != (preset, seed):
+        raise ValueError(f"the artifacts were exported from {src}, not from preset {preset!r} seed {seed}")
 
 
 def edit(model: str | None, preset: str | None, random_weights: bool, image: str, instruction: str, out: str,
          steps: int = 100, seed: int = 0, resolution: int = 256, device: str = "cpu", dtype: str = "fp32",
          guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, img_token_mode: str = "forced",
-         template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0) -> Path:
+         template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0,
+         backend: str = "eager", artifacts: str | None = None) -> Path:
     """Run one edit and write the PNG atomically (temp file + rename): a failed run leaves no partial file."""
     out_path = Path(out)
     if out_path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise SystemExit(f"--out must end in .png, .jpg or .webp, got {out_path.name!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no CUDA GPU is available here")
-    pipe = load_pipeline(model, preset, random_weights, device, DTYPES[dtype], seed)
+    pipe = load_pipeline(model, preset, random_weights, device, DTYPES[dtype], seed, backend, artifacts)
     for _ in range(warmup):  # untimed: first calls pay for allocator growth, cuDNN/cuBLAS autotuning
         pipe(image, instruction, steps=steps, resolution=resolution, seed=seed, img_token_mode=img_token_mode)
     result = pipe(image, instruction, steps=steps, guidance_scale=guidance_scale,
@@ -95,6 +125,9 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--img-token-mode", choices=["forced", "generate"], default="forced",
                    help="forced: canonical answer in one pass (default); generate: decode token by token")
     p.add_argument("--template", default="0", help="prompt template index 0-29, or 'random' as the official script")
+    p.add_argument("--backend", choices=BACKENDS, default="eager",
+                   help="eager PyTorch (the reference) or onnxruntime (exported graphs, see --artifacts)")
+    p.add_argument("--artifacts", help="smartedit-export output folder, for --backend onnxruntime")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
                    "device and the arguments to this file (see --warmup)")
@@ -106,7 +139,8 @@ def edit_cli(argv: list[str] | None = None) -> None:
     try:
         out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
-                   a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup)
+                   a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
+                   artifacts=a.artifacts)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"smartedit-edit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -213,10 +213,8 @@ class SmartEditLLM(nn.Module):
         """inputs_embeds [B, L, H] -> last_hidden_state [B, L, H] (after the final RMSNorm)."""
         position_ids = None
         if attention_mask is not None:
-            # left padding: real tokens are numbered from 0, as without padding
+            # padding: real tokens are numbered from 0, as without padding
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            if bool(attention_mask.all()):
-                attention_mask = position_ids = None  # no padding: let transformers use its unmasked causal path
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False)
         return out.last_hidden_state
@@ -230,6 +228,8 @@ class SmartEditLLM(nn.Module):
         expected = torch.arange(IMG_START_ID, IMG_START_ID + NUM_IMG_TOKENS, device=suffix_ids.device)
         if suffix_ids.shape[1] < NUM_IMG_TOKENS or not bool((suffix_ids[:, -NUM_IMG_TOKENS:] == expected).all()):
             raise ValueError("forced mode needs suffix_ids ending in <img_0>..<img_31> (ids 32003..32034)")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let transformers take its unmasked causal path
         hidden = self(self.embed(prefix_ids, image_embeds, suffix_ids), attention_mask)
         return hidden[:, -NUM_IMG_TOKENS:]
 

@@ -13,7 +13,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
@@ -66,19 +66,31 @@ def _construction(device: torch.device | str, dtype: torch.dtype, init: bool):
 
 
 def build_stages(cfg: SmartEditConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 init: bool = True) -> Stages:
-    with _construction(device, dtype, init):
-        stages = Stages(
-            vision=VisionTower(cfg.vision, cfg.llm),
-            llm=SmartEditLLM(cfg.llm),
-            qformer=QFormer(cfg.qformer, encoder_hidden_size=cfg.llm.hidden_size),
-            bim=BIM(cfg.bim, text_dim=cfg.qformer.hidden_size, residual_channels=cfg.unet_residual_channels),
-            unet=SmartEditUNet(cfg.unet),
-            vae=VAE(cfg.vae),
-        )
-    for _, m in stages.items():
-        m.eval().requires_grad_(False)
-    return stages
+                 init: bool = True, only: Iterable[str] | None = None, seed: int | None = None) -> Stages:
+    """Build the six stages; those not in `only` (if given) go on the meta device: shapes, no memory, not runnable
+    (e.g. exporting the 7b UNet on a 24 GB machine without materialising the 7b LLM). With `seed`, each stage's
+    random init is seeded on its own, so a stage's weights do not depend on which other stages were built."""
+    wanted = set(ckpt.STAGE_FILES if only is None else only)
+    unknown = wanted - set(ckpt.STAGE_FILES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(ckpt.STAGE_FILES)}")
+    builders = {
+        "vision": lambda: VisionTower(cfg.vision, cfg.llm),
+        "llm": lambda: SmartEditLLM(cfg.llm),
+        "qformer": lambda: QFormer(cfg.qformer, encoder_hidden_size=cfg.llm.hidden_size),
+        "bim": lambda: BIM(cfg.bim, text_dim=cfg.qformer.hidden_size, residual_channels=cfg.unet_residual_channels),
+        "unet": lambda: SmartEditUNet(cfg.unet),
+        "vae": lambda: VAE(cfg.vae),
+    }
+    modules = {}
+    for i, name in enumerate(ckpt.STAGE_FILES):
+        where, do_init = (device, init) if name in wanted else ("meta", False)
+        if seed is not None:
+            torch.manual_seed(seed * 100 + i)
+        with _construction(where, dtype, do_init):
+            modules[name] = builders[name]()
+        modules[name].eval().requires_grad_(False)
+    return Stages(**modules)
 
 
 def _as_image(x: Image.Image | str | Path) -> Image.Image:
@@ -97,7 +109,7 @@ def _as_image(x: Image.Image | str | Path) -> Image.Image:
 
 class SmartEditPipeline:
     def __init__(self, config: SmartEditConfig, tokenizer: PreTrainedTokenizerBase, stages: Stages,
-                 null_text_embeds: torch.Tensor, random_weights: bool = False):
+                 null_text_embeds: torch.Tensor, random_weights: bool = False, backend=None):
         if tuple(null_text_embeds.shape) != (1, config.qformer.num_queries, config.qformer.hidden_size):
             raise ValueError(f"null_text_embeds must be [1, {config.qformer.num_queries}, "
                              f"{config.qformer.hidden_size}], got {tuple(null_text_embeds.shape)}")
@@ -106,33 +118,60 @@ class SmartEditPipeline:
         self.stages = stages
         self.null_text_embeds = null_text_embeds  # [1, 77, D]: CLIP text embedding of ""
         self.random_weights = random_weights
+        self._backend = backend  # smartedit.engines StageBackend; None = eager PyTorch on `stages`
+
+    @property
+    def backend(self):
+        """The runtime that runs the five graphs (smartedit.engines); eager PyTorch unless one was set."""
+        if self._backend is None:
+            from smartedit.engines.eager import EagerBackend
+
+            self._backend = EagerBackend(self)
+        return self._backend
+
+    @backend.setter
+    def backend(self, value) -> None:
+        self._backend = value
 
     # -- construction -------------------------------------------------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> "SmartEditPipeline":
-        """Random weights with the preset's shapes (for tests and latency work: speed does not depend on values)."""
+                    dtype: torch.dtype = torch.float32, only: Iterable[str] | None = None) -> "SmartEditPipeline":
+        """Random weights with the preset's shapes (for tests and latency work: speed does not depend on values).
+
+        `only` limits which stages get real (random) weights; the others stay on the meta device. The values of a
+        stage do not depend on `only`: every stage draws from its own seeded generator state.
+        """
         cfg = SmartEditConfig.from_name(name)
         log.warning("SmartEdit %s with RANDOM weights (seed %d): outputs are noise, shapes and costs are real", name, seed)
-        torch.manual_seed(seed)
-        stages = build_stages(cfg, device, dtype, init=True)
+        stages = build_stages(cfg, device, dtype, init=True, only=only, seed=seed)
+        # peft initialises lora_B to zero (a no-op adapter); a trained release's is not, so give it values too
+        if not stages.llm.lm_head.weight.is_meta:
+            torch.manual_seed(seed * 100 + 99)
+            for pname, p in stages.llm.named_parameters():
+                if "lora_B" in pname:
+                    nn.init.normal_(p, std=0.02)
         g = torch.Generator().manual_seed(seed)
         null = torch.randn(1, cfg.qformer.num_queries, cfg.qformer.hidden_size, generator=g).to(device, dtype)
         return cls(cfg, build_offline_tokenizer(), stages, null, random_weights=True)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "SmartEditPipeline":
+                        dtype: torch.dtype = torch.float32, only: Iterable[str] | None = None
+                        ) -> "SmartEditPipeline":
+        """Load a converted folder; `only` loads just those stages (the others stay on the meta device)."""
         model_dir = Path(model_dir)
         cfg, meta = ckpt.read_config(model_dir)
-        missing = ckpt.iter_missing([model_dir / f"{n}.safetensors" for n in ckpt.STAGE_FILES]
+        wanted = list(ckpt.STAGE_FILES if only is None else only)
+        missing = ckpt.iter_missing([model_dir / f"{n}.safetensors" for n in wanted]
                                     + [model_dir / ckpt.NULL_TEXT_FILE])
         if missing:
             raise ckpt.CheckpointError(f"{model_dir} is incomplete, missing: {', '.join(str(p) for p in missing)}")
-        stages = build_stages(cfg, device, dtype, init=False)  # uninitialised, on the target device
+        stages = build_stages(cfg, device, dtype, init=False, only=wanted)  # uninitialised, on the target device
         for name, module in stages.items():
-            ckpt.load_stage(module, model_dir / f"{name}.safetensors")
+            if name in wanted:
+                ckpt.load_stage(module, model_dir / f"{name}.safetensors")
         null = ckpt.load_torch_file(model_dir / ckpt.NULL_TEXT_FILE)["null_text_embeds"].to(device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         return cls(cfg, tokenizer, stages, null, random_weights=bool(meta.get("random_weights", False)))
@@ -170,18 +209,25 @@ class SmartEditPipeline:
         """-> prompt_embeds [B, 77, D], bim_residual [B, C0, 16, 16]."""
         if img_token_mode not in IMG_MODES:
             raise ValueError(f"img_token_mode must be one of {IMG_MODES}, got {img_token_mode!r}")
-        s = self.stages
         pixels = preprocess_clip(list(images), self.config.vision.image_size).to(self.device, self.dtype)
-        clip_feats, image_embeds = s.vision(pixels)  # [B, 256, Dv], [B, 256, H]
         rng = random.Random(seed)
         forced = img_token_mode == "forced"
         prompts = [tokenize_prompt(self.tokenizer, text, pick_template(template, rng), forced=forced)
                    for text in instructions]
         if forced:
-            prefix, suffix, mask = pad_prompts(prompts, self.tokenizer.pad_token_id, image_embeds.shape[1])
-            img_hidden = s.llm.forced_img_states(prefix.to(self.device), image_embeds, suffix.to(self.device),
-                                                 mask.to(self.device))
+            if self.tokenizer.pad_token_id != 0:
+                raise ValueError(f"the llava graph pads with id 0 (<unk>); this tokenizer pads with "
+                                 f"{self.tokenizer.pad_token_id}")
+            prefix, suffix, _ = pad_prompts(prompts, 0, self.config.vision.num_patches)
+            out = self.backend.run("llava", {"pixel_values": pixels, "prefix_ids": prefix.to(self.device),
+                                             "suffix_ids": suffix.to(self.device)})
+            img_hidden, clip_feats = out["img_hidden"], out["clip_feats"]
         else:
+            if self.backend.name != "eager":
+                raise ValueError(f"generate mode decodes token by token in eager PyTorch; backend "
+                                 f"{self.backend.name!r} runs the exported forced-mode graph only")
+            s = self.stages
+            clip_feats, image_embeds = s.vision(pixels)  # [B, 256, Dv], [B, 256, H]
             gen = torch.Generator().manual_seed(seed if seed is not None else 0)
             img_hidden = torch.cat([
                 s.llm.generate_img_states(torch.tensor([p.prefix], device=self.device), image_embeds[i:i + 1],
@@ -189,14 +235,14 @@ class SmartEditPipeline:
                                           generator=gen, eos_token_id=self.tokenizer.eos_token_id)[0]
                 for i, p in enumerate(prompts)
             ])
-        q = s.qformer(img_hidden)  # [B, 77, D]
-        return s.bim(q, clip_feats)
+        out = self.backend.run("qformer_bim", {"img_hidden": img_hidden, "clip_feats": clip_feats})
+        return out["prompt_embeds"].to(self.dtype), out["bim_residual"].to(self.dtype)
 
     @torch.inference_mode()
     def encode_image(self, images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
         """-> image latents [B, 4, R/8, R/8]."""
         x = preprocess_vae(list(images), resolution).to(self.device, self.dtype)
-        return self.stages.vae.encode(x)
+        return self.backend.run("vae_encoder", {"image": x})["latents"].to(self.dtype)
 
     @torch.inference_mode()
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,
@@ -206,24 +252,21 @@ class SmartEditPipeline:
         """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode)."""
         scheduler = EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         scheduler.set_timesteps(steps, device=self.device)
-        b = image_latents.shape[0]
         if latents is None:
             noise = torch.randn(image_latents.shape, generator=generator, dtype=torch.float32)  # CPU generator
             latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
-        null = self.null_text_embeds.expand(b, -1, -1)
-        prompt3 = torch.cat([prompt_embeds, null, null])  # [3B, 77, D]
-        image3 = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # [3B, 4, h, w]
-        for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress):
-            x = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-            eps = self.stages.unet(torch.cat([x, image3], dim=1), t, prompt3, bim_residual)  # [3B, 4, h, w]
-            e_text, e_image, e_uncond = eps.chunk(3)
-            eps = e_uncond + guidance_scale * (e_text - e_image) + image_guidance_scale * (e_image - e_uncond)
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", disable=not progress)):
+            sigma = scheduler.sigmas[i].to(self.device)
+            # the 3-way CFG batch [cond; null+img; null+zero-img] and the combine: engines.base.guided_eps
+            eps = self.backend.guided_eps(latents, image_latents, t, sigma, prompt_embeds, self.null_text_embeds,
+                                          bim_residual, guidance_scale, image_guidance_scale).to(self.dtype)
+            scheduler.is_scale_input_called = True  # guided_eps applied scale_model_input's x / sqrt(sigma^2 + 1)
             latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
         return latents
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.stages.vae.decode(latents)  # [B, 3, H, W]
+        return self.backend.run("vae_decoder", {"latents": latents})["image"]  # [B, 3, H, W]
 
     # -- the edit -----------------------------------------------------------------------------------------------------
 

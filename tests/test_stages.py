@@ -253,3 +253,13 @@ def test_unet_with_residual_exports_with_dynamic_batch_and_size():
         with torch.no_grad():
             assert_close(ep.module()(x, args[1], text, res), u(x, args[1], text, res), atol=1e-5,
                          msg=f"exported UNet at B={n}, {hh}x{ww}")
+
+
+def test_partial_build_keeps_each_stage_weights():
+    from smartedit.pipeline import SmartEditPipeline
+
+    full = SmartEditPipeline.from_preset("tiny", seed=3)
+    part = SmartEditPipeline.from_preset("tiny", seed=3, only=["unet"])
+    assert part.stages.llm.lm_head.weight.is_meta and not part.stages.unet.unet.conv_in.weight.is_meta
+    a, b = full.stages.unet.state_dict(), part.stages.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

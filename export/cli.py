@@ -1,0 +1,68 @@
+"""`smartedit-export`: a thin argparse shell over smartedit.export.run.run_export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+
+from .graphs import GRAPH_NAMES
+from .run import ExportError, run_export
+from .spec import ProfileOptions
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="smartedit-export",
+        description="Merge the LoRA, split SmartEdit into graphs (llava, qformer_bim, unet, vae_encoder, "
+                    "vae_decoder), export each to ONNX, and check it in ONNX Runtime against PyTorch.",
+        epilog="Writes OUT/onnx/<graph>.onnx, OUT/manifest.json (versions, source hash, specs, profiles, sha256) and "
+               "OUT/report.json (error of each graph against fp32 PyTorch). A rerun skips graphs whose inputs did not "
+               "change. Example: smartedit-export --preset tiny --random-weights --target onnx --out out/",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a converted SmartEdit folder (smartedit-convert output)")
+    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="this preset with random weights")
+    p.add_argument("--random-weights", action="store_true", help="required with --preset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--target", choices=["onnx"], default="onnx",
+                   help="onnx (TensorRT, AOTInductor: see the README's status table)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
+                   help="fp16 (default; what TensorRT builds strongly typed) or fp32 for debugging")
+    p.add_argument("--graphs", default="all", help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--fold-cfg", action="store_true",
+                   help="fold the scheduler input scaling, the 3-way CFG batch and the combine into the unet graph")
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--min-res", type=int, default=256, help="smallest image side (multiple of 64)")
+    p.add_argument("--opt-res", type=int, default=256, help="image side to optimise for (multiple of 64)")
+    p.add_argument("--max-res", type=int, default=768, help="largest image side (multiple of 64)")
+    p.add_argument("--max-prompt", type=int, default=512, help="longest prefix / suffix, in tokens")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the ONNX Runtime check (it needs the fp32 model in host RAM: 28 GB for the 7b LLM)")
+    a = p.parse_args(argv)
+    if a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights, or export a checkpoint with --model DIR")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision absent
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="# The axis name")  # torch.onnx naming chatter
+    t0 = time.perf_counter()
+    try:
+        opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
+                              max_prefix=a.max_prompt, max_suffix=a.max_prompt,
+                              opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
+        run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
+                   graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
+                   progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
+    except (ValueError, FileNotFoundError, ExportError) as e:
+        print(f"smartedit-export: error: {e}", file=sys.stderr)
+        raise SystemExit(2 if not isinstance(e, ExportError) else 1) from None
+    print(f"done in {time.perf_counter() - t0:.1f} s: {a.out}")
+
+
+if __name__ == "__main__":
+    main()
