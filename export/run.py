@@ -75,19 +75,15 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def verification_points(spec: GraphSpec) -> list[dict[str, int]]:
-    """opt, and a second point that differs in every dim (batch 2 where allowed, h != w) to catch shape bugs."""
+    """opt, and a second point that differs from it in every dim where the range allows (batch 2, a mid size,
+    and width != height) to catch shape bugs a single traced shape would hide."""
     opt = spec.point("opt")
-    alt = {}
+    alt: dict[str, int] = {}
     for n, r in spec.dims.items():
-        if n == "B":
-            alt[n] = min(2, r.max) if r.opt != min(2, r.max) else r.min
-        else:
-            mid = (r.min + r.max) // 2
-            alt[n] = mid if mid != r.opt else r.max
-    if "w8" in alt and alt["w8"] == alt.get("h8"):
-        alt["w8"] = spec.dims["w8"].min if spec.dims["w8"].min != alt["h8"] else spec.dims["w8"].max
-    if "w" in alt and alt["w"] == alt.get("h"):
-        alt["w"] = spec.dims["w"].min if spec.dims["w"].min != alt["h"] else spec.dims["w"].max
+        other = {"w8": alt.get("h8"), "w": alt.get("h")}.get(n)  # keep the second point non-square
+        prefs = [2] if n == "B" else [(r.min + r.max) // 2]
+        prefs += [r.max, r.min] + list(range(r.min, r.max + 1))
+        alt[n] = next((v for v in prefs if r.min <= v <= r.max and v != opt[n] and v != other), opt[n])
     return [opt] if alt == opt else [opt, alt]
 
 

@@ -1,0 +1,246 @@
+"""smartedit-export --target onnx on the tiny preset: every graph, fp32 and fp16, checked in ONNX Runtime."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_close
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+
+from smartedit.export.graphs import GRAPH_NAMES, graphs, parse_graph_names  # noqa: E402
+from smartedit.export.lora import merge_lora  # noqa: E402
+from smartedit.export.onnx import export_onnx, run_onnxruntime, verify_onnx  # noqa: E402
+from smartedit.export.run import ExportError, run_export, sha256_file, verification_points  # noqa: E402
+from smartedit.export.spec import DimRange, GraphSpec, ProfileOptions, TensorSpec  # noqa: E402
+
+SMALL = ProfileOptions(max_batch=3, max_res=512, max_prefix=400, max_suffix=400)
+
+
+def _quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="module", params=["fp16", "fp32"])
+def exported(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"onnx_{request.param}")
+    manifest = run_export(out, preset="tiny", precision=request.param, profile=SMALL, progress=_quiet)
+    return request.param, out, manifest
+
+
+def test_every_graph_exports_checks_and_matches_pytorch(exported):
+    precision, out, manifest = exported
+    assert set(manifest["graphs"]) == set(GRAPH_NAMES)
+    report = json.loads((out / "report.json").read_text())
+    for name in GRAPH_NAMES:
+        path = out / "onnx" / f"{name}.onnx"
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path))
+        assert model.opset_import[0].version >= 18
+        floats = {onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type) for i in model.graph.input
+                  if i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+        if name != "unet":  # the unet's timestep is fp32 by contract
+            assert floats == {"FLOAT16" if precision == "fp16" else "FLOAT"}, (name, floats)
+        r = report["graphs"][name]
+        assert r["passed"], (name, r)
+        points = {json.dumps(c["point"], sort_keys=True) for c in r["comparisons"]}
+        assert len(points) >= 2, f"{name} checked at one shape only"
+        for c in r["comparisons"]:
+            assert c["cosine"] > 0.999 and c["max_abs_err"] <= c["bound"]
+
+
+def test_dynamic_dims_survive_in_the_onnx_inputs(exported):
+    _, out, _ = exported
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(str(out / "onnx" / "unet.onnx")).graph.input}
+    assert dims["sample"] == ["3*B", 8, "8*h8", "8*w8"] and dims["bim_residual"][0] == "B"
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(str(out / "onnx" / "llava.onnx")).graph.input}
+    assert dims["prefix_ids"] == ["B", "Lp"] and dims["suffix_ids"] == ["B", "Ls"]
+
+
+def test_graphs_at_the_profile_corners(exported, tiny_pipe):
+    """Beyond the two checked shapes: min and max of the profile, against fp32 PyTorch."""
+    precision, out, _ = exported
+    g = graphs(tiny_pipe.config, SMALL)
+    for name in ("llava", "qformer_bim", "vae_decoder"):
+        spec, ref = g[name].spec, g[name].build(tiny_pipe)
+        comps = verify_onnx(out / "onnx" / f"{name}.onnx", spec, ref, precision,
+                            ref if precision == "fp32" else None,
+                            [spec.point("min"), spec.point("max")])
+        for c in comps:
+            limit = c.bound if precision == "fp32" else 2e-2 * max(1.0, c.ref_max_abs)
+            assert c.max_abs_err <= limit and c.cosine > 0.999, c
+
+
+def test_manifest_records_versions_source_specs_and_hashes(exported):
+    precision, out, _ = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["toolchain"]["torch"] and manifest["toolchain"]["onnx"] and manifest["toolchain"]["smartedit"]
+    assert manifest["source"]["kind"] == "random" and len(manifest["source"]["sha256"]) == 64
+    for name, entry in manifest["graphs"].items():
+        assert entry["options"]["precision"] == precision
+        assert entry["spec"]["profile"] and entry["spec"]["dims"]
+        for rel, digest in entry["files"].items():
+            assert sha256_file(out / rel) == digest
+    assert manifest["graphs"]["unet"]["spec"]["profile"]["sample"] == [[3, 8, 32, 32], [3, 8, 32, 32], [9, 8, 64, 64]]
+
+
+def test_edit_through_onnxruntime_matches_eager(exported, test_image):
+    from smartedit.engines.onnxruntime import OnnxRuntimeBackend
+    from smartedit.pipeline import SmartEditPipeline
+
+    precision, out, _ = exported
+    eager = SmartEditPipeline.from_preset("tiny", seed=0)
+    ort = SmartEditPipeline.from_preset("tiny", seed=0, only=[])  # no stage weights needed in PyTorch
+    ort.backend = OnnxRuntimeBackend(out)
+    a = np.asarray(eager(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
+    b = np.asarray(ort(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
+    psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
+    assert psnr >= 35, f"ONNX Runtime ({precision}) edit is {psnr:.1f} dB from the fp32 eager edit"
+
+
+def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
+    from smartedit.engines.onnxruntime import OnnxRuntimeBackend
+
+    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="unet", fold_cfg=True, profile=SMALL,
+               progress=_quiet)
+    ort = OnnxRuntimeBackend(tmp_path)
+    assert ort.fold_cfg
+    g = torch.Generator().manual_seed(0)
+    lat, img = torch.randn(2, 4, 32, 40, generator=g), torch.randn(2, 4, 32, 40, generator=g)
+    prompt, res = torch.randn(2, 77, 32, generator=g), torch.randn(2, 32, 16, 16, generator=g)
+    args = (lat, img, torch.tensor(801.0), torch.tensor(4.2), prompt, tiny_pipe.null_text_embeds, res, 7.5, 1.5)
+    assert_close(ort.guided_eps(*args), tiny_pipe.backend.guided_eps(*args), atol=1e-4, msg="folded CFG step")
+
+
+def test_rerun_skips_and_changed_inputs_reexport(tmp_path):
+    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+               progress=_quiet)
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "onnx").iterdir()}
+    said = []
+    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+               progress=said.append)
+    assert said == ["qformer_bim: up to date, skipped", "vae_decoder: up to date, skipped"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "onnx").iterdir()} == files
+    said.clear()  # a different seed is a different model: both re-export
+    run_export(tmp_path, preset="tiny", seed=1, precision="fp32", graph_names="qformer_bim", profile=SMALL,
+               progress=said.append)
+    assert any("qformer_bim: exporting" in m for m in said)
+    (tmp_path / "onnx" / "qformer_bim.onnx").write_bytes(b"tampered")  # a damaged file is not up to date
+    said.clear()
+    run_export(tmp_path, preset="tiny", seed=1, precision="fp32", graph_names="qformer_bim", profile=SMALL,
+               progress=said.append)
+    assert any("qformer_bim: exporting" in m for m in said)
+
+
+def test_interrupted_export_leaves_finished_graphs_valid_and_nothing_half_written(tmp_path, monkeypatch):
+    import smartedit.export.onnx as onnx_mod
+
+    real = onnx_mod.torch.onnx.export
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during the second graph
+        return real(*a, **k)
+
+    monkeypatch.setattr(onnx_mod.torch.onnx, "export", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+                   progress=_quiet)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(manifest["graphs"]) == ["qformer_bim"]
+    assert sorted(os.listdir(tmp_path / "onnx")) == ["qformer_bim.onnx"]  # no temp folders, no vae_decoder file
+    monkeypatch.setattr(onnx_mod.torch.onnx, "export", real)
+    said = []
+    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+               progress=said.append)
+    assert said[0] == "qformer_bim: up to date, skipped" and any("vae_decoder: exporting" in m for m in said)
+
+
+def test_lora_merge_equals_unmerged():
+    from smartedit.config import PRESETS
+    from smartedit.mllm import SmartEditLLM
+
+    torch.manual_seed(0)
+    llm = SmartEditLLM(PRESETS["tiny"].llm).eval()
+    for name, p in llm.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)  # a clearly non-zero adapter
+    x = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        before = llm(x)
+        bare = llm.model.layers[0].self_attn.q_proj.get_base_layer().weight.clone()
+    assert merge_lora(llm.model) == 4
+    assert not any("lora" in k for k in llm.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(llm.model.layers[0].self_attn.q_proj.weight, bare)
+        assert_close(llm(x), before, atol=2e-5, rtol=1e-5, msg="merged vs unmerged LoRA")
+
+
+def test_specialised_dynamic_dim_is_refused(tmp_path):
+    class Chunky(torch.nn.Module):  # chunk(3) on a 3*B axis: torch.export pins B, torch.onnx falls back silently
+        def forward(self, x):
+            a, b, c = torch.cat([x, x, x]).chunk(3)
+            return a + b * c
+
+    spec = GraphSpec("chunky", (TensorSpec("x", "float", ("B", 4)),), (TensorSpec("y", "float", ("B", 4)),),
+                     {"B": DimRange(1, 2, 4)})
+    with pytest.raises(RuntimeError, match=r"chunky.x: dimension 'B' was exported as the constant"):
+        export_onnx(Chunky(), spec, tmp_path / "chunky.onnx", "fp32")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_requests_name_the_value(tmp_path, tiny_pipe):
+    with pytest.raises(ValueError, match=r"unknown graph name\(s\) \['unet2'\]"):
+        parse_graph_names("unet2,vae_decoder")
+    with pytest.raises(ValueError, match=r"min-res must be a multiple of 64 .*, got 200"):
+        ProfileOptions(min_res=200)
+    with pytest.raises(ValueError, match="1 <= min <= opt <= max, got 512/512/256"):
+        ProfileOptions(min_res=512, opt_res=512, max_res=256)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write to output folder"):
+        run_export(blocker / "out", preset="tiny", progress=_quiet)
+    with pytest.raises(ExportError, match="target 'trt' is not implemented"):
+        run_export(tmp_path / "o", preset="tiny", target="trt", progress=_quiet)
+    model = tiny_pipe.save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="does not match preset '7b'"):
+        run_export(tmp_path / "o", model=model, preset="7b", progress=_quiet)
+
+
+def test_onnxruntime_backend_refuses_shapes_outside_the_profile(exported):
+    from smartedit.engines.onnxruntime import OnnxRuntimeBackend
+
+    _, out, _ = exported
+    be = OnnxRuntimeBackend(out)
+    x = torch.randn(1, 4, 72, 64)  # latent 72 = 576 px > max-res 512
+    with pytest.raises(ValueError, match=r"vae_decoder: dimension h = 72 is outside the exported profile \[32, 64\]"):
+        be.run("vae_decoder", {"latents": x})
+    assert be.run("vae_decoder", {"latents": torch.randn(1, 4, 40, 48)})["image"].shape == (1, 3, 320, 384)
+
+
+def test_verification_points_differ_from_opt_in_every_dim(tiny_pipe):
+    for name, g in graphs(tiny_pipe.config, SMALL).items():
+        opt, alt = verification_points(g.spec)
+        assert all(opt[k] != alt[k] for k in opt), (name, opt, alt)
+        assert g.spec.contains(alt)
+
+
+def test_cli_export_then_edit_on_onnxruntime(tmp_path, test_image):
+    import subprocess
+
+    test_image.save(tmp_path / "in.png")
+    r = subprocess.run(["smartedit-export", "--preset", "tiny", "--random-weights", "--out", tmp_path / "art",
+                        "--graphs", "qformer_bim,nope"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown graph name(s) ['nope']" in r.stderr
+    r = subprocess.run(["smartedit-edit", "--preset", "tiny", "--random-weights", "--seed", "5", "--backend",
+                        "onnxruntime", "--artifacts", tmp_path, "--image", tmp_path / "in.png", "--instruction", "x",
+                        "--out", tmp_path / "o.png"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not an smartedit-export output folder" in r.stderr
