@@ -1,1 +1,1 @@
-"""Placeholder: filled by the export / runtime / benchmark issues."""
+"""smartedit.engines: runtimes behind one stage interface (base.StageBackend): eager PyTorch, ONNX Runtime."""

@@ -1,1 +1,1 @@
-"""Placeholder: filled by the export / runtime / benchmark issues."""
+"""smartedit.export: graph specs, export wrappers (one file per graph), LoRA merge, ONNX export and checks."""
