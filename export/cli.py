@@ -58,9 +58,13 @@ def main(argv: list[str] | None = None) -> None:
         run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
-    except (ValueError, FileNotFoundError, ExportError) as e:
+    except (ValueError, ExportError) as e:
         print(f"smartedit-export: error: {e}", file=sys.stderr)
-        raise SystemExit(2 if not isinstance(e, ExportError) else 1) from None
+        raise SystemExit(1 if isinstance(e, ExportError) else 2) from None
+    except OSError as e:  # a full disk (ENOSPC) or a vanished folder mid-export: the partial graph was removed
+        print(f"smartedit-export: error: {e.strerror or e} ({e.filename or a.out}); finished graphs are kept and "
+              "a rerun resumes", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"done in {time.perf_counter() - t0:.1f} s: {a.out}")
 
 
