@@ -11,6 +11,7 @@ import warnings
 from .graphs import GRAPH_NAMES
 from .run import ExportError, run_export
 from .spec import ProfileOptions
+from .trt import BuildOptions, TensorRTError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,8 +28,19 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="this preset with random weights")
     p.add_argument("--random-weights", action="store_true", help="required with --preset")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--target", choices=["onnx"], default="onnx",
-                   help="onnx (TensorRT, AOTInductor: see the README's status table)")
+    p.add_argument("--target", choices=["onnx", "trt", "trt-rtx"], default="onnx",
+                   help="onnx; trt: TensorRT engines for this machine's GPU (needs `tensorrt` and a GPU); trt-rtx: "
+                        "TensorRT-RTX engines built ahead of time, on a CPU too (`pip install tensorrt-rtx-cu13`)")
+    p.add_argument("--compute-capability", action="append", default=[], metavar="CC",
+                   help="trt-rtx: GPU to build for, repeatable: 75, 80 (A100), 86, 89, 120, 121")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
+    p.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (default: TensorRT's)")
+    p.add_argument("--static-res", default="256,512",
+                   help="exact TensorRT profiles for unet/VAE at these resolutions, besides the dynamic one "
+                        "('' for none)")
+    p.add_argument("--refit", action="store_true", help="refittable engines (weights swappable without a rebuild)")
+    p.add_argument("--strip-weights", action="store_true",
+                   help="weight-stripped engines, refitted from OUT/onnx at load: small plans, slower load")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
                    help="fp16 (default; what TensorRT builds strongly typed) or fp32 for debugging")
@@ -55,12 +67,19 @@ def main(argv: list[str] | None = None) -> None:
         opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
+        build = None
+        if a.target != "onnx":
+            build = BuildOptions(compute_capabilities=tuple(a.compute_capability), opt_level=a.opt_level,
+                                 workspace_gb=a.workspace_gb, refit=a.refit or a.strip_weights,
+                                 strip_weights=a.strip_weights,
+                                 static_res=tuple(int(r) for r in a.static_res.split(",") if r.strip()))
         run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
+                   build=build,
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
-    except (ValueError, ExportError) as e:
+    except (ValueError, ExportError, TensorRTError) as e:
         print(f"smartedit-export: error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, ExportError) else 2) from None
+        raise SystemExit(2 if isinstance(e, ValueError) else 1) from None
     except OSError as e:  # a full disk (ENOSPC) or a vanished folder mid-export: the partial graph was removed
         print(f"smartedit-export: error: {e.strerror or e} ({e.filename or a.out}); finished graphs are kept and "
               "a rerun resumes", file=sys.stderr)

@@ -33,6 +33,9 @@ from .graphs import graphs, parse_graph_names
 from .lora import merge_lora
 from .onnx import comparisons_to_dict, export_onnx, verify_onnx
 from .spec import PRECISIONS, GraphSpec, ProfileOptions
+from .trt import BuildOptions, Flavor, build_engine, engine_profiles, import_tensorrt
+
+TARGETS = ("onnx", "trt", "trt-rtx")
 
 MANIFEST_VERSION = 1
 STAGES_OF = {"llava": ("vision", "llm"), "qformer_bim": ("qformer", "bim"), "unet": ("unet",),
@@ -90,9 +93,16 @@ def verification_points(spec: GraphSpec) -> list[dict[str, int]]:
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
                target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
-               progress: Callable[[str], None] = print) -> dict:
-    if target != "onnx":
-        raise ExportError(f"target {target!r} is not implemented yet (available: onnx)")
+               build: BuildOptions | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Export the ONNX graphs (always: every other target builds from them), then, for --target trt / trt-rtx,
+    build a TensorRT engine per graph into OUT/<target>/<graph>.plan."""
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r} is not implemented (available: {', '.join(TARGETS)})")
+    flavor = None
+    if target != "onnx":  # fail before the (long) ONNX export when TensorRT is missing or cannot target anything
+        flavor = Flavor(import_tensorrt(target), target)
+        build = build or BuildOptions()
+        flavor.resolve_targets(build.compute_capabilities)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if opset < 18:
@@ -107,8 +117,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     graph_defs = graphs(cfg, profile, fold_cfg=fold_cfg)
     manifest_path, report_path = out / "manifest.json", out / "report.json"
     tools = toolchain()
-    options = {"target": target, "precision": precision, "opset": opset, "fold_cfg": fold_cfg,
-               "profile": asdict(profile)}
+    options = {"precision": precision, "opset": opset, "fold_cfg": fold_cfg, "profile": asdict(profile)}
     manifest = _read_json(manifest_path) or {}
     if manifest.get("source", {}).get("sha256") != source["sha256"]:
         manifest = {}  # another model: nothing in OUT can be reused
@@ -123,9 +132,17 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     for n in names:
         if n not in todo:
             progress(f"{n}: up to date, skipped")
-    if not todo:
-        return manifest
+    if todo:
+        _export_onnx(out, todo, graph_defs, keys, options, manifest, report, model, preset, seed, cfg, precision,
+                     opset, verify, progress)
+    if flavor is not None:
+        _build_engines(out, names, graph_defs, manifest, flavor, build, progress)
+    return manifest
 
+
+def _export_onnx(out, todo, graph_defs, keys, options, manifest, report, model, preset, seed, cfg, precision, opset,
+                 verify, progress) -> None:
+    manifest_path, report_path = out / "manifest.json", out / "report.json"
     pipe = _load(model, preset, seed, cfg, todo, precision, verify)
     if "llava" in todo:
         merged = merge_lora(pipe.stages.llm)
@@ -164,7 +181,34 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
         del wrapper, at_precision
     if failed:
         raise ExportError(f"ONNX Runtime does not match PyTorch for {failed}; see {report_path}")
-    return manifest
+
+
+def _build_engines(out: Path, names: list[str], graph_defs, manifest: dict, flavor: Flavor, build: BuildOptions,
+                   progress) -> None:
+    """One plan per graph, skipped when the ONNX file, the profiles, the options and TensorRT are unchanged."""
+    folder = out / flavor.target
+    folder.mkdir(parents=True, exist_ok=True)
+    engines = manifest.setdefault("engines", {}).setdefault(flavor.target, {})
+    for i, n in enumerate(names, 1):
+        spec = graph_defs[n].spec
+        onnx_entry = manifest["graphs"][n]
+        key = _sha256_json({"onnx": onnx_entry["files"], "options": asdict(build), "tensorrt": flavor.version,
+                            "profiles": [p.to_dict() for _, p in engine_profiles(spec, build)]})
+        plan = folder / f"{n}.plan"
+        entry = engines.get(n)
+        if entry and entry.get("key") == key and plan.is_file() and sha256_file(plan) == entry.get("sha256"):
+            progress(f"{n}: {flavor.target} engine up to date, skipped")
+            continue
+        caps = ",".join(build.compute_capabilities) or "this GPU"
+        progress(f"[{i}/{len(names)}] {n}: building the {flavor.target} engine (TensorRT {flavor.version}, "
+                 f"{caps}, opt level {build.opt_level}) ...")
+        record = build_engine(flavor, out / "onnx" / f"{n}.onnx", spec, plan, build,
+                              timing_cache=folder / "timing.cache")
+        record.update({"key": key, "file": f"{flavor.target}/{plan.name}", "sha256": sha256_file(plan)})
+        engines[n] = record
+        _write_json_atomic(out / "manifest.json", manifest)
+        progress(f"    built in {record['build_s']:.1f} s (parse {record['parse_s']:.1f} s): "
+                 f"{record['plan_bytes'] / 1e6:.1f} MB, profiles {[p['name'] for p in record['profiles']]}")
 
 
 def _check_writable(out: Path) -> None:
