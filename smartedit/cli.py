@@ -30,7 +30,7 @@ def _positive(text: str) -> int:
     return v
 
 
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "onnxruntime", "trt", "trt-rtx")
 
 
 def load_pipeline(model: str | None, preset: str | None, random_weights: bool, device: str, dtype: torch.dtype,
@@ -55,6 +55,11 @@ def load_pipeline(model: str | None, preset: str | None, random_weights: bool, d
         from smartedit.engines.onnxruntime import OnnxRuntimeBackend
 
         pipe.backend = OnnxRuntimeBackend(artifacts)
+    elif backend in ("trt", "trt-rtx"):
+        from smartedit.engines.trt import TensorRTBackend
+
+        pipe.backend = TensorRTBackend(artifacts, target=backend, device=device)
+    if backend != "eager":
         _check_same_source(pipe.backend.manifest, model, preset, seed)
     return pipe
 
@@ -126,7 +131,8 @@ def edit_cli(argv: list[str] | None = None) -> None:
                    help="forced: canonical answer in one pass (default); generate: decode token by token")
     p.add_argument("--template", default="0", help="prompt template index 0-29, or 'random' as the official script")
     p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="eager PyTorch (the reference) or onnxruntime (exported graphs, see --artifacts)")
+                   help="eager PyTorch (the reference), or exported graphs from --artifacts: onnxruntime, trt, "
+                        "trt-rtx (TensorRT backends need a GPU and TensorRT)")
     p.add_argument("--artifacts", help="smartedit-export output folder, for --backend onnxruntime")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
@@ -141,7 +147,7 @@ def edit_cli(argv: list[str] | None = None) -> None:
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
                    a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
                    artifacts=a.artifacts)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as e:
         print(f"smartedit-edit: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")

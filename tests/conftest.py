@@ -50,3 +50,25 @@ def tiny_pipe():
 def test_image():
     rng = np.random.RandomState(0)
     return Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8))
+
+
+SMALL_PROFILE = dict(max_batch=3, max_res=512, max_prefix=400, max_suffix=400)
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory):
+    """precision -> an ONNX export folder of the tiny preset (seed 0, small profile), made once per session."""
+    from smartedit.export.run import run_export
+    from smartedit.export.spec import ProfileOptions
+
+    made = {}
+
+    def get(precision: str):
+        if precision not in made:
+            out = tmp_path_factory.mktemp(f"onnx_{precision}")
+            run_export(out, preset="tiny", precision=precision, profile=ProfileOptions(**SMALL_PROFILE),
+                       progress=lambda m: None)
+            made[precision] = out
+        return made[precision]
+
+    return get

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import SMALL_PROFILE, assert_close
 
 pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
@@ -18,7 +18,7 @@ from smartedit.export.onnx import export_onnx, run_onnxruntime, verify_onnx  # n
 from smartedit.export.run import ExportError, run_export, sha256_file, verification_points  # noqa: E402
 from smartedit.export.spec import DimRange, GraphSpec, ProfileOptions, TensorSpec  # noqa: E402
 
-SMALL = ProfileOptions(max_batch=3, max_res=512, max_prefix=400, max_suffix=400)
+SMALL = ProfileOptions(**SMALL_PROFILE)
 
 
 def _quiet(msg):
@@ -26,10 +26,9 @@ def _quiet(msg):
 
 
 @pytest.fixture(scope="module", params=["fp16", "fp32"])
-def exported(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"onnx_{request.param}")
-    manifest = run_export(out, preset="tiny", precision=request.param, profile=SMALL, progress=_quiet)
-    return request.param, out, manifest
+def exported(request, onnx_export):
+    out = onnx_export(request.param)
+    return request.param, out, json.loads((out / "manifest.json").read_text())
 
 
 def test_every_graph_exports_checks_and_matches_pytorch(exported):
