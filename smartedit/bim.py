@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import BIMConfig
+from .kernels import bim_attention as kernels
 
 
 class Attention(nn.Module):
@@ -33,6 +34,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
             raise ValueError(f"attention width {self.internal_dim} is not divisible by {num_heads} heads")
+        self.kernel_mode = "auto"  # smartedit.kernels: Triton attention on CUDA ("on" / "off": see BIM.set_kernels)
         self.q_proj = nn.Linear(dim, self.internal_dim)
         self.k_proj = nn.Linear(dim, self.internal_dim)
         self.v_proj = nn.Linear(dim, self.internal_dim)
@@ -45,8 +47,12 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
         scale = 1.0 / math.sqrt(q.shape[-1])
-        attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, heads, Nq, Nk]
-        out = (attn @ v).transpose(1, 2).flatten(2)  # [B, Nq, internal_dim]
+        if kernels.kernel_unusable(q, self.kernel_mode) is None:
+            # fused Triton attention; reads the heads through strides, writes them merged: [B, Nq, internal_dim]
+            out = kernels.bim_attention_op(q, k, v, scale).flatten(2)
+        else:  # the reference: SAM's math, also what ONNX export traces
+            attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, heads, Nq, Nk]
+            out = (attn @ v).transpose(1, 2).flatten(2)  # [B, Nq, internal_dim]
         return self.out_proj(out)
 
 
@@ -160,6 +166,16 @@ class BIM(nn.Module):
         # the checkpoint, and random-weight presets keep PyTorch's default init so the BIM path is exercised.
         self.dimension_reduction_head_zeroconv = nn.Conv2d(cfg.dim, residual_channels, kernel_size=1)
         self.dimension_reduction_head_qformer_out = nn.Linear(cfg.dim, text_dim)
+
+    def set_kernels(self, mode: str = "auto") -> "BIM":
+        """Triton attention kernels: "auto" (default: on CUDA), "off" (PyTorch reference, for comparison), "on"
+        (also on CPU when TRITON_INTERPRET=1: the interpreter tests)."""
+        if mode not in kernels.KERNEL_MODES:
+            raise ValueError(f"kernel mode must be one of {kernels.KERNEL_MODES}, got {mode!r}")
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.kernel_mode = mode
+        return self
 
     def forward(self, q: torch.Tensor, clip_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, n, d = clip_feats.shape

@@ -1,0 +1,206 @@
+"""Fused attention for the BIM's short sequences: Triton kernel, PyTorch reference, custom op, dispatcher.
+
+The 7b BIM runs seven attentions per forward, all short (DESIGN §2, issue 5):
+    token self-attention      Nq = Nk = 77,          8 heads x 128
+    token -> image            Nq = 77,  Nk = 256,    8 heads x 64   (x3: two blocks + the final one)
+    image -> token            Nq = 256, Nk = 77,     8 heads x 64   (x2)
+Eager PyTorch spends each one in ~8 launches (transposes, matmul, scale, softmax, matmul, transpose, copy). Here one
+program per (query block, batch x head) holds its query block and, for Nk <= BLOCK_N (all of the above), the whole K
+and V on chip: one pass, exact softmax; longer keys fall back to the online (flash) softmax over K/V blocks.
+fp16/bf16/fp32 inputs, fp32 accumulation, any lengths (masked tails), any batch.
+
+Fusions:
+- head split/merge: the kernel reads q/k/v through strides of [B, N, H*D] projections and writes [B, N, H*D]
+  directly, so the transpose + contiguous copies of the split and merge disappear (free, always on).
+- PE adds before the q/k projections, residual + LayerNorm after out_proj: not fused. Prediction: each saves one
+  elementwise launch and one read+write of a [B, N, 1024] tensor (~0.3-0.6 MB at batch 1, well under 1 us of H100
+  bandwidth), i.e. a few percent of a launch-bound BIM, while moving them into Triton would fork nn.Linear /
+  nn.LayerNorm. Outcome: not measured (no GPU in this session); revisit with the kernel benchmark on a GPU.
+
+Traffic per call (reads q, k, v once, writes o once): 2 * B*H*(Nq + 2 Nk + Nq)*D bytes at fp16;
+FLOPs: 4 * B*H*Nq*Nk*D (two matmuls).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs without triton: the reference runs instead
+    triton = tl = None
+    HAVE_TRITON = False
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Plain PyTorch reference. q [B,H,Nq,D], k/v [B,H,Nk,D] -> [B,H,Nq,D], computed in fp32 (fp64 for fp64 inputs),
+    returned in q's dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp64 stays fp64: the test oracle
+    attn = torch.softmax((q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale, dim=-1)
+    return (attn @ v.to(acc)).to(q.dtype)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _bim_attention_kernel(
+        Q, K, V, O,
+        sqb, sqh, sqn, sqd,  # strides of q as [B, H, Nq, D]
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sob, soh, son, sod,
+        H, NQ, NK, D, scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        m_mask = offs_m < NQ
+        d_mask = offs_d < D
+
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        # online softmax state: running max, running sum, unnormalised output (fp32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        qk_scale = scale * 1.4426950408889634  # log2(e): exp2 is the native instruction
+        for start in range(0, NK, BLOCK_N):
+            n = start + offs_n
+            n_mask = n < NK
+            k = tl.load(K + b * skb + h * skh + n[None, :] * skn + offs_d[:, None] * skd,
+                        mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+            s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], fp32
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + b * svb + h * svh + n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                 out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _blocks(nq: int, nk: int, d: int) -> tuple[int, int, int]:
+    # tl.dot needs every block dim >= 16. Keys up to 256 fit in one block (the whole K/V on chip, one pass);
+    # longer keys stream in blocks of 128. Query blocks of 64 give the 77/256-long queries 2/4 programs per head.
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = max(16, min(triton.next_power_of_2(nk), 256 if block_d <= 64 else 128))
+    block_m = max(16, min(64, triton.next_power_of_2(nq)))
+    return block_m, block_n, block_d
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel on [B,H,N,D] tensors of any strides (views of [B,N,H*D] projections need no copy)."""
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed")
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    if k.shape != (b, h, nk, d) or v.shape != (b, h, nk, d):
+        raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
+    if out is None:
+        out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # merged-heads layout
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    bm, bn, bd = _blocks(nq, nk, d)
+    grid = (triton.cdiv(nq, bm), b * h)
+    _bim_attention_kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                                h, nq, nk, d, scale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    return out
+
+
+# -- custom op: the kernel inside torch.compile / torch.export (AOTInductor) graphs ----------------------------------
+# torch.library.triton_op (not custom_op): Inductor sees the Triton kernel through wrap_triton and compiles it into
+# the graph / the AOTInductor package, instead of calling back into Python.
+
+
+def _merged_heads_out(q: torch.Tensor) -> torch.Tensor:
+    b, h, nq, d = q.shape
+    return torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device)  # [B, Nq, H, D]: heads merged when viewed
+
+
+if HAVE_TRITON:
+
+    @torch.library.triton_op("smartedit::bim_attention", mutates_args=())
+    def bim_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """[B,H,Nq,D] x [B,H,Nk,D] -> [B,Nq,H,D] (merged-heads layout, contiguous)."""
+        out = _merged_heads_out(q)
+        b, h, nq, d = q.shape
+        nk = k.shape[2]
+        bm, bn, bd = _blocks(nq, nk, d)
+        o = out.transpose(1, 2)  # [B, H, Nq, D] view with the merged layout's strides
+        torch.library.wrap_triton(_bim_attention_kernel)[(triton.cdiv(nq, bm), b * h)](
+            q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, nk, d, scale,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        return out
+
+else:
+
+    @torch.library.custom_op("smartedit::bim_attention", mutates_args=())
+    def bim_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return attention_ref(q, k, v, scale).transpose(1, 2).contiguous()
+
+    @bim_attention_op.register_fake
+    def _(q, k, v, scale):
+        return _merged_heads_out(q)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and HAVE_TRITON
+
+
+KERNEL_MODES = ("auto", "on", "off")  # auto: kernels on CUDA; on: also on CPU under TRITON_INTERPRET=1; off: never
+_fallback_logged = False
+
+
+def kernel_unusable(q: torch.Tensor, mode: str = "auto") -> str | None:
+    """Why the kernel cannot run for this call (None: it can). The first reason is logged once."""
+    global _fallback_logged
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    reason = None
+    if mode == "off":
+        return "kernels switched off"
+    if torch.onnx.is_in_onnx_export():
+        reason = "ONNX export uses standard ops (TensorRT fuses attention itself)"
+    elif not HAVE_TRITON:
+        reason = "triton is not installed"
+    elif not q.is_cuda and not (mode == "on" and _interpreting()):
+        reason = f"tensors are on {q.device.type}, not CUDA"
+    elif q.shape[-1] > 256:
+        reason = f"head dim {q.shape[-1]} > 256"
+    if reason and not _fallback_logged:
+        log.info("BIM attention: PyTorch fallback (%s)", reason)
+        _fallback_logged = True
+    return reason
+
+
+def bim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                  mode: str = "auto") -> torch.Tensor:
+    """Dispatcher: [B,H,Nq,D] x [B,H,Nk,D] -> [B,Nq,H*D] (heads merged): the kernel (as the custom op) where
+    `kernel_unusable` allows it, else PyTorch's scaled_dot_product_attention."""
+    b, h, nq, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if kernel_unusable(q, mode) is None:
+        return bim_attention_op(q, k, v, scale).view(b, nq, h * d)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, Nq, D]
+    return out.transpose(1, 2).reshape(b, nq, h * d)
