@@ -1,1 +1,1 @@
-"""Placeholder: filled by the export / runtime / benchmark issues."""
+"""smartedit.bench: `smartedit-bench` (run.py, cli.py) and the kernel benchmark (kernels.py); results/ holds runs."""

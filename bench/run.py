@@ -1,0 +1,307 @@
+"""`smartedit-bench`: every backend against eager (and the official-style baseline) in one run, on one device.
+
+Per backend and resolution: end-to-end latency over `repeats` timed edits (median, p90, min, max) after warm-up
+edits that are timed separately (they carry compile / capture / engine-load time); per-stage times from one extra
+instrumented edit (each graph call synchronised: vision+LLM, qformer_bim, vae encode, one UNet step, the scheduler
+and CFG work in between, vae decode); peak GPU memory; images/s; FLOPs per stage (PyTorch's flop counter, on the
+eager run) and achieved TFLOP/s against the card's fp16 matmul rate measured in the same run. Backends that cannot
+run here are listed with the reason, never dropped. Writes <out>/<device>-<preset>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+BACKENDS = ("official", "eager", "cudagraph", "compile", "onnxruntime", "trt", "trt-rtx", "aoti")
+STAGE_OF = {"llava": "vision+llm", "qformer_bim": "qformer_bim", "vae_encoder": "vae_encode", "unet": "unet",
+            "vae_decoder": "vae_decode"}
+
+
+class _TimedBackend:
+    """Wraps a backend: synchronised wall time and, optionally, FLOPs per graph call."""
+
+    def __init__(self, inner, device: torch.device, count_flops: bool = False):
+        self.inner, self.device, self.count_flops = inner, device, count_flops
+        self.name, self.fold_cfg = inner.name, inner.fold_cfg
+        self.ms: dict[str, list[float]] = {}
+        self.flops: dict[str, int] = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, graph, inputs):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._sync()
+        t0 = time.perf_counter()
+        if self.count_flops:
+            with FlopCounterMode(display=False) as fc:
+                out = self.inner.run(graph, inputs)
+            self.flops[graph] = self.flops.get(graph, 0) + fc.get_total_flops()
+        else:
+            out = self.inner.run(graph, inputs)
+        self._sync()
+        self.ms.setdefault(graph, []).append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def guided_eps(self, *args):
+        from smartedit.engines.base import StageBackend
+
+        return StageBackend.guided_eps(self, *args)  # routes the unet call through self.run
+
+
+def _why_unavailable(backend: str, device: torch.device, artifacts: str | None) -> str | None:
+    if backend == "aoti":
+        return "AOTInductor packages are not implemented yet"
+    if backend in ("cudagraph", "compile") and device.type != "cuda":
+        return "needs a CUDA device"
+    if backend in ("onnxruntime", "trt", "trt-rtx") and not artifacts:
+        return "no --artifacts (an smartedit-export output folder)"
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed"
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime has no CUDA provider (onnxruntime-gpu); CPU numbers beside CUDA ones mislead"
+    if backend in ("trt", "trt-rtx"):
+        try:
+            __import__({"trt": "tensorrt", "trt-rtx": "tensorrt_rtx"}[backend])
+        except ImportError:
+            return f"{backend}: TensorRT is not installed"
+        if device.type != "cuda":
+            return "TensorRT engines run on a CUDA GPU"
+        if not (Path(artifacts) / backend).is_dir():
+            return f"no {backend} engines in {artifacts}"
+    return None
+
+
+def _pipeline(backend: str, model, preset, seed, device, dtype, artifacts):
+    from smartedit.pipeline import SmartEditPipeline
+
+    exported = backend in ("onnxruntime", "trt", "trt-rtx")
+    only = [] if exported else None
+    load_dtype = torch.float32 if backend == "official" else dtype
+    pipe = (SmartEditPipeline.from_pretrained(model, device=device, dtype=load_dtype, only=only) if model else
+            SmartEditPipeline.from_preset(preset, seed=seed, device=device, dtype=load_dtype, only=only))
+    if backend == "onnxruntime":
+        from smartedit.engines.onnxruntime import OnnxRuntimeBackend
+
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else None
+        pipe.backend = OnnxRuntimeBackend(artifacts, providers=providers)
+    elif backend in ("trt", "trt-rtx"):
+        from smartedit.engines.trt import TensorRTBackend
+
+        pipe.backend = TensorRTBackend(artifacts, target=backend, device=str(device))
+    elif backend in ("cudagraph", "compile"):
+        from smartedit.engines.cudagraph import CudaGraphBackend
+
+        pipe.backend = CudaGraphBackend(pipe, torch_compile=backend == "compile")
+    return pipe
+
+
+def _official_condition(pipe, dtype):
+    """The official cost structure (test/DS_SmartEdit_test.py): an fp32 LLM that decodes the answer and the 32
+    <img_i> token by token with a KV cache; everything after it at the run's dtype (eager UNet loop)."""
+    from smartedit.mllm import tokenize_prompt
+    from smartedit.vision import preprocess_clip
+    from transformers import DynamicCache
+
+    def encode_condition(images, instructions, *args, **kwargs):
+        s = pipe.stages
+        with torch.inference_mode():
+            pixels = preprocess_clip(list(images), pipe.config.vision.image_size).to(pipe.device, torch.float32)
+            clip_feats, embeds = s.vision(pixels)
+            states = []
+            for i, text in enumerate(instructions):
+                forced = tokenize_prompt(pipe.tokenizer, text, forced=True)
+                prompt = tokenize_prompt(pipe.tokenizer, text, forced=False)
+                answer = forced.suffix[len(prompt.suffix):]  # the tokens greedy decoding emits, fed one by one
+                cache = DynamicCache()
+                ids = lambda x: torch.tensor([x], device=pipe.device)  # noqa: E731
+                out = s.llm.model(inputs_embeds=s.llm.embed(ids(prompt.prefix), embeds[i:i + 1], ids(prompt.suffix)),
+                                  past_key_values=cache, use_cache=True).last_hidden_state
+                got = []
+                for tok in answer:
+                    s.llm.lm_head(out[:, -1])  # the logits the sampler reads each step
+                    out = s.llm.model(input_ids=ids([tok]), past_key_values=cache, use_cache=True).last_hidden_state
+                    if tok >= 32003:
+                        got.append(out)
+                states.append(torch.cat(got, dim=1))
+            prompt_embeds, residual = s.bim(s.qformer(torch.cat(states)), clip_feats)
+        return prompt_embeds.to(dtype), residual.to(dtype)
+
+    return encode_condition
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"median": statistics.median(xs), "p90": xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))],
+            "min": xs[0], "max": xs[-1]}
+
+
+def measured_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize(device)
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int = 0,
+              backends: tuple[str, ...] = ("official", "eager"), resolutions: tuple[int, ...] = (256,),
+              steps: int = 100, batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
+              dtype: str = "fp16", artifacts: str | None = None, progress=print) -> dict:
+    dev = torch.device(device)
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU here")
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(512, 512, 3) * 255).astype(np.uint8))
+    images, texts = [image] * batch, ["replace the smaller cat with a rabbit"] * batch
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+              "driver": torch.version.cuda if dev.type == "cuda" else None, "torch": torch.__version__,
+              "python": platform.python_version(), "command": sys.argv, "model": model or f"{preset} (random)",
+              "dtype": dtype, "steps": steps, "batch": batch, "repeats": repeats, "warmup": warmup,
+              "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}}
+    for backend in backends:
+        reason = _why_unavailable(backend, dev, artifacts)
+        if reason:
+            result["skipped"][backend] = reason
+            progress(f"{backend}: skipped ({reason})")
+            continue
+        try:
+            _bench_backend(result, backend, model, preset, seed, dev, torch_dtype, artifacts, resolutions, steps,
+                           images, texts, warmup, repeats, batch, progress)
+        except (ValueError, RuntimeError) as e:  # e.g. a resolution outside an exported profile: keep the others
+            result["skipped"][backend] = f"failed: {e}"
+            progress(f"{backend}: FAILED ({e})")
+    _ratios(result)
+    return result
+
+
+def _bench_backend(result, backend, model, preset, seed, dev, torch_dtype, artifacts, resolutions, steps, images,
+                   texts, warmup, repeats, batch, progress) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    pipe = _pipeline(backend, model, preset, seed, dev, torch_dtype, artifacts)
+    load_s = time.perf_counter() - t0
+    if backend == "official":  # fp32 vision/LLM/QFormer/BIM (as the official script); UNet, VAE at the dtype
+        pipe.encode_condition = _official_condition(pipe, torch_dtype)
+        pipe.stages.unet.to(dtype=torch_dtype)
+        pipe.stages.vae.to(dtype=torch_dtype)
+        pipe.null_text_embeds = pipe.null_text_embeds.to(torch_dtype)
+    for res in resolutions:
+        kw = dict(steps=steps, resolution=res, seed=0)
+        warm = []
+        for _ in range(warmup):  # first calls carry compile / capture / engine load / autotuning
+            t = {}
+            pipe(images, texts, timings=t, **kw)
+            warm.append(t["total"])
+        e2e = []
+        for _ in range(repeats):
+            t = {}
+            pipe(images, texts, timings=t, **kw)
+            e2e.append(t["total"])
+        inner = pipe.backend
+        timed = _TimedBackend(inner, dev, count_flops=backend == "eager")
+        pipe.backend = timed
+        stage_t: dict[str, float] = {}
+        pipe(images, texts, timings=stage_t, **kw)
+        pipe.backend = inner
+        stages = {STAGE_OF[g]: statistics.median(v) for g, v in timed.ms.items()}
+        if "unet" in timed.ms:
+            stages["unet_step"] = stages.pop("unet")
+            stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
+        if backend == "official":
+            stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
+        row = {"backend": backend, "resolution": res, "load_s": load_s, "warmup_ms": warm,
+               "e2e_ms": _stats(e2e), "stage_ms": stages,
+               "images_per_s": batch / (statistics.median(e2e) / 1e3),
+               "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+        if timed.flops:
+            row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
+                                  for g, f in timed.flops.items()}
+        result["runs"].append(row)
+        progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end")
+
+
+def _ratios(result: dict) -> None:
+    by = {(r["backend"], r["resolution"]): r["e2e_ms"]["median"] for r in result["runs"]}
+    for r in result["runs"]:
+        for base in ("eager", "official"):
+            if (base, r["resolution"]) in by:
+                r[f"speedup_vs_{base}"] = by[(base, r["resolution"])] / r["e2e_ms"]["median"]
+    flops = {r["resolution"]: r.get("stage_tflop") for r in result["runs"] if r["backend"] == "eager"}
+    peak = result["peak_fp16_tflops"]
+    for r in result["runs"]:
+        tf = flops.get(r["resolution"])
+        if tf and "unet" in tf and "unet_step" in r["stage_ms"]:
+            r["unet_step_tflops_achieved"] = tf["unet"] / (r["stage_ms"]["unet_step"] / 1e3)
+            if peak:
+                r["unet_step_frac_peak"] = r["unet_step_tflops_achieved"] / peak
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"# smartedit-bench on {res['device']}", "",
+             f"{res['model']}, {res['dtype']}, {res['steps']} steps, batch {res['batch']}, {res['repeats']} timed runs "
+             f"after {res['warmup']} warm-up; torch {res['torch']}"
+             + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else ""),
+             "", "| backend | res | e2e median ms | p90 | min | max | x eager | x official | UNet step ms | "
+             "peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def num(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    for r in res["runs"]:
+        e = r["e2e_ms"]
+        lines.append(f"| {r['backend']} | {r['resolution']} | {e['median']:.1f} | {e['p90']:.1f} | {e['min']:.1f} | "
+                     f"{e['max']:.1f} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
+                     f"{num(r.get('speedup_vs_official'), '{:.2f}')} | {num(r['stage_ms'].get('unet_step'), '{:.2f}')} | "
+                     f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
+    for b, why in res["skipped"].items():
+        lines.append(f"| {b} | - | skipped: {why} | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    name = res["device"].split(" (")[0].replace(" ", "-").replace("/", "-") + f"-{res['model'].split(' ')[0]}"
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    paths[0].write_text(json.dumps(res, indent=2, default=str) + "\n")
+    paths[1].write_text(to_markdown(res))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['backend']}\n{r['resolution']}px" for r in res["runs"]]
+    ax.bar(labels, [r["e2e_ms"]["median"] for r in res["runs"]], color="#4c72b0")
+    ax.set_ylabel("end-to-end median, ms")
+    ax.set_title(f"{res['model']} on {res['device']}, {res['steps']} steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
