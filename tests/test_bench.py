@@ -58,3 +58,19 @@ def test_a_failing_backend_is_reported_not_dropped(onnx_export):
                     dtype="fp32", artifacts=str(onnx_export("fp16")), progress=lambda m: None)
     assert res["runs"] == []
     assert res["skipped"]["onnxruntime"].startswith("failed: vae_encoder: dimension h = 16 is outside")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudagraph_backend_matches_eager_fp16(test_image):
+    import numpy as np
+
+    from smartedit.engines.cudagraph import CudaGraphBackend
+    from smartedit.pipeline import SmartEditPipeline
+
+    eager = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
+    fast = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
+    fast.backend = CudaGraphBackend(fast)
+    a = np.asarray(eager(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
+    b = np.asarray(fast(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
+    assert 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12)) >= 35
