@@ -11,6 +11,7 @@ Writes OUT/verify.json. Exit status 1 if anything checked failed; checks that co
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def verify_artifacts(out: str | Path, model: str | Path | None = None, preset: s
             opts = e["options"]
             wrapper = graphs(pipe.config, ProfileOptions(**opts["profile"]), fold_cfg=opts["fold_cfg"])[g].build(pipe)
             prec = opts["precision"]
-            at = wrapper if prec == "fp32" else __import__("copy").deepcopy(wrapper).half()
+            at = wrapper if prec == "fp32" else copy.deepcopy(wrapper).half()
             comps = verify_onnx(out / "onnx" / f"{g}.onnx", spec, wrapper, prec, at if prec != "fp32" else None,
                                 verification_points(spec))
             ok = all(c.passed for c in comps)

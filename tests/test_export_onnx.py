@@ -14,7 +14,7 @@ import onnx  # noqa: E402
 
 from smartedit.export.graphs import GRAPH_NAMES, graphs, parse_graph_names  # noqa: E402
 from smartedit.export.lora import merge_lora  # noqa: E402
-from smartedit.export.onnx import export_onnx, run_onnxruntime, verify_onnx  # noqa: E402
+from smartedit.export.onnx import export_onnx, verify_onnx  # noqa: E402
 from smartedit.export.run import ExportError, run_export, sha256_file, verification_points  # noqa: E402
 from smartedit.export.spec import DimRange, GraphSpec, ProfileOptions, TensorSpec  # noqa: E402
 
