@@ -255,6 +255,10 @@ class SmartEditPipeline:
         if latents is None:
             noise = torch.randn(image_latents.shape, generator=generator, dtype=torch.float32)  # CPU generator
             latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
+        loop = getattr(self.backend, "denoise_loop", None)
+        if loop is not None:  # a backend that runs the whole loop itself (engines/cudagraph.py), same seed, same math
+            return loop(latents, image_latents, prompt_embeds, self.null_text_embeds, bim_residual, steps,
+                        guidance_scale, image_guidance_scale, generator)
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", disable=not progress)):
             sigma = scheduler.sigmas[i].to(self.device)
             # the 3-way CFG batch [cond; null+img; null+zero-img] and the combine: engines.base.guided_eps
