@@ -30,7 +30,8 @@ def _positive(text: str) -> int:
     return v
 
 
-BACKENDS = ("eager", "onnxruntime", "trt", "trt-rtx")
+BACKENDS = ("eager", "cudagraph", "compile", "onnxruntime", "trt", "trt-rtx")
+EXPORTED = ("onnxruntime", "trt", "trt-rtx")  # run smartedit-export artifacts, not the PyTorch stages
 
 
 def load_pipeline(model: str | None, preset: str | None, random_weights: bool, device: str, dtype: torch.dtype,
@@ -41,12 +42,12 @@ def load_pipeline(model: str | None, preset: str | None, random_weights: bool, d
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend != "eager" and not artifacts:
+    if backend in EXPORTED and not artifacts:
         raise ValueError(f"--backend {backend} runs exported graphs: pass --artifacts OUT (smartedit-export output)")
     if not model and not random_weights:
         raise SystemExit("--preset builds random weights: add --random-weights to say that is what you want, "
                          "or load a converted checkpoint with --model DIR")
-    only = None if backend == "eager" else []
+    only = [] if backend in EXPORTED else None
     if model:
         pipe = SmartEditPipeline.from_pretrained(model, device=device, dtype=dtype, only=only)
     else:
@@ -59,7 +60,11 @@ def load_pipeline(model: str | None, preset: str | None, random_weights: bool, d
         from smartedit.engines.trt import TensorRTBackend
 
         pipe.backend = TensorRTBackend(artifacts, target=backend, device=device)
-    if backend != "eager":
+    elif backend in ("cudagraph", "compile"):
+        from smartedit.engines.cudagraph import CudaGraphBackend
+
+        pipe.backend = CudaGraphBackend(pipe, torch_compile=backend == "compile")
+    if backend in EXPORTED:
         _check_same_source(pipe.backend.manifest, model, preset, seed)
     return pipe
 
@@ -131,9 +136,10 @@ def edit_cli(argv: list[str] | None = None) -> None:
                    help="forced: canonical answer in one pass (default); generate: decode token by token")
     p.add_argument("--template", default="0", help="prompt template index 0-29, or 'random' as the official script")
     p.add_argument("--backend", choices=BACKENDS, default="eager",
-                   help="eager PyTorch (the reference), or exported graphs from --artifacts: onnxruntime, trt, "
-                        "trt-rtx (TensorRT backends need a GPU and TensorRT)")
-    p.add_argument("--artifacts", help="smartedit-export output folder, for --backend onnxruntime")
+                   help="eager PyTorch (the reference); cudagraph: the denoising loop replayed from a CUDA graph "
+                        "(GPU; compile: the UNet torch.compiled too); or exported graphs from --artifacts: "
+                        "onnxruntime, trt, trt-rtx (TensorRT backends need a GPU and TensorRT)")
+    p.add_argument("--artifacts", help="smartedit-export output folder, for --backend onnxruntime, trt, trt-rtx")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
                    "device and the arguments to this file (see --warmup)")

@@ -34,6 +34,8 @@ def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
         assert r["resolution"] in (256, 320) and r["images_per_s"] > 0 and len(r["warmup_ms"]) == 1
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_official"] > 0
         assert r["stage_ms"]["unet_step"] > 0 and "vae_decode" in r["stage_ms"]
+        assert set(r["edit_stage_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode"}
+        assert 0 < r["edit_stage_ms"]["denoise"] < e["max"]
     eager = [r for r in res["runs"] if r["backend"] == "eager"][0]
     assert eager["stage_tflop"]["unet"] > 0 and eager["stage_tflop"]["vision+llm"] > 0
     assert res["command"] and res["torch"] and res["device"].startswith("cpu")

@@ -43,6 +43,9 @@ def test_cli_edit_is_fast_and_byte_identical(tmp_path, test_image):
     (["--image", "missing.png"], "does not exist"),
     (["--image", "notes.txt"], "cannot read image"),
     (["--steps", "0"], "must be >= 1"),
+    pytest.param(["--backend", "cudagraph"], "needs the pipeline on a CUDA device; it is on cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")),
+    (["--backend", "onnxruntime"], "pass --artifacts OUT"),
 ])
 def test_cli_bad_input(tmp_path, test_image, args, message):
     test_image.save(tmp_path / "in.png")
