@@ -12,6 +12,7 @@ run here are listed with the reason, never dropped. Writes <out>/<device>-<prese
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -153,6 +154,31 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "min": xs[0], "max": xs[-1]}
 
 
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of what the backends run on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "triton", "transformers", "diffusers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
+                 "tensorrt", "tensorrt-rtx-cu13"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+
+
 def measured_peak_tflops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -182,7 +208,9 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
     image = Image.fromarray((rng.rand(512, 512, 3) * 255).astype(np.uint8))
     images, texts = [image] * batch, ["replace the smaller cat with a rabbit"] * batch
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-              "driver": torch.version.cuda if dev.type == "cuda" else None, "torch": torch.__version__,
+              "driver": _driver_version() if dev.type == "cuda" else None,
+              "cuda_runtime": torch.version.cuda if dev.type == "cuda" else None, "torch": torch.__version__,
+              "versions": library_versions(),
               "python": platform.python_version(), "command": sys.argv, "model": model or f"{preset} (random)",
               "dtype": dtype, "steps": steps, "batch": batch, "repeats": repeats, "warmup": warmup,
               "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}}
@@ -198,6 +226,11 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
         except (ValueError, RuntimeError) as e:  # e.g. a resolution outside an exported profile: keep the others
             result["skipped"][backend] = f"failed: {e}"
             progress(f"{backend}: FAILED ({e})")
+        # pipeline <-> backend references are cycles: collect them, or the next backend's peak memory includes this
+        # one's weights (7b: 14 GB fp16, 28 GB for official's fp32 LLM)
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     _ratios(result)
     return result
 
@@ -216,6 +249,8 @@ def _bench_backend(result, backend, model, preset, seed, dev, torch_dtype, artif
         pipe.stages.vae.to(dtype=torch_dtype)
         pipe.null_text_embeds = pipe.null_text_embeds.to(torch_dtype)
     for res in resolutions:
+        if dev.type == "cuda":  # peak per resolution: weights, this resolution's activations, earlier graph pools
+            torch.cuda.reset_peak_memory_stats(dev)
         kw = dict(steps=steps, resolution=res, seed=0)
         warm = []
         for _ in range(warmup):  # first calls carry compile / capture / engine load / autotuning
@@ -273,7 +308,9 @@ def to_markdown(res: dict) -> str:
     lines = [f"# smartedit-bench on {res['device']}", "",
              f"{res['model']}, {res['dtype']}, {res['steps']} steps, batch {res['batch']}, {res['repeats']} timed runs "
              f"after {res['warmup']} warm-up; torch {res['torch']}"
-             + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else ""),
+             + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else "")
+             + (f"; driver {res['driver']}, CUDA {res['cuda_runtime']}" if res.get("driver") else ""),
+             "", "versions: " + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items() if v),
              "", "| backend | res | e2e median ms | p90 | min | max | x eager | x official | denoise ms | UNet step ms | "
              "peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def num(v, fmt):

@@ -39,6 +39,7 @@ def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
     eager = [r for r in res["runs"] if r["backend"] == "eager"][0]
     assert eager["stage_tflop"]["unet"] > 0 and eager["stage_tflop"]["vision+llm"] > 0
     assert res["command"] and res["torch"] and res["device"].startswith("cpu")
+    assert res["versions"]["diffusers"] == "0.42.1" and res["versions"]["torch"] == torch.__version__
 
 
 def test_markdown_and_chart_are_written(cpu_bench):
@@ -76,3 +77,25 @@ def test_cudagraph_backend_matches_eager_fp16(test_image):
     a = np.asarray(eager(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
     b = np.asarray(fast(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
     assert 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12)) >= 35
+
+
+def test_each_backend_is_freed_before_the_next_one_loads():
+    """Pipelines and backends reference each other (a cycle): without a collection between backends, the next one's
+    peak memory would include the previous one's weights."""
+    import gc
+
+    from smartedit.pipeline import SmartEditPipeline
+
+    live = []
+
+    def progress(msg):
+        if msg.startswith("eager @"):
+            live.append(sum(isinstance(o, SmartEditPipeline) for o in gc.get_objects()))
+
+    gc.disable()  # only the explicit collection may free the official pipeline
+    try:
+        run_bench(preset="tiny", backends=("official", "eager"), resolutions=(64,), steps=1, repeats=1, warmup=0,
+                  dtype="fp32", progress=progress)
+    finally:
+        gc.enable()
+    assert live == [1]
