@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
         res = run_bench(a.model, a.preset, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
                         resolutions=tuple(int(r) for r in a.resolution.split(",")), steps=a.steps, batch=a.batch,
                         repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=a.dtype, artifacts=a.artifacts,
-                        progress=lambda m: print(m, flush=True))
+                        progress=lambda m: print(m, flush=True),
+                        checkpoint=lambda r: write_outputs(r, Path(a.out)))  # partial results survive a kill
     except ValueError as e:
         print(f"smartedit-bench: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -196,7 +196,9 @@ def measured_peak_tflops(device: torch.device) -> float | None:
 def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int = 0,
               backends: tuple[str, ...] = ("official", "eager"), resolutions: tuple[int, ...] = (256,),
               steps: int = 100, batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
-              dtype: str = "fp16", artifacts: str | None = None, progress=print) -> dict:
+              dtype: str = "fp16", artifacts: str | None = None, progress=print, checkpoint=None) -> dict:
+    """`checkpoint(result)`, if given, is called after each backend with the results so far (smartedit-bench writes
+    them out: a run cut short by a time limit keeps what it measured)."""
     dev = torch.device(device)
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -231,6 +233,9 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+        if checkpoint is not None:
+            _ratios(result)
+            checkpoint(result)
     _ratios(result)
     return result
 
