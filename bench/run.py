@@ -303,10 +303,21 @@ def _ratios(result: dict) -> None:
     peak = result["peak_fp16_tflops"]
     for r in result["runs"]:
         tf = flops.get(r["resolution"])
-        if tf and "unet" in tf and "unet_step" in r["stage_ms"]:
+        if not tf:
+            continue
+        if "unet" in tf and "unet_step" in r["stage_ms"]:
             r["unet_step_tflops_achieved"] = tf["unet"] / (r["stage_ms"]["unet_step"] / 1e3)
             if peak:
                 r["unet_step_frac_peak"] = r["unet_step_tflops_achieved"] / peak
+        r["stage_tflops_achieved"] = {stage: tf[stage] / (r["stage_ms"][ms_key] / 1e3)
+                                      for stage, ms_key in (("vision+llm", "vision+llm"), ("qformer_bim", "qformer_bim"),
+                                                            ("vae_encode", "vae_encode"), ("unet", "unet_step"),
+                                                            ("vae_decode", "vae_decode"))
+                                      if stage in tf and r["stage_ms"].get(ms_key)}
+        # the whole edit's work (eager's count: every backend does the same math) and its time at the measured peak
+        r["e2e_tflop"] = sum(v for k, v in tf.items() if k != "unet") + tf.get("unet", 0.0) * result["steps"]
+        if peak:
+            r["floor_ms_at_peak"] = r["e2e_tflop"] / peak * 1e3
 
 
 def to_markdown(res: dict) -> str:
@@ -330,6 +341,12 @@ def to_markdown(res: dict) -> str:
                      f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
     for b, why in res["skipped"].items():
         lines.append(f"| {b} | - | skipped: {why} | | | | | | | | | |")
+    for r in res["runs"]:
+        if r["backend"] == "eager" and "e2e_tflop" in r:
+            floor = (f"; at the measured fp16 peak that is {r['floor_ms_at_peak']:.1f} ms, the physical floor"
+                     if "floor_ms_at_peak" in r else "")
+            lines.append(f"\nWork per edit at {r['resolution']}x{r['resolution']} (PyTorch flop counter, batch "
+                         f"{res['batch']}): {r['e2e_tflop']:.3f} TFLOP{floor}.")
     return "\n".join(lines) + "\n"
 
 

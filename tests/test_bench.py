@@ -38,6 +38,8 @@ def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
         assert 0 < r["edit_stage_ms"]["denoise"] < e["max"]
     eager = [r for r in res["runs"] if r["backend"] == "eager"][0]
     assert eager["stage_tflop"]["unet"] > 0 and eager["stage_tflop"]["vision+llm"] > 0
+    assert eager["e2e_tflop"] > 2 * eager["stage_tflop"]["unet"]  # 2 steps of UNet plus the rest
+    assert set(eager["stage_tflops_achieved"]) == {"vision+llm", "qformer_bim", "vae_encode", "unet", "vae_decode"}
     assert res["command"] and res["torch"] and res["device"].startswith("cpu")
     assert res["versions"]["diffusers"] == "0.42.1" and res["versions"]["torch"] == torch.__version__
 
@@ -45,6 +47,7 @@ def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
 def test_markdown_and_chart_are_written(cpu_bench):
     md = (cpu_bench / "cpu-tiny.md").read_text()
     assert "| eager | 256 |" in md and "skipped: AOTInductor packages are not implemented yet" in md
+    assert "Work per edit at 256x256" in md
     assert (cpu_bench / "cpu-tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
