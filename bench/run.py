@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 BACKENDS = ("official", "eager", "cudagraph", "compile", "onnxruntime", "trt", "trt-rtx", "aoti")
+EXPORTED = ("onnxruntime", "trt", "trt-rtx", "aoti")  # run smartedit-export artifacts
 STAGE_OF = {"llava": "vision+llm", "qformer_bim": "qformer_bim", "vae_encoder": "vae_encode", "unet": "unet",
             "vae_decoder": "vae_decode"}
 
@@ -65,12 +66,23 @@ class _TimedBackend:
 
 
 def _why_unavailable(backend: str, device: torch.device, artifacts: str | None) -> str | None:
-    if backend == "aoti":
-        return "AOTInductor packages are not implemented yet"
     if backend in ("cudagraph", "compile") and device.type != "cuda":
         return "needs a CUDA device"
-    if backend in ("onnxruntime", "trt", "trt-rtx") and not artifacts:
+    if backend in EXPORTED and not artifacts:
         return "no --artifacts (an smartedit-export output folder)"
+    if backend == "aoti":
+        from smartedit.export.run import aoti_device_record
+
+        try:
+            entries = json.loads((Path(artifacts) / "manifest.json").read_text()).get("aoti", {})
+        except (OSError, json.JSONDecodeError):
+            entries = {}
+        if not entries:
+            return f"no AOTInductor packages in {artifacts} (smartedit-export --target aoti)"
+        here = {k: v for k, v in aoti_device_record(str(device)).items() if k != "name"}
+        built = {k: v for k, v in next(iter(entries.values()))["device"].items() if k != "name"}
+        if built != here:
+            return f"the AOTInductor packages in {artifacts} were compiled for {built}, not this device ({here})"
     if backend == "onnxruntime":
         try:
             import onnxruntime as ort
@@ -93,7 +105,7 @@ def _why_unavailable(backend: str, device: torch.device, artifacts: str | None) 
 def _pipeline(backend: str, model, preset, seed, device, dtype, artifacts):
     from smartedit.pipeline import SmartEditPipeline
 
-    exported = backend in ("onnxruntime", "trt", "trt-rtx")
+    exported = backend in EXPORTED
     only = [] if exported else None
     load_dtype = torch.float32 if backend == "official" else dtype
     pipe = (SmartEditPipeline.from_pretrained(model, device=device, dtype=load_dtype, only=only) if model else
@@ -107,6 +119,10 @@ def _pipeline(backend: str, model, preset, seed, device, dtype, artifacts):
         from smartedit.engines.trt import TensorRTBackend
 
         pipe.backend = TensorRTBackend(artifacts, target=backend, device=str(device))
+    elif backend == "aoti":
+        from smartedit.engines.aoti import AOTIBackend
+
+        pipe.backend = AOTIBackend(artifacts, device=str(device))
     elif backend in ("cudagraph", "compile"):
         from smartedit.engines.cudagraph import CudaGraphBackend
 

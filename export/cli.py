@@ -18,9 +18,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="smartedit-export",
         description="Merge the LoRA, split SmartEdit into graphs (llava, qformer_bim, unet, vae_encoder, "
-                    "vae_decoder), export each to ONNX, and check it in ONNX Runtime against PyTorch.",
+                    "vae_decoder), export each to ONNX (or AOTInductor), and check it against PyTorch.",
         epilog="Writes OUT/onnx/<graph>.onnx, OUT/manifest.json (versions, source hash, specs, profiles, sha256) and "
-               "OUT/report.json (error of each graph against fp32 PyTorch). A rerun skips graphs whose inputs did not "
+               "OUT/report.json (error of each graph against fp32 PyTorch); --target trt/trt-rtx adds OUT/<target>/"
+               "<graph>.plan, --target aoti OUT/aoti/<graph>.pt2. A rerun skips graphs whose inputs did not "
                "change. Example: smartedit-export --preset tiny --random-weights --target onnx --out out/",
     )
     src = p.add_mutually_exclusive_group(required=True)
@@ -28,9 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="this preset with random weights")
     p.add_argument("--random-weights", action="store_true", help="required with --preset")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    p.add_argument("--target", choices=["onnx", "trt", "trt-rtx"], default="onnx",
+    p.add_argument("--target", choices=["onnx", "trt", "trt-rtx", "aoti"], default="onnx",
                    help="onnx; trt: TensorRT engines for this machine's GPU (needs `tensorrt` and a GPU); trt-rtx: "
-                        "TensorRT-RTX engines built ahead of time, on a CPU too (`pip install tensorrt-rtx-cu13`)")
+                        "TensorRT-RTX engines built ahead of time, on a CPU too (`pip install tensorrt-rtx-cu13`); "
+                        "aoti: AOTInductor .pt2 packages for --device, from torch.export (no ONNX)")
+    p.add_argument("--device", default="cpu",
+                   help="aoti: the device the packages are compiled for and run on (cpu, cuda, cuda:1)")
     p.add_argument("--compute-capability", action="append", default=[], metavar="CC",
                    help="trt-rtx: GPU to build for, repeatable: 75, 80 (A100), 86, 89, 120, 121")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-res", type=int, default=768, help="largest image side (multiple of 64)")
     p.add_argument("--max-prompt", type=int, default=512, help="longest prefix / suffix, in tokens")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip the ONNX Runtime check (it needs the fp32 model in host RAM: 28 GB for the 7b LLM)")
+                   help="skip the check against fp32 PyTorch (it needs the fp32 model in host RAM: 28 GB for the "
+                        "7b LLM)")
     a = p.parse_args(argv)
     if a.preset and not a.random_weights:
         p.error("--preset builds random weights: add --random-weights, or export a checkpoint with --model DIR")
@@ -68,14 +73,14 @@ def main(argv: list[str] | None = None) -> None:
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
         build = None
-        if a.target != "onnx":
+        if a.target in ("trt", "trt-rtx"):
             build = BuildOptions(compute_capabilities=tuple(a.compute_capability), opt_level=a.opt_level,
                                  workspace_gb=a.workspace_gb, refit=a.refit or a.strip_weights,
                                  strip_weights=a.strip_weights,
                                  static_res=tuple(int(r) for r in a.static_res.split(",") if r.strip()))
         run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
-                   build=build,
+                   build=build, device=a.device,
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
     except (ValueError, ExportError, TensorRTError) as e:
         print(f"smartedit-export: error: {e}", file=sys.stderr)

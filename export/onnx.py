@@ -104,7 +104,7 @@ def _check_dynamic_inputs(model, spec: GraphSpec) -> None:
 class Comparison:
     point: dict[str, int]
     output: str
-    max_abs_err: float  # |onnx - fp32 PyTorch|
+    max_abs_err: float  # |exported (ONNX, AOTI) - fp32 PyTorch|
     ref_max_abs: float  # max |fp32 PyTorch|: the scale of the output
     torch_same_dtype_err: float | None  # |PyTorch at the export precision - fp32 PyTorch| (fp16 only)
     cosine: float
@@ -124,11 +124,18 @@ def run_onnxruntime(path: Path, inputs: dict[str, torch.Tensor], providers: list
 def verify_onnx(path: Path, spec: GraphSpec, ref_model: nn.Module, precision: str,
                 model_at_precision: nn.Module | None, points: list[dict[str, int]], seed: int = 1,
                 k: float = 4.0) -> list[Comparison]:
-    """Run the ONNX file in ONNX Runtime (CPU) at each shape point and compare with PyTorch.
+    """Run the ONNX file in ONNX Runtime (CPU) at each shape point and compare with PyTorch (`verify_against`)."""
+    return verify_against(lambda x: run_onnxruntime(path, x), spec, ref_model, precision, model_at_precision,
+                          points, seed, k)
 
-    fp32: |onnx - torch| <= 1e-4 * max(1, max|ref|)  (different kernels, same precision).
-    fp16: |onnx - ref32| <= k * |torch16 - ref32| + 1e-3 * max|ref|: bounded by PyTorch's own fp16 error
-    (flash-attention's rule), not by a hand-picked atol; ORT's CPU fp16 kernels accumulate differently.
+
+def verify_against(run, spec: GraphSpec, ref_model: nn.Module, precision: str, model_at_precision: nn.Module | None,
+                   points: list[dict[str, int]], seed: int = 1, k: float = 4.0) -> list[Comparison]:
+    """`run(inputs at the precision, CPU) -> outputs` (an exported artifact) against PyTorch at each shape point.
+
+    fp32: |got - torch| <= 1e-4 * max(1, max|ref|)  (different kernels, same precision).
+    fp16: |got - ref32| <= k * |torch16 - ref32| + 1e-3 * max|ref|: bounded by PyTorch's own fp16 error
+    (flash-attention's rule), not by a hand-picked atol; other runtimes' fp16 kernels accumulate differently.
     """
     results = []
     for point in points:
@@ -136,14 +143,14 @@ def verify_onnx(path: Path, spec: GraphSpec, ref_model: nn.Module, precision: st
             raise ValueError(f"{spec.name}: verification point {point} lies outside the profile {spec.dims}")
         x32 = spec.sample_inputs(point, "fp32", seed=seed)
         x = spec.sample_inputs(point, precision, seed=seed)
-        got = run_onnxruntime(path, x)
+        got = [g.detach().cpu() for g in run(x)]
         with torch.no_grad():
             ref = _as_tuple(ref_model(*x32.values()))
             same = _as_tuple(model_at_precision(*x.values())) if model_at_precision is not None else None
         for i, t in enumerate(spec.outputs):
             r, g = ref[i].double(), got[i].double()
             if tuple(g.shape) != tuple(r.shape):
-                raise AssertionError(f"{spec.name}.{t.name}: ONNX shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+                raise AssertionError(f"{spec.name}.{t.name}: exported shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
             err = (g - r).abs().max().item()
             scale = r.abs().max().item()
             cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0).item()

@@ -4,6 +4,9 @@ OUT/manifest.json  toolchain versions, the source (checkpoint sha256 or random p
                    its spec, profile, files with sha256, and the key of everything that went into it
 OUT/onnx/<graph>.onnx (+ .onnx.data for graphs over 2 GB)
 OUT/report.json    per graph and shape point: max abs error against fp32 PyTorch, cosine, the bound, pass/fail
+OUT/<trt|trt-rtx>/<graph>.plan   TensorRT engines, built from the ONNX files (manifest "engines")
+OUT/aoti/<graph>.pt2             AOTInductor packages, compiled from torch.export directly, no ONNX (manifest "aoti",
+                                 report "aoti")
 
 A graph whose key (source hash, spec, precision, opset, options, toolchain) and file hashes match the manifest is
 skipped on a rerun. Files are moved into place only when complete, and the manifest is rewritten (atomically) after
@@ -29,13 +32,14 @@ import torch
 from smartedit.checkpoint import STAGE_FILES, read_config
 from smartedit.config import SmartEditConfig
 
+from .aoti import OnDevice, compile_aoti, load_aoti
 from .graphs import graphs, parse_graph_names
 from .lora import merge_lora
-from .onnx import comparisons_to_dict, export_onnx, verify_onnx
+from .onnx import comparisons_to_dict, export_onnx, verify_against, verify_onnx
 from .spec import PRECISIONS, GraphSpec, ProfileOptions
 from .trt import BuildOptions, Flavor, build_engine, engine_profiles, import_tensorrt
 
-TARGETS = ("onnx", "trt", "trt-rtx")
+TARGETS = ("onnx", "trt", "trt-rtx", "aoti")
 
 MANIFEST_VERSION = 1
 STAGES_OF = {"llava": ("vision", "llm"), "qformer_bim": ("qformer", "bim"), "unet": ("unet",),
@@ -93,13 +97,17 @@ def verification_points(spec: GraphSpec) -> list[dict[str, int]]:
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
                target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
-               build: BuildOptions | None = None, progress: Callable[[str], None] = print) -> dict:
-    """Export the ONNX graphs (always: every other target builds from them), then, for --target trt / trt-rtx,
-    build a TensorRT engine per graph into OUT/<target>/<graph>.plan."""
+               build: BuildOptions | None = None, device: str = "cpu",
+               progress: Callable[[str], None] = print) -> dict:
+    """Export the ONNX graphs, then, for --target trt / trt-rtx, build a TensorRT engine per graph into
+    OUT/<target>/<graph>.plan. --target aoti compiles AOTInductor packages for `device` from torch.export instead
+    (no ONNX)."""
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not implemented (available: {', '.join(TARGETS)})")
+    if target == "aoti":
+        device = _aoti_device(device)
     flavor = None
-    if target != "onnx":  # fail before the (long) ONNX export when TensorRT is missing or cannot target anything
+    if target in ("trt", "trt-rtx"):  # fail before the (long) ONNX export when TensorRT is missing or cannot target anything
         flavor = Flavor(import_tensorrt(target), target)
         build = build or BuildOptions()
         flavor.resolve_targets(build.compute_capabilities)
@@ -128,6 +136,10 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
 
     keys = {n: _sha256_json({"source": source["sha256"], "spec": graph_defs[n].spec.to_dict(), "options": options,
                              "toolchain": tools}) for n in names}
+    if target == "aoti":
+        _export_aoti(out, names, graph_defs, source, options, tools, manifest, report, model, preset, seed, cfg,
+                     precision, verify, device, progress)
+        return manifest
     todo = [n for n in names if not _up_to_date(out, manifest["graphs"].get(n), keys[n])]
     for n in names:
         if n not in todo:
@@ -181,6 +193,92 @@ def _export_onnx(out, todo, graph_defs, keys, options, manifest, report, model, 
         del wrapper, at_precision
     if failed:
         raise ExportError(f"ONNX Runtime does not match PyTorch for {failed}; see {report_path}")
+
+
+def _aoti_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"AOTInductor packages are compiled for cpu or cuda, got --device {device}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU here (a CUDA package is compiled for this machine's GPU)")
+    return str(dev)
+
+
+def aoti_device_record(device: str) -> dict:
+    """What a package is bound to: the device type and, for CUDA, the GPU architecture it was compiled for."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {"type": dev.type}
+    major, minor = torch.cuda.get_device_capability(dev)
+    return {"type": "cuda", "name": torch.cuda.get_device_name(dev), "capability": f"{major}.{minor}"}
+
+
+def _export_aoti(out, names, graph_defs, source, options, tools, manifest, report, model, preset, seed, cfg,
+                 precision, verify, device, progress) -> None:
+    """One AOTInductor package per graph, skipped when source, spec, options, toolchain and device are unchanged."""
+    folder = out / "aoti"
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = manifest.setdefault("aoti", {})
+    report.setdefault("aoti", {})
+    where = aoti_device_record(device)
+    keys = {n: _sha256_json({"source": source["sha256"], "spec": graph_defs[n].spec.to_dict(), "options": options,
+                             "toolchain": tools, "device": where}) for n in names}
+    todo = []
+    for n in names:
+        e = entries.get(n)
+        f = out / e["file"] if e else None
+        if e and e["key"] == keys[n] and e.get("verified") is not False and f.is_file() \
+                and f.stat().st_size == e["bytes"] and sha256_file(f) == e["sha256"]:
+            progress(f"{n}: AOTInductor package up to date, skipped")
+        else:
+            todo.append(n)
+    if not todo:
+        return
+    pipe = _load(model, preset, seed, cfg, todo, precision, verify)
+    if "llava" in todo:
+        progress(f"merged the LoRA into {merge_lora(pipe.stages.llm)} LLaMA projections")
+    failed = []
+    for i, n in enumerate(todo, 1):
+        g = graph_defs[n]
+        wrapper = g.build(pipe).eval()
+        if verify and (precision != "fp32" or where["type"] != "cpu"):  # keep the fp32 CPU reference intact
+            at_precision = copy.deepcopy(wrapper).to(device=device, dtype=PRECISIONS[precision])
+        else:
+            at_precision = wrapper.to(device=device)  # loaded at the precision already
+        progress(f"[{i}/{len(todo)}] {n}: torch.export + AOTInductor ({precision}, {device}) ...")
+        path = folder / f"{n}.pt2"
+        info = compile_aoti(at_precision, g.spec, path, precision, device)
+        progress(f"    exported in {info['export_s']:.1f} s, compiled in {info['compile_s']:.1f} s, "
+                 f"{info['bytes'] / 1e6:.1f} MB")
+        entry = {"key": keys[n], "file": f"aoti/{path.name}", "sha256": sha256_file(path), "bytes": info["bytes"],
+                 "spec": g.spec.to_dict(), "options": options, "device": where, "torch": torch.__version__,
+                 "export_s": info["export_s"], "compile_s": info["compile_s"], "verified": None}
+        if verify:
+            t0 = time.perf_counter()
+            runner = load_aoti(path, device)
+            comps = verify_against(lambda x: runner(*(v.to(device) for v in x.values())), g.spec, wrapper,
+                                   precision, OnDevice(at_precision, device) if precision != "fp32" else None,
+                                   verification_points(g.spec))
+            ok = all(c.passed for c in comps)
+            entry["verified"] = ok
+            report["aoti"][n] = {"passed": ok, "precision": precision, "device": where,
+                                 "comparisons": comparisons_to_dict(comps)}
+            worst = max(comps, key=lambda c: c.max_abs_err / max(c.bound, 1e-30))
+            progress(f"    package vs PyTorch at {len({str(c.point) for c in comps})} shapes: "
+                     f"{'PASS' if ok else 'FAIL'} (worst {worst.output}: max err {worst.max_abs_err:.2e}, "
+                     f"bound {worst.bound:.2e}, cosine {worst.cosine:.6f}) in {time.perf_counter() - t0:.1f} s")
+            if not ok:
+                failed.append(n)
+            del runner
+        entries[n] = entry
+        _write_json_atomic(out / "manifest.json", manifest)
+        _write_json_atomic(out / "report.json", report)
+        del wrapper, at_precision
+    if failed:
+        raise ExportError(f"the AOTInductor packages do not match PyTorch for {failed}; see {out / 'report.json'}")
 
 
 def _build_engines(out: Path, names: list[str], graph_defs, manifest: dict, flavor: Flavor, build: BuildOptions,

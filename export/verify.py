@@ -2,7 +2,8 @@
 
 1. integrity: every file in the manifest against its sha256;
 2. ONNX vs PyTorch in ONNX Runtime (when the source model is given: --model DIR or --preset P --random-weights);
-3. each TensorRT engine vs ONNX Runtime at the opt shape of every engine profile, where TensorRT and a GPU are
+3. each AOTInductor package vs PyTorch (same source), where this torch and device can load it;
+4. each TensorRT engine vs ONNX Runtime at the opt shape of every engine profile, where TensorRT and a GPU are
    present (fp16 engines against fp16 ONNX: cosine >= 0.999 and max error <= 2% of the output's scale, the
    Polygraphy-style distance check, since the two differ only in kernels and accumulation order).
 Writes OUT/verify.json. Exit status 1 if anything checked failed; checks that could not run are listed, not failed.
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .graphs import graphs
+from .graphs import GRAPH_NAMES, graphs
 from .onnx import comparisons_to_dict, run_onnxruntime, verify_onnx
 from .run import _write_json_atomic, sha256_file, verification_points
 from .spec import GraphSpec, ProfileOptions
@@ -34,17 +35,21 @@ def verify_artifacts(out: str | Path, model: str | Path | None = None, preset: s
     manifest = json.loads(path.read_text())
     result: dict = {"integrity": {}, "onnx": {}, "engines": {}, "not_run": []}
 
-    for g, e in manifest.get("graphs", {}).items():
-        files = dict(e["files"])
+    aoti = manifest.get("aoti", {})
+    for g in [n for n in GRAPH_NAMES if n in manifest.get("graphs", {}) or n in aoti]:
+        files = dict(manifest.get("graphs", {}).get(g, {}).get("files", {}))
         for target, engines in manifest.get("engines", {}).items():
             if g in engines:
                 files[engines[g]["file"]] = engines[g]["sha256"]
+        if g in aoti:
+            files[aoti[g]["file"]] = aoti[g]["sha256"]
         bad = [rel for rel, digest in files.items() if not (out / rel).is_file() or sha256_file(out / rel) != digest]
         result["integrity"][g] = {"files": len(files), "bad": bad}
         progress(f"{g}: {len(files)} files " + ("intact" if not bad else f"DAMAGED: {bad}"))
 
     if model is None and preset is None:
-        result["not_run"].append("ONNX vs PyTorch: no source model given (--model DIR or --preset P --random-weights)")
+        result["not_run"].append("ONNX / AOTInductor vs PyTorch: no source model given (--model DIR or --preset P "
+                                 "--random-weights)")
     else:
         from smartedit.export.lora import merge_lora
         from smartedit.pipeline import SmartEditPipeline
@@ -62,6 +67,7 @@ def verify_artifacts(out: str | Path, model: str | Path | None = None, preset: s
             ok = all(c.passed for c in comps)
             result["onnx"][g] = {"passed": ok, "comparisons": comparisons_to_dict(comps)}
             progress(f"{g}: ONNX Runtime vs PyTorch {'PASS' if ok else 'FAIL'}")
+        _verify_aoti(out, aoti, pipe, result, progress)
 
     for target, engines in manifest.get("engines", {}).items():
         reason = _why_engines_cannot_run(target)
@@ -93,6 +99,42 @@ def verify_artifacts(out: str | Path, model: str | Path | None = None, preset: s
     return result
 
 
+def _verify_aoti(out: Path, entries: dict, pipe, result: dict, progress) -> None:
+    """Each AOTInductor package against PyTorch at its verification points, where it can load (same torch, and a
+    GPU of the architecture it was compiled for when it is a CUDA package)."""
+    from .aoti import OnDevice, load_aoti
+    from .onnx import verify_against
+    from .run import aoti_device_record
+
+    result["aoti"] = {}
+    for g, e in entries.items():
+        where = e["device"]
+        device = where["type"]
+        if e["torch"] != torch.__version__:
+            reason = f"compiled with torch {e['torch']}, this is torch {torch.__version__}"
+        elif device == "cuda" and not torch.cuda.is_available():
+            reason = "a CUDA package and no CUDA GPU here"
+        elif device == "cuda" and aoti_device_record("cuda")["capability"] != where["capability"]:
+            reason = f"compiled for compute capability {where['capability']}, this GPU is another"
+        else:
+            reason = None
+        if reason:
+            result["not_run"].append(f"aoti {g} vs PyTorch: {reason}")
+            progress(f"{g}: AOTInductor package NOT RUN: {reason}")
+            continue
+        spec = GraphSpec.from_dict(e["spec"])
+        opts = e["options"]
+        wrapper = graphs(pipe.config, ProfileOptions(**opts["profile"]), fold_cfg=opts["fold_cfg"])[g].build(pipe)
+        prec = opts["precision"]
+        at = None if prec == "fp32" else OnDevice(copy.deepcopy(wrapper).to(device=device, dtype=torch.float16), device)
+        runner = load_aoti(out / e["file"], device)
+        comps = verify_against(lambda x: runner(*(v.to(device) for v in x.values())), spec, wrapper, prec, at,
+                               verification_points(spec))
+        ok = all(c.passed for c in comps)
+        result["aoti"][g] = {"passed": ok, "comparisons": comparisons_to_dict(comps)}
+        progress(f"{g}: AOTInductor package vs PyTorch {'PASS' if ok else 'FAIL'}")
+
+
 def _why_engines_cannot_run(target: str) -> str | None:
     from smartedit.export.trt import TARGET_MODULES
 
@@ -108,6 +150,7 @@ def _why_engines_cannot_run(target: str) -> str | None:
 def failed(result: dict) -> list[str]:
     bad = [f"integrity of {g}" for g, r in result["integrity"].items() if r["bad"]]
     bad += [f"onnx {g}" for g, r in result["onnx"].items() if not r["passed"]]
+    bad += [f"aoti {g}" for g, r in result.get("aoti", {}).items() if not r["passed"]]
     bad += [f"{t} {g}" for t, rs in result["engines"].items() for g, r in rs.items() if not r["passed"]]
     return bad
 

@@ -30,8 +30,8 @@ def _positive(text: str) -> int:
     return v
 
 
-BACKENDS = ("eager", "cudagraph", "compile", "onnxruntime", "trt", "trt-rtx")
-EXPORTED = ("onnxruntime", "trt", "trt-rtx")  # run smartedit-export artifacts, not the PyTorch stages
+BACKENDS = ("eager", "cudagraph", "compile", "onnxruntime", "trt", "trt-rtx", "aoti")
+EXPORTED = ("onnxruntime", "trt", "trt-rtx", "aoti")  # run smartedit-export artifacts, not the PyTorch stages
 
 
 def load_pipeline(model: str | None, preset: str | None, random_weights: bool, device: str, dtype: torch.dtype,
@@ -60,6 +60,10 @@ def load_pipeline(model: str | None, preset: str | None, random_weights: bool, d
         from smartedit.engines.trt import TensorRTBackend
 
         pipe.backend = TensorRTBackend(artifacts, target=backend, device=device)
+    elif backend == "aoti":
+        from smartedit.engines.aoti import AOTIBackend
+
+        pipe.backend = AOTIBackend(artifacts, device=device)
     elif backend in ("cudagraph", "compile"):
         from smartedit.engines.cudagraph import CudaGraphBackend
 
@@ -138,8 +142,9 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="eager",
                    help="eager PyTorch (the reference); cudagraph: the denoising loop replayed from a CUDA graph "
                         "(GPU; compile: the UNet torch.compiled too); or exported graphs from --artifacts: "
-                        "onnxruntime, trt, trt-rtx (TensorRT backends need a GPU and TensorRT)")
-    p.add_argument("--artifacts", help="smartedit-export output folder, for --backend onnxruntime, trt, trt-rtx")
+                        "onnxruntime, trt, trt-rtx (TensorRT backends need a GPU and TensorRT), aoti "
+                        "(AOTInductor packages compiled for --device)")
+    p.add_argument("--artifacts", help="smartedit-export output folder, for --backend onnxruntime, trt, trt-rtx, aoti")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
                    "device and the arguments to this file (see --warmup)")

@@ -72,3 +72,16 @@ def onnx_export(tmp_path_factory):
         return made[precision]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def aoti_export(tmp_path_factory):
+    """The tiny preset's AOTInductor packages for the CPU (seed 0, small profile): all five graphs in fp32, made once
+    per session (~75 s on 2 cores)."""
+    from smartedit.export.run import run_export
+    from smartedit.export.spec import ProfileOptions
+
+    out = tmp_path_factory.mktemp("aoti_fp32")
+    run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
+               progress=lambda m: None)
+    return out

@@ -124,7 +124,7 @@ def test_verify_reports_what_it_cannot_run_and_catches_damage(built, tmp_path):
     out, _ = built
     r = subprocess.run(["smartedit-verify", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "not run: ONNX vs PyTorch: no source model given" in r.stdout
+    assert "not run: ONNX / AOTInductor vs PyTorch: no source model given" in r.stdout
     if NO_GPU:
         assert "not run: trt-rtx engines" in r.stdout and "no CUDA GPU here" in r.stdout
     damaged = tmp_path / "damaged"
