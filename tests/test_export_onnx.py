@@ -207,8 +207,8 @@ def test_bad_requests_name_the_value(tmp_path, tiny_pipe):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot write to output folder"):
         run_export(blocker / "out", preset="tiny", progress=_quiet)
-    with pytest.raises(ExportError, match="target 'aoti' is not implemented"):
-        run_export(tmp_path / "o", preset="tiny", target="aoti", progress=_quiet)
+    with pytest.raises(ExportError, match="target 'tflite' is not implemented"):
+        run_export(tmp_path / "o", preset="tiny", target="tflite", progress=_quiet)
     model = tiny_pipe.save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError, match="does not match preset '7b'"):
         run_export(tmp_path / "o", model=model, preset="7b", progress=_quiet)
