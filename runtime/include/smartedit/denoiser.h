@@ -1,0 +1,42 @@
+// The denoising loop of a SmartEdit edit around an AOTInductor UNet package (smartedit-export --target aoti):
+// 3-way CFG batch [cond; null+img; null+zero-img] -> eps = u + g_t (t - i) + g_i (i - u) -> EulerAncestral,
+// `steps` times. The initial and ancestral noise come from a CPU generator seeded like SmartEditPipeline's
+// (torch.Generator().manual_seed(seed)), drawn in diffusers' order, so the same seed gives the same latents.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <memory>
+#include <string>
+
+namespace smartedit {
+
+struct DenoiseInputs {
+  at::Tensor image_latents;     // [B,4,h,w]  VAE latents of the input image (mode, already scaled)
+  at::Tensor prompt_embeds;     // [B,77,D]   from the qformer_bim graph
+  at::Tensor null_text_embeds;  // [1,77,D]   the checkpoint's null-text embedding
+  at::Tensor bim_residual;      // [B,C0,16,16] from the qformer_bim graph
+};
+
+struct DenoiseOptions {
+  int64_t steps = 100;
+  double guidance_scale = 7.5;        // text
+  double image_guidance_scale = 1.5;  // image
+  uint64_t seed = 0;
+};
+
+class Denoiser {
+ public:
+  // `unet_package`: OUT/aoti/unet.pt2 (the plain unet graph, not --fold-cfg); `device` as it was compiled for.
+  Denoiser(const std::string& unet_package, const c10::Device& device);
+
+  // -> latents [B,4,h,w] ready for the vae_decoder graph. Inputs may live anywhere; they are moved to the device.
+  at::Tensor run(const DenoiseInputs& inputs, const DenoiseOptions& options, double* ms_per_step = nullptr);
+
+ private:
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> unet_;
+  c10::Device device_;
+};
+
+}  // namespace smartedit

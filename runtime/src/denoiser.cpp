@@ -1,0 +1,92 @@
+#include "smartedit/denoiser.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "smartedit/euler_ancestral.h"
+
+namespace smartedit {
+
+namespace {
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+void check_inputs(const DenoiseInputs& x) {
+  const auto& l = x.image_latents;
+  if (!l.defined() || l.dim() != 4 || l.size(1) != 4)
+    throw std::invalid_argument("image_latents must be [B,4,h,w], got " + (l.defined() ? shape_of(l) : "nothing"));
+  const int64_t b = l.size(0);
+  const auto& p = x.prompt_embeds;
+  if (!p.defined() || p.dim() != 3 || p.size(0) != b)
+    throw std::invalid_argument("prompt_embeds must be [" + std::to_string(b) + ",77,D], got " +
+                                (p.defined() ? shape_of(p) : "nothing"));
+  const auto& n = x.null_text_embeds;
+  if (!n.defined() || n.dim() != 3 || n.size(0) != 1 || n.size(1) != p.size(1) || n.size(2) != p.size(2))
+    throw std::invalid_argument("null_text_embeds must be [1," + std::to_string(p.size(1)) + "," +
+                                std::to_string(p.size(2)) + "], got " + (n.defined() ? shape_of(n) : "nothing"));
+  const auto& r = x.bim_residual;
+  if (!r.defined() || r.dim() != 4 || r.size(0) != b)
+    throw std::invalid_argument("bim_residual must be [" + std::to_string(b) + ",C0,16,16], got " +
+                                (r.defined() ? shape_of(r) : "nothing"));
+  for (const at::Tensor* t : {&p, &n, &r})
+    if (t->scalar_type() != l.scalar_type())
+      throw std::invalid_argument("all inputs must share image_latents' dtype " +
+                                  std::string(c10::toString(l.scalar_type())));
+}
+}  // namespace
+
+Denoiser::Denoiser(const std::string& unet_package, const c10::Device& device)
+    : unet_(std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+          unet_package, "model", false, 1, device.has_index() ? device.index() : -1)),
+      device_(device) {}
+
+at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double* ms_per_step) {
+  check_inputs(x);
+  const at::ScalarType dtype = x.image_latents.scalar_type();
+  const auto on_device = [&](const at::Tensor& t) { return t.to(device_).contiguous(); };
+  const at::Tensor img = on_device(x.image_latents), prompt = on_device(x.prompt_embeds);
+  const at::Tensor null = on_device(x.null_text_embeds), residual = on_device(x.bim_residual);
+  const int64_t b = img.size(0);
+
+  const AncestralSchedule schedule = AncestralSchedule::build(o.steps);
+  const at::Tensor table = schedule.table.to(device_);
+  // noise exactly as SmartEditPipeline.denoise + diffusers draw it: initial fp32, then one tensor per step in the
+  // eps dtype, all from one CPU generator (the same mt19937 stream as torch.Generator().manual_seed(seed))
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  const at::Tensor initial = at::randn(img.sizes(), gen, at::TensorOptions(at::kFloat));
+  std::vector<at::Tensor> noise;
+  for (int64_t i = 0; i < o.steps; ++i) noise.push_back(at::randn(img.sizes(), gen, at::TensorOptions(dtype)));
+  const at::Tensor step_noise = at::stack(noise).to(device_);  // [steps,B,4,h,w]
+
+  at::Tensor latents = initial.to(device_, dtype) * schedule.init_noise_sigma;
+  const at::Tensor null3 = null.expand({b, -1, -1});
+  const at::Tensor embeds = at::cat({prompt, null3, null3}).contiguous();                   // [3B,77,D]
+  const at::Tensor image_part = at::cat({img, img, at::zeros_like(img)});                   // [3B,4,h,w]
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < o.steps; ++i) {
+    const at::Tensor row = table[i];
+    const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // EulerAncestral scale_model_input
+    const at::Tensor sample = at::cat({at::cat({x, x, x}), image_part}, 1).contiguous();   // [3B,8,h,w]
+    const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
+    const at::Tensor eps = unet_->run({sample, t, embeds, residual})[0];                     // [3B,4,h,w]
+    const auto parts = eps.chunk(3);
+    const at::Tensor guided = (parts[2] + o.guidance_scale * (parts[0] - parts[1]) +
+                               o.image_guidance_scale * (parts[1] - parts[2])).to(dtype);
+    latents = ancestral_step(latents, guided, row, step_noise[i]);
+  }
+  if (ms_per_step) {
+    if (device_.is_cuda()) latents.cpu();  // wait for the device before reading the clock
+    const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - t0;
+    *ms_per_step = ms.count() / static_cast<double>(o.steps);
+  }
+  return latents;
+}
+
+}  // namespace smartedit
