@@ -181,10 +181,7 @@ def _export_onnx(out, todo, graph_defs, keys, options, manifest, report, model, 
             ok = all(c.passed for c in comps)
             entry["verified"] = ok
             report["graphs"][n] = {"passed": ok, "precision": precision, "comparisons": comparisons_to_dict(comps)}
-            worst = max(comps, key=lambda c: c.max_abs_err / max(c.bound, 1e-30))
-            progress(f"    ONNX Runtime vs PyTorch at {len({str(c.point) for c in comps})} shapes: "
-                     f"{'PASS' if ok else 'FAIL'} (worst {worst.output}: max err {worst.max_abs_err:.2e}, "
-                     f"bound {worst.bound:.2e}, cosine {worst.cosine:.6f}) in {time.perf_counter() - t0:.1f} s")
+            progress(_check_summary("ONNX Runtime", comps, ok, time.perf_counter() - t0))
             if not ok:
                 failed.append(n)
         manifest["graphs"][n] = entry
@@ -193,6 +190,13 @@ def _export_onnx(out, todo, graph_defs, keys, options, manifest, report, model, 
         del wrapper, at_precision
     if failed:
         raise ExportError(f"ONNX Runtime does not match PyTorch for {failed}; see {report_path}")
+
+
+def _check_summary(what: str, comps, ok: bool, seconds: float) -> str:
+    worst = max(comps, key=lambda c: c.max_abs_err / max(c.bound, 1e-30))  # closest to its bound
+    return (f"    {what} vs PyTorch at {len({str(c.point) for c in comps})} shapes: {'PASS' if ok else 'FAIL'} "
+            f"(worst {worst.output}: max err {worst.max_abs_err:.2e}, bound {worst.bound:.2e}, "
+            f"cosine {worst.cosine:.6f}) in {seconds:.1f} s")
 
 
 def _aoti_device(device: str) -> str:
@@ -266,10 +270,7 @@ def _export_aoti(out, names, graph_defs, source, options, tools, manifest, repor
             entry["verified"] = ok
             report["aoti"][n] = {"passed": ok, "precision": precision, "device": where,
                                  "comparisons": comparisons_to_dict(comps)}
-            worst = max(comps, key=lambda c: c.max_abs_err / max(c.bound, 1e-30))
-            progress(f"    package vs PyTorch at {len({str(c.point) for c in comps})} shapes: "
-                     f"{'PASS' if ok else 'FAIL'} (worst {worst.output}: max err {worst.max_abs_err:.2e}, "
-                     f"bound {worst.bound:.2e}, cosine {worst.cosine:.6f}) in {time.perf_counter() - t0:.1f} s")
+            progress(_check_summary("package", comps, ok, time.perf_counter() - t0))
             if not ok:
                 failed.append(n)
             del runner
