@@ -326,9 +326,9 @@ def _ratios(result: dict) -> None:
             if peak:
                 r["unet_step_frac_peak"] = r["unet_step_tflops_achieved"] / peak
         r["stage_tflops_achieved"] = {stage: tf[stage] / (r["stage_ms"][ms_key] / 1e3)
-                                      for stage, ms_key in (("vision+llm", "vision+llm"), ("qformer_bim", "qformer_bim"),
-                                                            ("vae_encode", "vae_encode"), ("unet", "unet_step"),
-                                                            ("vae_decode", "vae_decode"))
+                                      for stage, ms_key in (("vision+llm", "vision+llm"),
+                                                            ("qformer_bim", "qformer_bim"), ("vae_encode", "vae_encode"),
+                                                            ("unet", "unet_step"), ("vae_decode", "vae_decode"))
                                       if stage in tf and r["stage_ms"].get(ms_key)}
         # the whole edit's work (eager's count: every backend does the same math) and its time at the measured peak
         r["e2e_tflop"] = sum(v for k, v in tf.items() if k != "unet") + tf.get("unet", 0.0) * result["steps"]
@@ -343,8 +343,8 @@ def to_markdown(res: dict) -> str:
              + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else "")
              + (f"; driver {res['driver']}, CUDA {res['cuda_runtime']}" if res.get("driver") else ""),
              "", "versions: " + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items() if v),
-             "", "| backend | res | e2e median ms | p90 | min | max | x eager | x official | denoise ms | UNet step ms | "
-             "peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| backend | res | e2e median ms | p90 | min | max | x eager | x official | denoise ms | "
+             "UNet step ms | peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
 
@@ -352,7 +352,8 @@ def to_markdown(res: dict) -> str:
         e = r["e2e_ms"]
         lines.append(f"| {r['backend']} | {r['resolution']} | {e['median']:.1f} | {e['p90']:.1f} | {e['min']:.1f} | "
                      f"{e['max']:.1f} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
-                     f"{num(r.get('speedup_vs_official'), '{:.2f}')} | {num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} | "
+                     f"{num(r.get('speedup_vs_official'), '{:.2f}')} | "
+                     f"{num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} | "
                      f"{num(r['stage_ms'].get('unet_step'), '{:.2f}')} | "
                      f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
     for b, why in res["skipped"].items():

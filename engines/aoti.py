@@ -51,7 +51,8 @@ class AOTIBackend(StageBackend):
 
     def _runner(self, graph: str):
         if graph not in self.specs:
-            raise ValueError(f"graph {graph!r} was not compiled into {self.root / 'aoti'} (it has {sorted(self.specs)})")
+            raise ValueError(f"graph {graph!r} was not compiled into {self.root / 'aoti'} "
+                             f"(it has {sorted(self.specs)})")
         if graph not in self._runners:
             from smartedit.export.aoti import load_aoti
 

@@ -150,7 +150,8 @@ def verify_against(run, spec: GraphSpec, ref_model: nn.Module, precision: str, m
         for i, t in enumerate(spec.outputs):
             r, g = ref[i].double(), got[i].double()
             if tuple(g.shape) != tuple(r.shape):
-                raise AssertionError(f"{spec.name}.{t.name}: exported shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
+                raise AssertionError(f"{spec.name}.{t.name}: exported shape {tuple(g.shape)} != PyTorch "
+                                     f"{tuple(r.shape)}")
             err = (g - r).abs().max().item()
             scale = r.abs().max().item()
             cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0).item()

@@ -107,7 +107,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     if target == "aoti":
         device = _aoti_device(device)
     flavor = None
-    if target in ("trt", "trt-rtx"):  # fail before the (long) ONNX export when TensorRT is missing or cannot target anything
+    if target in ("trt", "trt-rtx"):  # fail before the (long) ONNX export when TensorRT is missing or targets nothing
         flavor = Flavor(import_tensorrt(target), target)
         build = build or BuildOptions()
         flavor.resolve_targets(build.compute_capabilities)

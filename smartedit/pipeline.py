@@ -238,6 +238,21 @@ class SmartEditPipeline:
         out = self.backend.run("qformer_bim", {"img_hidden": img_hidden, "clip_feats": clip_feats})
         return out["prompt_embeds"].to(self.dtype), out["bim_residual"].to(self.dtype)
 
+    def runtime_inputs(self, images: Sequence[Image.Image], instructions: Sequence[str], resolution: int = 256,
+                       template: int | str = 0, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors the C++ runtime's `Editor` takes (runtime/include/smartedit/editor.h), on the CPU:
+        pixel_values [B,3,224,224], prefix_ids [B,Lp] / suffix_ids [B,Ls] int64 (forced mode, padded with 0),
+        image [B,3,R,R] in [-1, 1], null_text_embeds [1,77,D]. The same preprocessing as an edit through __call__."""
+        rng = random.Random(seed)
+        prompts = [tokenize_prompt(self.tokenizer, text, pick_template(template, rng), forced=True)
+                   for text in instructions]
+        prefix, suffix, _ = pad_prompts(prompts, 0, self.config.vision.num_patches)
+        out = {"pixel_values": preprocess_clip(list(images), self.config.vision.image_size).to(self.dtype),
+               "prefix_ids": prefix, "suffix_ids": suffix,
+               "image": preprocess_vae(list(images), resolution).to(self.dtype),
+               "null_text_embeds": self.null_text_embeds.cpu()}
+        return {k: v.contiguous() for k, v in out.items()}  # safetensors stores contiguous tensors only
+
     @torch.inference_mode()
     def encode_image(self, images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
         """-> image latents [B, 4, R/8, R/8]."""

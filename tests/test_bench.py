@@ -90,10 +90,12 @@ def test_each_backend_is_freed_before_the_next_one_loads():
     from smartedit.pipeline import SmartEditPipeline
 
     live = []
+    gc.collect()
+    before = {id(o) for o in gc.get_objects() if isinstance(o, SmartEditPipeline)}  # other tests' pipelines
 
     def progress(msg):
         if msg.startswith("eager @"):
-            live.append(sum(isinstance(o, SmartEditPipeline) for o in gc.get_objects()))
+            live.append(sum(isinstance(o, SmartEditPipeline) and id(o) not in before for o in gc.get_objects()))
 
     gc.disable()  # only the explicit collection may free the official pipeline
     try:

@@ -20,7 +20,7 @@ RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
 
 
 @pytest.fixture(scope="module")
-def denoise_bin(tmp_path_factory):
+def runtime_bin(tmp_path_factory):
     if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
         pytest.skip("cmake and a C++ compiler are needed to build runtime/")
     build = tmp_path_factory.mktemp("runtime_build")
@@ -30,7 +30,7 @@ def denoise_bin(tmp_path_factory):
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     make = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True, timeout=1200)
     assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
-    return build / "smartedit-denoise"
+    return build / "smartedit-runtime"
 
 
 def _run(exe, *args):
@@ -40,8 +40,8 @@ def _run(exe, *args):
 
 
 @pytest.mark.parametrize("steps", [1, 7, 100])
-def test_schedule_equals_diffusers(denoise_bin, steps):
-    r = _run(denoise_bin, "--print-schedule", steps)
+def test_schedule_equals_diffusers(runtime_bin, steps):
+    r = _run(runtime_bin, "schedule", steps)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     plan = AncestralPlan.build(steps, "cpu")  # diffusers' timesteps and sigmas
@@ -57,14 +57,15 @@ def _inputs(pipe, b=2, h=32, seed=5):
             "bim_residual": torch.randn(b, c0, grid, grid, generator=g)}
 
 
-def test_denoise_equals_the_pipeline(denoise_bin, aoti_export, tiny_pipe, tmp_path):
+def test_denoise_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tmp_path):
     """Same seed, same UNet package: the C++ loop must reproduce the Python loop (diffusers' scheduler)."""
     from smartedit.engines.aoti import AOTIBackend
 
     x = _inputs(tiny_pipe)
     save_file({**x, "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()}, tmp_path / "in.safetensors")
-    r = _run(denoise_bin, "--unet", aoti_export / "aoti" / "unet.pt2", "--inputs", tmp_path / "in.safetensors",
-             "--out", tmp_path / "out.safetensors", "--steps", 5, "--seed", 9, "--guidance-scale", 7.5,
+    r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2",
+             "--inputs", tmp_path / "in.safetensors", "--out", tmp_path / "out.safetensors", "--steps", 5,
+             "--seed", 9, "--guidance-scale", 7.5,
              "--image-guidance-scale", 1.5)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)["ms_per_step"] > 0
@@ -83,7 +84,7 @@ def test_denoise_equals_the_pipeline(denoise_bin, aoti_export, tiny_pipe, tmp_pa
     assert not (tmp_path / "out.safetensors.tmp").exists()
 
 
-def test_bad_input_fails_fast_and_names_it(denoise_bin, aoti_export, tiny_pipe, tmp_path):
+def test_bad_input_fails_fast_and_names_it(runtime_bin, aoti_export, tiny_pipe, tmp_path):
     unet = aoti_export / "aoti" / "unet.pt2"
     x = _inputs(tiny_pipe)
     save_file({**x, "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()}, tmp_path / "ok.safetensors")
@@ -102,8 +103,38 @@ def test_bad_input_fails_fast_and_names_it(denoise_bin, aoti_export, tiny_pipe, 
         (["--inputs", tmp_path / "ok.safetensors", "--seed", "x1"], 2, "--seed must be an integer, got 'x1'"),
     ]
     for args, code, message in cases:
-        r = _run(denoise_bin, "--unet", unet, "--out", out, *args)
+        r = _run(runtime_bin, "denoise", "--unet", unet, "--out", out, *args)
         assert r.returncode == code and message in r.stderr, (args, r.returncode, r.stderr[-1500:])
         assert not out.exists()
-    r = _run(denoise_bin, "--inputs", tmp_path / "ok.safetensors", "--out", out)
+    r = _run(runtime_bin, "denoise", "--inputs", tmp_path / "ok.safetensors", "--out", out)
     assert r.returncode == 2 and "missing --unet" in r.stderr
+    r = _run(runtime_bin, "render", "--inputs", tmp_path / "ok.safetensors")
+    assert r.returncode == 2 and "unknown command 'render'" in r.stderr
+
+
+def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """llava -> qformer_bim -> vae_encoder -> loop -> vae_decoder from the packages in C++, against the Python
+    pipeline on the same packages (bit for bit) and against eager PyTorch."""
+    from smartedit.engines.aoti import AOTIBackend
+
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "in.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "image.safetensors", "--steps", 3, "--seed", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(json.loads(r.stdout)["stage_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode"}
+    got = load_file(tmp_path / "image.safetensors")["image"]
+
+    def edit(pipe):
+        prompt_embeds, residual = pipe.encode_condition([test_image], ["make it blue"])
+        latents = pipe.denoise(prompt_embeds, residual, pipe.encode_image([test_image], 256), steps=3,
+                               generator=torch.Generator().manual_seed(1))
+        return pipe.decode(latents)
+
+    packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                                 random_weights=True, backend=AOTIBackend(aoti_export))
+    want = edit(packaged)
+    assert torch.equal(got, want), f"C++ edit vs Python edit, same packages: max diff {(got - want).abs().max():.3e}"
+    assert_close(got, edit(tiny_pipe), atol=2e-3, rtol=0, msg="C++ edit vs eager PyTorch")
+    r = _run(runtime_bin, "edit", "--artifacts", tmp_path / "nowhere", "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "x.safetensors")
+    assert r.returncode == 1 and "aoti/llava.pt2 not found" in r.stderr

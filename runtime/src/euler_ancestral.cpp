@@ -34,8 +34,8 @@ double interp_unit_grid(double x, const float* fp, int64_t n) {
 AncestralSchedule AncestralSchedule::build(int64_t steps) {
   if (steps < 1) throw std::invalid_argument("steps must be >= 1, got " + std::to_string(steps));
   // training schedule, in torch fp32 as diffusers builds it (pow(x, 0.5): what Python's x ** 0.5 calls)
-  const at::Tensor betas =
-      at::linspace(std::pow(kBetaStart, 0.5), std::pow(kBetaEnd, 0.5), kTrainSteps, at::TensorOptions(at::kFloat)).pow(2);
+  const at::Tensor betas = at::linspace(std::pow(kBetaStart, 0.5), std::pow(kBetaEnd, 0.5), kTrainSteps,
+                                        at::TensorOptions(at::kFloat)).pow(2);
   const at::Tensor alphas_cumprod = at::cumprod(1.0 - betas, 0);
   const at::Tensor train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).pow(0.5).contiguous();  // [1000] fp32
 

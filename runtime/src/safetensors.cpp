@@ -172,7 +172,8 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   const uint64_t file_size = static_cast<uint64_t>(f.tellg());
   f.seekg(0);
   unsigned char len_bytes[8];
-  if (file_size < 8 || !f.read(reinterpret_cast<char*>(len_bytes), 8)) fail(path, "shorter than the 8-byte header length");
+  if (file_size < 8 || !f.read(reinterpret_cast<char*>(len_bytes), 8))
+    fail(path, "shorter than the 8-byte header length");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
   if (header_len > file_size - 8 || header_len > (100u << 20))
