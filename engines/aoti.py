@@ -8,12 +8,11 @@ on the caller's device.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from .base import StageBackend
+from .base import StageBackend, read_manifest
 
 
 class AOTIBackend(StageBackend):
@@ -23,11 +22,7 @@ class AOTIBackend(StageBackend):
         from smartedit.export.run import aoti_device_record
         from smartedit.export.spec import GraphSpec
 
-        self.root = Path(artifacts)
-        path = self.root / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {self.root} is not an smartedit-export output folder")
-        self.manifest = json.loads(path.read_text())
+        self.root, self.manifest = read_manifest(artifacts)
         entries = self.manifest.get("aoti", {})
         if not entries:
             raise ValueError(f"{self.root} holds no AOTInductor packages: run smartedit-export --target aoti")

@@ -9,9 +9,21 @@ from the plain `unet` graph here, or taken whole from a graph exported with the 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 GRAPHS = ("llava", "qformer_bim", "unet", "vae_encoder", "vae_decoder")
+
+
+def read_manifest(artifacts: str | Path) -> tuple[Path, dict]:
+    """An smartedit-export output folder -> (its path, its manifest.json), or a clear error if it is not one."""
+    root = Path(artifacts)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not an smartedit-export output folder")
+    return root, json.loads(path.read_text())
 
 
 class StageBackend:

@@ -7,13 +7,12 @@ cast to the graph's precision, and the outputs come back as torch tensors on the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .base import StageBackend
+from .base import StageBackend, read_manifest
 
 _NP = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
 
@@ -26,11 +25,7 @@ class OnnxRuntimeBackend(StageBackend):
 
         from smartedit.export.spec import GraphSpec
 
-        self.root = Path(artifacts)
-        path = self.root / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {self.root} is not an smartedit-export output folder")
-        self.manifest = json.loads(path.read_text())
+        self.root, self.manifest = read_manifest(artifacts)
         entries = self.manifest.get("graphs", {})
         self.specs = {n: GraphSpec.from_dict(e["spec"]) for n, e in entries.items()}
         for n, e in entries.items():

@@ -16,14 +16,13 @@ GPU, and the H100 test machine has no TensorRT (and TensorRT-RTX has no SM90 tar
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from smartedit.export.spec import DimRange, GraphSpec
 
-from .base import StageBackend
+from .base import StageBackend, read_manifest
 
 
 def _torch_dtype(trt, dt):
@@ -40,11 +39,7 @@ class TensorRTBackend(StageBackend):
 
         self.name = target
         self.trt = trt = import_tensorrt(target)
-        self.root = Path(artifacts)
-        path = self.root / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {self.root} is not an smartedit-export output folder")
-        self.manifest = json.loads(path.read_text())
+        self.root, self.manifest = read_manifest(artifacts)
         self.entries = self.manifest.get("engines", {}).get(target)
         if not self.entries:
             raise ValueError(f"{self.root} holds no {target} engines (run smartedit-export --target {target})")
