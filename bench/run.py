@@ -71,10 +71,11 @@ def _why_unavailable(backend: str, device: torch.device, artifacts: str | None) 
     if backend in EXPORTED and not artifacts:
         return "no --artifacts (an smartedit-export output folder)"
     if backend == "aoti":
+        from smartedit.engines.base import read_manifest
         from smartedit.export.run import aoti_device_record
 
         try:
-            entries = json.loads((Path(artifacts) / "manifest.json").read_text()).get("aoti", {})
+            entries = read_manifest(artifacts)[1].get("aoti", {})
         except (OSError, json.JSONDecodeError):
             entries = {}
         if not entries:
