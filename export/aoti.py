@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .onnx import dynamic_shapes, export_point
-from .spec import GraphSpec
+from .spec import GraphSpec, parse_dim
 
 
 def compile_aoti(model: nn.Module, spec: GraphSpec, path: Path, precision: str, device: str) -> dict:
@@ -47,8 +47,6 @@ def compile_aoti(model: nn.Module, spec: GraphSpec, path: Path, precision: str, 
 
 def _check_dynamic(program: torch.export.ExportedProgram, spec: GraphSpec) -> None:
     """Refuse a program in which torch.export specialised a spec dim to a constant (it would reject other sizes)."""
-    from .spec import parse_dim
-
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     user_inputs = placeholders[len(placeholders) - len(spec.inputs):]  # parameters and buffers come first
     for node, t in zip(user_inputs, spec.inputs):
