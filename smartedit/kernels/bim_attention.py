@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ if HAVE_TRITON:
         svb, svh, svn, svd,
         sob, soh, son, sod,
         H, NQ, NK, D, scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -85,7 +86,7 @@ if HAVE_TRITON:
             n_mask = n < NK
             k = tl.load(K + b * skb + h * skh + n[None, :] * skn + offs_d[:, None] * skd,
                         mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], fp32
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], fp32
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -93,20 +94,57 @@ if HAVE_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + h * svh + n[:, None] * svn + offs_d[None, :] * svd,
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
             m_i = m_new
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
                  out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _blocks(nq: int, nk: int, d: int) -> tuple[int, int, int]:
-    # tl.dot needs every block dim >= 16. Keys up to 256 fit in one block (the whole K/V on chip, one pass);
-    # longer keys stream in blocks of 128. Query blocks of 64 give the 77/256-long queries 2/4 programs per head.
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    dot_precision: str  # tl.dot input_precision; only fp32 inputs read it
+
+
+def launch_config(nq: int, nk: int, d: int, dtype: torch.dtype) -> LaunchConfig:
+    """Block sizes and launch parameters for one call; chosen from the kernel compiled for sm_80 and sm_90 on the
+    CPU (smartedit.kernels.ahead_of_time, tests/test_kernels_compiled.py), at the 7b shapes, fp16/bf16:
+
+      BLOCK_M 64, 4 warps    255 registers and 48-192 B/thread of spills at 77x77x128 and 77x256x64 (sm_90)
+      BLOCK_M 32, 4 warps    0 spills at every shape, 152-221 registers, 28-53 KB shared memory (sm_80 and sm_90)
+      num_stages 3 (default) 139-213 KB shared memory at 77x256x64 and 77x77x128: over A100's 166,912 B per block
+
+    Keys up to 256 (every BIM shape) fit in one block: the whole K/V on chip, one pass, so there is nothing to
+    pipeline and num_stages is 1; longer keys stream in blocks of 128 with two stages. tl.dot needs every block dim
+    >= 16. fp32 inputs take "ieee" (full fp32 products, as cuBLAS without TF32): Triton's default on CUDA is TF32,
+    ~1e-3 relative error, which the interpreter does not show (it always computes in fp32).
+    """
     block_d = max(16, triton.next_power_of_2(d))
     block_n = max(16, min(triton.next_power_of_2(nk), 256 if block_d <= 64 else 128))
-    block_m = max(16, min(64, triton.next_power_of_2(nq)))
-    return block_m, block_n, block_d
+    block_m = max(16, min(32, triton.next_power_of_2(nq)))
+    one_pass = nk <= block_n
+    return LaunchConfig(block_m, block_n, block_d, num_warps=4, num_stages=1 if one_pass else 2,
+                        dot_precision="ieee")
+
+
+def _launch(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, scale: float, **extra):
+    """q [B,H,Nq,D], k/v [B,H,Nk,D], o [B,H,Nq,D] (any strides) -> launches `kernel` (the @triton.jit function, or
+    wrap_triton of it inside the custom op); `extra` goes to the launcher (warmup=True: compile only)."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    c = launch_config(nq, nk, d, q.dtype)
+    grid = (triton.cdiv(nq, c.block_m), b * h)
+    args = (q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, nk, d, scale)
+    meta = dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, DOT_PRECISION=c.dot_precision,
+                num_warps=c.num_warps, num_stages=c.num_stages)
+    if extra.pop("warmup", False):
+        return kernel.warmup(*args, grid=grid, **meta, **extra)
+    return kernel[grid](*args, **meta, **extra)
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -120,11 +158,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         raise ValueError(f"attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} disagree")
     if out is None:
         out = torch.empty(b, nq, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # merged-heads layout
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    bm, bn, bd = _blocks(nq, nk, d)
-    grid = (triton.cdiv(nq, bm), b * h)
-    _bim_attention_kernel[grid](q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                                h, nq, nk, d, scale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+    _launch(_bim_attention_kernel, q, k, v, out, 1.0 / math.sqrt(d) if scale is None else scale)
     return out
 
 
@@ -144,13 +178,7 @@ if HAVE_TRITON:
     def bim_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """[B,H,Nq,D] x [B,H,Nk,D] -> [B,Nq,H,D] (merged-heads layout, contiguous)."""
         out = _merged_heads_out(q)
-        b, h, nq, d = q.shape
-        nk = k.shape[2]
-        bm, bn, bd = _blocks(nq, nk, d)
-        o = out.transpose(1, 2)  # [B, H, Nq, D] view with the merged layout's strides
-        torch.library.wrap_triton(_bim_attention_kernel)[(triton.cdiv(nq, bm), b * h)](
-            q, k, v, o, *q.stride(), *k.stride(), *v.stride(), *o.stride(), h, nq, nk, d, scale,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        _launch(torch.library.wrap_triton(_bim_attention_kernel), q, k, v, out.transpose(1, 2), scale)
         return out
 
 else:
@@ -168,7 +196,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and HAVE_TRITON
 
 
-KERNEL_MODES = ("auto", "on", "off")  # auto: kernels on CUDA; on: also on CPU under TRITON_INTERPRET=1; off: never
+# auto: the kernel for fp16/bf16 on CUDA; on: forced wherever it can run (fp32 too, and on the CPU under
+# TRITON_INTERPRET=1: the interpreter tests); off: never
+KERNEL_MODES = ("auto", "on", "off")
+# fp32 stays with PyTorch under "auto": with full-precision ("ieee") products the kernel spills 12-100 KB per thread
+# at the 7b shapes (compiled for sm_80/sm_90), and TF32 would no longer match the fp32 reference it stands for
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _fallback_logged = False
 
 
@@ -184,6 +217,8 @@ def kernel_unusable(q: torch.Tensor, mode: str = "auto") -> str | None:
         reason = "ONNX export uses standard ops (TensorRT fuses attention itself)"
     elif not HAVE_TRITON:
         reason = "triton is not installed"
+    elif mode == "auto" and q.dtype not in KERNEL_DTYPES:
+        reason = f"{q.dtype}: the kernel serves fp16/bf16, fp32 runs PyTorch's exact math"
     elif not q.is_cuda and not (mode == "on" and _interpreting()):
         reason = f"tensors are on {q.device.type}, not CUDA"
     elif q.shape[-1] > 256:

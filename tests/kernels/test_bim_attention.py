@@ -87,8 +87,9 @@ def test_whole_bim_with_kernels_equals_bim_with_references(dtype):
 def test_dispatcher_falls_back_with_a_reason():
     q = torch.randn(1, 2, 5, 64)
     assert ka.kernel_unusable(q, "off") == "kernels switched off"
+    assert "fp16/bf16" in ka.kernel_unusable(q.to(DEVICE), "auto")  # fp32 stays with PyTorch unless forced
     if not CUDA:
-        assert ka.kernel_unusable(q, "auto") == "tensors are on cpu, not CUDA"
+        assert ka.kernel_unusable(q.half(), "auto") == "tensors are on cpu, not CUDA"
         assert ka.kernel_unusable(q, "on") is None  # interpreter
     with pytest.raises(ValueError, match="kernel mode"):
         ka.kernel_unusable(q, "fast")
