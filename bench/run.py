@@ -128,6 +128,11 @@ def _pipeline(backend: str, model, preset, seed, device, dtype, artifacts):
         from smartedit.engines.cudagraph import CudaGraphBackend
 
         pipe.backend = CudaGraphBackend(pipe, torch_compile=backend == "compile")
+    elif backend == "official":  # fp32 vision/LLM/QFormer/BIM (as the official script); UNet, VAE at the dtype
+        pipe.encode_condition = _official_condition(pipe, dtype)
+        pipe.stages.unet.to(dtype=dtype)
+        pipe.stages.vae.to(dtype=dtype)
+        pipe.null_text_embeds = pipe.null_text_embeds.to(dtype)
     return pipe
 
 
@@ -214,8 +219,12 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
               backends: tuple[str, ...] = ("official", "eager"), resolutions: tuple[int, ...] = (256,),
               steps: int = 100, batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
               dtype: str = "fp16", artifacts: str | None = None, progress=print, checkpoint=None) -> dict:
-    """`checkpoint(result)`, if given, is called after each backend with the results so far (smartedit-bench writes
-    them out: a run cut short by a time limit keeps what it measured)."""
+    """`checkpoint(result)`, if given, is called after every measured or failed (backend, resolution) with the results
+    so far (smartedit-bench writes them out: a run cut short by a time limit keeps what it measured).
+
+    A backend that cannot run here is listed in "skipped" with the reason; one that raises while loading or at a
+    resolution (any Exception: triton's OutOfResources, CUDA out of memory, a shape outside an exported profile) is
+    listed in "failed" with the error, and the other backends and resolutions still run."""
     dev = torch.device(device)
     torch_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -232,7 +241,20 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
               "versions": library_versions(),
               "python": platform.python_version(), "command": sys.argv, "model": model or f"{preset} (random)",
               "dtype": dtype, "steps": steps, "batch": batch, "repeats": repeats, "warmup": warmup,
-              "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}}
+              "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}, "failed": []}
+
+    def save() -> None:
+        _ratios(result)
+        if checkpoint is not None:
+            checkpoint(result)
+
+    def failed(backend: str, resolution: int | None, e: Exception) -> None:
+        error = f"{type(e).__name__}: {e}".strip()
+        result["failed"].append({"backend": backend, "resolution": resolution, "error": error})
+        progress(f"{backend}{f' @ {resolution}' if resolution else ''}: FAILED ({error.splitlines()[0][:300]})")
+        _free(dev)
+        save()
+
     for backend in backends:
         reason = _why_unavailable(backend, dev, artifacts)
         if reason:
@@ -240,74 +262,78 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
             progress(f"{backend}: skipped ({reason})")
             continue
         try:
-            _bench_backend(result, backend, model, preset, seed, dev, torch_dtype, artifacts, resolutions, steps,
-                           images, texts, warmup, repeats, batch, progress)
-        except (ValueError, RuntimeError) as e:  # e.g. a resolution outside an exported profile: keep the others
-            result["skipped"][backend] = f"failed: {e}"
-            progress(f"{backend}: FAILED ({e})")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            pipe = _pipeline(backend, model, preset, seed, dev, torch_dtype, artifacts)
+            load_s = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001  (any failure of one backend is a result, not the end of the run)
+            failed(backend, None, e)
+            continue
+        for res in resolutions:
+            try:
+                _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats,
+                                  batch, progress)
+            except Exception as e:  # noqa: BLE001
+                failed(backend, res, e)
+                continue
+            save()
         # pipeline <-> backend references are cycles: collect them, or the next backend's peak memory includes this
         # one's weights (7b: 14 GB fp16, 28 GB for official's fp32 LLM)
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        if checkpoint is not None:
-            _ratios(result)
-            checkpoint(result)
-    _ratios(result)
+        del pipe
+        _free(dev)
+    save()
     return result
 
 
-def _bench_backend(result, backend, model, preset, seed, dev, torch_dtype, artifacts, resolutions, steps, images,
-                   texts, warmup, repeats, batch, progress) -> None:
+def _free(dev: torch.device) -> None:
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats, batch,
+                      progress) -> None:
+    if dev.type == "cuda":  # peak per resolution: weights, this resolution's activations, earlier graph pools
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    pipe = _pipeline(backend, model, preset, seed, dev, torch_dtype, artifacts)
-    load_s = time.perf_counter() - t0
-    if backend == "official":  # fp32 vision/LLM/QFormer/BIM (as the official script); UNet, VAE at the dtype
-        pipe.encode_condition = _official_condition(pipe, torch_dtype)
-        pipe.stages.unet.to(dtype=torch_dtype)
-        pipe.stages.vae.to(dtype=torch_dtype)
-        pipe.null_text_embeds = pipe.null_text_embeds.to(torch_dtype)
-    for res in resolutions:
-        if dev.type == "cuda":  # peak per resolution: weights, this resolution's activations, earlier graph pools
-            torch.cuda.reset_peak_memory_stats(dev)
-        kw = dict(steps=steps, resolution=res, seed=0)
-        warm = []
-        for _ in range(warmup):  # first calls carry compile / capture / engine load / autotuning
-            t = {}
-            pipe(images, texts, timings=t, **kw)
-            warm.append(t["total"])
-        e2e, parts = [], []
-        for _ in range(repeats):
-            t = {}
-            pipe(images, texts, timings=t, **kw)
-            e2e.append(t["total"])
-            parts.append(t)
-        inner = pipe.backend
-        timed = _TimedBackend(inner, dev, count_flops=backend == "eager")
-        pipe.backend = timed
-        stage_t: dict[str, float] = {}
+    kw = dict(steps=steps, resolution=res, seed=0)
+    warm = []
+    for _ in range(warmup):  # first calls carry compile / capture / engine load / autotuning
+        t = {}
+        pipe(images, texts, timings=t, **kw)
+        warm.append(t["total"])
+    e2e, parts = [], []
+    for _ in range(repeats):
+        t = {}
+        pipe(images, texts, timings=t, **kw)
+        e2e.append(t["total"])
+        parts.append(t)
+    inner = pipe.backend
+    timed = _TimedBackend(inner, dev, count_flops=backend == "eager")
+    pipe.backend = timed
+    stage_t: dict[str, float] = {}
+    try:
         pipe(images, texts, timings=stage_t, **kw)
+    finally:
         pipe.backend = inner
-        stages = {STAGE_OF[g]: statistics.median(v) for g, v in timed.ms.items()}
-        if "unet" in timed.ms:
-            stages["unet_step"] = stages.pop("unet")
-            stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
-        if backend == "official":
-            stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
-        row = {"backend": backend, "resolution": res, "load_s": load_s, "warmup_ms": warm,
-               "e2e_ms": _stats(e2e), "stage_ms": stages,
-               # the timed edits themselves, per pipeline stage (the backend's real path: e.g. the captured loop)
-               "edit_stage_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
-               "images_per_s": batch / (statistics.median(e2e) / 1e3),
-               "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
-        if timed.flops:
-            row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
-                                  for g, f in timed.flops.items()}
-        result["runs"].append(row)
-        progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end")
+    stages = {STAGE_OF[g]: statistics.median(v) for g, v in timed.ms.items()}
+    if "unet" in timed.ms:
+        stages["unet_step"] = stages.pop("unet")
+        stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
+    if backend == "official":
+        stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
+    row = {"backend": backend, "resolution": res, "load_s": load_s, "warmup_ms": warm,
+           "e2e_ms": _stats(e2e), "stage_ms": stages,
+           # the timed edits themselves, per pipeline stage (the backend's real path: e.g. the captured loop)
+           "edit_stage_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
+           "images_per_s": batch / (statistics.median(e2e) / 1e3),
+           "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+    if timed.flops:
+        row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
+                              for g, f in timed.flops.items()}
+    result["runs"].append(row)
+    progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end")
 
 
 def _ratios(result: dict) -> None:
@@ -359,6 +385,9 @@ def to_markdown(res: dict) -> str:
                      f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
     for b, why in res["skipped"].items():
         lines.append(f"| {b} | - | skipped: {why} | | | | | | | | | |")
+    for f in res.get("failed", []):
+        error = f["error"].splitlines()[0][:200].replace("|", "/")
+        lines.append(f"| {f['backend']} | {f['resolution'] or 'load'} | FAILED: {error} | | | | | | | | | |")
     for r in res["runs"]:
         if r["backend"] == "eager" and "e2e_tflop" in r:
             floor = (f"; at the measured fp16 peak that is {r['floor_ms_at_peak']:.1f} ms, the physical floor"

@@ -23,6 +23,7 @@ def cpu_bench(tmp_path_factory, onnx_export):
 def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
     res = json.loads((cpu_bench / "cpu-tiny.json").read_text())
     measured = {r["backend"] for r in res["runs"]}
+    assert res["failed"] == []
     assert measured | set(res["skipped"]) == set(BACKENDS) and not measured & set(res["skipped"])
     assert all(isinstance(why, str) and why for why in res["skipped"].values())
     assert {"official", "eager", "onnxruntime"} <= measured  # onnxruntime runs on the CPU from the artifacts
@@ -63,7 +64,53 @@ def test_a_failing_backend_is_reported_not_dropped(onnx_export):
     res = run_bench(preset="tiny", backends=("onnxruntime",), resolutions=(128,), steps=1, repeats=1, warmup=0,
                     dtype="fp32", artifacts=str(onnx_export("fp16")), progress=lambda m: None)
     assert res["runs"] == []
-    assert res["skipped"]["onnxruntime"].startswith("failed: vae_encoder: dimension h = 16 is outside")
+    [f] = res["failed"]
+    assert (f["backend"], f["resolution"]) == ("onnxruntime", 128)
+    assert f["error"].startswith("ValueError: vae_encoder: dimension h = 16 is outside")
+
+
+def test_any_exception_of_one_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
+    """triton's OutOfResources derives from Exception, not RuntimeError: it once ended the whole benchmark before
+    eager ran, with nothing written. Any failure is a result: recorded with its type, written at once, and the
+    other backends and resolutions still measured."""
+    from triton.runtime.errors import OutOfResources
+
+    import smartedit.bench.run as bench_run
+
+    def out_of_shared_memory(pipe, dtype):
+        def encode_condition(images, *args, **kwargs):
+            if images[0].size != (512, 512):
+                raise AssertionError("the benchmark image changed")
+            raise OutOfResources(425_984, 232_448, "shared memory")
+        return encode_condition
+
+    real_pipeline = bench_run._pipeline
+
+    def pipeline(backend, *args):
+        if backend == "cudagraph":  # a load failure: a plain Exception
+            raise Exception("plain failure while loading")
+        return real_pipeline(backend, *args)
+
+    monkeypatch.setattr(bench_run, "_official_condition", out_of_shared_memory)
+    monkeypatch.setattr(bench_run, "_pipeline", pipeline)
+    monkeypatch.setattr(bench_run, "_why_unavailable", lambda *a: None)  # let cudagraph reach its load on a CPU
+    written = []
+    res = run_bench(preset="tiny", backends=("official", "cudagraph", "eager"), resolutions=(64, 128), steps=1,
+                    repeats=1, warmup=0, dtype="fp32", progress=lambda m: None,
+                    checkpoint=lambda r: written.append(json.loads(json.dumps(r, default=str))))
+    assert [(f["backend"], f["resolution"]) for f in res["failed"]] == [("official", 64), ("official", 128),
+                                                                        ("cudagraph", None)]
+    assert res["failed"][0]["error"].startswith("OutOfResources: out of resource: shared memory")
+    assert res["failed"][2]["error"] == "Exception: plain failure while loading"
+    assert [(r["backend"], r["resolution"]) for r in res["runs"]] == [("eager", 64), ("eager", 128)]
+    # written as they came: the first failure was on disk before anything was measured
+    assert written[0]["failed"] and not written[0]["runs"]
+    assert len(written) >= 5 and written[-1]["runs"] == json.loads(json.dumps(res["runs"], default=str))
+    from smartedit.bench.run import to_markdown
+
+    md = to_markdown(res)
+    assert "| official | 64 | FAILED: OutOfResources: out of resource: shared memory" in md
+    assert "| cudagraph | load | FAILED: Exception: plain failure while loading" in md
 
 
 @pytest.mark.cuda
