@@ -1,46 +1,116 @@
 #!/usr/bin/env bash
-# Everything the lent GPU checks and times, in one run (planned at ~6 min on an H100; every step has its own time
-# limit and writes as it goes, so a cut-short run still returns what it measured). From the repo root, here:
-#     bash bench/device/fetch_wheels.sh
-# then the device tool: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=480)
-# and copy the returned files into bench/results/. Dry run on the CPU (checks the plumbing, not the GPU):
-#     OUT=/tmp/dev DEVICE=cpu PRESET=tiny STEPS=2 RES=64 bash bench/device/check.sh
-# Steps: 1 GPU-marked tests (CUDA graphs vs eager, tiny CUDA fp16); 2 smartedit-bench official/eager/cudagraph at
-# 256 and 512, 100 steps, 7b random weights; 3 the Triton kernel tests on the GPU; 4 smartedit-bench-kernels;
-# 5 (COMPILE=1) the torch.compile backend, last because max-autotune compiles for minutes.
+# Everything a lent GPU checks and times, in ONE device call of at most 540 s (the lease is 15 minutes in all, a
+# machine start costs one or two of them, and one command may run 600 s). Most valuable step first; every step has
+# its own time limit and writes its results under $OUT as it goes, so a run cut short returns what it measured.
+#
+#     bash bench/device/check.sh --plan      # the steps, their limits and (last line) the total in seconds
+#     bash bench/device/fetch_wheels.sh      # here: the wheels the GPU image lacks, into .whl/
+#     device tool: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=570)
+#     bash bench/device/check.sh --cpu       # dry run on this CPU machine (tiny preset): the plumbing, not the GPU
+#     bash bench/device/check.sh --compile   # a second call, if the lease allows: eager vs torch.compile (max-autotune)
+#
+# At most 8 files come back from $OUT; a default run writes 8: <card>-7b.{json,md,png} (smartedit-bench),
+# <card>-bim-kernels.{json,md}, <card>-pytest-cuda.log, <card>-pytest-kernels.log, <card>-check.log.
+# Only OUT is read from the environment (the device tool sets it); everything else is this script's own setting.
 set -uo pipefail
+
+MODE=gpu
+case "${1:-}" in
+    "") ;;
+    --plan) MODE=plan ;;
+    --cpu) MODE=cpu ;;
+    --compile) MODE=compile ;;
+    *) echo "usage: bash bench/device/check.sh [--plan | --cpu | --compile]" >&2; exit 2 ;;
+esac
+
+# name|limit in seconds|what: the one list that both --plan and the run read
+if [ "$MODE" = compile ]; then
+    STEPS=("install|60|install the carried wheels and the project"
+           "bench-compile|450|smartedit-bench 7b: eager and compile at 256, 100 steps")
+else
+    STEPS=("install|60|install the carried wheels and the project"
+           "bench|270|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps"
+           "pytest-cuda|80|the cuda-marked tests (tiny preset on the GPU; no -x: every failure is listed)"
+           "pytest-kernels|80|tests/kernels/ on the GPU (Triton kernel vs fp64, compile/export of the op)"
+           "bench-kernels|50|smartedit-bench-kernels: 7b BIM attention shapes and the BIM forward, batch 1 and 8")
+fi
+BUDGET=540
+
+limit_of() { local s; for s in "${STEPS[@]}"; do IFS='|' read -r n l _ <<<"$s"; [ "$n" = "$1" ] && echo "$l"; done; }
+
+if [ "$MODE" = plan ]; then
+    total=0
+    for s in "${STEPS[@]}"; do
+        IFS='|' read -r n l what <<<"$s"
+        printf '%-15s %4d s  %s\n' "$n" "$l" "$what"
+        total=$((total + l))
+    done
+    echo "budget $BUDGET s"
+    echo "total $total"
+    exit 0
+fi
+
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
-OUT=${OUT:?set OUT to the folder for results}
-DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-7b} STEPS=${STEPS:-100} RES=${RES:-256,512} REPEATS=${REPEATS:-3}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT" /tmp/smartedit-site
-if compgen -G "$REPO/.whl/*.whl" >/dev/null; then  # what the image lacks (fetch_wheels.sh)
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/smartedit-site \
-        "$REPO"/.whl/*.whl || exit 1
+OUT=${OUT:?set OUT to the folder for results (the device tool sets it)}
+if [ "$MODE" = cpu ]; then
+    DEV=cpu PRESET=tiny STEPS_N=2 RES=64 REPEATS=1 SITE=$(mktemp -d)
+else
+    DEV=cuda PRESET=7b STEPS_N=100 RES=256,512 REPEATS=3 SITE=/tmp/smartedit-site
 fi
-# the project itself, without its dependencies (the image's torch/transformers/triton are used as they are)
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/smartedit-site \
-    "$REPO" >/dev/null || { echo "installing the project failed"; exit 1; }
-export PYTHONPATH=/tmp/smartedit-site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/smartedit-site/bin:$PATH
-cd /tmp  # not the repo root: its smartedit/ folder would shadow the installed package (engines/, export/ map into it)
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+mkdir -p "$OUT" "$SITE"
 CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
-echo "== $CARD; $(python3 -c 'import torch, triton, transformers, diffusers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)')"
+LOG="$OUT/$CARD-check.log"
+
+step() {  # step NAME COMMAND...: runs under the step's limit from STEPS, reports exit status and seconds
+    local name=$1 limit; shift
+    limit=$(limit_of "$name")
+    echo "== $name (limit $limit s)"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    return $rc
+}
+
+install() {
+    if compgen -G "$REPO/.whl/*.whl" >/dev/null; then  # what the GPU image lacks (fetch_wheels.sh)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            "$REPO"/.whl/*.whl || return 1
+    fi
+    # the project without its dependencies: the image's torch / transformers / triton are used as they are
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" \
+        "$REPO" >/dev/null
+}
+export -f install
+export REPO SITE
+
+main() {
+echo "== $CARD, mode $MODE; $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+step install bash -c install || { echo "installing the project failed: nothing else can run"; return 1; }
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
+cd /tmp  # not the repo root: its smartedit/ folder would shadow the installed package (engines/, export/ map into it)
+python3 -c 'import torch, triton, transformers, diffusers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)'
 
-step() { local name=$1 limit=$2; shift 2; echo "== $name (limit ${limit} s)"; local t0=$SECONDS
-    timeout "$limit" "$@"; echo "== $name: exit $? after $((SECONDS - t0)) s"; }
-
-step "GPU-marked tests" 150 python3 -m pytest -q -p no:cacheprovider -m cuda --rootdir "$REPO" "$REPO/tests" \
-    2>&1 | tee "$OUT/$CARD-pytest-cuda.log" | tail -25
-step "smartedit-bench" 330 python3 -m smartedit.bench.cli --preset "$PRESET" --random-weights --device "$DEVICE" \
-    --backends official,eager,cudagraph --resolution "$RES" --steps "$STEPS" --repeats "$REPEATS" --out "$OUT"
-step "Triton kernel tests" 120 python3 -m pytest -q -p no:cacheprovider -x --rootdir "$REPO" "$REPO/tests/kernels" \
-    2>&1 | tail -5
-[ "$DEVICE" = cuda ] && step "smartedit-bench-kernels" 90 python3 -m smartedit.bench.kernels --out "$OUT"
-if [ "${COMPILE:-0}" = 1 ]; then
-    mkdir -p "$OUT/compile"
-    step "smartedit-bench compile" 300 python3 -m smartedit.bench.cli --preset "$PRESET" --random-weights \
-        --device "$DEVICE" --backends eager,compile --resolution "$RES" --steps "$STEPS" --repeats "$REPEATS" \
-        --out "$OUT/compile"
+BENCH=(python3 -m smartedit.bench.cli --preset "$PRESET" --random-weights --device "$DEV" --steps "$STEPS_N"
+       --repeats "$REPEATS" --out "$OUT")
+if [ "$MODE" = compile ]; then
+    step bench-compile "${BENCH[@]}" --backends eager,compile --resolution 256
+    ls -la "$OUT"
+    return 0
 fi
+step bench "${BENCH[@]}" --backends official,eager,cudagraph --resolution "$RES"
+step pytest-cuda python3 -m pytest -q -p no:cacheprovider -m cuda --rootdir "$REPO" "$REPO/tests" \
+    > "$OUT/$CARD-pytest-cuda.log" 2>&1
+tail -n 30 "$OUT/$CARD-pytest-cuda.log"
+# pytest-xdist (on the GPU image) compiles the kernel's variants in parallel: one compile per block shape and dtype
+XDIST=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 4")
+step pytest-kernels python3 -m pytest -q -p no:cacheprovider $XDIST --rootdir "$REPO" "$REPO/tests/kernels" \
+    > "$OUT/$CARD-pytest-kernels.log" 2>&1
+tail -n 30 "$OUT/$CARD-pytest-kernels.log"
+step bench-kernels python3 -m smartedit.bench.kernels --out "$OUT"
+[ "$MODE" = cpu ] && rm -rf "$SITE"
 ls -la "$OUT"
+}
+main 2>&1 | tee -a "$LOG"
