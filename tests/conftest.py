@@ -85,3 +85,25 @@ def aoti_export(tmp_path_factory):
     run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
                progress=lambda m: None)
     return out
+
+
+TRT_RTX_CAPS = ("86", "80")
+
+
+@pytest.fixture(scope="session")
+def trt_rtx_export(onnx_export, tmp_path_factory):
+    """-> (folder, progress messages): the fp16 ONNX export plus TensorRT-RTX engines of all five tiny graphs for
+    SM86 and SM80, built on this CPU (tensorrt-rtx-cu13), made once per session."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed (pip install -e '.[test]')")
+    import shutil
+
+    from smartedit.export.run import run_export
+    from smartedit.export.spec import ProfileOptions
+    from smartedit.export.trt import BuildOptions
+
+    out = tmp_path_factory.mktemp("trt_rtx")
+    shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
+    said = []
+    run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
+               build=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
+    return out, said

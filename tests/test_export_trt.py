@@ -16,17 +16,12 @@ from smartedit.export.trt import BuildOptions, Flavor, TensorRTError, build_engi
 from conftest import SMALL_PROFILE  # noqa: E402
 
 NO_GPU = not torch.cuda.is_available()
-CAPS = ("86", "80")
+from conftest import TRT_RTX_CAPS as CAPS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def built(onnx_export, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trt_rtx")
-    shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
-    said = []
-    run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
-               build=BuildOptions(compute_capabilities=CAPS), progress=said.append)
-    return out, said
+def built(trt_rtx_export):
+    return trt_rtx_export
 
 
 def test_all_tiny_graphs_build_for_sm86_and_sm80(built):
