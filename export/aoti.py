@@ -22,6 +22,20 @@ from torch import nn
 from .onnx import dynamic_shapes, export_point
 from .spec import GraphSpec, parse_dim
 
+# What a package says about itself (AOTIModelPackageLoader::get_metadata() in C++): its graph and the dtype of each
+# input and output, in call order, so a C++ caller can cast its tensors (the compiled code checks dtypes only with
+# AOTI_RUNTIME_CHECK_INPUTS=1: an fp32 tensor handed to an fp16 package is otherwise read as garbage).
+# Version 2: the first with this metadata; the version is part of each package's key in the manifest.
+PACKAGE_VERSION = 2
+
+
+def package_metadata(spec: GraphSpec, precision: str) -> dict[str, str]:
+    def io(tensors) -> str:
+        return ",".join(f"{t.name}:{str(t.torch_dtype(precision)).removeprefix('torch.')}" for t in tensors)
+
+    return {"smartedit.package_version": str(PACKAGE_VERSION), "smartedit.graph": spec.name,
+            "smartedit.inputs": io(spec.inputs), "smartedit.outputs": io(spec.outputs)}
+
 
 def compile_aoti(model: nn.Module, spec: GraphSpec, path: Path, precision: str, device: str) -> dict:
     """`model` (already in `precision`, on `device`) -> the package at `path`. Returns timings and size."""
@@ -37,7 +51,9 @@ def compile_aoti(model: nn.Module, spec: GraphSpec, path: Path, precision: str, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.tmp-", dir=path.parent))
     try:
         t0 = time.perf_counter()
-        staged = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp / path.name))
+        staged = torch._inductor.aoti_compile_and_package(
+            program, package_path=str(tmp / path.name),
+            inductor_configs={"aot_inductor.metadata": package_metadata(spec, precision)})
         compile_s = time.perf_counter() - t0
         os.replace(staged, path)
     finally:
@@ -61,6 +77,9 @@ def load_aoti(path: Path, device: str):
     """-> a callable(*tensors) -> tuple of tensors, on `device` (of the type the package was compiled for)."""
     index = torch.device(device).index
     package = torch._inductor.aoti_load_package(str(path), device_index=-1 if index is None else index)
+    if package.get_metadata().get("smartedit.package_version") != str(PACKAGE_VERSION):
+        raise ValueError(f"{path} was compiled by an older smartedit-export (no input dtypes in its metadata): "
+                         "re-run smartedit-export --target aoti")
 
     def run(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = package(*args)  # the model's own output structure: one tensor, or a tuple

@@ -32,7 +32,7 @@ import torch
 from smartedit.checkpoint import STAGE_FILES, read_config
 from smartedit.config import SmartEditConfig
 
-from .aoti import OnDevice, compile_aoti, load_aoti
+from .aoti import PACKAGE_VERSION, OnDevice, compile_aoti, load_aoti
 from .graphs import graphs, parse_graph_names
 from .lora import merge_lora
 from .onnx import comparisons_to_dict, export_onnx, verify_against, verify_onnx
@@ -229,7 +229,7 @@ def _export_aoti(out, names, graph_defs, source, options, tools, manifest, repor
     report.setdefault("aoti", {})
     where = aoti_device_record(device)
     keys = {n: _sha256_json({"source": source["sha256"], "spec": graph_defs[n].spec.to_dict(), "options": options,
-                             "toolchain": tools, "device": where}) for n in names}
+                             "toolchain": tools, "device": where, "package": PACKAGE_VERSION}) for n in names}
     todo = []
     for n in names:
         e = entries.get(n)

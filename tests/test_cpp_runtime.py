@@ -138,3 +138,34 @@ def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tes
     r = _run(runtime_bin, "edit", "--artifacts", tmp_path / "nowhere", "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "x.safetensors")
     assert r.returncode == 1 and "aoti/llava.pt2 not found" in r.stderr
+
+
+def test_inputs_are_cast_to_the_packages_dtypes(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """fp32 packages handed fp16 floats and int32 ids: each package casts what it is given to the dtypes its metadata
+    declares (the compiled code would read the raw bytes as fp32 otherwise). The result is bit for bit the run on the
+    same values given in the packages' own dtypes."""
+    x = tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256)
+    narrow = {k: v.half() if v.is_floating_point() else v.int() for k, v in x.items()}
+    wide = {k: v.float() if v.is_floating_point() else v.long() for k, v in narrow.items()}  # exact widening
+    images = []
+    for name, tensors in (("narrow", narrow), ("wide", wide)):
+        save_file(tensors, tmp_path / f"{name}.safetensors")
+        r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / f"{name}.safetensors",
+                 "--out", tmp_path / f"{name}-image.safetensors", "--steps", 2, "--seed", 4)
+        assert r.returncode == 0, r.stderr[-3000:]
+        images.append(load_file(tmp_path / f"{name}-image.safetensors")["image"])
+    assert images[0].dtype == torch.float32 and torch.isfinite(images[0]).all()
+    assert torch.equal(images[0], images[1]), f"max diff {(images[0] - images[1]).abs().max():.3e}"
+
+    cond = {**_inputs(tiny_pipe), "null_text_embeds": tiny_pipe.null_text_embeds}
+    latents = []
+    for name, dtype in (("narrow", torch.float16), ("wide", torch.float32)):
+        save_file({k: v.half().to(dtype).contiguous() for k, v in cond.items()}, tmp_path / f"c-{name}.safetensors")
+        r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2", "--inputs",
+                 tmp_path / f"c-{name}.safetensors", "--out", tmp_path / f"l-{name}.safetensors", "--steps", 2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        latents.append(load_file(tmp_path / f"l-{name}.safetensors")["latents"])
+    assert latents[0].dtype == torch.float32 and torch.equal(latents[0], latents[1])
+    r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "vae_decoder.pt2", "--inputs",
+             tmp_path / "c-wide.safetensors", "--out", tmp_path / "x.safetensors")
+    assert r.returncode == 2 and "holds the vae_decoder graph, not unet" in r.stderr

@@ -35,22 +35,19 @@ void check_inputs(const DenoiseInputs& x) {
   if (!r.defined() || r.dim() != 4 || r.size(0) != b)
     throw std::invalid_argument("bim_residual must be [" + std::to_string(b) + ",C0,16,16], got " +
                                 (r.defined() ? shape_of(r) : "nothing"));
-  for (const at::Tensor* t : {&p, &n, &r})
-    if (t->scalar_type() != l.scalar_type())
-      throw std::invalid_argument("all inputs must share image_latents' dtype " +
-                                  std::string(c10::toString(l.scalar_type())));
 }
 }  // namespace
 
 Denoiser::Denoiser(const std::string& unet_package, const c10::Device& device)
-    : unet_(std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-          unet_package, "model", false, 1, device.has_index() ? device.index() : -1)),
-      device_(device) {}
+    : unet_(unet_package, device), device_(device) {
+  if (unet_.graph() != "unet")
+    throw std::invalid_argument(unet_package + " holds the " + unet_.graph() + " graph, not unet");
+}
 
 at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double* ms_per_step) {
   check_inputs(x);
-  const at::ScalarType dtype = x.image_latents.scalar_type();
-  const auto on_device = [&](const at::Tensor& t) { return t.to(device_).contiguous(); };
+  const at::ScalarType dtype = unet_.input_dtype(0);  // the package's precision: the loop runs in it
+  const auto on_device = [&](const at::Tensor& t) { return t.to(device_, dtype).contiguous(); };
   const at::Tensor img = on_device(x.image_latents), prompt = on_device(x.prompt_embeds);
   const at::Tensor null = on_device(x.null_text_embeds), residual = on_device(x.bim_residual);
   const int64_t b = img.size(0);
@@ -75,7 +72,7 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
     const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // EulerAncestral scale_model_input
     const at::Tensor sample = at::cat({at::cat({x, x, x}), image_part}, 1).contiguous();   // [3B,8,h,w]
     const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
-    const at::Tensor eps = unet_->run({sample, t, embeds, residual})[0];                     // [3B,4,h,w]
+    const at::Tensor eps = unet_.run({sample, t, embeds, residual})[0];                     // [3B,4,h,w]
     const auto parts = eps.chunk(3);
     const at::Tensor guided = (parts[2] + o.guidance_scale * (parts[0] - parts[1]) +
                                o.image_guidance_scale * (parts[1] - parts[2])).to(dtype);

@@ -16,17 +16,13 @@ std::string package(const std::string& artifacts, const std::string& graph) {
 }  // namespace
 
 Editor::Editor(const std::string& artifacts, const c10::Device& device) : device_(device) {
-  const c10::DeviceIndex index = device.has_index() ? device.index() : -1;
   for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder"})
-    graphs_[graph] = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package(artifacts, graph), "model",
-                                                                                false, 1, index);
+    graphs_[graph] = std::make_unique<Package>(package(artifacts, graph), device);
   denoiser_ = std::make_unique<Denoiser>(package(artifacts, "unet"), device);
 }
 
 std::vector<at::Tensor> Editor::call(const std::string& graph, const std::vector<at::Tensor>& inputs) {
-  std::vector<at::Tensor> on_device;
-  for (const at::Tensor& t : inputs) on_device.push_back(t.to(device_).contiguous());  // packages trust strides
-  return graphs_.at(graph)->run(on_device);
+  return graphs_.at(graph)->run(inputs);  // cast to the package's dtypes, contiguous, on its device
 }
 
 at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<std::string, double>* stage_ms) {
@@ -35,8 +31,8 @@ at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<st
       x.prefix_ids.size(0) != b || x.suffix_ids.size(0) != b || x.image.size(0) != b)
     throw std::invalid_argument("pixel_values [B,3,224,224], prefix_ids [B,Lp], suffix_ids [B,Ls] and image "
                                 "[B,3,H,W] must share the batch B");
-  if (x.prefix_ids.scalar_type() != at::kLong || x.suffix_ids.scalar_type() != at::kLong)
-    throw std::invalid_argument("prefix_ids and suffix_ids must be int64");
+  if (at::isFloatingType(x.prefix_ids.scalar_type()) || at::isFloatingType(x.suffix_ids.scalar_type()))
+    throw std::invalid_argument("prefix_ids and suffix_ids must hold integer token ids");
   auto clock = std::chrono::steady_clock::now();
   const auto lap = [&](const char* stage, const at::Tensor& done) {
     if (!stage_ms) return;
@@ -50,9 +46,7 @@ at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<st
   lap("condition", cond[0]);
   const at::Tensor latents = call("vae_encoder", {x.image})[0];                     // [B,4,H/8,W/8]
   lap("vae_encode", latents);
-  const at::ScalarType dtype = latents.scalar_type();  // the packages' precision
-  const at::Tensor denoised =
-      denoiser_->run({latents, cond[0].to(dtype), x.null_text_embeds.to(dtype), cond[1].to(dtype)}, o);
+  const at::Tensor denoised = denoiser_->run({latents, cond[0], x.null_text_embeds, cond[1]}, o);  // casts
   lap("denoise", denoised);
   const at::Tensor image = call("vae_decoder", {denoised})[0];                      // [B,3,H,W]
   lap("vae_decode", image);

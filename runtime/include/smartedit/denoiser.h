@@ -5,10 +5,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <memory>
 #include <string>
+
+#include "smartedit/package.h"
 
 namespace smartedit {
 
@@ -31,11 +32,12 @@ class Denoiser {
   // `unet_package`: OUT/aoti/unet.pt2 (the plain unet graph, not --fold-cfg); `device` as it was compiled for.
   Denoiser(const std::string& unet_package, const c10::Device& device);
 
-  // -> latents [B,4,h,w] ready for the vae_decoder graph. Inputs may live anywhere; they are moved to the device.
+  // -> latents [B,4,h,w] ready for the vae_decoder graph, in the package's dtype (the loop runs in it). Inputs may
+  // live anywhere and have any float dtype: they are moved to the device and cast.
   at::Tensor run(const DenoiseInputs& inputs, const DenoiseOptions& options, double* ms_per_step = nullptr);
 
  private:
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> unet_;
+  Package unet_;
   c10::Device device_;
 };
 

@@ -5,13 +5,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <map>
 #include <memory>
 #include <string>
 
 #include "smartedit/denoiser.h"
+#include "smartedit/package.h"
 
 namespace smartedit {
 
@@ -28,14 +28,15 @@ class Editor {
   // `artifacts`: an smartedit-export folder holding aoti/{llava,qformer_bim,unet,vae_encoder,vae_decoder}.pt2
   Editor(const std::string& artifacts, const c10::Device& device);
 
-  // -> image [B,3,H,W] in [-1, 1]. `stage_ms`, if given, receives wall times per stage (device-synchronised).
+  // -> image [B,3,H,W] in [-1, 1]. Inputs may have any dtype (ids any integer type): each package casts them to
+  // its own. `stage_ms`, if given, receives wall times per stage (device-synchronised).
   at::Tensor run(const EditInputs& inputs, const DenoiseOptions& options,
                  std::map<std::string, double>* stage_ms = nullptr);
 
  private:
   std::vector<at::Tensor> call(const std::string& graph, const std::vector<at::Tensor>& inputs);
 
-  std::map<std::string, std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> graphs_;
+  std::map<std::string, std::unique_ptr<Package>> graphs_;
   std::unique_ptr<Denoiser> denoiser_;
   c10::Device device_;
 };
