@@ -93,7 +93,7 @@ class CudaGraphBackend(EagerBackend):
             loop = self._loops[key] = self._new_loop(latents, prompt_embeds, bim_residual, steps,
                                                      (float(guidance_scale), float(image_guidance_scale)))
         # this edit's inputs into the static buffers; the noise is drawn in diffusers' order from the seed's generator
-        noise = draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype)
+        noise = draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, latents.device)
         self._load(loop, latents, image_latents, prompt_embeds, null_text_embeds, bim_residual, noise)
         if self.capture != "none" and loop.graph is None:
             self._capture(loop)  # warm-up steps on a side stream change the buffers: load them again

@@ -48,10 +48,13 @@ class AncestralPlan:
 
 
 def draw_ancestral_noise(generator: torch.Generator | None, steps: int, shape: tuple[int, ...],
-                         dtype: torch.dtype) -> torch.Tensor:
-    """-> [steps, *shape] on the generator's device: the noise diffusers' step i draws, for every i, in its order
-    (diffusers.utils.torch_utils.randn_tensor with a CPU generator: torch.randn on the CPU in the eps dtype)."""
-    return torch.stack([torch.randn(shape, generator=generator, dtype=dtype) for _ in range(steps)])
+                         dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """-> [steps, *shape] on `device`: the noise diffusers' step i draws, for every i, in its order. As diffusers'
+    randn_tensor does, the noise is drawn where the generator lives (a CPU generator: on the CPU, the same numbers
+    whatever the device; a CUDA generator: on its GPU) and then moved to `device`."""
+    where = generator.device if generator is not None else torch.device(device)
+    noise = torch.stack([torch.randn(shape, generator=generator, dtype=dtype, device=where) for _ in range(steps)])
+    return noise.to(device)
 
 
 def ancestral_step(latents: torch.Tensor, eps: torch.Tensor, row: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,18 @@ def test_ancestral_step_equals_diffusers(dtype, steps):
         assert torch.equal(ours, ref), f"step {i}: max diff {(ours.float() - ref.float()).abs().max():.3e}"
 
 
+def test_ancestral_noise_is_drawn_where_the_generator_lives_and_returned_on_the_device():
+    """diffusers draws a CPU generator's noise on the CPU (the same numbers on any device) and moves it; a generator on
+    a GPU draws there (it cannot draw on the CPU: torch.randn raises). Only the CPU case can run here."""
+    shape = (1, 4, 2, 2)
+    on_cpu = draw_ancestral_noise(torch.Generator().manual_seed(3), 4, shape, torch.float16)
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(on_cpu, torch.stack([torch.randn(shape, generator=g, dtype=torch.float16) for _ in range(4)]))
+    moved = draw_ancestral_noise(torch.Generator().manual_seed(3), 4, shape, torch.float16, device="meta")
+    assert moved.device.type == "meta" and moved.shape == (4, *shape) and moved.dtype == torch.float16
+    assert draw_ancestral_noise(None, 2, shape, torch.float32, device="meta").device.type == "meta"
+
+
 def test_plan_rejects_zero_steps():
     with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
         AncestralPlan.build(0, "cpu")
