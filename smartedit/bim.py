@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import BIMConfig
+from .errors import InputError
 from .kernels import bim_attention as kernels
 
 
@@ -33,7 +34,7 @@ class Attention(nn.Module):
         self.internal_dim = dim // downsample_rate
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
-            raise ValueError(f"attention width {self.internal_dim} is not divisible by {num_heads} heads")
+            raise InputError(f"attention width {self.internal_dim} is not divisible by {num_heads} heads")
         self.kernel_mode = "auto"  # smartedit.kernels: Triton attention on CUDA ("on" / "off": see BIM.set_kernels)
         self.q_proj = nn.Linear(dim, self.internal_dim)
         self.k_proj = nn.Linear(dim, self.internal_dim)
@@ -46,13 +47,8 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if kernels.kernel_unusable(q, self.kernel_mode) is None:
-            # fused Triton attention; reads the heads through strides, writes them merged: [B, Nq, internal_dim]
-            out = kernels.bim_attention_op(q, k, v, scale).flatten(2)
-        else:  # the reference: SAM's math, also what ONNX export traces
-            attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, heads, Nq, Nk]
-            out = (attn @ v).transpose(1, 2).flatten(2)  # [B, Nq, internal_dim]
+        # the Triton kernel on CUDA (fp16/bf16), else SAM's math (also what ONNX export traces): [B, Nq, internal_dim]
+        out = kernels.bim_attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]), self.kernel_mode)
         return self.out_proj(out)
 
 
@@ -167,11 +163,18 @@ class BIM(nn.Module):
         self.dimension_reduction_head_zeroconv = nn.Conv2d(cfg.dim, residual_channels, kernel_size=1)
         self.dimension_reduction_head_qformer_out = nn.Linear(cfg.dim, text_dim)
 
+    def kernel_status(self, device: torch.device | str, dtype: torch.dtype) -> str:
+        """What the attentions run on for inputs on `device` in `dtype`: the Triton kernel, or PyTorch and why."""
+        mode = next(m.kernel_mode for m in self.modules() if isinstance(m, Attention))
+        probe = torch.empty(1, 1, 1, self.cfg.dim // self.cfg.num_heads, device=device, dtype=dtype)  # q's last dim
+        reason = kernels.kernel_unusable(probe, mode)
+        return "Triton kernel" if reason is None else f"PyTorch ({reason})"
+
     def set_kernels(self, mode: str = "auto") -> "BIM":
         """Triton attention kernels: "auto" (default: on CUDA), "off" (PyTorch reference, for comparison), "on"
         (also on CPU when TRITON_INTERPRET=1: the interpreter tests)."""
         if mode not in kernels.KERNEL_MODES:
-            raise ValueError(f"kernel mode must be one of {kernels.KERNEL_MODES}, got {mode!r}")
+            raise InputError(f"kernel mode must be one of {kernels.KERNEL_MODES}, got {mode!r}")
         for m in self.modules():
             if isinstance(m, Attention):
                 m.kernel_mode = mode
@@ -181,7 +184,7 @@ class BIM(nn.Module):
         b, n, d = clip_feats.shape
         side = math.isqrt(n)
         if side * side != n or d != self.cfg.dim:
-            raise ValueError(f"clip_feats must be [B, side*side, {self.cfg.dim}], got {tuple(clip_feats.shape)}")
+            raise InputError(f"clip_feats must be [B, side*side, {self.cfg.dim}], got {tuple(clip_feats.shape)}")
         tokens = self.modulate_head(q)  # [B, 77, D]
         image = clip_feats.transpose(1, 2).reshape(b, d, side, side)  # [B, D, 16, 16], row-major patches
         image_pe = self.pe_layer((side, side)).unsqueeze(0).to(image.dtype)  # [1, D, 16, 16]

@@ -18,12 +18,8 @@ torch.load(weights_only=True): a pickle that needs code to load is refused.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,18 +29,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import BASE_VOCAB_SIZE, SmartEditConfig
+from .errors import CheckpointError
+from .files import read_json, staged, write_json
+from .model import STAGE_NAMES, build_stages
 from .qformer import official_qformer_key
 
 log = logging.getLogger(__name__)
 
 FORMAT = "smartedit"
 FORMAT_VERSION = 1
-STAGE_FILES = ("vision", "llm", "qformer", "bim", "unet", "vae")
+STAGE_FILES = STAGE_NAMES  # <stage>.safetensors
 NULL_TEXT_FILE = "null_text.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as is: missing file, unexpected/missing keys, shape mismatch, unsafe pickle."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,28 +130,17 @@ def _shares(t: torch.Tensor) -> bool:
 def write_folder_atomically(out_dir: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Run write(tmp) on a temporary sibling folder, then rename it to out_dir: a failure leaves nothing behind."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write into {parent}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    try:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise CheckpointError(f"output folder {out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    with staged(out_dir, folder=True) as tmp:
         write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def write_config(path: Path, cfg: SmartEditConfig, random_weights: bool, source: dict[str, Any]) -> None:
     d = {"format": FORMAT, "format_version": FORMAT_VERSION, "random_weights": random_weights, "source": source,
          **cfg.to_dict()}
-    path.write_text(json.dumps(d, indent=2) + "\n")
+    write_json(path, d)
 
 
 def read_config(model_dir: Path) -> tuple[SmartEditConfig, dict[str, Any]]:
@@ -164,7 +148,7 @@ def read_config(model_dir: Path) -> tuple[SmartEditConfig, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{model_dir} is not a SmartEdit model folder: missing {path.name} "
                               "(convert the official release with `smartedit-convert` first)")
-    d = json.loads(path.read_text())
+    d = read_json(path, CheckpointError)
     if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {d.get('format')!r} v{d.get('format_version')}, expected "
                               f"{FORMAT!r} v{FORMAT_VERSION}")
@@ -366,7 +350,6 @@ def convert_official(official_dir: str | Path, out_dir: str | Path, preset: str,
     """
     from transformers import AutoTokenizer
 
-    from .pipeline import build_stages
     from .tokenizer import add_smartedit_tokens
 
     cfg = SmartEditConfig.from_name(preset)

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from .errors import InputError
+
 # Token ids of the 35 tokens SmartEdit adds to the 32000-token LLaMA vocabulary (official DS_SmartEdit_model.py:84-113).
 BASE_VOCAB_SIZE = 32000
 IMG_TOKEN_ID = 32000  # "<img>", named in the system prompt, never generated
@@ -151,6 +155,35 @@ class VAEConfig:
         )
 
 
+# Precision names, everywhere in the project (CLI flags, manifests, specs): the one map from name to dtype.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision {name!r}; choose one of {sorted(PRECISIONS)}")
+    return PRECISIONS[name]
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    return next(k for k, v in PRECISIONS.items() if v == dtype)
+
+
+# Image sides are multiples of 64 px on every backend: latents are pixels / 8, and SD's UNet halves them three
+# times (an exported graph's latent dims are 8 * h8). Eager PyTorch could take multiples of 8 (diffusers resizes its
+# skip connections), but then an edit that works eagerly would fail on every exported backend.
+RESOLUTION_STEP = 64
+MAX_RESOLUTION = 4096  # 64 MB of fp32 image; beyond it the VAE's activations run to tens of GB
+
+
+def check_resolution(px: int, what: str = "resolution") -> int:
+    if isinstance(px, bool) or not isinstance(px, int) or px < RESOLUTION_STEP or px % RESOLUTION_STEP \
+            or px > MAX_RESOLUTION:
+        raise InputError(f"{what} must be a multiple of {RESOLUTION_STEP} px between {RESOLUTION_STEP} and "
+                         f"{MAX_RESOLUTION}, got {px!r}")
+    return px
+
+
 # timbrooks/instruct-pix2pix scheduler/scheduler_config.json (EulerAncestralDiscreteScheduler)
 SCHEDULER_CONFIG: dict[str, Any] = dict(
     num_train_timesteps=1000,
@@ -187,7 +220,7 @@ class SmartEditConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"inconsistent SmartEdit config {self.name!r}: " + "; ".join(bad))
+            raise InputError(f"inconsistent SmartEdit config {self.name!r}: " + "; ".join(bad))
 
     @property
     def unet_residual_channels(self) -> int:
@@ -206,7 +239,7 @@ class SmartEditConfig:
             known = {f.name: f for f in dataclasses.fields(sub)}
             unknown = sorted(set(raw) - set(known))
             if unknown:
-                raise ValueError(f"config section {key!r} has unknown fields {unknown}")
+                raise InputError(f"config section {key!r} has unknown fields {unknown}")
             for k, v in raw.items():
                 if isinstance(v, list):
                     raw[k] = tuple(v)
@@ -223,7 +256,7 @@ class SmartEditConfig:
     @classmethod
     def from_name(cls, name: str) -> "SmartEditConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise InputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]
 
 

@@ -10,6 +10,8 @@ Two ways to get the hidden states (after the final RMSNorm) of <img_0>..<img_31>
   forcing, dataset/EditMLLMSD_dataset.py), and read the last 32 positions of one forward pass.
 - "generate": decode token by token with a KV cache, as the official script does, and keep the state of every fed
   token with id >= 32003 (greedy by default; temperature sampling with a seeded generator as an option).
+- "stepwise": the official loop's cost (one forward and the logits per token, a KV cache) fed the canonical answer
+  instead of sampling it: forced mode's states, token by token. The `official` benchmark baseline runs this.
 Both give the same states whenever decoding emits the canonical answer, because a causal LLM's state at a position
 depends only on the tokens before it.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel, PreTrainedTokenizerBase
 
 from .config import IMG_START_ID, NUM_IMG_TOKENS, LLMConfig
+from .errors import InputError, RunError
 from .tokenizer import IM_END, IM_START, IMG_TOKENS
 
 # conversation_v01.py, template "vicuna_v1.3" (roles USER/ASSISTANT, sep " ", sep2 "</s>")
@@ -99,13 +102,14 @@ EDIT_TEMPLATES: tuple[tuple[str, str], ...] = (
      "Of course, I have designed the visual that embodies the former picture and message [img]."),
 )
 DEFAULT_TEMPLATE = 0  # deterministic default; the official script draws one at random per image
-IMG_MODES = ("forced", "generate")
+IMG_MODES = ("forced", "generate", "stepwise")
+PAD_ID = 0  # <unk>, the official pad token; the LLaMA tokenizer never emits it (it falls back to bytes)
 
 
 def conversation(instruction: str, template: int = DEFAULT_TEMPLATE) -> tuple[str, str]:
     """-> (prompt text ending in "ASSISTANT:", canonical answer " ... <img_0> ... <img_31>")."""
     if not 0 <= template < len(EDIT_TEMPLATES):
-        raise ValueError(f"template index {template} outside 0..{len(EDIT_TEMPLATES) - 1}")
+        raise InputError(f"template index {template} outside 0..{len(EDIT_TEMPLATES) - 1}")
     human, gpt = EDIT_TEMPLATES[template]
     cap = f'"{IM_START} {IMG_TOKENS[0]} {IM_END}{instruction}"'
     prompt = f"{SYSTEM_PROMPT} USER: {human.replace('[cap]', cap)} ASSISTANT:".replace("\n", "")
@@ -131,16 +135,16 @@ class PromptIds:
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, template: int = DEFAULT_TEMPLATE,
                     forced: bool = True) -> PromptIds:
     if not isinstance(instruction, str) or not instruction.strip():
-        raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+        raise InputError(f"instruction must be a non-empty string, got {instruction!r}")
     prompt, answer = conversation(instruction, template)
     prompt_ids = tokenizer(prompt).input_ids
     ids = prompt_ids
     if forced:
         ids = tokenizer(prompt + answer).input_ids
         if ids[: len(prompt_ids)] != prompt_ids:  # the answer must not change how the prompt tokenizes
-            raise ValueError("tokenizer merges the prompt's end with the answer; forced mode needs a clean split")
+            raise InputError("tokenizer merges the prompt's end with the answer; forced mode needs a clean split")
         if ids[-NUM_IMG_TOKENS:] != list(range(IMG_START_ID, IMG_START_ID + NUM_IMG_TOKENS)):
-            raise ValueError("the canonical answer did not tokenize to <img_0>..<img_31> at its end")
+            raise InputError("the canonical answer did not tokenize to <img_0>..<img_31> at its end")
     pos = ids.index(IMG_START_ID)  # the first <img_0> is the image placeholder
     return PromptIds(prefix=ids[:pos], suffix=ids[pos + 1:])
 
@@ -223,28 +227,31 @@ class SmartEditLLM(nn.Module):
                           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """One prefill over prompt + canonical answer -> the states of <img_0>..<img_31>: [B, 32, H].
 
-        suffix_ids must end with the 32 <img_i> ids (tokenize_prompt(..., forced=True)).
+        suffix_ids must end with the 32 <img_i> ids (tokenize_prompt(..., forced=True)); checked when run eagerly
+        (a traced graph cannot branch on values: its inputs are checked by the pipeline that tokenizes them).
         """
-        expected = torch.arange(IMG_START_ID, IMG_START_ID + NUM_IMG_TOKENS, device=suffix_ids.device)
-        if suffix_ids.shape[1] < NUM_IMG_TOKENS or not bool((suffix_ids[:, -NUM_IMG_TOKENS:] == expected).all()):
-            raise ValueError("forced mode needs suffix_ids ending in <img_0>..<img_31> (ids 32003..32034)")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: let transformers take its unmasked causal path
+        if not torch.compiler.is_compiling():
+            expected = torch.arange(IMG_START_ID, IMG_START_ID + NUM_IMG_TOKENS, device=suffix_ids.device)
+            if suffix_ids.shape[1] < NUM_IMG_TOKENS or not bool((suffix_ids[:, -NUM_IMG_TOKENS:] == expected).all()):
+                raise InputError("forced mode needs suffix_ids ending in <img_0>..<img_31> (ids 32003..32034)")
         hidden = self(self.embed(prefix_ids, image_embeds, suffix_ids), attention_mask)
         return hidden[:, -NUM_IMG_TOKENS:]
 
     @torch.no_grad()
     def generate_img_states(self, prefix_ids: torch.Tensor, image_embeds: torch.Tensor, suffix_ids: torch.Tensor,
                             temperature: float = 0.0, generator: torch.Generator | None = None,
-                            max_new_tokens: int = 512, eos_token_id: int = 2) -> tuple[torch.Tensor, list[int]]:
+                            max_new_tokens: int = 512, eos_token_id: int = 2,
+                            answer_ids: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Official decoding loop for one sample -> (states [1, 32, H], generated ids).
 
         prefix_ids [1, Lp], image_embeds [1, 256, H], suffix_ids [1, Ls] ending at "ASSISTANT:". A fed token with
         id >= 32003 contributes its state; decoding stops at EOS or once 32 states are collected (the official loop
-        asserts exactly 32). temperature < 1e-4 means greedy, as in the official script.
+        asserts exactly 32). temperature < 1e-4 means greedy, as in the official script. With `answer_ids` the loop
+        feeds those tokens instead of the ones it would pick (its logits are still computed each step: the
+        "stepwise" mode, the official cost with the canonical answer).
         """
         if prefix_ids.shape[0] != 1:
-            raise ValueError(f"generate mode decodes one sample at a time, got batch {prefix_ids.shape[0]}")
+            raise InputError(f"generate mode decodes one sample at a time, got batch {prefix_ids.shape[0]}")
         cache = DynamicCache()
         out = self.model(inputs_embeds=self.embed(prefix_ids, image_embeds, suffix_ids), past_key_values=cache,
                          use_cache=True)
@@ -253,7 +260,11 @@ class SmartEditLLM(nn.Module):
         hidden = out.last_hidden_state[:, -1:]
         for _ in range(max_new_tokens):
             logits = self.lm_head(hidden[0, -1]).float()  # [V]
-            if temperature < 1e-4:
+            if answer_ids is not None:
+                if len(generated) == len(answer_ids):
+                    break
+                token = answer_ids[len(generated)]
+            elif temperature < 1e-4:
                 token = int(torch.argmax(logits))
             else:
                 probs = torch.softmax(logits / temperature, dim=-1)
@@ -268,7 +279,7 @@ class SmartEditLLM(nn.Module):
                 if len(states) == NUM_IMG_TOKENS:
                     break
         if len(states) != NUM_IMG_TOKENS:
-            raise RuntimeError(
+            raise RunError(
                 f"decoding produced {len(states)} <img_i> tokens, not {NUM_IMG_TOKENS}, in {len(generated)} steps "
                 f"(ids {generated[:64]}...); the official script fails the same way (issue #46). Use the forced mode."
             )

@@ -1,9 +1,15 @@
-"""SmartEditPipeline: image + instruction -> edited image, in eager PyTorch. The reference every export must match.
+"""SmartEditPipeline: image + instruction -> edited image, through any runtime of the graph contract.
 
 Order of work (official test/DS_SmartEdit_test.py and InstructPix2PixSD_SM.py):
-    CLIP(224) -> mm_projector -> LLaMA -> 32 <img_i> states -> QFormer -> BIM -> (prompt_embeds, bim_residual)
-    VAE encode (latent mode) -> 100 x UNet on the 3-way CFG batch [cond; null+img; null+zero-img], EulerAncestral
-    eps = u + g_t (t - i) + g_i (i - u)  ->  VAE decode
+    CLIP(224) -> mm_projector -> LLaMA -> 32 <img_i> states -> QFormer -> BIM       graphs llava, qformer_bim
+    VAE encode (latent mode)                                                        graph vae_encoder
+    100 x (UNet on the 3-way CFG batch [cond; null+img; null+zero-img], eps = u + g_t (t - i) + g_i (i - u),
+           EulerAncestral)                                                          graph unet (+ smartedit.scheduler)
+    VAE decode                                                                      graph vae_decoder
+
+The graphs run on `pipe.backend`, a GraphRunner (smartedit.graphs): by default the model itself (EagerRunner, the
+reference); smartedit.engines' registry gives the others (CUDA graphs, ONNX Runtime, TensorRT, AOTInductor). The
+pipeline owns everything between the graphs: tokenisation, image pre/post-processing, the sampler and the guidance.
 """
 
 from __future__ import annotations
@@ -13,84 +19,35 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import torch
-from diffusers import EulerAncestralDiscreteScheduler
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
-from .bim import BIM
-from .config import SCHEDULER_CONFIG, SmartEditConfig
-from .mllm import IMG_MODES, SmartEditLLM, pad_prompts, pick_template, tokenize_prompt
-from .qformer import QFormer
+from .config import PRESETS, SmartEditConfig, check_resolution
+from .errors import InputError
+from .files import sha256_file, sha256_json
+from .graphs import EagerRunner, GraphRunner, LoopRunner
+from .mllm import IMG_MODES, PAD_ID, pad_prompts, pick_template, tokenize_prompt
+from .model import STAGE_NAMES, Stages, build_stages, cfg_batch, cfg_combine
+from .scheduler import (
+    SIGMA,
+    AncestralPlan,
+    T,
+    ancestral_step,
+    draw_ancestral_noise,
+    initial_latents,
+    scale_model_input,
+)
 from .tokenizer import add_smartedit_tokens, build_offline_tokenizer
-from .unet import SmartEditUNet
-from .vae import VAE, postprocess, preprocess_vae
-from .vision import VisionTower, preprocess_clip
+from .vae import postprocess, preprocess_vae
+from .vision import preprocess_clip
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Stages:
-    """The six networks, one per file; attribute names = checkpoint file names."""
-
-    vision: VisionTower
-    llm: SmartEditLLM
-    qformer: QFormer
-    bim: BIM
-    unet: SmartEditUNet
-    vae: VAE
-
-    def items(self) -> Iterator[tuple[str, nn.Module]]:
-        for name in ckpt.STAGE_FILES:
-            yield name, getattr(self, name)
-
-
-@contextlib.contextmanager
-def _construction(device: torch.device | str, dtype: torch.dtype, init: bool):
-    """Build modules directly on `device` in `dtype`; with init=False skip weight init (weights are loaded next)."""
-    from transformers.initialization import no_init_weights
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), (contextlib.nullcontext() if init else no_init_weights()):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_stages(cfg: SmartEditConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 init: bool = True, only: Iterable[str] | None = None, seed: int | None = None) -> Stages:
-    """Build the six stages; those not in `only` (if given) go on the meta device: shapes, no memory, not runnable
-    (e.g. exporting the 7b UNet on a 24 GB machine without materialising the 7b LLM). With `seed`, each stage's
-    random init is seeded on its own, so a stage's weights do not depend on which other stages were built."""
-    wanted = set(ckpt.STAGE_FILES if only is None else only)
-    unknown = wanted - set(ckpt.STAGE_FILES)
-    if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; stages are {list(ckpt.STAGE_FILES)}")
-    builders = {
-        "vision": lambda: VisionTower(cfg.vision, cfg.llm),
-        "llm": lambda: SmartEditLLM(cfg.llm),
-        "qformer": lambda: QFormer(cfg.qformer, encoder_hidden_size=cfg.llm.hidden_size),
-        "bim": lambda: BIM(cfg.bim, text_dim=cfg.qformer.hidden_size, residual_channels=cfg.unet_residual_channels),
-        "unet": lambda: SmartEditUNet(cfg.unet),
-        "vae": lambda: VAE(cfg.vae),
-    }
-    modules = {}
-    for i, name in enumerate(ckpt.STAGE_FILES):
-        where, do_init = (device, init) if name in wanted else ("meta", False)
-        if seed is not None:
-            torch.manual_seed(seed * 100 + i)
-        with _construction(where, dtype, do_init):
-            modules[name] = builders[name]()
-        modules[name].eval().requires_grad_(False)
-    return Stages(**modules)
 
 
 def _as_image(x: Image.Image | str | Path) -> Image.Image:
@@ -98,40 +55,86 @@ def _as_image(x: Image.Image | str | Path) -> Image.Image:
         return x
     path = Path(x)
     if not path.is_file():
-        raise FileNotFoundError(f"input image {path} does not exist")
+        raise InputError(f"input image {path} does not exist")
     try:
         img = Image.open(path)
         img.load()
-    except Exception as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+    except Exception as e:  # PIL raises many types for undecodable files
+        raise InputError(f"cannot read image {path}: {e}") from e
     return img
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a converted SmartEdit folder, or a preset with random weights (and its seed)."""
+
+    model: Path | None = None
+    preset: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.preset is None):
+            raise InputError("give a converted model folder (--model DIR) or a preset with random weights "
+                             "(--preset NAME --random-weights), not both or neither")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InputError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.model is not None:
+            object.__setattr__(self, "model", Path(self.model))
+
+    def __str__(self) -> str:
+        return str(self.model) if self.model else f"preset {self.preset!r} (random weights, seed {self.seed})"
+
+    def config(self) -> SmartEditConfig:
+        return ckpt.read_config(self.model)[0] if self.model else SmartEditConfig.from_name(self.preset)
+
+    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+             only: Iterable[str] | None = None) -> "SmartEditPipeline":
+        if self.model is not None:
+            return SmartEditPipeline.from_pretrained(self.model, device=device, dtype=dtype, only=only)
+        return SmartEditPipeline.from_preset(self.preset, seed=self.seed, device=device, dtype=dtype, only=only)
+
+    def describe(self, progress=log.info) -> dict:
+        """The record an export keeps of its source: the checkpoint's file hashes, or the preset and seed."""
+        if self.model is None:
+            src = {"kind": "random", "preset": self.preset, "seed": self.seed}
+            return src | {"sha256": sha256_json(src)}
+        cfg, meta = ckpt.read_config(self.model)
+        progress(f"hashing the checkpoint at {self.model} ...")
+        names = ["config.json", ckpt.NULL_TEXT_FILE] + [f"{s}.safetensors" for s in STAGE_NAMES]
+        hashes = {f: sha256_file(self.model / f) for f in names if (self.model / f).exists()}
+        return {"kind": "checkpoint", "path": str(self.model.resolve()), "files": hashes,
+                "random_weights": bool(meta.get("random_weights")), "sha256": sha256_json(hashes)}
+
+    def mismatch(self, recorded: dict) -> str | None:
+        """Why artifacts exported from the source `recorded` (a manifest's) are not from this one (None: they are).
+        A checkpoint is matched by its config.json hash (the weights are hashed at export, not at every load)."""
+        if self.model is not None:
+            want = recorded.get("files", {}).get("config.json")
+            if recorded.get("kind") == "checkpoint" and want == sha256_file(self.model / "config.json"):
+                return None
+        elif recorded.get("kind") == "random" and (recorded.get("preset"), recorded.get("seed")) == (self.preset,
+                                                                                                       self.seed):
+            return None
+        if recorded.get("kind") == "random":
+            was = f"preset {recorded.get('preset')!r} (random weights, seed {recorded.get('seed')})"
+        else:
+            was = recorded.get("path") or "an unrecorded source"
+        return f"the artifacts were exported from {was}, not from {self}"
 
 
 class SmartEditPipeline:
     def __init__(self, config: SmartEditConfig, tokenizer: PreTrainedTokenizerBase, stages: Stages,
-                 null_text_embeds: torch.Tensor, random_weights: bool = False, backend=None):
+                 null_text_embeds: torch.Tensor, random_weights: bool = False, backend: GraphRunner | None = None):
         if tuple(null_text_embeds.shape) != (1, config.qformer.num_queries, config.qformer.hidden_size):
-            raise ValueError(f"null_text_embeds must be [1, {config.qformer.num_queries}, "
+            raise InputError(f"null_text_embeds must be [1, {config.qformer.num_queries}, "
                              f"{config.qformer.hidden_size}], got {tuple(null_text_embeds.shape)}")
         self.config = config
         self.tokenizer = add_smartedit_tokens(tokenizer)
         self.stages = stages
         self.null_text_embeds = null_text_embeds  # [1, 77, D]: CLIP text embedding of ""
         self.random_weights = random_weights
-        self._backend = backend  # smartedit.engines StageBackend; None = eager PyTorch on `stages`
-
-    @property
-    def backend(self):
-        """The runtime that runs the five graphs (smartedit.engines); eager PyTorch unless one was set."""
-        if self._backend is None:
-            from smartedit.engines.eager import EagerBackend
-
-            self._backend = EagerBackend(self)
-        return self._backend
-
-    @backend.setter
-    def backend(self, value) -> None:
-        self._backend = value
+        self.backend: GraphRunner = backend or EagerRunner(stages, config)
+        self.img_token_mode = "forced"  # the default of encode_condition / __call__ (`official`: "stepwise")
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -160,21 +163,29 @@ class SmartEditPipeline:
     def from_pretrained(cls, model_dir: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, only: Iterable[str] | None = None
                         ) -> "SmartEditPipeline":
-        """Load a converted folder; `only` loads just those stages (the others stay on the meta device)."""
+        """Load a converted folder; `only` loads just those stages (the others stay on the meta device). Nothing is
+        fetched from any hub: the tokenizer is the folder's own."""
         model_dir = Path(model_dir)
         cfg, meta = ckpt.read_config(model_dir)
-        wanted = list(ckpt.STAGE_FILES if only is None else only)
-        missing = ckpt.iter_missing([model_dir / f"{n}.safetensors" for n in wanted]
-                                    + [model_dir / ckpt.NULL_TEXT_FILE])
+        wanted = list(STAGE_NAMES if only is None else only)
+        missing = ckpt.iter_missing([model_dir / f"{n}.safetensors" for n in wanted] + [model_dir / ckpt.NULL_TEXT_FILE])
+        missing += [] if (model_dir / "tokenizer").is_dir() else [model_dir / "tokenizer"]
         if missing:
             raise ckpt.CheckpointError(f"{model_dir} is incomplete, missing: {', '.join(str(p) for p in missing)}")
         stages = build_stages(cfg, device, dtype, init=False, only=wanted)  # uninitialised, on the target device
         for name, module in stages.items():
             if name in wanted:
                 ckpt.load_stage(module, model_dir / f"{name}.safetensors")
-        null = ckpt.load_torch_file(model_dir / ckpt.NULL_TEXT_FILE)["null_text_embeds"].to(device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-        return cls(cfg, tokenizer, stages, null, random_weights=bool(meta.get("random_weights", False)))
+        null = ckpt.load_torch_file(model_dir / ckpt.NULL_TEXT_FILE)
+        if "null_text_embeds" not in null:
+            raise ckpt.CheckpointError(f"{model_dir / ckpt.NULL_TEXT_FILE} has no tensor 'null_text_embeds' "
+                                       f"(it holds {sorted(null)})")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ckpt.CheckpointError(f"cannot load the tokenizer in {model_dir / 'tokenizer'}: {e}") from None
+        return cls(cfg, tokenizer, stages, null["null_text_embeds"].to(device, dtype),
+                   random_weights=bool(meta.get("random_weights", False)))
 
     def save_pretrained(self, model_dir: str | Path, overwrite: bool = False, source: dict | None = None) -> Path:
         def write(tmp: Path) -> None:
@@ -204,49 +215,60 @@ class SmartEditPipeline:
 
     @torch.inference_mode()
     def encode_condition(self, images: Sequence[Image.Image], instructions: Sequence[str],
-                         img_token_mode: str = "forced", template: int | str = 0, temperature: float = 0.0,
+                         img_token_mode: str | None = None, template: int | str = 0, temperature: float = 0.0,
                          seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> prompt_embeds [B, 77, D], bim_residual [B, C0, 16, 16]."""
-        if img_token_mode not in IMG_MODES:
-            raise ValueError(f"img_token_mode must be one of {IMG_MODES}, got {img_token_mode!r}")
-        pixels = preprocess_clip(list(images), self.config.vision.image_size).to(self.device, self.dtype)
+        mode = img_token_mode or self.img_token_mode
+        if mode not in IMG_MODES:
+            raise InputError(f"img_token_mode must be one of {IMG_MODES}, got {mode!r}")
+        pixels = preprocess_clip(list(images), self.config.vision.image_size).to(self.device)
         rng = random.Random(seed)
-        forced = img_token_mode == "forced"
-        prompts = [tokenize_prompt(self.tokenizer, text, pick_template(template, rng), forced=forced)
-                   for text in instructions]
-        if forced:
-            if self.tokenizer.pad_token_id != 0:
-                raise ValueError(f"the llava graph pads with id 0 (<unk>); this tokenizer pads with "
+        templates = [pick_template(template, rng) for _ in instructions]
+        if mode == "forced":
+            if self.tokenizer.pad_token_id != PAD_ID:
+                raise InputError(f"the llava graph pads with id {PAD_ID} (<unk>); this tokenizer pads with "
                                  f"{self.tokenizer.pad_token_id}")
-            prefix, suffix, _ = pad_prompts(prompts, 0, self.config.vision.num_patches)
+            prompts = [tokenize_prompt(self.tokenizer, text, t) for text, t in zip(instructions, templates)]
+            prefix, suffix, _ = pad_prompts(prompts, PAD_ID, self.config.vision.num_patches)
             out = self.backend.run("llava", {"pixel_values": pixels, "prefix_ids": prefix.to(self.device),
                                              "suffix_ids": suffix.to(self.device)})
             img_hidden, clip_feats = out["img_hidden"], out["clip_feats"]
         else:
-            if self.backend.name != "eager":
-                raise ValueError(f"generate mode decodes token by token in eager PyTorch; backend "
-                                 f"{self.backend.name!r} runs the exported forced-mode graph only")
-            s = self.stages
-            clip_feats, image_embeds = s.vision(pixels)  # [B, 256, Dv], [B, 256, H]
-            gen = torch.Generator().manual_seed(seed if seed is not None else 0)
-            img_hidden = torch.cat([
-                s.llm.generate_img_states(torch.tensor([p.prefix], device=self.device), image_embeds[i:i + 1],
-                                          torch.tensor([p.suffix], device=self.device), temperature=temperature,
-                                          generator=gen, eos_token_id=self.tokenizer.eos_token_id)[0]
-                for i, p in enumerate(prompts)
-            ])
+            img_hidden, clip_feats = self._decode_img_states(pixels, instructions, templates, mode, temperature, seed)
         out = self.backend.run("qformer_bim", {"img_hidden": img_hidden, "clip_feats": clip_feats})
         return out["prompt_embeds"].to(self.dtype), out["bim_residual"].to(self.dtype)
+
+    def _decode_img_states(self, pixels, instructions, templates, mode, temperature, seed):
+        """generate / stepwise: token by token with a KV cache, one sample at a time, in eager PyTorch."""
+        s = self.stages
+        if s.llm is None or s.vision is None or s.llm.lm_head.weight.is_meta or s.vision.mm_projector.weight.is_meta:
+            raise InputError(f"img_token_mode {mode!r} decodes token by token in eager PyTorch, and this pipeline has "
+                             f"no LLM weights loaded (backend {self.backend.name!r} runs the exported forced-mode "
+                             "graph)")
+        clip_feats, image_embeds = s.vision(pixels.to(next(s.vision.parameters()).dtype))  # [B, 256, Dv], [B, 256, H]
+        gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+        states = []
+        for i, (text, t) in enumerate(zip(instructions, templates)):
+            prompt = tokenize_prompt(self.tokenizer, text, t, forced=False)
+            answer = None
+            if mode == "stepwise":  # the canonical answer, fed token by token (the official loop's cost)
+                answer = tokenize_prompt(self.tokenizer, text, t, forced=True).suffix[len(prompt.suffix):]
+            ids = lambda x: torch.tensor([x], device=self.device)  # noqa: E731
+            states.append(s.llm.generate_img_states(ids(prompt.prefix), image_embeds[i:i + 1], ids(prompt.suffix),
+                                                    temperature=temperature, generator=gen,
+                                                    eos_token_id=self.tokenizer.eos_token_id, answer_ids=answer)[0])
+        return torch.cat(states), clip_feats
 
     def runtime_inputs(self, images: Sequence[Image.Image], instructions: Sequence[str], resolution: int = 256,
                        template: int | str = 0, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The tensors the C++ runtime's `Editor` takes (runtime/include/smartedit/editor.h), on the CPU:
         pixel_values [B,3,224,224], prefix_ids [B,Lp] / suffix_ids [B,Ls] int64 (forced mode, padded with 0),
         image [B,3,R,R] in [-1, 1], null_text_embeds [1,77,D]. The same preprocessing as an edit through __call__."""
+        check_resolution(resolution)
         rng = random.Random(seed)
         prompts = [tokenize_prompt(self.tokenizer, text, pick_template(template, rng), forced=True)
                    for text in instructions]
-        prefix, suffix, _ = pad_prompts(prompts, 0, self.config.vision.num_patches)
+        prefix, suffix, _ = pad_prompts(prompts, PAD_ID, self.config.vision.num_patches)
         out = {"pixel_values": preprocess_clip(list(images), self.config.vision.image_size).to(self.dtype),
                "prefix_ids": prefix, "suffix_ids": suffix,
                "image": preprocess_vae(list(images), resolution).to(self.dtype),
@@ -256,31 +278,46 @@ class SmartEditPipeline:
     @torch.inference_mode()
     def encode_image(self, images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
         """-> image latents [B, 4, R/8, R/8]."""
-        x = preprocess_vae(list(images), resolution).to(self.device, self.dtype)
+        x = preprocess_vae(list(images), resolution).to(self.device)
         return self.backend.run("vae_encoder", {"image": x})["latents"].to(self.dtype)
+
+    def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, row: torch.Tensor,
+                   prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, guidance_scale: float,
+                   image_guidance_scale: float) -> torch.Tensor:
+        """One guided step: latents [B,4,h,w] (unscaled), row = the schedule's row -> eps [B,4,h,w] in the
+        pipeline's dtype. The CFG batch and the fp32 combine are smartedit.model's, here or inside a folded graph."""
+        t, sigma = row[T].reshape(1), row[SIGMA]
+        if self.backend.fold_cfg:
+            return self.backend.run("unet", {
+                "latents": latents, "image_latents": image_latents, "timestep": t, "sigma": sigma.reshape(1),
+                "prompt_embeds": prompt_embeds, "bim_residual": bim_residual,
+                "guidance": torch.tensor([guidance_scale, image_guidance_scale], device=latents.device)})["eps"] \
+                .to(self.dtype)
+        sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
+                                    self.null_text_embeds)
+        eps = self.backend.run("unet", {"sample": sample, "timestep": t, "prompt_embeds": prompts,
+                                        "bim_residual": bim_residual})["eps"]
+        return cfg_combine(eps, guidance_scale, image_guidance_scale).to(self.dtype)
 
     @torch.inference_mode()
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,
                 steps: int = 100, guidance_scale: float = 7.5, image_guidance_scale: float = 1.5,
                 generator: torch.Generator | None = None, progress: bool = False,
                 latents: torch.Tensor | None = None) -> torch.Tensor:
-        """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode)."""
-        scheduler = EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG)
-        scheduler.set_timesteps(steps, device=self.device)
+        """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode). The seed's
+        noise is drawn as diffusers draws it: the starting latents, then one tensor per step."""
+        plan = AncestralPlan.build(steps, self.device)
         if latents is None:
-            noise = torch.randn(image_latents.shape, generator=generator, dtype=torch.float32)  # CPU generator
-            latents = noise.to(self.device, self.dtype) * scheduler.init_noise_sigma
-        loop = getattr(self.backend, "denoise_loop", None)
-        if loop is not None:  # a backend that runs the whole loop itself (engines/cudagraph.py), same seed, same math
-            return loop(latents, image_latents, prompt_embeds, self.null_text_embeds, bim_residual, steps,
-                        guidance_scale, image_guidance_scale, generator)
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="denoise", disable=not progress)):
-            sigma = scheduler.sigmas[i].to(self.device)
-            # the 3-way CFG batch [cond; null+img; null+zero-img] and the combine: engines.base.guided_eps
-            eps = self.backend.guided_eps(latents, image_latents, t, sigma, prompt_embeds, self.null_text_embeds,
-                                          bim_residual, guidance_scale, image_guidance_scale).to(self.dtype)
-            scheduler.is_scale_input_called = True  # guided_eps applied scale_model_input's x / sqrt(sigma^2 + 1)
-            latents = scheduler.step(eps, t, latents, generator=generator, return_dict=False)[0]
+            latents = initial_latents(generator, tuple(image_latents.shape), plan, self.device, self.dtype)
+        noise = draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, self.device)
+        if isinstance(self.backend, LoopRunner):  # the whole loop in one program (engines/cudagraph.py)
+            return self.backend.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
+                                             bim_residual, plan.table, noise, guidance_scale, image_guidance_scale)
+        for i in tqdm(range(steps), desc="denoise", disable=not progress):
+            row = plan.table[i]
+            eps = self.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance_scale,
+                                  image_guidance_scale)
+            latents = ancestral_step(latents, eps, row, noise[i])
         return latents
 
     @torch.inference_mode()
@@ -291,7 +328,7 @@ class SmartEditPipeline:
 
     def __call__(self, image, instruction: str | Sequence[str] | None = None, steps: int = 100,
                  guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, resolution: int = 256,
-                 seed: int | None = None, img_token_mode: str = "forced", template: int | str = 0,
+                 seed: int | None = None, img_token_mode: str | None = None, template: int | str = 0,
                  temperature: float = 0.0, progress: bool = False, timings: dict[str, float] | None = None):
         """One edit -> PIL image; lists of images and instructions (or a list of (image, instruction) pairs) -> a
         list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image).
@@ -302,17 +339,15 @@ class SmartEditPipeline:
         single = not isinstance(image, (list, tuple))
         if instruction is None:
             if single or not all(isinstance(p, tuple) and len(p) == 2 for p in image):
-                raise ValueError("pass an instruction, or a list of (image, instruction) pairs")
+                raise InputError("pass an instruction, or a list of (image, instruction) pairs")
             image, instruction = [p[0] for p in image], [p[1] for p in image]
             single = False
         images = [image] if single else list(image)
         instructions = [instruction] if isinstance(instruction, str) else list(instruction)
         if len(images) != len(instructions) or not images:
-            raise ValueError(f"got {len(images)} images and {len(instructions)} instructions; need the same, >= 1")
-        if resolution % 8 or resolution < 8:
-            raise ValueError(f"resolution must be a positive multiple of 8, got {resolution}")
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
+            raise InputError(f"got {len(images)} images and {len(instructions)} instructions; need the same, >= 1")
+        check_resolution(resolution)
+        AncestralPlan.build(steps)  # checks steps before any work
         pil = [_as_image(x) for x in images]
         if seed is None:
             seed = random.randrange(2**31)

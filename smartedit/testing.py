@@ -57,7 +57,13 @@ def official_qformer_state_dict(pipe: SmartEditPipeline) -> dict[str, torch.Tens
 def write_official_release(pipe: SmartEditPipeline, root: str | Path, step: int = 15000) -> dict[str, Path]:
     """-> {"official": ..., "llava": ..., "clip": ..., "ip2p": ...} folders under root."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+    )
 
     from .tokenizer import build_offline_tokenizer
 

@@ -10,10 +10,26 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+)
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .config import BASE_VOCAB_SIZE, IM_END_ID, IM_START_ID, IMG_START_ID, IMG_TOKEN_ID, NUM_IMG_TOKENS, VOCAB_SIZE
+from .config import (
+    BASE_VOCAB_SIZE,
+    IM_END_ID,
+    IM_START_ID,
+    IMG_START_ID,
+    IMG_TOKEN_ID,
+    NUM_IMG_TOKENS,
+    VOCAB_SIZE,
+)
+from .errors import CheckpointError
 
 IMG_TOKEN = "<img>"
 IM_START = "<im_start>"
@@ -26,7 +42,7 @@ def add_smartedit_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     if len(tokenizer) == VOCAB_SIZE and tokenizer.convert_tokens_to_ids(IMG_TOKENS[-1]) == VOCAB_SIZE - 1:
         return tokenizer  # already has them
     if len(tokenizer) != BASE_VOCAB_SIZE:
-        raise ValueError(
+        raise CheckpointError(
             f"expected a LLaMA tokenizer with {BASE_VOCAB_SIZE} ids before adding SmartEdit's tokens, got {len(tokenizer)}"
             " (LLaVA-1.1's own tokenizer has 32003: use the Vicuna-1.1 / LLaMA tokenizer)"
         )
@@ -42,7 +58,7 @@ def add_smartedit_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
                 IMG_TOKENS[-1]: IMG_START_ID + NUM_IMG_TOKENS - 1}
     got = {t: tokenizer.convert_tokens_to_ids(t) for t in expected}
     if got != expected:
-        raise ValueError(f"SmartEdit token ids differ from the official ones: got {got}, expected {expected}")
+        raise CheckpointError(f"SmartEdit token ids differ from the official ones: got {got}, expected {expected}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # official: pad = unk
     return tokenizer

@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .config import UNetConfig
+from .errors import InputError
 
 
 def resize_residual(bim_residual: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -47,7 +48,7 @@ class SmartEditUNet(nn.Module):
                 bim_residual: torch.Tensor) -> torch.Tensor:
         n_branches = sample.shape[0] // bim_residual.shape[0]  # not divmod: it rejects symbolic (exported) sizes
         if sample.shape[0] != n_branches * bim_residual.shape[0]:
-            raise ValueError(f"sample batch {sample.shape[0]} is not a multiple of bim_residual batch "
+            raise InputError(f"sample batch {sample.shape[0]} is not a multiple of bim_residual batch "
                              f"{bim_residual.shape[0]}")
         residual = resize_residual(bim_residual, tuple(sample.shape[-2:])).to(sample.dtype)
         self._residual = residual.repeat(n_branches, 1, 1, 1)  # [nB, 320, h, w], branch-major like `sample`

@@ -39,6 +39,18 @@ def load_sam_modeling():
     return tr, pe
 
 
+def run_cli(main, argv, capsys) -> tuple[int, str, str]:
+    """A command's main(argv) in this process (its typed function underneath): -> (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from smartedit.pipeline import SmartEditPipeline
@@ -59,7 +71,7 @@ SMALL_PROFILE = dict(max_batch=3, max_res=512, max_prefix=400, max_suffix=400)
 def onnx_export(tmp_path_factory):
     """precision -> an ONNX export folder of the tiny preset (seed 0, small profile), made once per session."""
     from smartedit.export.run import run_export
-    from smartedit.export.spec import ProfileOptions
+    from smartedit.graphs.spec import ProfileOptions
 
     made = {}
 
@@ -79,7 +91,7 @@ def aoti_export(tmp_path_factory):
     """The tiny preset's AOTInductor packages for the CPU (seed 0, small profile): all five graphs in fp32, made once
     per session (~75 s on 2 cores)."""
     from smartedit.export.run import run_export
-    from smartedit.export.spec import ProfileOptions
+    from smartedit.graphs.spec import ProfileOptions
 
     out = tmp_path_factory.mktemp("aoti_fp32")
     run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
@@ -98,8 +110,8 @@ def trt_rtx_export(onnx_export, tmp_path_factory):
     import shutil
 
     from smartedit.export.run import run_export
-    from smartedit.export.spec import ProfileOptions
     from smartedit.export.trt import BuildOptions
+    from smartedit.graphs.spec import ProfileOptions
 
     out = tmp_path_factory.mktemp("trt_rtx")
     shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)

@@ -1,22 +1,22 @@
 """smartedit-bench on the tiny preset, CPU, 2 steps: every requested backend is measured or skipped with a reason."""
 
 import json
-import subprocess
 
 import pytest
 import torch
 
-from smartedit.bench.run import BACKENDS, run_bench
+from smartedit.bench.run import run_bench
+from smartedit.engines.registry import BACKENDS
+from smartedit.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def cpu_bench(tmp_path_factory, onnx_export):
+    from smartedit.bench.cli import main
+
     out = tmp_path_factory.mktemp("bench")
-    r = subprocess.run(["smartedit-bench", "--preset", "tiny", "--random-weights", "--backends", ",".join(BACKENDS),
-                        "--steps", "2", "--repeats", "2", "--resolution", "256,320", "--dtype", "fp32",
-                        "--artifacts", str(onnx_export("fp16")), "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    main(["--preset", "tiny", "--random-weights", "--backends", ",".join(BACKENDS), "--steps", "2", "--repeats", "2",
+          "--resolution", "256,320", "--dtype", "fp32", "--artifacts", str(onnx_export("fp16")), "--out", str(out)])
     return out
 
 
@@ -28,7 +28,7 @@ def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
     assert all(isinstance(why, str) and why for why in res["skipped"].values())
     assert {"official", "eager", "onnxruntime"} <= measured  # onnxruntime runs on the CPU from the artifacts
     if not torch.cuda.is_available():
-        assert res["skipped"]["cudagraph"] == "needs a CUDA device"
+        assert res["skipped"]["cudagraph"] == "runs on cuda, not cpu"
     for r in res["runs"]:
         e = r["e2e_ms"]
         assert 0 < e["min"] <= e["median"] <= e["p90"] <= e["max"]
@@ -47,16 +47,16 @@ def test_every_backend_is_measured_or_skipped_with_a_reason(cpu_bench):
 
 def test_markdown_and_chart_are_written(cpu_bench):
     md = (cpu_bench / "cpu-tiny.md").read_text()
-    assert "| eager | 256 |" in md and "skipped: no AOTInductor packages in" in md
+    assert "| eager | 256 |" in md and "| aoti | - | skipped: no aoti artifacts in" in md
     assert "Work per edit at 256x256" in md
     assert (cpu_bench / "cpu-tiny.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_requests():
-    with pytest.raises(ValueError, match=r"unknown backend\(s\) \['fast'\]"):
+    with pytest.raises(InputError, match=r"unknown backend\(s\) \['fast'\]"):
         run_bench(preset="tiny", backends=("fast",))
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU here"):
+        with pytest.raises(InputError, match="no CUDA GPU here"):
             run_bench(preset="tiny", device="cuda")
 
 
@@ -66,51 +66,55 @@ def test_a_failing_backend_is_reported_not_dropped(onnx_export):
     assert res["runs"] == []
     [f] = res["failed"]
     assert (f["backend"], f["resolution"]) == ("onnxruntime", 128)
-    assert f["error"].startswith("ValueError: vae_encoder: dimension h = 16 is outside")
+    assert f["error"].startswith("InputError: vae_encoder: image height 128 px is outside the exported range")
 
 
-def test_any_exception_of_one_backend_is_recorded_and_the_others_still_run(monkeypatch, tmp_path):
+def test_any_exception_of_one_backend_is_recorded_and_the_others_still_run(monkeypatch):
     """triton's OutOfResources derives from Exception, not RuntimeError: it once ended the whole benchmark before
     eager ran, with nothing written. Any failure is a result: recorded with its type, written at once, and the
-    other backends and resolutions still measured."""
+    other backends and resolutions still measured. Two stand-in backends join the registry for this."""
     from triton.runtime.errors import OutOfResources
 
-    import smartedit.bench.run as bench_run
+    from smartedit.engines import registry
+    from smartedit.engines.registry import Backend
 
-    def out_of_shared_memory(pipe, dtype):
-        def encode_condition(images, *args, **kwargs):
-            if images[0].size != (512, 512):
-                raise AssertionError("the benchmark image changed")
-            raise OutOfResources(425_984, 232_448, "shared memory")
-        return encode_condition
+    def out_of_shared_memory(source, device, dtype, artifacts):
+        pipe = source.load(device, dtype)
+        inner = pipe.backend
 
-    real_pipeline = bench_run._pipeline
+        class Runner:  # the BIM's Triton kernel failing to launch, at 128 px only
+            name, fold_cfg = "oom", False
 
-    def pipeline(backend, *args):
-        if backend == "cudagraph":  # a load failure: a plain Exception
-            raise Exception("plain failure while loading")
-        return real_pipeline(backend, *args)
+            def run(self, graph, inputs):
+                if graph == "vae_encoder" and inputs["image"].shape[-1] == 128:
+                    raise OutOfResources(425_984, 232_448, "shared memory")
+                return inner.run(graph, inputs)
 
-    monkeypatch.setattr(bench_run, "_official_condition", out_of_shared_memory)
-    monkeypatch.setattr(bench_run, "_pipeline", pipeline)
-    monkeypatch.setattr(bench_run, "_why_unavailable", lambda *a: None)  # let cudagraph reach its load on a CPU
+        pipe.backend = Runner()
+        return pipe
+
+    def plain_failure(source, device, dtype, artifacts):
+        raise Exception("plain failure while loading")
+
+    always = lambda device: None  # noqa: E731
+    monkeypatch.setitem(registry.BACKENDS, "oom", Backend("oom", "test", ("cpu",), None, always, out_of_shared_memory))
+    monkeypatch.setitem(registry.BACKENDS, "broken", Backend("broken", "test", ("cpu",), None, always, plain_failure))
     written = []
-    res = run_bench(preset="tiny", backends=("official", "cudagraph", "eager"), resolutions=(64, 128), steps=1,
+    res = run_bench(preset="tiny", backends=("oom", "broken", "eager"), resolutions=(64, 128), steps=1,
                     repeats=1, warmup=0, dtype="fp32", progress=lambda m: None,
                     checkpoint=lambda r: written.append(json.loads(json.dumps(r, default=str))))
-    assert [(f["backend"], f["resolution"]) for f in res["failed"]] == [("official", 64), ("official", 128),
-                                                                        ("cudagraph", None)]
+    assert [(f["backend"], f["resolution"]) for f in res["failed"]] == [("oom", 128), ("broken", None)]
     assert res["failed"][0]["error"].startswith("OutOfResources: out of resource: shared memory")
-    assert res["failed"][2]["error"] == "Exception: plain failure while loading"
-    assert [(r["backend"], r["resolution"]) for r in res["runs"]] == [("eager", 64), ("eager", 128)]
-    # written as they came: the first failure was on disk before anything was measured
-    assert written[0]["failed"] and not written[0]["runs"]
-    assert len(written) >= 5 and written[-1]["runs"] == json.loads(json.dumps(res["runs"], default=str))
+    assert res["failed"][1]["error"] == "Exception: plain failure while loading"
+    assert [(r["backend"], r["resolution"]) for r in res["runs"]] == [("oom", 64), ("eager", 64), ("eager", 128)]
+    # written as they came: the first row, then the failure, were on disk before eager was measured
+    assert [len(w["runs"]) for w in written[:2]] == [1, 1] and written[1]["failed"]
+    assert written[-1]["runs"] == json.loads(json.dumps(res["runs"], default=str))
     from smartedit.bench.run import to_markdown
 
     md = to_markdown(res)
-    assert "| official | 64 | FAILED: OutOfResources: out of resource: shared memory" in md
-    assert "| cudagraph | load | FAILED: Exception: plain failure while loading" in md
+    assert "| oom | 128 | FAILED: OutOfResources: out of resource: shared memory" in md
+    assert "| broken | load | FAILED: Exception: plain failure while loading" in md
 
 
 @pytest.mark.cuda
@@ -118,12 +122,12 @@ def test_any_exception_of_one_backend_is_recorded_and_the_others_still_run(monke
 def test_cudagraph_backend_matches_eager_fp16(test_image):
     import numpy as np
 
-    from smartedit.engines.cudagraph import CudaGraphBackend
+    from smartedit.engines.cudagraph import CudaGraphRunner
     from smartedit.pipeline import SmartEditPipeline
 
     eager = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
     fast = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
-    fast.backend = CudaGraphBackend(fast)
+    fast.backend = CudaGraphRunner(fast.stages, fast.config)
     a = np.asarray(eager(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
     b = np.asarray(fast(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
     assert 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12)) >= 35

@@ -1,15 +1,14 @@
-import subprocess
-
 import pytest
 import torch
+from conftest import run_cli
 
-from smartedit.bench.kernels import to_markdown
+from smartedit.bench.kernels import main, to_markdown
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_kernel_benchmark_says_it_is_skipped_without_a_gpu():
-    r = subprocess.run(["smartedit-bench-kernels", "--out", "unused"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "skipped: no CUDA GPU here" in r.stdout
+def test_kernel_benchmark_says_it_is_skipped_without_a_gpu(capsys, tmp_path):
+    code, out, _ = run_cli(main, ["--out", tmp_path / "unused"], capsys)
+    assert code == 0 and "skipped: no CUDA GPU here" in out and not (tmp_path / "unused").exists()
 
 
 def test_markdown_table_keeps_units_and_missing_cells():

@@ -6,10 +6,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from safetensors.torch import save_file
 
-from conftest import assert_close
-from smartedit.checkpoint import CheckpointError, convert_official, find_step, load_torch_file
+from smartedit.checkpoint import (
+    CheckpointError,
+    convert_official,
+    find_step,
+    load_torch_file,
+)
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.testing import write_official_release
 
@@ -155,7 +160,7 @@ def test_existing_output_is_not_overwritten(release, tmp_path):
     out = tmp_path / "model"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(CheckpointError, match="not empty"):
         _convert(dirs, out, null_text=root / "null.safetensors")
     assert (out / "keep.txt").read_text() == "mine"
 

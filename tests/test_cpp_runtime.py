@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_close
-from smartedit.engines.euler_ancestral import AncestralPlan
+from smartedit.engines.aoti import AOTIRunner
+from smartedit.engines.artifacts import Artifacts
 from smartedit.pipeline import SmartEditPipeline
+from smartedit.scheduler import AncestralPlan
 
-RUNTIME = Path(__file__).resolve().parent.parent / "runtime"
+ROOT = Path(__file__).resolve().parent.parent  # the top-level CMakeLists.txt builds runtime/
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +26,13 @@ def runtime_bin(tmp_path_factory):
     if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
         pytest.skip("cmake and a C++ compiler are needed to build runtime/")
     build = tmp_path_factory.mktemp("runtime_build")
-    configure = subprocess.run(["cmake", "-S", str(RUNTIME), "-B", str(build),
+    configure = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build),
                                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
                                capture_output=True, text=True, timeout=300)
     assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
     make = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True, timeout=1200)
     assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
-    return build / "smartedit-runtime"
+    return build / "runtime" / "smartedit-runtime"
 
 
 def _run(exe, *args):
@@ -46,7 +48,7 @@ def test_schedule_equals_diffusers(runtime_bin, steps):
     got = json.loads(r.stdout)
     plan = AncestralPlan.build(steps, "cpu")  # diffusers' timesteps and sigmas
     assert torch.equal(torch.tensor(got["table"], dtype=torch.float32), plan.table)
-    assert torch.tensor(got["init_noise_sigma"], dtype=torch.float32).item() == plan.init_noise_sigma
+    assert torch.tensor(got["init_noise_sigma"], dtype=torch.float32) == plan.init_noise_sigma
 
 
 def _inputs(pipe, b=2, h=32, seed=5):
@@ -59,8 +61,6 @@ def _inputs(pipe, b=2, h=32, seed=5):
 
 def test_denoise_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tmp_path):
     """Same seed, same UNet package: the C++ loop must reproduce the Python loop (diffusers' scheduler)."""
-    from smartedit.engines.aoti import AOTIBackend
-
     x = _inputs(tiny_pipe)
     save_file({**x, "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()}, tmp_path / "in.safetensors")
     r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2",
@@ -72,7 +72,7 @@ def test_denoise_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tmp_pa
     got = load_file(tmp_path / "out.safetensors")["latents"]
 
     packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
-                                 random_weights=True, backend=AOTIBackend(aoti_export))
+                                 random_weights=True, backend=AOTIRunner(Artifacts(aoti_export, "aoti")))
     want = packaged.denoise(x["prompt_embeds"], x["bim_residual"], x["image_latents"], steps=5,
                             generator=torch.Generator().manual_seed(9))
     # bit-identical: the same ops in the same dtypes on the same kernels (a reciprocal-multiply in place of the
@@ -115,8 +115,6 @@ def test_bad_input_fails_fast_and_names_it(runtime_bin, aoti_export, tiny_pipe, 
 def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
     """llava -> qformer_bim -> vae_encoder -> loop -> vae_decoder from the packages in C++, against the Python
     pipeline on the same packages (bit for bit) and against eager PyTorch."""
-    from smartedit.engines.aoti import AOTIBackend
-
     save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "in.safetensors")
     r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "image.safetensors", "--steps", 3, "--seed", 1)
@@ -131,13 +129,13 @@ def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tes
         return pipe.decode(latents)
 
     packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
-                                 random_weights=True, backend=AOTIBackend(aoti_export))
+                                 random_weights=True, backend=AOTIRunner(Artifacts(aoti_export, "aoti")))
     want = edit(packaged)
     assert torch.equal(got, want), f"C++ edit vs Python edit, same packages: max diff {(got - want).abs().max():.3e}"
     assert_close(got, edit(tiny_pipe), atol=2e-3, rtol=0, msg="C++ edit vs eager PyTorch")
     r = _run(runtime_bin, "edit", "--artifacts", tmp_path / "nowhere", "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "x.safetensors")
-    assert r.returncode == 1 and "aoti/llava.pt2 not found" in r.stderr
+    assert r.returncode == 1 and "nowhere is not an smartedit-export output folder" in r.stderr
 
 
 def test_inputs_are_cast_to_the_packages_dtypes(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
@@ -169,3 +167,41 @@ def test_inputs_are_cast_to_the_packages_dtypes(runtime_bin, aoti_export, tiny_p
     r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "vae_decoder.pt2", "--inputs",
              tmp_path / "c-wide.safetensors", "--out", tmp_path / "x.safetensors")
     assert r.returncode == 2 and "holds the vae_decoder graph, not unet" in r.stderr
+
+
+def _copy_with(src, dst, edit):
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_the_runtime_reads_files_and_specs_from_the_manifest(runtime_bin, aoti_export, tiny_pipe, test_image,
+                                                            tmp_path):
+    """Graph files and input specs come from manifest.json: inputs outside the exported profile are refused in the
+    same words as the Python runtimes, a file outside the folder or a manifest of another version is refused."""
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=576), tmp_path / "big.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "big.safetensors",
+             "--out", tmp_path / "o.safetensors", "--steps", 1)
+    assert r.returncode == 2 and "vae_encoder: image height 576 px is outside the exported range 256-512 px" in r.stderr
+    moved = _copy_with(aoti_export, tmp_path / "moved", lambda m: m["artifacts"]["aoti"]["unet"].update(
+        files={"../../../etc/passwd": {"sha256": "0" * 64, "bytes": 1}}))
+    save_file(tiny_pipe.runtime_inputs([test_image], ["x"], resolution=256), tmp_path / "in.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", moved, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "o.safetensors", "--steps", 1)
+    assert r.returncode == 1 and "names '../../../etc/passwd', outside" in r.stderr
+    old = _copy_with(aoti_export, tmp_path / "old", lambda m: m.update(manifest_version=1))
+    r = _run(runtime_bin, "edit", "--artifacts", old, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "o.safetensors", "--steps", 1)
+    assert r.returncode == 1 and "not manifest version 2" in r.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_deeply_nested_json_is_refused_not_a_crash(runtime_bin, tiny_pipe, tmp_path):
+    """A safetensors header of 200k nested '[' once overflowed the recursive parser's stack (a segfault)."""
+    header = b"[" * 200_000
+    (tmp_path / "deep.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    r = _run(runtime_bin, "denoise", "--unet", tmp_path / "none.pt2", "--inputs", tmp_path / "deep.safetensors",
+             "--out", tmp_path / "o.safetensors")
+    assert r.returncode == 1 and "nested deeper than 64 levels" in r.stderr

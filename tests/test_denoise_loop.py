@@ -1,5 +1,5 @@
-"""The device-side denoising loop (engines/euler_ancestral.py, engines/cudagraph.py) against the reference:
-diffusers' EulerAncestralDiscreteScheduler and the pipeline's eager loop, for the same seed.
+"""The sampler (smartedit/scheduler.py), the pipeline's loop and the CUDA-graph loop (engines/cudagraph.py) against
+the reference: diffusers' EulerAncestralDiscreteScheduler driving InstructPix2Pix's guided loop, for the same seed.
 
 On the CPU the loop program runs uncaptured (capture="none"): the schedule table, the up-front ancestral noise, the
 static buffers and the step indexed by a device counter are all checked there. The CUDA tests check that capturing
@@ -9,14 +9,14 @@ static buffers and the step indexed by a device counter are all checked there. T
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from diffusers import EulerAncestralDiscreteScheduler
 
 from smartedit.config import SCHEDULER_CONFIG
-from smartedit.engines.cudagraph import CudaGraphBackend
-from smartedit.engines.euler_ancestral import AncestralPlan, ancestral_step, draw_ancestral_noise
+from smartedit.engines.cudagraph import CudaGraphRunner
+from smartedit.errors import InputError
 from smartedit.pipeline import SmartEditPipeline
-
-from conftest import assert_close
+from smartedit.scheduler import AncestralPlan, ancestral_step, draw_ancestral_noise
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -55,7 +55,7 @@ def test_ancestral_noise_is_drawn_where_the_generator_lives_and_returned_on_the_
 
 
 def test_plan_rejects_zero_steps():
-    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+    with pytest.raises(InputError, match="steps must be an integer from 1 to 1000, got 0"):
         AncestralPlan.build(0, "cpu")
 
 
@@ -68,27 +68,54 @@ def _denoise_inputs(pipe, b=2, h=8):
                 image_latents=rand(b, 4, h, h))
 
 
+def _diffusers_loop(pipe, x, steps, seed, g_text=7.5, g_image=1.5):
+    """InstructPix2Pix's guided loop written with diffusers' scheduler as its pipeline does (scale_model_input,
+    step with the seed's generator), around the model's UNet: an independent reference for the sampler."""
+    sched = EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG)
+    sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    img, prompt, res = x["image_latents"], x["prompt_embeds"], x["bim_residual"]
+    null = pipe.null_text_embeds.expand(img.shape[0], -1, -1)
+    latents = torch.randn(img.shape, generator=gen, dtype=torch.float32).to(pipe.dtype) * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(latents, t)
+            sample = torch.cat([torch.cat([x_in] * 3), torch.cat([img, img, torch.zeros_like(img)])], dim=1)
+            e_text, e_image, e_uncond = pipe.stages.unet(sample, t, torch.cat([prompt, null, null]), res).chunk(3)
+            eps = e_uncond + g_text * (e_text - e_image) + g_image * (e_image - e_uncond)
+            latents = sched.step(eps, t, latents, generator=gen, return_dict=False)[0]
+    return latents
+
+
 @pytest.mark.parametrize("steps", [1, 4])
-def test_uncaptured_loop_equals_eager_loop_cpu(tiny_pipe, steps):
-    """capture="none" runs the exact program a graph would hold; on the CPU it must equal the diffusers loop."""
+def test_pipeline_loop_equals_diffusers_loop(tiny_pipe, steps):
+    x = _denoise_inputs(tiny_pipe)
+    ours = tiny_pipe.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(9))
+    ref = _diffusers_loop(tiny_pipe, x, steps, 9)
+    assert torch.equal(ours, ref), f"max diff {(ours - ref).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_uncaptured_loop_equals_the_pipeline_loop_cpu(tiny_pipe, steps):
+    """capture="none" runs the exact program a graph would hold; on the CPU it must equal the pipeline's loop."""
     x = _denoise_inputs(tiny_pipe)
     ref = tiny_pipe.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(9))
     fast = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
                              random_weights=True)
-    fast.backend = CudaGraphBackend(fast, capture="none")
+    fast.backend = CudaGraphRunner(fast.stages, fast.config, capture="none")
     got = fast.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(9))
     assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"{steps} steps")
-    # a second edit with another seed reuses the buffers: no state may leak from the first
-    again = fast.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(10))
-    ref2 = tiny_pipe.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(10))
-    assert_close(again, ref2, atol=1e-5, rtol=1e-5, msg="second seed")
+    # a second edit with another seed and other guidance reuses the buffers: no state may leak from the first
+    again = fast.denoise(**x, steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(10))
+    ref2 = tiny_pipe.denoise(**x, steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(10))
+    assert_close(again, ref2, atol=1e-5, rtol=1e-5, msg="second seed and guidance")
     assert not torch.allclose(again, got)
 
 
 def test_whole_edit_through_the_loop_backend_cpu(tiny_pipe, test_image):
     fast = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
                              random_weights=True)
-    fast.backend = CudaGraphBackend(fast, capture="none")
+    fast.backend = CudaGraphRunner(fast.stages, fast.config, capture="none")
     a = np.asarray(tiny_pipe(test_image, "make it blue", steps=3, seed=1, resolution=64), dtype=np.int16)
     b = np.asarray(fast(test_image, "make it blue", steps=3, seed=1, resolution=64), dtype=np.int16)
     assert np.abs(a - b).max() <= 1
@@ -96,14 +123,15 @@ def test_whole_edit_through_the_loop_backend_cpu(tiny_pipe, test_image):
 
 def test_backend_argument_checks(tiny_pipe):
     with pytest.raises(ValueError, match="capture must be one of .* got 'all'"):
-        CudaGraphBackend(tiny_pipe, capture="all")
-    with pytest.raises(RuntimeError, match="needs the pipeline on a CUDA device; it is on cpu"):
-        CudaGraphBackend(tiny_pipe, capture="loop")
-    fast = CudaGraphBackend(tiny_pipe, capture="none")
+        CudaGraphRunner(tiny_pipe.stages, tiny_pipe.config, capture="all")
+    with pytest.raises(RuntimeError, match="needs the model on a CUDA device; it is on cpu"):
+        CudaGraphRunner(tiny_pipe.stages, tiny_pipe.config, capture="loop")
+    fast = CudaGraphRunner(tiny_pipe.stages, tiny_pipe.config, capture="none")
     x = _denoise_inputs(tiny_pipe)
+    plan = AncestralPlan.build(2)
     with pytest.raises(ValueError, match="batch/shape mismatch"):
         fast.denoise_loop(torch.zeros(1, 4, 8, 8), x["image_latents"], x["prompt_embeds"], tiny_pipe.null_text_embeds,
-                          x["bim_residual"], 2, 7.5, 1.5, None)
+                          x["bim_residual"], plan.table, torch.zeros(2, 1, 4, 8, 8), 7.5, 1.5)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -118,8 +146,8 @@ def test_captured_loop_equals_uncaptured_cuda(capture):
     pipe = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
     x = _denoise_inputs(pipe)
     plain = SmartEditPipeline(pipe.config, pipe.tokenizer, pipe.stages, pipe.null_text_embeds, random_weights=True)
-    plain.backend = CudaGraphBackend(plain, capture="none")
-    pipe.backend = CudaGraphBackend(pipe, capture=capture)
+    plain.backend = CudaGraphRunner(plain.stages, plain.config, capture="none")
+    pipe.backend = CudaGraphRunner(pipe.stages, pipe.config, capture=capture)
     ref = plain.denoise(**x, steps=6, generator=torch.Generator().manual_seed(9))
     for seed in (9, 9, 4):  # capture on the first call, replay on the next ones (and with another seed)
         got = pipe.denoise(**x, steps=6, generator=torch.Generator().manual_seed(seed))

@@ -7,28 +7,32 @@ export, again by smartedit-verify, and end to end in an edit against the eager p
 import json
 import re
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_PROFILE, run_cli
 from PIL import Image
 
-from conftest import SMALL_PROFILE
-from smartedit.export.graphs import GRAPH_NAMES
-from smartedit.export.run import ExportError, run_export, sha256_file
-from smartedit.export.spec import ProfileOptions
+from smartedit.engines.aoti import AOTIRunner
+from smartedit.engines.artifacts import Artifacts
+from smartedit.errors import ArtifactError, InputError
+from smartedit.export.run import run_export
+from smartedit.files import sha256_file
+from smartedit.graphs import GRAPH_NAMES
+from smartedit.graphs.spec import ProfileOptions
 
 
 def test_every_graph_is_packaged_and_verified(aoti_export):
     manifest = json.loads((aoti_export / "manifest.json").read_text())
     report = json.loads((aoti_export / "report.json").read_text())
-    assert set(manifest["aoti"]) == set(GRAPH_NAMES)
+    assert set(manifest["artifacts"]) == {"aoti"} and set(manifest["artifacts"]["aoti"]) == set(GRAPH_NAMES)
     assert not (aoti_export / "onnx").exists()  # AOTInductor compiles from torch.export, not from ONNX
-    for g, e in manifest["aoti"].items():
-        f = aoti_export / e["file"]
-        assert f.suffix == ".pt2" and sha256_file(f) == e["sha256"] and f.stat().st_size == e["bytes"]
-        assert e["device"] == {"type": "cpu"} and e["torch"] == torch.__version__ and e["verified"] is True
+    for g, e in manifest["artifacts"]["aoti"].items():
+        [(rel, meta)] = e["files"].items()
+        f = aoti_export / rel
+        assert f.suffix == ".pt2" and sha256_file(f) == meta["sha256"] and f.stat().st_size == meta["bytes"]
+        assert e["requires"] == {"torch": torch.__version__, "device": {"type": "cpu"}} and e["verified"] is True
         comps = report["aoti"][g]["comparisons"]
         assert report["aoti"][g]["passed"] and len({str(c["point"]) for c in comps}) == 2  # opt + a second shape
         assert all(c["max_abs_err"] <= c["bound"] and c["cosine"] > 0.9999 for c in comps)
@@ -42,12 +46,11 @@ def test_rerun_skips_unchanged_packages(aoti_export):
     assert said == [f"{g}: AOTInductor package up to date, skipped" for g in GRAPH_NAMES]
 
 
-def _edit(tmp_path, image, *extra):
+def _edit(tmp_path, image, **kw):
+    from smartedit.cli import edit
+
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}.png"
-    r = subprocess.run([shutil.which("smartedit-edit"), "--preset", "tiny", "--random-weights", "--image", str(image),
-                        "--instruction", "make it blue", "--out", str(out), "--steps", "3", "--quiet", *extra],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    edit(None, "tiny", True, str(image), "make it blue", str(out), steps=3, progress=False, **kw)
     return np.asarray(Image.open(out), dtype=np.float64)
 
 
@@ -55,7 +58,7 @@ def test_edit_through_the_packages_matches_eager(aoti_export, tmp_path, test_ima
     src = tmp_path / "in.png"
     test_image.save(src)
     eager = _edit(tmp_path, src)
-    aoti = _edit(tmp_path, src, "--backend", "aoti", "--artifacts", str(aoti_export))
+    aoti = _edit(tmp_path, src, backend="aoti", artifacts=str(aoti_export))
     psnr = 10 * np.log10(255**2 / max(((eager - aoti) ** 2).mean(), 1e-12))
     assert psnr >= 60, f"AOTInductor fp32 edit vs eager fp32: PSNR {psnr:.1f} dB"
 
@@ -70,38 +73,41 @@ def _copy(src, dst, edit=None):
 
 
 def test_backend_refuses_what_it_cannot_run(aoti_export, tmp_path):
-    from smartedit.engines.aoti import AOTIBackend
-
     def other_torch(m):
-        m["aoti"]["unet"]["torch"] = "2.0.0"
+        m["artifacts"]["aoti"]["unet"]["requires"]["torch"] = "2.0.0"
 
     def for_cuda(m):
-        m["aoti"]["unet"]["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "capability": "9.0"}
+        m["artifacts"]["aoti"]["unet"]["requires"]["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3",
+                                                                 "capability": "9.0"}
 
-    with pytest.raises(ValueError,
-                       match=r"compiled with torch 2\.0\.0; this is torch " + re.escape(torch.__version__)):
-        AOTIBackend(_copy(aoti_export, tmp_path / "a", other_torch))
-    with pytest.raises(ValueError, match=r"compiled for \{'type': 'cuda'.*this run is on \{'type': 'cpu'\}"):
-        AOTIBackend(_copy(aoti_export, tmp_path / "b", for_cuda))
+    def runner(folder):
+        return AOTIRunner(Artifacts(folder, "aoti"))
+
+    with pytest.raises(ArtifactError, match=r"unet \(aoti\) was built for torch 2\.0\.0; this machine has "
+                                            + re.escape(torch.__version__)):
+        runner(_copy(aoti_export, tmp_path / "a", other_torch))
+    with pytest.raises(ArtifactError, match=r"was built for device \{'type': 'cuda'.*this machine has \{'type': 'cpu'\}"):
+        runner(_copy(aoti_export, tmp_path / "b", for_cuda))
     damaged = _copy(aoti_export, tmp_path / "c")
     (damaged / "aoti" / "vae_decoder.pt2").write_bytes(b"truncated")
-    with pytest.raises(ValueError, match="vae_decoder.pt2 is missing or differs from the manifest"):
-        AOTIBackend(damaged)
-    with pytest.raises(ValueError, match="holds no AOTInductor packages"):
-        AOTIBackend(_copy(aoti_export, tmp_path / "d", lambda m: m.pop("aoti")))
-    backend = AOTIBackend(aoti_export)
-    with pytest.raises(ValueError, match=r"dimension h = 72 is outside the exported profile \[32, 64\]"):
+    with pytest.raises(ArtifactError, match="vae_decoder.pt2 is missing or differs from the manifest"):
+        runner(damaged)
+    with pytest.raises(ArtifactError, match="holds no aoti artifacts"):
+        runner(_copy(aoti_export, tmp_path / "d", lambda m: m["artifacts"].pop("aoti")))
+    backend = runner(aoti_export)
+    with pytest.raises(InputError, match=r"image height 576 px is outside the exported range 256-512 px"):
         backend.run("vae_decoder", {"latents": torch.zeros(1, 4, 72, 72)})  # a 576 px image; exported up to 512
 
 
 def test_export_argument_errors(tmp_path):
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="--device cuda: no CUDA GPU here"):
+        with pytest.raises(InputError, match="--device cuda: no CUDA GPU here"):
             run_export(tmp_path, preset="tiny", target="aoti", device="cuda", progress=lambda m: None)
-    with pytest.raises(ValueError, match="compiled for cpu or cuda, got --device meta"):
+    with pytest.raises(InputError, match="compiled for cpu or cuda, got --device meta"):
         run_export(tmp_path, preset="tiny", target="aoti", device="meta", progress=lambda m: None)
-    with pytest.raises(ExportError, match="not implemented"):
+    with pytest.raises(InputError, match="unknown export target 'tflite'"):
         run_export(tmp_path, preset="tiny", target="tflite", progress=lambda m: None)
+    assert not (tmp_path / "manifest.json").exists()  # refused before any work
 
 
 def test_failed_compile_leaves_no_package(tmp_path, monkeypatch):
@@ -112,23 +118,24 @@ def test_failed_compile_leaves_no_package(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         run_export(tmp_path, preset="tiny", target="aoti", precision="fp32", graph_names="vae_encoder",
                    profile=ProfileOptions(**SMALL_PROFILE), progress=lambda m: None)
-    assert not list((tmp_path / "aoti").iterdir())  # neither a package nor a temporary folder
-    assert "vae_encoder" not in (json.loads((tmp_path / "manifest.json").read_text()).get("aoti", {})
+    assert not (tmp_path / "aoti").exists() or not list((tmp_path / "aoti").iterdir())  # no package, no temp folder
+    assert "vae_encoder" not in (json.loads((tmp_path / "manifest.json").read_text())["artifacts"].get("aoti", {})
                                  if (tmp_path / "manifest.json").exists() else {})
 
 
-def test_verify_rechecks_packages_and_catches_damage(aoti_export, tmp_path):
-    verify = shutil.which("smartedit-verify")
-    r = subprocess.run([verify, str(aoti_export), "--preset", "tiny", "--random-weights"], capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("AOTInductor package vs PyTorch PASS") == len(GRAPH_NAMES)
+def test_verify_rechecks_packages_and_catches_damage(aoti_export, tmp_path, capsys):
+    from smartedit.export.verify import main as verify
+
+    code, out, err = run_cli(verify, [aoti_export, "--preset", "tiny", "--random-weights"], capsys)
+    assert code == 0, err[-2000:]
+    assert out.count(" aoti vs PyTorch at 2 shapes: PASS") == len(GRAPH_NAMES)
     damaged = _copy(aoti_export, tmp_path / "v")
     blob = bytearray((damaged / "aoti" / "qformer_bim.pt2").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     (damaged / "aoti" / "qformer_bim.pt2").write_bytes(bytes(blob))
-    r = subprocess.run([verify, str(damaged)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "qformer_bim: 1 files DAMAGED" in r.stdout and "integrity of qformer_bim" in r.stderr
+    code, out, err = run_cli(verify, [damaged, "--preset", "tiny", "--random-weights"], capsys)
+    assert code == 1 and "aoti/qformer_bim: 1 files DAMAGED" in out and "integrity of aoti/qformer_bim" in err
+    assert "aoti/qformer_bim aoti vs PyTorch" not in out and "aoti/llava aoti vs PyTorch" in out  # damaged: not run
 
 
 def test_bench_measures_the_aoti_backend(aoti_export):

@@ -6,17 +6,21 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from conftest import SMALL_PROFILE, assert_close
+from conftest import SMALL_PROFILE, assert_close, run_cli
 
 pytest.importorskip("onnxruntime")
 import onnx  # noqa: E402
 
-from smartedit.export.graphs import GRAPH_NAMES, graphs, parse_graph_names  # noqa: E402
+from smartedit.engines.artifacts import Artifacts  # noqa: E402
+from smartedit.engines.onnxruntime import OnnxRuntimeRunner, run_file  # noqa: E402
+from smartedit.errors import ExportError, InputError  # noqa: E402
 from smartedit.export.lora import merge_lora  # noqa: E402
-from smartedit.export.onnx import export_onnx, verify_onnx  # noqa: E402
-from smartedit.export.run import ExportError, run_export, sha256_file, verification_points  # noqa: E402
-from smartedit.export.spec import DimRange, GraphSpec, ProfileOptions, TensorSpec  # noqa: E402
+from smartedit.export.onnx import export_onnx  # noqa: E402
+from smartedit.export.run import run_export  # noqa: E402
+from smartedit.files import sha256_file  # noqa: E402
+from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names  # noqa: E402
+from smartedit.graphs.parity import compare, verification_points  # noqa: E402
+from smartedit.graphs.spec import DimRange, GraphSpec, ProfileOptions, TensorSpec  # noqa: E402
 
 SMALL = ProfileOptions(**SMALL_PROFILE)
 
@@ -33,7 +37,7 @@ def exported(request, onnx_export):
 
 def test_every_graph_exports_checks_and_matches_pytorch(exported):
     precision, out, manifest = exported
-    assert set(manifest["graphs"]) == set(GRAPH_NAMES)
+    assert set(manifest["artifacts"]) == {"onnx"} and set(manifest["artifacts"]["onnx"]) == set(GRAPH_NAMES)
     report = json.loads((out / "report.json").read_text())
     for name in GRAPH_NAMES:
         path = out / "onnx" / f"{name}.onnx"
@@ -44,7 +48,7 @@ def test_every_graph_exports_checks_and_matches_pytorch(exported):
                   if i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
         if name != "unet":  # the unet's timestep is fp32 by contract
             assert floats == {"FLOAT16" if precision == "fp16" else "FLOAT"}, (name, floats)
-        r = report["graphs"][name]
+        r = report["onnx"][name]
         assert r["passed"], (name, r)
         points = {json.dumps(c["point"], sort_keys=True) for c in r["comparisons"]}
         assert len(points) >= 2, f"{name} checked at one shape only"
@@ -65,12 +69,12 @@ def test_dynamic_dims_survive_in_the_onnx_inputs(exported):
 def test_graphs_at_the_profile_corners(exported, tiny_pipe):
     """Beyond the two checked shapes: min and max of the profile, against fp32 PyTorch."""
     precision, out, _ = exported
-    g = graphs(tiny_pipe.config, SMALL)
+    g = graph_table(tiny_pipe.config, SMALL)
     for name in ("llava", "qformer_bim", "vae_decoder"):
-        spec, ref = g[name].spec, g[name].build(tiny_pipe)
-        comps = verify_onnx(out / "onnx" / f"{name}.onnx", spec, ref, precision,
-                            ref if precision == "fp32" else None,
-                            [spec.point("min"), spec.point("max")])
+        spec, ref = g[name].spec, g[name].module(tiny_pipe.stages)
+        path = out / "onnx" / f"{name}.onnx"
+        comps = compare(lambda x: run_file(path, x), spec, ref, precision, ref if precision == "fp32" else None,
+                        [spec.point("min"), spec.point("max")])
         for c in comps:
             limit = c.bound if precision == "fp32" else 2e-2 * max(1.0, c.ref_max_abs)
             assert c.max_abs_err <= limit and c.cosine > 0.999, c
@@ -79,24 +83,27 @@ def test_graphs_at_the_profile_corners(exported, tiny_pipe):
 def test_manifest_records_versions_source_specs_and_hashes(exported):
     precision, out, _ = exported
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["manifest_version"] == 2
     assert manifest["toolchain"]["torch"] and manifest["toolchain"]["onnx"] and manifest["toolchain"]["smartedit"]
     assert manifest["source"]["kind"] == "random" and len(manifest["source"]["sha256"]) == 64
-    for name, entry in manifest["graphs"].items():
-        assert entry["options"]["precision"] == precision
+    for name, entry in manifest["artifacts"]["onnx"].items():
+        assert (entry["target"], entry["graph"]) == ("onnx", name) and entry["verified"] is True
+        assert entry["options"]["precision"] == precision and entry["requires"] == {}
         assert entry["spec"]["profile"] and entry["spec"]["dims"]
-        for rel, digest in entry["files"].items():
-            assert sha256_file(out / rel) == digest
-    assert manifest["graphs"]["unet"]["spec"]["profile"]["sample"] == [[3, 8, 32, 32], [3, 8, 32, 32], [9, 8, 64, 64]]
+        for rel, f in entry["files"].items():
+            assert sha256_file(out / rel) == f["sha256"] and (out / rel).stat().st_size == f["bytes"]
+    unet = manifest["artifacts"]["onnx"]["unet"]
+    assert unet["spec"]["profile"]["sample"] == [[3, 8, 32, 32], [3, 8, 32, 32], [9, 8, 64, 64]]
 
 
 def test_edit_through_onnxruntime_matches_eager(exported, test_image):
-    from smartedit.engines.onnxruntime import OnnxRuntimeBackend
-    from smartedit.pipeline import SmartEditPipeline
+    from smartedit.engines import registry
+    from smartedit.pipeline import ModelSource, SmartEditPipeline
 
     precision, out, _ = exported
     eager = SmartEditPipeline.from_preset("tiny", seed=0)
-    ort = SmartEditPipeline.from_preset("tiny", seed=0, only=[])  # no stage weights needed in PyTorch
-    ort.backend = OnnxRuntimeBackend(out)
+    ort = registry.load("onnxruntime", ModelSource(preset="tiny"), artifacts=out)
+    assert ort.stages.unet.unet.conv_in.weight.is_meta  # no stage weights needed in PyTorch
     a = np.asarray(eager(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
     b = np.asarray(ort(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
     psnr = 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12))
@@ -104,17 +111,21 @@ def test_edit_through_onnxruntime_matches_eager(exported, test_image):
 
 
 def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
-    from smartedit.engines.onnxruntime import OnnxRuntimeBackend
+    from smartedit.pipeline import SmartEditPipeline
+    from smartedit.scheduler import AncestralPlan
 
     run_export(tmp_path, preset="tiny", precision="fp32", graph_names="unet", fold_cfg=True, profile=SMALL,
                progress=_quiet)
-    ort = OnnxRuntimeBackend(tmp_path)
+    ort = OnnxRuntimeRunner(Artifacts(tmp_path, "onnx"))
     assert ort.fold_cfg
+    folded = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                               backend=ort)
     g = torch.Generator().manual_seed(0)
     lat, img = torch.randn(2, 4, 32, 40, generator=g), torch.randn(2, 4, 32, 40, generator=g)
     prompt, res = torch.randn(2, 77, 32, generator=g), torch.randn(2, 32, 16, 16, generator=g)
-    args = (lat, img, torch.tensor(801.0), torch.tensor(4.2), prompt, tiny_pipe.null_text_embeds, res, 7.5, 1.5)
-    assert_close(ort.guided_eps(*args), tiny_pipe.backend.guided_eps(*args), atol=1e-4, msg="folded CFG step")
+    row = AncestralPlan.build(50).table[7]
+    args = (lat, img, row, prompt, res, 7.5, 1.5)
+    assert_close(folded.guided_eps(*args), tiny_pipe.guided_eps(*args), atol=1e-4, msg="folded CFG step")
 
 
 def test_rerun_skips_and_changed_inputs_reexport(tmp_path):
@@ -154,7 +165,7 @@ def test_interrupted_export_leaves_finished_graphs_valid_and_nothing_half_writte
         run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
                    progress=_quiet)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert list(manifest["graphs"]) == ["qformer_bim"]
+    assert list(manifest["artifacts"]["onnx"]) == ["qformer_bim"]
     assert sorted(os.listdir(tmp_path / "onnx")) == ["qformer_bim.onnx"]  # no temp folders, no vae_decoder file
     monkeypatch.setattr(onnx_mod.torch.onnx, "export", real)
     said = []
@@ -191,7 +202,7 @@ def test_specialised_dynamic_dim_is_refused(tmp_path):
 
     spec = GraphSpec("chunky", (TensorSpec("x", "float", ("B", 4)),), (TensorSpec("y", "float", ("B", 4)),),
                      {"B": DimRange(1, 2, 4)})
-    with pytest.raises(RuntimeError, match=r"chunky.x: dimension 'B' was exported as the constant"):
+    with pytest.raises(ExportError, match=r"chunky.x: dimension 'B' was exported as the constant"):
         export_onnx(Chunky(), spec, tmp_path / "chunky.onnx", "fp32")
     assert not list(tmp_path.iterdir())
 
@@ -205,9 +216,9 @@ def test_bad_requests_name_the_value(tmp_path, tiny_pipe):
         ProfileOptions(min_res=512, opt_res=512, max_res=256)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ValueError, match="cannot write to output folder"):
+    with pytest.raises(InputError, match="cannot write to output folder"):
         run_export(blocker / "out", preset="tiny", progress=_quiet)
-    with pytest.raises(ExportError, match="target 'tflite' is not implemented"):
+    with pytest.raises(InputError, match=r"unknown export target 'tflite'; choose one of \['onnx', 'trt', "):
         run_export(tmp_path / "o", preset="tiny", target="tflite", progress=_quiet)
     model = tiny_pipe.save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError, match="does not match preset '7b'"):
@@ -215,31 +226,31 @@ def test_bad_requests_name_the_value(tmp_path, tiny_pipe):
 
 
 def test_onnxruntime_backend_refuses_shapes_outside_the_profile(exported):
-    from smartedit.engines.onnxruntime import OnnxRuntimeBackend
-
     _, out, _ = exported
-    be = OnnxRuntimeBackend(out)
+    be = OnnxRuntimeRunner(Artifacts(out, "onnx"))
     x = torch.randn(1, 4, 72, 64)  # latent 72 = 576 px > max-res 512
-    with pytest.raises(ValueError, match=r"vae_decoder: dimension h = 72 is outside the exported profile \[32, 64\]"):
+    with pytest.raises(InputError, match=r"vae_decoder: image height 576 px is outside the exported range 256-512 px "
+                                         r"\(re-export with --min-res / --max-res\)"):
         be.run("vae_decoder", {"latents": x})
     assert be.run("vae_decoder", {"latents": torch.randn(1, 4, 40, 48)})["image"].shape == (1, 3, 320, 384)
 
 
 def test_verification_points_differ_from_opt_in_every_dim(tiny_pipe):
-    for name, g in graphs(tiny_pipe.config, SMALL).items():
+    for name, g in graph_table(tiny_pipe.config, SMALL).items():
         opt, alt = verification_points(g.spec)
         assert all(opt[k] != alt[k] for k in opt), (name, opt, alt)
         assert g.spec.contains(alt)
 
 
-def test_cli_export_then_edit_on_onnxruntime(tmp_path, test_image):
-    import subprocess
+def test_cli_export_then_edit_on_onnxruntime(tmp_path, test_image, capsys):
+    from smartedit.cli import edit_cli
+    from smartedit.export.cli import main as export_main
 
     test_image.save(tmp_path / "in.png")
-    r = subprocess.run(["smartedit-export", "--preset", "tiny", "--random-weights", "--out", tmp_path / "art",
-                        "--graphs", "qformer_bim,nope"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "unknown graph name(s) ['nope']" in r.stderr
-    r = subprocess.run(["smartedit-edit", "--preset", "tiny", "--random-weights", "--seed", "5", "--backend",
-                        "onnxruntime", "--artifacts", tmp_path, "--image", tmp_path / "in.png", "--instruction", "x",
-                        "--out", tmp_path / "o.png"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "not an smartedit-export output folder" in r.stderr
+    code, _, err = run_cli(export_main, ["--preset", "tiny", "--random-weights", "--out", tmp_path / "art",
+                                         "--graphs", "qformer_bim,nope"], capsys)
+    assert code == 2 and "unknown graph name(s) ['nope']" in err
+    code, _, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--seed", "5", "--backend",
+                                      "onnxruntime", "--artifacts", tmp_path, "--image", tmp_path / "in.png",
+                                      "--instruction", "x", "--out", tmp_path / "o.png"], capsys)
+    assert code == 2 and "not an smartedit-export output folder" in err and len(err.strip().splitlines()) == 1

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import assert_close, load_sam_modeling
+
 from smartedit.bim import BIM
 from smartedit.config import PRESETS
 from smartedit.mllm import SmartEditLLM, conversation, pad_prompts, tokenize_prompt

@@ -19,8 +19,10 @@ import torch
 
 pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed (pip install -e '.[test]')")
 
-from smartedit.engines.trt import CudaOps, TensorRTBackend  # noqa: E402
-from smartedit.export.spec import GraphSpec  # noqa: E402
+from smartedit.engines.artifacts import Artifacts  # noqa: E402
+from smartedit.engines.trt import CudaOps, TensorRTRunner  # noqa: E402
+from smartedit.errors import ArtifactError  # noqa: E402
+from smartedit.graphs.spec import GraphSpec  # noqa: E402
 
 _CTYPES = {torch.float16: ctypes.c_uint16, torch.float32: ctypes.c_float, torch.int64: ctypes.c_int64}
 _NUMPY = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64}
@@ -177,18 +179,18 @@ def artifacts(trt_rtx_export, tmp_path):
     out = tmp_path / "artifacts"
     shutil.copytree(src, out)
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["engines"]["trt"] = manifest["engines"]["trt-rtx"]
+    rtx = manifest["artifacts"]["trt-rtx"]
+    manifest["artifacts"]["trt"] = {g: dict(e, target="trt") for g, e in rtx.items()}
     (out / "manifest.json").write_text(json.dumps(manifest))
-    plans = {(out / e["file"]).read_bytes(): GraphSpec.from_dict(manifest["graphs"][g]["spec"])
-             for g, e in manifest["engines"]["trt-rtx"].items()}
+    plans = {(out / next(iter(e["files"]))).read_bytes(): GraphSpec.from_dict(e["spec"]) for e in rtx.values()}
     return out, manifest, plans
 
 
 def _backend(artifacts, target="trt", **fake):
     out, manifest, plans = artifacts
-    trt = FakeTensorRT(manifest["engines"]["trt-rtx"]["unet"]["tensorrt"], plans, **fake)
+    trt = FakeTensorRT(manifest["artifacts"]["trt-rtx"]["unet"]["requires"]["tensorrt"], plans, **fake)
     cuda = CpuCuda(trt)
-    return TensorRTBackend(out, target=target, trt=trt, cuda=cuda), trt, cuda
+    return TensorRTRunner(Artifacts(out, target), trt=trt, cuda=cuda), trt, cuda
 
 
 def _unet_inputs(seed: int, side: int = 32):
@@ -262,11 +264,12 @@ def test_contexts_of_one_engine_share_one_activation_memory(artifacts):
 def test_foreign_plans_are_refused_by_name(artifacts):
     out, manifest, plans = artifacts
     trt = FakeTensorRT("10.0.0", plans)
-    with pytest.raises(ValueError, match=r"plan built with TensorRT 1\.7\.1\.116, this is TensorRT 10\.0\.0"):
-        TensorRTBackend(out, target="trt", trt=trt, cuda=CpuCuda(trt))
-    trt = FakeTensorRT(manifest["engines"]["trt"]["unet"]["tensorrt"], plans)
-    with pytest.raises(ValueError, match=r"compute capability \['86', '80'\], this GPU \(Stand-in GPU\) is 90"):
-        TensorRTBackend(out, target="trt", trt=trt, cuda=CpuCuda(trt, capability="90"))
+    with pytest.raises(ArtifactError, match=r"\(trt\) was built for tensorrt 1\.7\.1\.116; this machine has 10\.0\.0"):
+        TensorRTRunner(Artifacts(out, "trt"), trt=trt, cuda=CpuCuda(trt))
+    trt = FakeTensorRT(manifest["artifacts"]["trt"]["unet"]["requires"]["tensorrt"], plans)
+    with pytest.raises(ArtifactError, match=r"built for compute_capability \['86', '80'\]; this machine has 90.*"
+                                            r"\(Stand-in GPU\)"):
+        TensorRTRunner(Artifacts(out, "trt"), trt=trt, cuda=CpuCuda(trt, capability="90"))
 
 
 def test_the_names_used_exist_in_tensorrt_rtx():

@@ -90,7 +90,7 @@ echo "== $CARD, mode $MODE; $(date -u +%FT%TZ)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 step install bash -c install || { echo "installing the project failed: nothing else can run"; return 1; }
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH
-cd /tmp  # not the repo root: its smartedit/ folder would shadow the installed package (engines/, export/ map into it)
+cd /tmp  # not the repo root: the installed copy is what runs (its smartedit/ folder would shadow it)
 python3 -c 'import torch, triton, transformers, diffusers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)'
 
 BENCH=(python3 -m smartedit.bench.cli --preset "$PRESET" --random-weights --device "$DEV" --steps "$STEPS_N"

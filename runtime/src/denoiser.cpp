@@ -72,8 +72,9 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
     const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // EulerAncestral scale_model_input
     const at::Tensor sample = at::cat({at::cat({x, x, x}), image_part}, 1).contiguous();   // [3B,8,h,w]
     const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
-    const at::Tensor eps = unet_.run({sample, t, embeds, residual})[0];                     // [3B,4,h,w]
-    const auto parts = eps.chunk(3);
+    const at::Tensor eps = unet_.run({sample, t, embeds, residual})[0];                      // [3B,4,h,w]
+    // smartedit.model.cfg_combine: u + g_t (t - i) + g_i (i - u) in fp32 (g_t amplifies fp16 rounding), then cast
+    const auto parts = eps.to(at::kFloat).chunk(3);
     const at::Tensor guided = (parts[2] + o.guidance_scale * (parts[0] - parts[1]) +
                                o.image_guidance_scale * (parts[1] - parts[2])).to(dtype);
     latents = ancestral_step(latents, guided, row, step_noise[i]);

@@ -1,38 +1,34 @@
 #include "smartedit/editor.h"
 
 #include <chrono>
-#include <filesystem>
 #include <stdexcept>
 
 namespace smartedit {
 
-namespace {
-std::string package(const std::string& artifacts, const std::string& graph) {
-  const std::filesystem::path p = std::filesystem::path(artifacts) / "aoti" / (graph + ".pt2");
-  if (!std::filesystem::is_regular_file(p))
-    throw std::runtime_error(p.string() + " not found: run smartedit-export --target aoti --out " + artifacts);
-  return p.string();
-}
-}  // namespace
-
-Editor::Editor(const std::string& artifacts, const c10::Device& device) : device_(device) {
+Editor::Editor(const std::string& artifacts, const c10::Device& device)
+    : manifest_(Manifest::load(artifacts, "aoti")), device_(device) {
   for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder"})
-    graphs_[graph] = std::make_unique<Package>(package(artifacts, graph), device);
-  denoiser_ = std::make_unique<Denoiser>(package(artifacts, "unet"), device);
+    graphs_[graph] = std::make_unique<Package>(manifest_.graph(graph).file, device);
+  const GraphArtifact& unet = manifest_.graph("unet");
+  if (unet.fold_cfg)
+    throw std::runtime_error(unet.file + " is the --fold-cfg unet graph; the C++ loop runs the plain one (its own "
+                             "CFG batch and combine): re-export without --fold-cfg");
+  denoiser_ = std::make_unique<Denoiser>(unet.file, device);
 }
 
 std::vector<at::Tensor> Editor::call(const std::string& graph, const std::vector<at::Tensor>& inputs) {
-  return graphs_.at(graph)->run(inputs);  // cast to the package's dtypes, contiguous, on its device
+  manifest_.graph(graph).spec.check(inputs);  // shapes against the exported profile, naming what does not fit
+  return graphs_.at(graph)->run(inputs);      // cast to the package's dtypes, contiguous, on its device
 }
 
 at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<std::string, double>* stage_ms) {
-  const int64_t b = x.pixel_values.dim() == 4 ? x.pixel_values.size(0) : -1;
-  if (b < 1 || x.prefix_ids.dim() != 2 || x.suffix_ids.dim() != 2 || x.image.dim() != 4 ||
-      x.prefix_ids.size(0) != b || x.suffix_ids.size(0) != b || x.image.size(0) != b)
-    throw std::invalid_argument("pixel_values [B,3,224,224], prefix_ids [B,Lp], suffix_ids [B,Ls] and image "
-                                "[B,3,H,W] must share the batch B");
-  if (at::isFloatingType(x.prefix_ids.scalar_type()) || at::isFloatingType(x.suffix_ids.scalar_type()))
+  if (!x.prefix_ids.defined() || !x.suffix_ids.defined() || at::isFloatingType(x.prefix_ids.scalar_type()) ||
+      at::isFloatingType(x.suffix_ids.scalar_type()))
     throw std::invalid_argument("prefix_ids and suffix_ids must hold integer token ids");
+  const int64_t b = manifest_.graph("llava").spec.check({x.pixel_values, x.prefix_ids, x.suffix_ids}).at("B");
+  if (manifest_.graph("vae_encoder").spec.check({x.image}).at("B") != b)
+    throw std::invalid_argument("image holds " + std::to_string(x.image.size(0)) + " images, pixel_values " +
+                                std::to_string(b) + ": one batch");
   auto clock = std::chrono::steady_clock::now();
   const auto lap = [&](const char* stage, const at::Tensor& done) {
     if (!stage_ms) return;

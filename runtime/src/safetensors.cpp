@@ -1,5 +1,7 @@
 #include "smartedit/safetensors.h"
 
+#include "smartedit/json.h"
+
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -14,118 +16,6 @@ namespace {
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
   throw std::runtime_error(path + ": " + what);
 }
-
-// The JSON subset a safetensors header uses: objects, arrays, strings, non-negative integers.
-struct Json {
-  enum Kind { kObject, kArray, kString, kNumber } kind = kNumber;
-  std::map<std::string, Json> object;
-  std::vector<Json> array;
-  std::string string;
-  uint64_t number = 0;
-};
-
-class Parser {
- public:
-  Parser(const std::string& text, const std::string& path) : s_(text), path_(path) {}
-
-  Json parse() {
-    Json v = value();
-    skip();
-    if (i_ != s_.size()) error("trailing characters");
-    return v;
-  }
-
- private:
-  void skip() {
-    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\n' || s_[i_] == '\r' || s_[i_] == '\t')) ++i_;
-  }
-  [[noreturn]] void error(const std::string& what) {
-    fail(path_, "bad header JSON at byte " + std::to_string(i_) + ": " + what);
-  }
-  char peek() {
-    skip();
-    if (i_ >= s_.size()) error("unexpected end");
-    return s_[i_];
-  }
-  void expect(char c) {
-    if (peek() != c) error(std::string("expected '") + c + "'");
-    ++i_;
-  }
-  Json value() {
-    const char c = peek();
-    if (c == '{') return object();
-    if (c == '[') return array();
-    if (c == '"') {
-      Json v;
-      v.kind = Json::kString;
-      v.string = string();
-      return v;
-    }
-    if (c >= '0' && c <= '9') return number();
-    error(std::string("unexpected '") + c + "'");
-  }
-  std::string string() {
-    expect('"');
-    std::string out;
-    while (i_ < s_.size() && s_[i_] != '"') {
-      if (s_[i_] == '\\') {
-        if (++i_ >= s_.size()) break;
-        const char e = s_[i_];
-        if (e == '"' || e == '\\' || e == '/') out += e;
-        else if (e == 'n') out += '\n';
-        else if (e == 't') out += '\t';
-        else error("unsupported escape \\" + std::string(1, e));
-      } else {
-        out += s_[i_];
-      }
-      ++i_;
-    }
-    if (i_ >= s_.size()) error("unterminated string");
-    ++i_;
-    return out;
-  }
-  Json number() {
-    Json v;
-    while (i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '9') {
-      const uint64_t d = static_cast<uint64_t>(s_[i_++] - '0');
-      if (v.number > (UINT64_MAX - d) / 10) error("integer overflow");
-      v.number = v.number * 10 + d;
-    }
-    if (i_ < s_.size() && (s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E' || s_[i_] == '-')) error("not an integer");
-    return v;
-  }
-  Json array() {
-    Json v;
-    v.kind = Json::kArray;
-    expect('[');
-    if (peek() == ']') return ++i_, v;
-    for (;;) {
-      v.array.push_back(value());
-      if (peek() == ',') { ++i_; continue; }
-      expect(']');
-      return v;
-    }
-  }
-  Json object() {
-    Json v;
-    v.kind = Json::kObject;
-    expect('{');
-    if (peek() == '}') return ++i_, v;
-    for (;;) {
-      if (peek() != '"') error("expected a key");
-      std::string key = string();
-      expect(':');
-      v.object[key] = value();
-      if (peek() == ',') { ++i_; continue; }
-      expect('}');
-      return v;
-    }
-  }
-
-  const std::string& s_;
-  const std::string& path_;
-  size_t i_ = 0;
-};
 
 struct DtypeInfo {
   const char* name;
@@ -149,10 +39,9 @@ const char* name_of(at::ScalarType t) {
 
 const Json& field(const Json& entry, const char* key, Json::Kind kind, const std::string& path,
                   const std::string& tensor) {
-  auto it = entry.object.find(key);
-  if (it == entry.object.end() || it->second.kind != kind)
-    fail(path, "tensor '" + tensor + "': missing or malformed '" + key + "'");
-  return it->second;
+  const Json* v = entry.find(key);
+  if (!v || v->kind != kind) fail(path, "tensor '" + tensor + "': missing or malformed '" + key + "'");
+  return *v;
 }
 
 std::string escape(const std::string& s) {
@@ -181,26 +70,30 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
                    " bytes) or 100 MB");
   std::string header(header_len, '\0');
   f.read(header.data(), static_cast<std::streamsize>(header_len));
-  const Json root = Parser(header, path).parse();
-  if (root.kind != Json::kObject) fail(path, "header is not a JSON object");
+  const Json root = parse_json(header, path + " (header)");
+  if (root.kind != Json::Kind::kObject) fail(path, "header is not a JSON object");
   const uint64_t data_start = 8 + header_len, data_size = file_size - data_start;
 
   std::map<std::string, at::Tensor> out;
   for (const auto& [name, entry] : root.object) {
     if (name == "__metadata__") continue;
-    if (entry.kind != Json::kObject) fail(path, "tensor '" + name + "' is not an object");
-    const at::ScalarType type = dtype_of(field(entry, "dtype", Json::kString, path, name).string, path, name);
+    if (out.size() > 100000) fail(path, "more than 100000 tensors");
+    if (entry.kind != Json::Kind::kObject) fail(path, "tensor '" + name + "' is not an object");
+    const at::ScalarType type =
+        dtype_of(field(entry, "dtype", Json::Kind::kString, path, name).string, path, name);
     std::vector<int64_t> shape;
     uint64_t numel = 1;
-    for (const Json& d : field(entry, "shape", Json::kArray, path, name).array) {
-      if (d.kind != Json::kNumber || d.number > (1ull << 40)) fail(path, "tensor '" + name + "': bad shape entry");
-      shape.push_back(static_cast<int64_t>(d.number));
-      numel *= d.number;
+    for (const Json& d : field(entry, "shape", Json::Kind::kArray, path, name).array) {
+      if (!d.is_uint || d.uint > (1ull << 40)) fail(path, "tensor '" + name + "': bad shape entry");
+      shape.push_back(static_cast<int64_t>(d.uint));
+      if (__builtin_mul_overflow(numel, d.uint, &numel) || numel > data_size)
+        fail(path, "tensor '" + name + "': its shape holds more elements than the file has bytes");
     }
-    const Json& offsets = field(entry, "data_offsets", Json::kArray, path, name);
-    if (offsets.array.size() != 2) fail(path, "tensor '" + name + "': data_offsets must hold 2 numbers");
-    const uint64_t begin = offsets.array[0].number, end = offsets.array[1].number;
-    const uint64_t nbytes = numel * c10::elementSize(type);
+    const Json& offsets = field(entry, "data_offsets", Json::Kind::kArray, path, name);
+    if (offsets.array.size() != 2 || !offsets.array[0].is_uint || !offsets.array[1].is_uint)
+      fail(path, "tensor '" + name + "': data_offsets must hold 2 non-negative integers");
+    const uint64_t begin = offsets.array[0].uint, end = offsets.array[1].uint;
+    const uint64_t nbytes = numel * c10::elementSize(type);  // numel <= data_size: no overflow
     if (begin > end || end > data_size || end - begin != nbytes)
       fail(path, "tensor '" + name + "': data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
                      "] do not hold " + std::to_string(nbytes) + " bytes within the " + std::to_string(data_size) +

@@ -23,15 +23,11 @@ FLOPs: 4 * B*H*Nq*Nk*D (two matmuls).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -44,12 +40,12 @@ except ImportError:  # CPU-only installs without triton: the reference runs inst
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Plain PyTorch reference. q [B,H,Nq,D], k/v [B,H,Nk,D] -> [B,H,Nq,D], computed in fp32 (fp64 for fp64 inputs),
-    returned in q's dtype."""
+    """The BIM's own attention math (SAM's), at the inputs' dtype: the eager reference, what ONNX export traces, the
+    kernel benchmark's "eager" row and, on fp64 inputs, the tests' oracle. q [B,H,Nq,D], k/v [B,H,Nk,D] ->
+    [B,H,Nq,D]."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp64 stays fp64: the test oracle
-    attn = torch.softmax((q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale, dim=-1)
-    return (attn @ v.to(acc)).to(q.dtype)
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [B, H, Nq, Nk]
+    return attn @ v
 
 
 if HAVE_TRITON:
@@ -185,7 +181,7 @@ else:
 
     @torch.library.custom_op("smartedit::bim_attention", mutates_args=())
     def bim_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return attention_ref(q, k, v, scale).transpose(1, 2).contiguous()
+        return attention_ref(q.float(), k.float(), v.float(), scale).to(q.dtype).transpose(1, 2).contiguous()
 
     @bim_attention_op.register_fake
     def _(q, k, v, scale):
@@ -199,43 +195,36 @@ def _interpreting() -> bool:
 # auto: the kernel for fp16/bf16 on CUDA; on: forced wherever it can run (fp32 too, and on the CPU under
 # TRITON_INTERPRET=1: the interpreter tests); off: never
 KERNEL_MODES = ("auto", "on", "off")
-# fp32 stays with PyTorch under "auto": with full-precision ("ieee") products the kernel spills 12-100 KB per thread
+# fp32 stays with PyTorch under "auto": with full-precision ("ieee") products the kernel spills 11-30 KB per thread
 # at the 7b shapes (compiled for sm_80/sm_90), and TF32 would no longer match the fp32 reference it stands for
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-_fallback_logged = False
 
 
 def kernel_unusable(q: torch.Tensor, mode: str = "auto") -> str | None:
-    """Why the kernel cannot run for this call (None: it can). The first reason is logged once."""
-    global _fallback_logged
+    """Why the kernel does not run for this call (None: it does). Pure: callers report it (BIM.kernel_status)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
-    reason = None
     if mode == "off":
         return "kernels switched off"
     if torch.onnx.is_in_onnx_export():
-        reason = "ONNX export uses standard ops (TensorRT fuses attention itself)"
-    elif not HAVE_TRITON:
-        reason = "triton is not installed"
-    elif mode == "auto" and q.dtype not in KERNEL_DTYPES:
-        reason = f"{q.dtype}: the kernel serves fp16/bf16, fp32 runs PyTorch's exact math"
-    elif not q.is_cuda and not (mode == "on" and _interpreting()):
-        reason = f"tensors are on {q.device.type}, not CUDA"
-    elif q.shape[-1] > 256:
-        reason = f"head dim {q.shape[-1]} > 256"
-    if reason and not _fallback_logged:
-        log.info("BIM attention: PyTorch fallback (%s)", reason)
-        _fallback_logged = True
-    return reason
+        return "ONNX export uses standard ops (TensorRT fuses attention itself)"
+    if not HAVE_TRITON:
+        return "triton is not installed"
+    if mode == "auto" and q.dtype not in KERNEL_DTYPES:
+        return f"{q.dtype}: the kernel serves fp16/bf16, fp32 runs PyTorch's exact math"
+    if not q.is_cuda and not (mode == "on" and _interpreting()):
+        return f"tensors are on {q.device.type}, not CUDA"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    return None
 
 
 def bim_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
                   mode: str = "auto") -> torch.Tensor:
-    """Dispatcher: [B,H,Nq,D] x [B,H,Nk,D] -> [B,Nq,H*D] (heads merged): the kernel (as the custom op) where
-    `kernel_unusable` allows it, else PyTorch's scaled_dot_product_attention."""
+    """The one dispatcher: [B,H,Nq,D] x [B,H,Nk,D] -> [B,Nq,H*D] (heads merged): the Triton kernel (as the custom
+    op, so torch.compile and AOTInductor compile it in) where `kernel_unusable` allows it, else `attention_ref`."""
     b, h, nq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if kernel_unusable(q, mode) is None:
         return bim_attention_op(q, k, v, scale).view(b, nq, h * d)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [B, H, Nq, D]
-    return out.transpose(1, 2).reshape(b, nq, h * d)
+    return attention_ref(q, k, v, scale).transpose(1, 2).flatten(2)

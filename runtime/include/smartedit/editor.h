@@ -11,6 +11,7 @@
 #include <string>
 
 #include "smartedit/denoiser.h"
+#include "smartedit/manifest.h"
 #include "smartedit/package.h"
 
 namespace smartedit {
@@ -25,7 +26,8 @@ struct EditInputs {
 
 class Editor {
  public:
-  // `artifacts`: an smartedit-export folder holding aoti/{llava,qformer_bim,unet,vae_encoder,vae_decoder}.pt2
+  // `artifacts`: an smartedit-export folder whose manifest lists the aoti packages of the five graphs (llava,
+  // qformer_bim, unet, vae_encoder, vae_decoder); their files and input specs come from the manifest
   Editor(const std::string& artifacts, const c10::Device& device);
 
   // -> image [B,3,H,W] in [-1, 1]. Inputs may have any dtype (ids any integer type): each package casts them to
@@ -36,6 +38,7 @@ class Editor {
  private:
   std::vector<at::Tensor> call(const std::string& graph, const std::vector<at::Tensor>& inputs);
 
+  Manifest manifest_;
   std::map<std::string, std::unique_ptr<Package>> graphs_;
   std::unique_ptr<Denoiser> denoiser_;
   c10::Device device_;

@@ -1,1 +1,0 @@
-"""smartedit.engines: runtimes behind one stage interface (base.StageBackend): eager PyTorch, ONNX Runtime."""

@@ -1,0 +1,180 @@
+#include "smartedit/manifest.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "smartedit/json.h"
+
+namespace smartedit {
+
+namespace {
+
+constexpr uint64_t kManifestVersion = 2;  // smartedit/graphs/manifest.py MANIFEST_VERSION
+constexpr int64_t kMaxDim = int64_t{1} << 40;
+
+std::pair<int64_t, std::string> parse_dim(const Json& d, const std::string& where) {
+  if (d.kind == Json::Kind::kNumber) {
+    if (!d.is_uint || d.uint > static_cast<uint64_t>(kMaxDim)) throw std::runtime_error(where + ": bad dimension");
+    return {static_cast<int64_t>(d.uint), ""};
+  }
+  if (d.kind != Json::Kind::kString || d.string.empty()) throw std::runtime_error(where + ": bad dimension");
+  const auto star = d.string.find('*');
+  if (star == std::string::npos) return {1, d.string};
+  const std::string k = d.string.substr(0, star);
+  if (k.empty() || k.size() > 6 || k.find_first_not_of("0123456789") != std::string::npos)
+    throw std::runtime_error(where + ": bad dimension expression '" + d.string + "'");
+  return {std::stoll(k), d.string.substr(star + 1)};
+}
+
+std::vector<TensorSpec> tensors(const Json& list, const std::string& where) {
+  std::vector<TensorSpec> out;
+  for (const Json& t : list.array) {
+    TensorSpec s;
+    s.name = t.at("name", Json::Kind::kString, where).string;
+    s.dtype = t.at("dtype", Json::Kind::kString, where).string;
+    for (const Json& d : t.at("shape", Json::Kind::kArray, where + " " + s.name).array)
+      s.shape.push_back(parse_dim(d, where + " " + s.name));
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+std::string describe(const std::string& dim, int64_t v, const DimRange& r) {
+  // spatial dims in image pixels: latent h/w are pixels / 8, h8/w8 pixels / 64
+  const int64_t px = (dim == "h" || dim == "w") ? 8 : (dim == "h8" || dim == "w8") ? 64 : 0;
+  if (px) {
+    return std::string("image ") + (dim[0] == 'h' ? "height " : "width ") + std::to_string(v * px) +
+           " px is outside the exported range " + std::to_string(r.min * px) + "-" + std::to_string(r.max * px) +
+           " px (re-export with --min-res / --max-res)";
+  }
+  return "dimension " + dim + " = " + std::to_string(v) + " is outside the exported profile [" +
+         std::to_string(r.min) + ", " + std::to_string(r.max) + "]";
+}
+
+std::string shape_text(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+}  // namespace
+
+std::map<std::string, int64_t> GraphSpec::check(const std::vector<at::Tensor>& xs) const {
+  if (xs.size() != inputs.size())
+    throw std::invalid_argument(name + " takes " + std::to_string(inputs.size()) + " inputs, got " +
+                                std::to_string(xs.size()));
+  std::map<std::string, int64_t> point;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const TensorSpec& t = inputs[i];
+    const at::Tensor& x = xs[i];
+    const std::string who = name + "." + t.name;
+    if (!x.defined()) throw std::invalid_argument(who + " is missing");
+    if (static_cast<size_t>(x.dim()) != t.shape.size())
+      throw std::invalid_argument(who + ": rank " + std::to_string(x.dim()) + ", expected " +
+                                  std::to_string(t.shape.size()));
+    for (size_t a = 0; a < t.shape.size(); ++a) {
+      const auto& [k, dim] = t.shape[a];
+      const int64_t size = x.size(static_cast<int64_t>(a));
+      if (dim.empty()) {
+        if (size != k)
+          throw std::invalid_argument(who + ": shape " + shape_text(x) + ", axis " + std::to_string(a) +
+                                      " must be " + std::to_string(k));
+        continue;
+      }
+      if (size % k)
+        throw std::invalid_argument(who + ": size " + std::to_string(size) + " of axis " + std::to_string(a) +
+                                    " is not a multiple of " + std::to_string(k));
+      const auto [it, fresh] = point.emplace(dim, size / k);
+      if (!fresh && it->second != size / k)
+        throw std::invalid_argument(who + ": axis " + std::to_string(a) + " gives " + dim + " = " +
+                                    std::to_string(size / k) + ", another input gave " + std::to_string(it->second));
+    }
+  }
+  for (const auto& [dim, v] : point) {
+    const DimRange& r = dims.at(dim);
+    if (v < r.min || v > r.max) throw std::invalid_argument(name + ": " + describe(dim, v, r));
+  }
+  return point;
+}
+
+Manifest Manifest::load(const std::string& artifacts_dir, const std::string& target) {
+  namespace fs = std::filesystem;
+  const fs::path dir(artifacts_dir), path = dir / "manifest.json";
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) throw std::runtime_error(path.string() + " not found: " + artifacts_dir +
+                                   " is not an smartedit-export output folder");
+  const auto size = static_cast<size_t>(f.tellg());
+  if (size > (64u << 20)) throw std::runtime_error(path.string() + " is over 64 MB: not a manifest");
+  std::string text(size, '\0');
+  f.seekg(0);
+  f.read(text.data(), static_cast<std::streamsize>(size));
+  const std::string where = path.string();
+  const Json root = parse_json(text, where);
+  if (root.kind != Json::Kind::kObject) throw std::runtime_error(where + " is not a JSON object");
+  const Json* version = root.find("manifest_version");
+  if (!version || !version->is_uint || version->uint != kManifestVersion)
+    throw std::runtime_error(where + ": not manifest version " + std::to_string(kManifestVersion) +
+                             ": re-run smartedit-export into " + artifacts_dir);
+  const Json& arts = root.at("artifacts", Json::Kind::kObject, where);
+  const Json* entries = arts.find(target);
+  if (!entries || entries->kind != Json::Kind::kObject || entries->object.empty())
+    throw std::runtime_error(artifacts_dir + " holds no " + target + " artifacts: run smartedit-export --target " +
+                             target + " --out " + artifacts_dir);
+  Manifest m;
+  m.dir_ = artifacts_dir;
+  m.target_ = target;
+  const fs::path root_dir = fs::weakly_canonical(dir);
+  for (const auto& [graph, e] : entries->object) {
+    const std::string w = where + " [" + target + "][" + graph + "]";
+    GraphArtifact g;
+    g.graph = graph;
+    const Json& options = e.at("options", Json::Kind::kObject, w);
+    g.precision = options.at("precision", Json::Kind::kString, w + " options").string;
+    const Json* fold = options.find("fold_cfg");
+    g.fold_cfg = fold && fold->kind == Json::Kind::kBool && fold->boolean;
+    const Json& spec = e.at("spec", Json::Kind::kObject, w);
+    g.spec.name = spec.at("name", Json::Kind::kString, w + " spec").string;
+    g.spec.inputs = tensors(spec.at("inputs", Json::Kind::kArray, w + " spec"), w + " spec input");
+    g.spec.outputs = tensors(spec.at("outputs", Json::Kind::kArray, w + " spec"), w + " spec output");
+    for (const auto& [dim, r] : spec.at("dims", Json::Kind::kObject, w + " spec").object) {
+      DimRange d;
+      for (auto [key, field] : {std::pair{"min", &d.min}, std::pair{"opt", &d.opt}, std::pair{"max", &d.max}}) {
+        const Json& v = r.at(key, Json::Kind::kNumber, w + " spec dims " + dim);
+        if (!v.is_uint || v.uint < 1 || v.uint > static_cast<uint64_t>(kMaxDim))
+          throw std::runtime_error(w + ": dimension " + dim + " has a bad " + key);
+        *field = static_cast<int64_t>(v.uint);
+      }
+      g.spec.dims[dim] = d;
+    }
+    for (const TensorSpec& t : g.spec.inputs)
+      for (const auto& [k, dim] : t.shape)
+        if (!dim.empty() && !g.spec.dims.count(dim))
+          throw std::runtime_error(w + ": input " + t.name + " uses dimension " + dim + " with no range");
+    for (const auto& [rel, meta] : e.at("files", Json::Kind::kObject, w).object) {
+      const fs::path file = fs::weakly_canonical(dir / rel);
+      const auto [end, _] = std::mismatch(root_dir.begin(), root_dir.end(), file.begin(), file.end());
+      if (end != root_dir.end()) throw std::runtime_error(w + " names '" + rel + "', outside " + artifacts_dir);
+      const Json& bytes = meta.at("bytes", Json::Kind::kNumber, w + " " + rel);
+      std::error_code ec;
+      const auto on_disk = fs::file_size(file, ec);
+      if (ec || !bytes.is_uint || on_disk != bytes.uint)
+        throw std::runtime_error(file.string() + " is missing or differs from the manifest: re-run the export");
+      if (file.extension() == ".pt2") g.file = file.string();
+    }
+    if (g.file.empty()) throw std::runtime_error(w + ": no .pt2 file listed");
+    m.graphs_[graph] = std::move(g);
+  }
+  return m;
+}
+
+const GraphArtifact& Manifest::graph(const std::string& name) const {
+  const auto it = graphs_.find(name);
+  if (it == graphs_.end())
+    throw std::runtime_error("the manifest in " + dir_ + " lists no " + target_ + " artifact for graph " + name +
+                             ": run smartedit-export --target " + target_ + " --out " + dir_);
+  return it->second;
+}
+
+}  // namespace smartedit

@@ -1,0 +1,65 @@
+"""`smartedit-bench`: a thin argparse shell over smartedit.bench.run.run_bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from smartedit.config import PRECISIONS
+from smartedit.engines.registry import BACKENDS
+from smartedit.errors import run_command
+
+from .run import run_bench, to_markdown, write_outputs
+
+
+def _sides(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="smartedit-bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="Latency of every SmartEdit backend against eager "
+                                "(and the official-style baseline), side by side, in one run on one device.",
+                                epilog="Example (GPU): smartedit-bench --preset 7b --random-weights --device cuda "
+                                       "--backends official,eager,cudagraph --resolution 256,512 --out bench/results")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a converted SmartEdit folder")
+    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="random weights of this preset")
+    p.add_argument("--random-weights", action="store_true", help="required with --preset (latency does not depend "
+                   "on weight values)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (match the export's)")
+    p.add_argument("--backends", default="official,eager", help=f"comma-separated, from {','.join(BACKENDS)}")
+    p.add_argument("--resolution", type=_sides, default=(256,), help="comma-separated image sides, e.g. 256,512")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="timed edits per backend and resolution")
+    p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-stats edits first (reported separately)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp16")
+    p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
+                   + ", ".join(b.name for b in BACKENDS.values() if b.target))
+    p.add_argument("--out", default="bench/results", help="folder for <device>-<model>.{json,md,png}")
+    a = p.parse_args(argv)
+    if a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights")
+    logging.basicConfig(level=logging.ERROR)
+
+    def body() -> None:
+        res = run_bench(a.model, a.preset, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
+                        resolutions=a.resolution, steps=a.steps, batch=a.batch,
+                        repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=a.dtype, artifacts=a.artifacts,
+                        seed=a.seed, progress=lambda m: print(m, flush=True),
+                        checkpoint=lambda r: write_outputs(r, Path(a.out)))  # partial results survive a kill
+        paths = write_outputs(res, Path(a.out))
+        print(to_markdown(res))
+        print("wrote " + ", ".join(str(x) for x in paths))
+
+    run_command("smartedit-bench", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""`smartedit-bench`: every backend against eager (and the official-style baseline) in one run, on one device.
+
+Per backend and resolution: end-to-end latency over `repeats` timed edits (median, p90, min, max) after warm-up
+edits that are timed separately (they carry compile / capture / engine-load time); per-stage times from one extra
+instrumented edit (each graph call synchronised: vision+LLM, qformer_bim, vae encode, one UNet step, the scheduler
+and CFG work in between, vae decode) and per pipeline stage of the timed edits themselves (condition, vae encode,
+denoise, vae decode: for `cudagraph` the denoise is the captured loop, which the instrumented edit's per-call path
+cannot show); peak GPU memory; images/s; FLOPs per stage (PyTorch's flop counter, on the
+eager run) and achieved TFLOP/s against the card's fp16 matmul rate measured in the same run. Backends that cannot
+run here are listed with the reason, never dropped. Writes <out>/<device>-<preset>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smartedit.config import dtype_named
+from smartedit.engines import registry
+from smartedit.errors import InputError
+from smartedit.files import write_atomic, write_json
+from smartedit.pipeline import ModelSource
+
+STAGE_OF = {"llava": "vision+llm", "qformer_bim": "qformer_bim", "vae_encoder": "vae_encode", "unet": "unet",
+            "vae_decoder": "vae_decode"}
+
+
+class _TimedRunner:
+    """Wraps a runner: synchronised wall time and, optionally, FLOPs per graph call."""
+
+    def __init__(self, inner, device: torch.device, count_flops: bool = False):
+        self.inner, self.device, self.count_flops = inner, device, count_flops
+        self.name, self.fold_cfg = inner.name, inner.fold_cfg
+        self.ms: dict[str, list[float]] = {}
+        self.flops: dict[str, int] = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, graph, inputs):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._sync()
+        t0 = time.perf_counter()
+        if self.count_flops:
+            with FlopCounterMode(display=False) as fc:
+                out = self.inner.run(graph, inputs)
+            self.flops[graph] = self.flops.get(graph, 0) + fc.get_total_flops()
+        else:
+            out = self.inner.run(graph, inputs)
+        self._sync()
+        self.ms.setdefault(graph, []).append((time.perf_counter() - t0) * 1e3)
+        return out
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {"median": statistics.median(xs), "p90": xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))],
+            "min": xs[0], "max": xs[-1]}
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of what the backends run on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "triton", "transformers", "diffusers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
+                 "tensorrt", "tensorrt-rtx-cu13"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _driver_version() -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+
+
+def measured_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize(device)
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
+
+
+def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int = 0,
+              backends: tuple[str, ...] = ("official", "eager"), resolutions: tuple[int, ...] = (256,),
+              steps: int = 100, batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
+              dtype: str = "fp16", artifacts: str | None = None, progress=print, checkpoint=None) -> dict:
+    """`checkpoint(result)`, if given, is called after every measured or failed (backend, resolution) with the results
+    so far (smartedit-bench writes them out: a run cut short by a time limit keeps what it measured).
+
+    A backend that cannot run here is listed in "skipped" with the reason; one that raises while loading or at a
+    resolution (any Exception: triton's OutOfResources, CUDA out of memory, a shape outside an exported profile) is
+    listed in "failed" with the error, and the other backends and resolutions still run."""
+    dev = torch.device(device)
+    torch_dtype = dtype_named(dtype)
+    unknown = [b for b in backends if b not in registry.BACKENDS]
+    if unknown:
+        raise InputError(f"unknown backend(s) {unknown}; choose from {list(registry.BACKENDS)}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU here")
+    source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(512, 512, 3) * 255).astype(np.uint8))
+    images, texts = [image] * batch, ["replace the smaller cat with a rabbit"] * batch
+    result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+              "driver": _driver_version() if dev.type == "cuda" else None,
+              "cuda_runtime": torch.version.cuda if dev.type == "cuda" else None, "torch": torch.__version__,
+              "versions": library_versions(),
+              "python": platform.python_version(), "command": sys.argv, "model": model or f"{preset} (random)",
+              "dtype": dtype, "steps": steps, "batch": batch, "repeats": repeats, "warmup": warmup,
+              "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}, "failed": []}
+
+    def save() -> None:
+        _ratios(result)
+        if checkpoint is not None:
+            checkpoint(result)
+
+    def failed(backend: str, resolution: int | None, e: Exception) -> None:
+        error = f"{type(e).__name__}: {e}".strip()
+        result["failed"].append({"backend": backend, "resolution": resolution, "error": error})
+        progress(f"{backend}{f' @ {resolution}' if resolution else ''}: FAILED ({error.splitlines()[0][:300]})")
+        _free(dev)
+        save()
+
+    for backend in backends:
+        reason = registry.why_not(backend, dev, artifacts)
+        if reason:
+            result["skipped"][backend] = reason
+            progress(f"{backend}: skipped ({reason})")
+            continue
+        try:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            pipe = registry.load(backend, source, dev, torch_dtype, artifacts)
+            load_s = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001  (any failure of one backend is a result, not the end of the run)
+            failed(backend, None, e)
+            continue
+        for res in resolutions:
+            try:
+                _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats,
+                                  batch, progress)
+            except Exception as e:  # noqa: BLE001
+                failed(backend, res, e)
+                continue
+            save()
+        # pipeline <-> backend references are cycles: collect them, or the next backend's peak memory includes this
+        # one's weights (7b: 14 GB fp16, 28 GB for official's fp32 LLM)
+        del pipe
+        _free(dev)
+    save()
+    return result
+
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats, batch,
+                      progress) -> None:
+    if dev.type == "cuda":  # peak per resolution: weights, this resolution's activations, earlier graph pools
+        torch.cuda.reset_peak_memory_stats(dev)
+    kw = dict(steps=steps, resolution=res, seed=0)
+    warm = []
+    for _ in range(warmup):  # first calls carry compile / capture / engine load / autotuning
+        t = {}
+        pipe(images, texts, timings=t, **kw)
+        warm.append(t["total"])
+    e2e, parts = [], []
+    for _ in range(repeats):
+        t = {}
+        pipe(images, texts, timings=t, **kw)
+        e2e.append(t["total"])
+        parts.append(t)
+    inner = pipe.backend
+    timed = _TimedRunner(inner, dev, count_flops=backend == "eager")
+    pipe.backend = timed
+    stage_t: dict[str, float] = {}
+    try:
+        pipe(images, texts, timings=stage_t, **kw)
+    finally:
+        pipe.backend = inner
+    stages = {STAGE_OF[g]: statistics.median(v) for g, v in timed.ms.items()}
+    if "unet" in timed.ms:
+        stages["unet_step"] = stages.pop("unet")
+        stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
+    if backend == "official":
+        stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
+    row = {"backend": backend, "resolution": res, "load_s": load_s, "warmup_ms": warm,
+           "e2e_ms": _stats(e2e), "stage_ms": stages,
+           # the timed edits themselves, per pipeline stage (the backend's real path: e.g. the captured loop)
+           "edit_stage_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
+           "images_per_s": batch / (statistics.median(e2e) / 1e3),
+           "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+    if timed.flops:
+        row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
+                              for g, f in timed.flops.items()}
+    result["runs"].append(row)
+    progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end")
+
+
+def _ratios(result: dict) -> None:
+    by = {(r["backend"], r["resolution"]): r["e2e_ms"]["median"] for r in result["runs"]}
+    for r in result["runs"]:
+        for base in ("eager", "official"):
+            if (base, r["resolution"]) in by:
+                r[f"speedup_vs_{base}"] = by[(base, r["resolution"])] / r["e2e_ms"]["median"]
+    flops = {r["resolution"]: r.get("stage_tflop") for r in result["runs"] if r["backend"] == "eager"}
+    peak = result["peak_fp16_tflops"]
+    for r in result["runs"]:
+        tf = flops.get(r["resolution"])
+        if not tf:
+            continue
+        if "unet" in tf and "unet_step" in r["stage_ms"]:
+            r["unet_step_tflops_achieved"] = tf["unet"] / (r["stage_ms"]["unet_step"] / 1e3)
+            if peak:
+                r["unet_step_frac_peak"] = r["unet_step_tflops_achieved"] / peak
+        r["stage_tflops_achieved"] = {stage: tf[stage] / (r["stage_ms"][ms_key] / 1e3)
+                                      for stage, ms_key in (("vision+llm", "vision+llm"),
+                                                            ("qformer_bim", "qformer_bim"), ("vae_encode", "vae_encode"),
+                                                            ("unet", "unet_step"), ("vae_decode", "vae_decode"))
+                                      if stage in tf and r["stage_ms"].get(ms_key)}
+        # the whole edit's work (eager's count: every backend does the same math) and its time at the measured peak
+        r["e2e_tflop"] = sum(v for k, v in tf.items() if k != "unet") + tf.get("unet", 0.0) * result["steps"]
+        if peak:
+            r["floor_ms_at_peak"] = r["e2e_tflop"] / peak * 1e3
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"# smartedit-bench on {res['device']}", "",
+             f"{res['model']}, {res['dtype']}, {res['steps']} steps, batch {res['batch']}, {res['repeats']} timed runs "
+             f"after {res['warmup']} warm-up; torch {res['torch']}"
+             + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else "")
+             + (f"; driver {res['driver']}, CUDA {res['cuda_runtime']}" if res.get("driver") else ""),
+             "", "versions: " + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items() if v),
+             "", "| backend | res | e2e median ms | p90 | min | max | x eager | x official | denoise ms | "
+             "UNet step ms | peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def num(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    for r in res["runs"]:
+        e = r["e2e_ms"]
+        lines.append(f"| {r['backend']} | {r['resolution']} | {e['median']:.1f} | {e['p90']:.1f} | {e['min']:.1f} | "
+                     f"{e['max']:.1f} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
+                     f"{num(r.get('speedup_vs_official'), '{:.2f}')} | "
+                     f"{num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} | "
+                     f"{num(r['stage_ms'].get('unet_step'), '{:.2f}')} | "
+                     f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
+    for b, why in res["skipped"].items():
+        lines.append(f"| {b} | - | skipped: {why} | | | | | | | | | |")
+    for f in res.get("failed", []):
+        error = f["error"].splitlines()[0][:200].replace("|", "/")
+        lines.append(f"| {f['backend']} | {f['resolution'] or 'load'} | FAILED: {error} | | | | | | | | | |")
+    for r in res["runs"]:
+        if r["backend"] == "eager" and "e2e_tflop" in r:
+            floor = (f"; at the measured fp16 peak that is {r['floor_ms_at_peak']:.1f} ms, the physical floor"
+                     if "floor_ms_at_peak" in r else "")
+            lines.append(f"\nWork per edit at {r['resolution']}x{r['resolution']} (PyTorch flop counter, batch "
+                         f"{res['batch']}): {r['e2e_tflop']:.3f} TFLOP{floor}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    name = res["device"].split(" (")[0].replace(" ", "-").replace("/", "-") + f"-{res['model'].split(' ')[0]}"
+    paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
+    write_json(paths[0], res)
+    write_atomic(paths[1], to_markdown(res))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{r['backend']}\n{r['resolution']}px" for r in res["runs"]]
+    ax.bar(labels, [r["e2e_ms"]["median"] for r in res["runs"]], color="#4c72b0")
+    ax.set_ylabel("end-to-end median, ms")
+    ax.set_title(f"{res['model']} on {res['device']}, {res['steps']} steps", fontsize=9)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    write_atomic(paths[2], png.getvalue())
+    plt.close(fig)
+    return paths

@@ -1,0 +1,72 @@
+"""An export folder's artifacts of one target, checked before any runtime loads them.
+
+Every runtime of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
+checks are the same for all: the manifest is one this version reads, the target was exported, every file the
+manifest names is inside the folder and has its recorded size, and each entry is compatible with this machine
+(`Entry.compatible`: TensorRT version and GPU, torch version and device). A failure is an ArtifactError naming the
+file or the difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from smartedit.errors import ArtifactError
+from smartedit.graphs.manifest import Entry, Manifest
+from smartedit.pipeline import ModelSource, SmartEditPipeline
+
+
+class Artifacts:
+    def __init__(self, root: str | Path, target: str, here: dict[str, Any] | None = None):
+        self.root = Path(root)
+        self.target = target
+        self.manifest = Manifest.read(self.root)
+        self.entries = self.manifest.entries(target)
+        if not self.entries:
+            raise ArtifactError(f"{self.root} holds no {target} artifacts (it has "
+                                f"{sorted(self.manifest.artifacts) or 'none'}): run smartedit-export --target "
+                                f"{target} --out {self.root}")
+        for g, e in self.entries.items():
+            bad = self.manifest.damaged(e, hashes=False)
+            if bad:
+                rel = bad[0]
+                raise ArtifactError(f"{self.manifest.file(rel)} is missing or differs from the manifest "
+                                    f"({e.files[rel]['bytes']} bytes): re-run the export")
+            reason = e.compatible(here) if here is not None else None
+            if reason:
+                raise ArtifactError(reason)
+
+    def entry(self, graph: str) -> Entry:
+        if graph not in self.entries:
+            raise ArtifactError(f"graph {graph!r} has no {self.target} artifact in {self.root} "
+                                f"(it has {sorted(self.entries)})")
+        return self.entries[graph]
+
+    def file(self, graph: str, suffix: str) -> Path:
+        """The path of the graph's file ending in `suffix` (.onnx, .plan, .pt2), inside the folder."""
+        e = self.entry(graph)
+        rel = next((r for r in e.files if r.endswith(suffix)), None)
+        if rel is None:
+            raise ArtifactError(f"the manifest lists no {suffix} file for {graph} ({self.target})")
+        return self.manifest.file(rel)
+
+    @property
+    def fold_cfg(self) -> bool:
+        return "unet" in self.entries and self.entries["unet"].fold_cfg
+
+
+def load_exported(source: ModelSource, device: torch.device, dtype: torch.dtype, artifacts: Path, target: str,
+                  runner: Callable[[Artifacts, torch.device], object], here: dict[str, Any] | None = None
+                  ) -> SmartEditPipeline:
+    """A pipeline whose graphs run from the artifacts: only the config, tokenizer and null-text embedding are
+    loaded in PyTorch, and the artifacts must come from the same model."""
+    arts = Artifacts(artifacts, target, here)
+    reason = source.mismatch(arts.manifest.source)
+    if reason:
+        raise ArtifactError(reason)
+    pipe = source.load(device, dtype, only=[])
+    pipe.backend = runner(arts, device)
+    return pipe

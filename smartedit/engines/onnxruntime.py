@@ -1,0 +1,72 @@
+"""ONNX Runtime backend: runs the graphs of an `smartedit-export --target onnx` folder.
+
+CPU by default; on `--device cuda` the CUDA execution provider (onnxruntime-gpu). Inputs are checked against each
+graph's exported profile first (the error names the dim and range), cast to the graph's precision, and the outputs
+come back as torch tensors on the caller's device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import Artifacts, load_exported
+from .backend import Backend
+
+_NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64}
+
+
+def session(path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+
+
+def run_file(path: Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> list[torch.Tensor]:
+    """Run one ONNX file on inputs given in its own dtypes (the export's check)."""
+    out = session(path, providers).run(None, {k: v.detach().cpu().numpy() for k, v in inputs.items()})
+    return [torch.from_numpy(o) for o in out]
+
+
+class OnnxRuntimeRunner:
+    name = "onnxruntime"
+
+    def __init__(self, artifacts: Artifacts, providers: list[str] | None = None):
+        import onnxruntime  # noqa: F401  (fail here, with the import error, not at the first run)
+
+        self.arts = artifacts
+        self.fold_cfg = artifacts.fold_cfg
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._sessions: dict[str, object] = {}
+
+    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        entry = self.arts.entry(graph)
+        if graph not in self._sessions:
+            self._sessions[graph] = session(self.arts.file(graph, ".onnx"), self.providers)
+        entry.spec.check_inputs(inputs)
+        feed = {t.name: inputs[t.name].detach().cpu().numpy().astype(_NP[t.torch_dtype(entry.precision)], copy=False)
+                for t in entry.spec.inputs}
+        device = next(iter(inputs.values())).device
+        outs = self._sessions[graph].run([t.name for t in entry.spec.outputs], feed)
+        return {t.name: torch.from_numpy(o).to(device) for t, o in zip(entry.spec.outputs, outs)}
+
+
+def _unavailable(device: torch.device) -> str | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed (pip install -e '.[export]')"
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no CUDA provider (install onnxruntime-gpu), and CPU times beside CUDA ones mislead"
+    return None
+
+
+def _load(source, device, dtype, artifacts):
+    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else None
+    return load_exported(source, device, dtype, artifacts, "onnx", lambda a, d: OnnxRuntimeRunner(a, providers))
+
+
+ONNXRUNTIME = Backend("onnxruntime", "the ONNX graphs in ONNX Runtime (CPU, or CUDA with onnxruntime-gpu)",
+                      ("cpu", "cuda"), "onnx", _unavailable, _load)

@@ -1,0 +1,92 @@
+"""`smartedit-export`: a thin argparse shell over smartedit.export.run.run_export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+
+from smartedit.errors import run_command
+from smartedit.graphs import GRAPH_NAMES
+from smartedit.graphs.spec import ProfileOptions
+
+from .run import run_export
+from .targets import TARGETS
+from .trt import BuildOptions
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="smartedit-export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Merge the LoRA, split SmartEdit into graphs (llava, qformer_bim, unet, vae_encoder, "
+                    "vae_decoder), export each to ONNX (or AOTInductor), and check it against PyTorch.",
+        epilog="Writes OUT/onnx/<graph>.onnx, OUT/manifest.json (versions, source hash, specs, profiles, sha256) and "
+               "OUT/report.json (error of each graph against fp32 PyTorch); --target trt/trt-rtx adds OUT/<target>/"
+               "<graph>.plan, --target aoti OUT/aoti/<graph>.pt2. A rerun skips graphs whose inputs did not "
+               "change. Example: smartedit-export --preset tiny --random-weights --target onnx --out out/",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a converted SmartEdit folder (smartedit-convert output)")
+    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="this preset with random weights")
+    p.add_argument("--random-weights", action="store_true", help="required with --preset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--target", choices=list(TARGETS), default="onnx",
+                   help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
+    p.add_argument("--device", default="cpu",
+                   help="aoti: the device the packages are compiled for and run on (cpu, cuda, cuda:1)")
+    p.add_argument("--compute-capability", action="append", default=[], metavar="CC",
+                   help="trt-rtx: GPU to build for, repeatable: 75, 80 (A100), 86, 89, 120, 121")
+    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
+    p.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (default: TensorRT's)")
+    p.add_argument("--static-res", default="256,512",
+                   help="exact TensorRT profiles for unet/VAE at these resolutions, besides the dynamic one "
+                        "('' for none)")
+    p.add_argument("--refit", action="store_true", help="refittable engines (weights swappable without a rebuild)")
+    p.add_argument("--strip-weights", action="store_true",
+                   help="weight-stripped engines, refitted from OUT/onnx at load: small plans, slower load")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
+                   help="fp16 (default; what TensorRT builds strongly typed) or fp32 for debugging")
+    p.add_argument("--graphs", default="all", help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--fold-cfg", action="store_true",
+                   help="fold the scheduler input scaling, the 3-way CFG batch and the combine into the unet graph")
+    p.add_argument("--max-batch", type=int, default=4)
+    p.add_argument("--min-res", type=int, default=256, help="smallest image side (multiple of 64)")
+    p.add_argument("--opt-res", type=int, default=256, help="image side to optimise for (multiple of 64)")
+    p.add_argument("--max-res", type=int, default=768, help="largest image side (multiple of 64)")
+    p.add_argument("--max-prompt", type=int, default=512, help="longest prefix / suffix, in tokens")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the check against fp32 PyTorch (it needs the fp32 model in host RAM: 28 GB for the "
+                        "7b LLM)")
+    a = p.parse_args(argv)
+    if a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights, or export a checkpoint with --model DIR")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision absent
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="# The axis name")  # torch.onnx naming chatter
+    t0 = time.perf_counter()
+
+    def body() -> None:
+        opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
+                              max_prefix=a.max_prompt, max_suffix=a.max_prompt,
+                              opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
+        build = None
+        if a.target in ("trt", "trt-rtx"):
+            build = BuildOptions(compute_capabilities=tuple(a.compute_capability), opt_level=a.opt_level,
+                                 workspace_gb=a.workspace_gb, refit=a.refit or a.strip_weights,
+                                 strip_weights=a.strip_weights,
+                                 static_res=tuple(int(r) for r in a.static_res.split(",") if r.strip()))
+        run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
+                   graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
+                   build=build, device=a.device,
+                   progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
+
+    run_command("smartedit-export", body)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

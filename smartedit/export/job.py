@@ -1,0 +1,112 @@
+"""What an export target is (its entry in targets.TARGETS), and the job every target's producer works from."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from smartedit.config import PRECISIONS, SmartEditConfig
+from smartedit.files import sha256_json, write_json
+from smartedit.graphs import Graph
+from smartedit.graphs.manifest import Entry, Manifest
+from smartedit.graphs.spec import ProfileOptions
+from smartedit.pipeline import ModelSource, SmartEditPipeline
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    summary: str  # one line, for --help
+    produce: Callable[["ExportJob"], None]  # writes and records the artifacts of job.names, skipping up-to-date ones
+    # (target, build options, device) -> build options: refuses at once what cannot be built here
+    check: Callable[[str, Any, str], Any] = lambda target, build, device: build
+
+
+@dataclass
+class ExportJob:
+    """One run of smartedit-export: where it writes, what from, which graphs, with which options."""
+
+    target: str
+    out: Path
+    source: ModelSource
+    cfg: SmartEditConfig
+    graphs: dict[str, Graph]  # the graph table at this job's profile and fold_cfg
+    names: list[str]  # the graphs asked for, in dataflow order
+    manifest: Manifest
+    report: dict[str, Any]
+    precision: str
+    opset: int
+    profile: ProfileOptions
+    fold_cfg: bool
+    verify: bool
+    progress: Callable[[str], None]
+    build: Any = None  # trt / trt-rtx: export.trt.BuildOptions
+    device: str = "cpu"  # aoti: the device the packages are compiled for
+    _pipe: SmartEditPipeline | None = field(default=None, repr=False)
+    _loaded: frozenset = frozenset()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options every entry records and every key includes."""
+        return {"precision": self.precision, "opset": self.opset, "fold_cfg": self.fold_cfg,
+                "profile": asdict(self.profile)}
+
+    def key(self, graph: str, **extra) -> str:
+        """The hash of everything that goes into an artifact: a rerun rebuilds exactly when it changed."""
+        return sha256_json({"source": self.manifest.source["sha256"], "spec": self.graphs[graph].spec.to_dict(),
+                            "options": self.options, "toolchain": self.manifest.toolchain, **extra})
+
+    def up_to_date(self, target: str, graph: str, key: str) -> bool:
+        e = self.manifest.entries(target).get(graph)
+        return bool(e and e.key == key and e.verified is not False and not self.manifest.damaged(e))
+
+    def todo(self, target: str, what: str = "", **extra) -> list[str]:
+        """The graphs of `target` that need (re)building; the others are reported as skipped."""
+        todo = []
+        for n in self.names:
+            if self.up_to_date(target, n, self.key(n, **extra)):
+                self.progress(f"{n}: {what + ' ' if what else ''}up to date, skipped")
+            else:
+                todo.append(n)
+        return todo
+
+    def model(self, names: list[str]) -> SmartEditPipeline:
+        """The source model with the stages `names` read (fp32 when verifying: the reference; the LoRA merged)."""
+        from .lora import merge_lora
+
+        needed = frozenset(s for n in names for s in self.graphs[n].stages)
+        if self._pipe is None or not needed <= self._loaded:
+            dtype = PRECISIONS["fp32" if self.verify else self.precision]
+            self._pipe = self.source.load("cpu", dtype, only=sorted(needed))
+            self._loaded = needed
+            if "llm" in needed:
+                self.progress(f"merged the LoRA into {merge_lora(self._pipe.stages.llm)} LLaMA projections")
+        return self._pipe
+
+    def modules(self, name: str, device: str = "cpu") -> tuple[nn.Module, nn.Module]:
+        """(the fp32 reference of graph `name`, the module to export: at the job's precision on `device`); the same
+        module when nothing differs (fp32 on the CPU, or no check: the model was then loaded at the precision)."""
+        pipe = self._pipe
+        ref = self.graphs[name].module(pipe.stages, pipe.null_text_embeds).eval()
+        if self.verify and (self.precision != "fp32" or torch.device(device).type != "cpu"):
+            return ref, copy.deepcopy(ref).to(device=device, dtype=PRECISIONS[self.precision])
+        return ref, ref.to(device=device)
+
+    def forget(self, target: str, graph: str) -> None:
+        """Remove an entry from the manifest on disk before its file is replaced."""
+        if graph in self.manifest.entries(target):
+            self.manifest.drop(target, graph)
+            self.manifest.write()
+
+    def record(self, entry: Entry, report: dict | None = None) -> None:
+        """Write the finished entry (and its parity report) to disk at once: an interrupted export keeps it."""
+        self.manifest.put(entry)
+        self.manifest.write()
+        if report is not None:
+            self.report.setdefault(entry.target, {})[entry.graph] = report
+            write_json(self.out / "report.json", self.report)

@@ -1,0 +1,155 @@
+"""`smartedit-verify OUT`: check an export folder after the fact, and say plainly what could not be checked.
+
+1. integrity: every file of every entry against its sha256 (a damaged entry is not run: nothing below checks it);
+2. parity: given the source model (--model DIR, or --preset P --random-weights), every graph of every target runs on
+   the backend of the registry that runs that target (ONNX Runtime, AOTInductor, TensorRT), on this machine where it
+   can, and is compared with fp32 PyTorch at the two shapes the export checked, with the export's bound (PyTorch's
+   own fp16 error, smartedit.graphs.parity). A target that cannot run here (no GPU, no TensorRT, built for another
+   torch) is listed with the reason, not failed.
+Writes OUT/verify.json. Exit status 1 if anything checked failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from smartedit.config import PRECISIONS
+from smartedit.engines import registry
+from smartedit.errors import (
+    ArtifactError,
+    InputError,
+    RunError,
+    UnavailableError,
+    run_command,
+)
+from smartedit.files import write_json
+from smartedit.graphs import GRAPH_NAMES, graph_table, parity
+from smartedit.graphs.manifest import Entry, Manifest
+from smartedit.graphs.spec import ProfileOptions
+from smartedit.pipeline import ModelSource
+
+from .aoti import OnDevice
+
+
+def verify_artifacts(out: str | Path, source: ModelSource | None = None,
+                     progress: Callable[[str], None] = print) -> dict:
+    manifest = Manifest.read(out)
+    out = manifest.root
+    result: dict = {"integrity": {}, "parity": {}, "not_run": []}
+    intact: dict[str, dict[str, Entry]] = {}
+    for target, entries in manifest.artifacts.items():
+        for g in [n for n in GRAPH_NAMES if n in entries]:
+            t0 = time.perf_counter()
+            bad = manifest.damaged(entries[g])
+            result["integrity"][f"{target}/{g}"] = {"files": len(entries[g].files), "bad": bad}
+            progress(f"{target}/{g}: {len(entries[g].files)} files " + ("intact" if not bad else f"DAMAGED: {bad}")
+                     + f" ({time.perf_counter() - t0:.1f} s)")
+            if not bad:
+                intact.setdefault(target, {})[g] = entries[g]
+    if source is None:
+        result["not_run"].append("parity with PyTorch: no source model given (--model DIR or --preset P "
+                                 "--random-weights)")
+    else:
+        reason = source.mismatch(manifest.source)
+        if reason:
+            raise InputError(reason)
+        reference = _Reference(source, progress)
+        for target, entries in intact.items():
+            _verify_target(out, target, entries, source, reference, result, progress)
+    write_json(out / "verify.json", result)
+    return result
+
+
+class _Reference:
+    """The source model in fp32 with its LoRA merged, loaded once, when a target first needs it."""
+
+    def __init__(self, source: ModelSource, progress):
+        self.source, self.progress, self._pipe = source, progress, None
+
+    def modules(self, e: Entry, device: str):
+        """(the fp32 graph module, the same at the entry's precision on `device`, or None for fp32)."""
+        if self._pipe is None:
+            from .lora import merge_lora
+
+            self.progress(f"loading the source model ({self.source}) as the fp32 reference ...")
+            self._pipe = self.source.load()
+            merge_lora(self._pipe.stages.llm)
+        pipe, opts = self._pipe, e.options
+        g = graph_table(pipe.config, ProfileOptions(**opts["profile"]), fold_cfg=opts.get("fold_cfg", False))[e.graph]
+        ref = g.module(pipe.stages, pipe.null_text_embeds).eval()
+        if e.precision == "fp32":
+            return ref, None
+        at = copy.deepcopy(ref).to(device=device, dtype=PRECISIONS[e.precision])
+        return ref, (at if device == "cpu" else OnDevice(at, device))
+
+
+def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: ModelSource, reference: _Reference,
+                   result: dict, progress) -> None:
+    backend = next((b for b in registry.BACKENDS.values() if b.target == target), None)
+    if backend is None:
+        result["not_run"].append(f"{target}: no backend runs this target")
+        return
+    wanted = {e.requires.get("device", {}).get("type") for e in entries.values()} - {None}
+    device = wanted.pop() if len(wanted) == 1 else ("cpu" if "cpu" in backend.devices else "cuda")
+    why = registry.why_not(backend.name, device, out)
+    runner = None
+    if why is None:
+        try:
+            runner = registry.load(backend.name, source, device, torch.float32, out).backend
+        except (ArtifactError, UnavailableError) as e:  # built for another torch / GPU / TensorRT
+            why = str(e)
+    if runner is None:
+        result["not_run"].append(f"{target} ({', '.join(entries)}) vs PyTorch: {why}")
+        progress(f"{target}: NOT RUN: {why}")
+        return
+    for g, e in entries.items():
+        ref, at = reference.modules(e, device)
+        points = parity.verification_points(e.spec)
+        progress(f"{target}/{g}: {backend.name} on {device} vs PyTorch at {len(points)} shapes ...")
+        t0 = time.perf_counter()
+        comps = parity.compare(lambda x: list(runner.run(g, {k: v.to(device) for k, v in x.items()}).values()),
+                               e.spec, ref, e.precision, at, points)
+        ok = all(c.passed for c in comps)
+        result["parity"].setdefault(target, {})[g] = {"passed": ok, "backend": backend.name, "device": device,
+                                                      "comparisons": parity.as_dicts(comps)}
+        progress(parity.summary(f"{target}/{g} {backend.name}", comps, time.perf_counter() - t0))
+
+
+def failed(result: dict) -> list[str]:
+    bad = [f"integrity of {k}" for k, r in result["integrity"].items() if r["bad"]]
+    bad += [f"{t}/{g}" for t, rs in result["parity"].items() for g, r in rs.items() if not r["passed"]]
+    return bad
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="smartedit-verify", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Checks that cannot run here (no TensorRT, no GPU) are listed as not run.")
+    p.add_argument("out", help="smartedit-export output folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="the converted checkpoint the artifacts came from")
+    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="the random-weight preset they came from")
+    p.add_argument("--random-weights", action="store_true", help="required with --preset")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    a = p.parse_args(argv)
+    if a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights")
+
+    def body() -> None:
+        source = None if not (a.model or a.preset) else (ModelSource(model=a.model) if a.model
+                                                         else ModelSource(preset=a.preset, seed=a.seed))
+        result = verify_artifacts(a.out, source)
+        for line in result["not_run"]:
+            print(f"not run: {line}")
+        bad = failed(result)
+        if bad:
+            raise RunError(f"FAILED: {', '.join(bad)}")
+        print("all checks that could run passed")
+
+    run_command("smartedit-verify", body)

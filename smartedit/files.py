@@ -1,0 +1,104 @@
+"""Writing files so that a reader never sees half of one, and hashing them. The one place the project does either.
+
+Every output (a PNG, a JSON report, a manifest, a model folder, an ONNX file, a TensorRT plan, an AOTInductor
+package) is written under a temporary name beside its destination and renamed over it when complete; a failure or a
+kill leaves the old file (or nothing) and a `.<name>.tmp-*` leftover at worst, never a truncated file under the real
+name. Files get the permissions an ordinary `open()` would give (0666 / 0777 less the umask), not the 0600 / 0700
+that Python's temporary files start with, so a service user can read what an export wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path) -> None:
+    """Give `path` (and a folder's contents) the mode a plain open()/mkdir() would have."""
+    mask = _umask()
+    if path.is_dir():
+        for p in [path, *path.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    else:
+        path.chmod(0o666 & ~mask)
+
+
+@contextlib.contextmanager
+def scratch_folder(beside: Path) -> Iterator[Path]:
+    """A temporary folder next to `beside` (same filesystem, so renames out of it are atomic), removed at the end."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.tmp-", dir=beside.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(src: Path, dst: Path) -> Path:
+    """Rename a finished file or folder over `dst` (a folder that exists is removed first)."""
+    src, dst = Path(src), Path(dst)
+    _publish_mode(src)
+    if src.is_dir() and dst.is_dir():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def staged(dst: Path, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `dst` to write (a file, or a folder with folder=True); when the block ends
+    without an error it replaces `dst`, otherwise it is removed."""
+    dst = Path(dst)
+    with scratch_folder(dst) as tmp:
+        path = tmp / dst.name
+        if folder:
+            path.mkdir()
+        yield path
+        move_into_place(path, dst)
+
+
+def write_atomic(dst: Path, data: bytes | str) -> Path:
+    with staged(dst) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(dst)
+
+
+def read_json(path: Path, error: type[Exception], want: type = dict):
+    """The JSON value of `path`, of type `want`, or `error` naming the file and what is wrong with it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, want):
+        raise error(f"{path} holds a JSON {type(value).__name__}, not a {want.__name__}")
+    return value
+
+
+def write_json(dst: Path, obj) -> Path:
+    return write_atomic(dst, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

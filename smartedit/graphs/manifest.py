@@ -1,0 +1,163 @@
+"""The manifest of an export folder, OUT/manifest.json: one schema whatever the target.
+
+    {"manifest_version": 2,
+     "source":    what the graphs were exported from (a checkpoint's file hashes, or a random preset and seed),
+     "toolchain": library versions of the export,
+     "artifacts": {target: {graph: entry}}}       target: onnx | trt | trt-rtx | aoti
+
+Every entry has the same fields:
+    target, graph, key       the target, the graph, the hash of everything that went into it (a rerun compares it)
+    spec                     the graph spec (smartedit.graphs.spec), with its full dynamic range
+    options                  precision, fold_cfg, profile, and the target's own options
+    files                    {path relative to OUT: {"sha256", "bytes"}}
+    requires                 what a runtime must match to run it: {"tensorrt": "10.7.0", "compute_capability":
+                             ["86", "80"]} or {"torch": "2.13.0", "device": {"type": "cuda", "capability": "9.0"}}
+    profiles                 the runtime profiles: [{"name", "dims"}] (TensorRT's exact ones first); [] = the spec's
+    verified                 true / false / null (not checked) against PyTorch at export
+    record                   what happened (timings, sizes, logs): informative, never required
+
+`Entry.compatible(here)` returns why an entry cannot run on a machine described by `here` (the same keys as
+`requires`), or None. Paths from a manifest are resolved inside OUT or refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from smartedit.errors import ArtifactError
+from smartedit.files import read_json, sha256_file, write_json
+
+from .spec import DimRange, GraphSpec
+
+MANIFEST_VERSION = 2
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class Entry:
+    target: str
+    graph: str
+    key: str
+    spec: GraphSpec
+    options: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+    requires: dict[str, Any] = field(default_factory=dict)
+    profiles: list[dict[str, Any]] = field(default_factory=list)
+    verified: bool | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return self.options["precision"]
+
+    @property
+    def fold_cfg(self) -> bool:
+        return bool(self.options.get("fold_cfg", False))
+
+    def profile_specs(self) -> list[GraphSpec]:
+        """The spec restricted to each runtime profile, in order (the last: the widest)."""
+        if not self.profiles:
+            return [self.spec]
+        return [replace(self.spec, dims={k: DimRange(**v) for k, v in p["dims"].items()}) for p in self.profiles]
+
+    def compatible(self, here: dict[str, Any]) -> str | None:
+        """Why this entry cannot run where `here` describes (None: it can). A list in `requires` is the set of
+        values accepted; a dict must match except for its "name" (a card's marketing name)."""
+        for key, want in self.requires.items():
+            have = here.get(key)
+            if isinstance(want, list):
+                ok = have in want
+            elif isinstance(want, dict):
+                ok = isinstance(have, dict) and _sans_name(have) == _sans_name(want)
+            else:
+                ok = have == want
+            if not ok:
+                return (f"{self.graph} ({self.target}) was built for {key} {want}; this machine has {have}: re-run "
+                        f"smartedit-export --target {self.target} here")
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "Entry":
+        try:
+            return cls(target=str(d["target"]), graph=str(d["graph"]), key=str(d["key"]),
+                       spec=GraphSpec.from_dict(d["spec"]), options=dict(d["options"]), files=dict(d["files"]),
+                       requires=dict(d.get("requires", {})), profiles=list(d.get("profiles", [])),
+                       verified=d.get("verified"), record=dict(d.get("record", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"{where}: malformed manifest entry ({type(e).__name__}: {e})") from None
+
+
+def _sans_name(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "name"}
+
+
+@dataclass
+class Manifest:
+    root: Path
+    source: dict[str, Any]
+    toolchain: dict[str, Any]
+    artifacts: dict[str, dict[str, Entry]] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @classmethod
+    def read(cls, root: str | Path) -> "Manifest":
+        root = Path(root)
+        path = root / MANIFEST_FILE
+        if not path.is_file():
+            raise ArtifactError(f"{path} not found: {root} is not an smartedit-export output folder")
+        d = read_json(path, ArtifactError)
+        if d.get("manifest_version") != MANIFEST_VERSION:
+            raise ArtifactError(f"{path} is manifest version {d.get('manifest_version')!r}, this smartedit reads "
+                                f"version {MANIFEST_VERSION}: re-run smartedit-export into {root}")
+        arts = d.get("artifacts")
+        if not isinstance(arts, dict) or not all(isinstance(v, dict) for v in arts.values()):
+            raise ArtifactError(f"{path}: 'artifacts' must map each target to its graphs")
+        return cls(root, dict(d.get("source") or {}), dict(d.get("toolchain") or {}),
+                   {t: {g: Entry.from_dict(e, f"{path} [{t}][{g}]") for g, e in gs.items()}
+                    for t, gs in arts.items()})
+
+    def write(self) -> None:
+        write_json(self.path, {"manifest_version": MANIFEST_VERSION, "source": self.source,
+                               "toolchain": self.toolchain,
+                               "artifacts": {t: {g: e.to_dict() for g, e in gs.items()}
+                                             for t, gs in self.artifacts.items()}})
+
+    def entries(self, target: str) -> dict[str, Entry]:
+        return self.artifacts.get(target, {})
+
+    def put(self, entry: Entry) -> None:
+        self.artifacts.setdefault(entry.target, {})[entry.graph] = entry
+
+    def drop(self, target: str, graph: str) -> None:
+        self.artifacts.get(target, {}).pop(graph, None)
+
+    def file(self, rel: str) -> Path:
+        """The absolute path of a file the manifest names; it must stay inside the folder (links resolved)."""
+        root = self.root.resolve()
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):
+            raise ArtifactError(f"{self.path} names {rel!r}, which is outside {self.root}: refused")
+        return path
+
+    def damaged(self, entry: Entry, hashes: bool = True) -> list[str]:
+        """The files of `entry` that are missing, of another size, or (hashes=True) of another sha256."""
+        bad = []
+        for rel, meta in entry.files.items():
+            f = self.file(rel)
+            if not f.is_file() or f.stat().st_size != meta["bytes"] or (hashes and sha256_file(f) != meta["sha256"]):
+                bad.append(rel)
+        return bad
+
+    def file_record(self, rel: str) -> dict[str, Any]:
+        f = self.file(rel)
+        return {"sha256": sha256_file(f), "bytes": f.stat().st_size}

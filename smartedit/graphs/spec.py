@@ -1,0 +1,222 @@
+"""Graph specs: each graph of the export contract described once, as plain data.
+
+A GraphSpec names its inputs and outputs, their dtypes, and their shapes as tuples of ints and dimension expressions
+("B", "3*B", "8*h8"). Every named dimension has a min/opt/max range. The one spec drives the ONNX export (dynamic
+shapes), TensorRT profiles, AOTInductor's dynamic shapes, every runtime's input check, the manifest and the
+C++ runtime's input check (which reads it from the manifest).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from smartedit.config import PRECISIONS, RESOLUTION_STEP
+from smartedit.errors import InputError
+
+# dtype tags: "float" follows the graph's precision (fp16 / fp32 / bf16); the others are fixed
+DTYPES = {"float32": torch.float32, "int64": torch.int64}
+EXPORT_PRECISIONS = ("fp16", "fp32")  # what the exporters build (bf16: eager only)
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise InputError(f"dimension range must satisfy 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # "float" (export precision), "float32" or "int64"
+    shape: tuple[int | str, ...]  # ints, or "X" / "k*X" with X a named dimension
+    values: str = "randn"  # how sample inputs are drawn: randn | image | token_ids | img_suffix_ids | timestep | sigma | guidance
+
+    def torch_dtype(self, precision: str) -> torch.dtype:
+        return PRECISIONS[precision] if self.dtype == "float" else DTYPES[self.dtype]
+
+
+_EXPR = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)$")
+
+
+def parse_dim(expr: int | str) -> tuple[int, str | None]:
+    """3 -> (3, None); "B" -> (1, "B"); "3*B" -> (3, "B")."""
+    if isinstance(expr, int):
+        return expr, None
+    m = _EXPR.match(expr)
+    if not m:
+        raise InputError(f"bad dimension expression {expr!r} (use an int, 'X' or 'k*X')")
+    return int(m.group(1) or 1), m.group(2)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict[str, DimRange] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for t in self.inputs + self.outputs:
+            for d in t.shape:
+                _, name = parse_dim(d)
+                if name is not None and name not in self.dims:
+                    raise InputError(f"graph {self.name}: {t.name} uses dimension {name!r} with no range")
+
+    def shape(self, tensor: TensorSpec, point: dict[str, int]) -> tuple[int, ...]:
+        out = []
+        for d in tensor.shape:
+            k, name = parse_dim(d)
+            out.append(k if name is None else k * point[name])
+        return tuple(out)
+
+    def point(self, which: str) -> dict[str, int]:
+        """"min" / "opt" / "max" -> a value per dimension."""
+        return {n: getattr(r, which) for n, r in self.dims.items()}
+
+    def profile(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Input name -> (min shape, opt shape, max shape): a TensorRT optimization profile."""
+        pts = [self.point(w) for w in ("min", "opt", "max")]
+        return {t.name: tuple(self.shape(t, p) for p in pts) for t in self.inputs}
+
+    def contains(self, point: dict[str, int]) -> bool:
+        return all(r.min <= point[n] <= r.max for n, r in self.dims.items())
+
+    def sample_inputs(self, point: dict[str, int], precision: str = "fp32", device: str | torch.device = "cpu",
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for t in self.inputs:
+            shape, dtype = self.shape(t, point), t.torch_dtype(precision)
+            out[t.name] = _draw(t.values, shape, g).to(device=device, dtype=dtype)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        def tensor(t: dict) -> TensorSpec:
+            return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t.get("values", "randn"))
+
+        return cls(name=d["name"], inputs=tuple(tensor(t) for t in d["inputs"]),
+                   outputs=tuple(tensor(t) for t in d["outputs"]),
+                   dims={k: DimRange(**v) for k, v in d["dims"].items()})
+
+    def check_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+        """Infer the dims from actual inputs; raise InputError naming any input or dim outside the profile (spatial
+        dims in pixels, with the export options that set them)."""
+        names = [t.name for t in self.inputs]
+        if sorted(inputs) != sorted(names):
+            raise InputError(f"{self.name}: expected inputs {names}, got {sorted(inputs)}")
+        point: dict[str, int] = {}
+        for t in self.inputs:
+            shape = tuple(inputs[t.name].shape)
+            if len(shape) != len(t.shape):
+                raise InputError(f"{self.name}.{t.name}: rank {len(shape)}, expected shape {t.shape}")
+            for size, d in zip(shape, t.shape):
+                k, name = parse_dim(d)
+                if name is None:
+                    if size != k:
+                        raise InputError(f"{self.name}.{t.name}: shape {shape} does not match {t.shape}")
+                    continue
+                if size % k:
+                    raise InputError(f"{self.name}.{t.name}: size {size} is not a multiple of {k} ({d})")
+                v = size // k
+                if point.setdefault(name, v) != v:
+                    raise InputError(f"{self.name}.{t.name}: {d} = {size} disagrees with {name} = {point[name]}")
+        for name, v in point.items():
+            r = self.dims[name]
+            if not r.min <= v <= r.max:
+                raise InputError(f"{self.name}: {_describe(name, v, r)}")
+        return point
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "inputs": [asdict(t) for t in self.inputs],
+                "outputs": [asdict(t) for t in self.outputs],
+                "dims": {k: asdict(v) for k, v in self.dims.items()}, "profile": self.profile()}
+
+
+# named dims in image pixels: latent h/w (pixels / 8) and h8/w8 (pixels / 64)
+_PIXELS = {"h": 8, "w": 8, "h8": RESOLUTION_STEP, "w8": RESOLUTION_STEP}
+_FLAGS = {"B": "--max-batch", "Lp": "--max-prompt", "Ls": "--max-prompt"}
+
+
+def _describe(name: str, v: int, r: DimRange) -> str:
+    if name in _PIXELS:
+        px = _PIXELS[name]
+        side = "height" if name.startswith("h") else "width"
+        return (f"image {side} {v * px} px is outside the exported range {r.min * px}-{r.max * px} px "
+                "(re-export with --min-res / --max-res)")
+    flag = _FLAGS.get(name)
+    return (f"dimension {name} = {v} is outside the exported profile [{r.min}, {r.max}]"
+            + (f" (re-export with {flag})" if flag else ""))
+
+
+def _draw(kind: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    from smartedit.config import IMG_START_ID, NUM_IMG_TOKENS
+
+    if kind == "randn":
+        return torch.randn(shape, generator=g)
+    if kind == "image":  # [-1, 1]
+        return torch.rand(shape, generator=g) * 2 - 1
+    if kind == "token_ids":  # ordinary ids (3..31999: no <unk>/pad, <s>, </s>)
+        return torch.randint(3, 32000, shape, generator=g)
+    if kind == "img_suffix_ids":  # forced-mode suffix: ordinary ids, then <img_0>..<img_31>
+        ids = torch.randint(3, 32000, shape, generator=g)
+        ids[..., -NUM_IMG_TOKENS:] = torch.arange(IMG_START_ID, IMG_START_ID + NUM_IMG_TOKENS)
+        return ids
+    if kind == "timestep":  # a scheduler timestep in [0, 999]
+        return torch.randint(0, 1000, shape, generator=g).float()
+    if kind == "sigma":  # an EulerAncestral sigma (0.03 .. 14.6 for SD-1.5)
+        return torch.rand(shape, generator=g) * 14 + 0.03
+    if kind == "guidance":  # (text, image) guidance scales around the official 7.5 / 1.5
+        return torch.tensor([7.5, 1.5]).expand(shape).clone()
+    raise InputError(f"unknown sample kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """Ranges the specs are built from; defaults cover the official settings. Every optimisation profile range is
+    set here (TensorRT's exact-resolution profiles: export/trt.py BuildOptions.static_res)."""
+
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 4
+    min_res: int = 256
+    opt_res: int = 256  # the official resolution
+    max_res: int = 768
+    min_prefix: int = 1
+    opt_prefix: int = 96
+    max_prefix: int = 512  # prompt lengths: the official templates give ~80-100 ids with the Vicuna tokenizer
+    min_suffix: int = 33  # at least one id and the 32 <img_i>
+    opt_suffix: int = 96
+    max_suffix: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("min_res", "opt_res", "max_res"):
+            v = getattr(self, name)
+            if v % RESOLUTION_STEP:
+                raise InputError(f"{name.replace('_', '-')} must be a multiple of {RESOLUTION_STEP} (UNet latents are "
+                                 f"multiples of 8), got {v}")
+        DimRange(self.min_res, self.opt_res, self.max_res)
+        DimRange(self.min_batch, self.opt_batch, self.max_batch)
+        DimRange(self.min_prefix, self.opt_prefix, self.max_prefix)
+        DimRange(self.min_suffix, self.opt_suffix, self.max_suffix)
+        if self.min_suffix < 33:
+            raise InputError(f"min-suffix must be >= 33 (one id + the 32 <img_i>), got {self.min_suffix}")
+
+    def batch(self) -> DimRange:
+        return DimRange(self.min_batch, self.opt_batch, self.max_batch)
+
+    def latent8(self) -> DimRange:  # latent side / 8 = resolution / 64
+        return DimRange(self.min_res // RESOLUTION_STEP, self.opt_res // RESOLUTION_STEP,
+                        self.max_res // RESOLUTION_STEP)
+
+    def latent(self) -> DimRange:  # latent side = resolution / 8
+        return DimRange(self.min_res // 8, self.opt_res // 8, self.max_res // 8)
