@@ -100,11 +100,12 @@ class Stages(nn.Module):
                    sigma: torch.Tensor, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor,
                    guidance: torch.Tensor, null_text_embeds: torch.Tensor) -> torch.Tensor:
         """One guided step from unscaled latents: scale_model_input, the 3-way batch, the UNet, the fp32 combine.
-        timestep [1], sigma [1] fp32; guidance [2] = (text, image) scales, fp32."""
+        timestep [1], sigma [1] fp32; guidance (text, image) scales, fp32: [2] for the batch, or [B, 2] per sample."""
         x = scale_model_input(latents, sigma.float().reshape(()))
         sample, prompts = cfg_batch(x, image_latents, prompt_embeds, null_text_embeds)
         eps = self.unet_eps(sample, timestep, prompts, bim_residual)
-        return cfg_combine(eps, guidance[0], guidance[1]).to(latents.dtype)
+        g = guidance.float().reshape(-1, 2, 1, 1, 1)  # [1 or B, 2, 1, 1, 1]: broadcast over [B, 4, h, w]
+        return cfg_combine(eps, g[:, 0], g[:, 1]).to(latents.dtype)
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(image)

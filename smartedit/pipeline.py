@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Sequence, Union
 
 import torch
 from PIL import Image
@@ -37,6 +38,7 @@ from .model import STAGE_NAMES, Stages, build_stages, cfg_batch, cfg_combine
 from .scheduler import (
     SIGMA,
     AncestralPlan,
+    Generators,
     T,
     ancestral_step,
     draw_ancestral_noise,
@@ -48,6 +50,7 @@ from .vae import postprocess, preprocess_vae
 from .vision import preprocess_clip
 
 log = logging.getLogger(__name__)
+Guidance = Union[float, Sequence[float]]  # one value for the batch, or one per sample
 
 
 def _as_image(x: Image.Image | str | Path) -> Image.Image:
@@ -216,14 +219,19 @@ class SmartEditPipeline:
     @torch.inference_mode()
     def encode_condition(self, images: Sequence[Image.Image], instructions: Sequence[str],
                          img_token_mode: str | None = None, template: int | str = 0, temperature: float = 0.0,
-                         seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> prompt_embeds [B, 77, D], bim_residual [B, C0, 16, 16]."""
+                         seed: int | Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> prompt_embeds [B, 77, D], bim_residual [B, C0, 16, 16]. `seed` (one, or one per sample) draws the
+        template when template="random"."""
         mode = img_token_mode or self.img_token_mode
         if mode not in IMG_MODES:
             raise InputError(f"img_token_mode must be one of {IMG_MODES}, got {mode!r}")
         pixels = preprocess_clip(list(images), self.config.vision.image_size).to(self.device)
-        rng = random.Random(seed)
-        templates = [pick_template(template, rng) for _ in instructions]
+        if isinstance(seed, (list, tuple)):
+            templates = [pick_template(template, random.Random(s)) for s in seed]
+            seed = seed[0]
+        else:
+            rng = random.Random(seed)
+            templates = [pick_template(template, rng) for _ in instructions]
         if mode == "forced":
             if self.tokenizer.pad_token_id != PAD_ID:
                 raise InputError(f"the llava graph pads with id {PAD_ID} (<unk>); this tokenizer pads with "
@@ -282,37 +290,45 @@ class SmartEditPipeline:
         return self.backend.run("vae_encoder", {"image": x})["latents"].to(self.dtype)
 
     def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, row: torch.Tensor,
-                   prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, guidance_scale: float,
-                   image_guidance_scale: float) -> torch.Tensor:
+                   prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, guidance_scale: Guidance,
+                   image_guidance_scale: Guidance) -> torch.Tensor:
         """One guided step: latents [B,4,h,w] (unscaled), row = the schedule's row -> eps [B,4,h,w] in the
-        pipeline's dtype. The CFG batch and the fp32 combine are smartedit.model's, here or inside a folded graph."""
+        pipeline's dtype. The CFG batch and the fp32 combine are smartedit.model's, here or inside a folded graph.
+        Guidance scales are one value for the batch or one per sample."""
         t, sigma = row[T].reshape(1), row[SIGMA]
+        g_text, g_image = _per_sample(guidance_scale, latents), _per_sample(image_guidance_scale, latents)
         if self.backend.fold_cfg:
+            if not (isinstance(g_text, float) and isinstance(g_image, float)):
+                raise InputError("the --fold-cfg unet graph takes one pair of guidance scales per batch; give "
+                                 "every sample the same, or run them apart")
             return self.backend.run("unet", {
                 "latents": latents, "image_latents": image_latents, "timestep": t, "sigma": sigma.reshape(1),
                 "prompt_embeds": prompt_embeds, "bim_residual": bim_residual,
-                "guidance": torch.tensor([guidance_scale, image_guidance_scale], device=latents.device)})["eps"] \
-                .to(self.dtype)
+                "guidance": torch.tensor([g_text, g_image], device=latents.device)})["eps"].to(self.dtype)
         sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
                                     self.null_text_embeds)
         eps = self.backend.run("unet", {"sample": sample, "timestep": t, "prompt_embeds": prompts,
                                         "bim_residual": bim_residual})["eps"]
-        return cfg_combine(eps, guidance_scale, image_guidance_scale).to(self.dtype)
+        return cfg_combine(eps, g_text, g_image).to(self.dtype)
 
     @torch.inference_mode()
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,
-                steps: int = 100, guidance_scale: float = 7.5, image_guidance_scale: float = 1.5,
-                generator: torch.Generator | None = None, progress: bool = False,
+                steps: int = 100, guidance_scale: Guidance = 7.5, image_guidance_scale: Guidance = 1.5,
+                generator: Generators = None, progress: bool = False,
                 latents: torch.Tensor | None = None) -> torch.Tensor:
         """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode). The seed's
-        noise is drawn as diffusers draws it: the starting latents, then one tensor per step."""
+        noise is drawn as diffusers draws it: the starting latents, then one tensor per step (one generator for the
+        batch, or one per sample)."""
         plan = AncestralPlan.build(steps, self.device)
         if latents is None:
             latents = initial_latents(generator, tuple(image_latents.shape), plan, self.device, self.dtype)
         noise = draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, self.device)
         if isinstance(self.backend, LoopRunner):  # the whole loop in one program (engines/cudagraph.py)
+            guidance = torch.stack([torch.as_tensor(_per_sample(g, latents), dtype=torch.float32, device=self.device)
+                                    .reshape(-1).expand(latents.shape[0]) for g in (guidance_scale,
+                                                                                    image_guidance_scale)], 1)
             return self.backend.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
-                                             bim_residual, plan.table, noise, guidance_scale, image_guidance_scale)
+                                             bim_residual, plan.table, noise, guidance)  # guidance [B, 2]
         for i in tqdm(range(steps), desc="denoise", disable=not progress):
             row = plan.table[i]
             eps = self.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance_scale,
@@ -327,11 +343,14 @@ class SmartEditPipeline:
     # -- the edit -----------------------------------------------------------------------------------------------------
 
     def __call__(self, image, instruction: str | Sequence[str] | None = None, steps: int = 100,
-                 guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, resolution: int = 256,
-                 seed: int | None = None, img_token_mode: str | None = None, template: int | str = 0,
-                 temperature: float = 0.0, progress: bool = False, timings: dict[str, float] | None = None):
+                 guidance_scale: Guidance = 7.5, image_guidance_scale: Guidance = 1.5, resolution: int = 256,
+                 seed: int | Sequence[int] | None = None, img_token_mode: str | None = None,
+                 template: int | str = 0, temperature: float = 0.0, progress: bool = False,
+                 timings: dict[str, float] | None = None):
         """One edit -> PIL image; lists of images and instructions (or a list of (image, instruction) pairs) -> a
         list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image).
+        `seed` and the guidance scales may be one per sample: then each sample draws its own noise from its own
+        seed and gets the image it would get alone (up to the batched kernels' rounding).
 
         `timings`, if given, receives the wall time in ms of each stage (device-synchronised): condition (vision +
         LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total.
@@ -348,10 +367,17 @@ class SmartEditPipeline:
             raise InputError(f"got {len(images)} images and {len(instructions)} instructions; need the same, >= 1")
         check_resolution(resolution)
         AncestralPlan.build(steps)  # checks steps before any work
+        for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+            _check_guidance(name, g, len(images))
         pil = [_as_image(x) for x in images]
         if seed is None:
             seed = random.randrange(2**31)
-        generator = torch.Generator().manual_seed(seed)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(images):
+                raise InputError(f"got {len(seed)} seeds for {len(images)} images; give one, or one per image")
+            generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+        else:
+            generator = torch.Generator().manual_seed(seed)
         clock = _StageClock(self.device, timings)
         with clock("condition"):
             prompt_embeds, bim_residual = self.encode_condition(pil, instructions, img_token_mode, template,
@@ -366,6 +392,24 @@ class SmartEditPipeline:
         out = postprocess(decoded)
         clock.finish()
         return out[0] if single else out
+
+
+def _check_guidance(name: str, g: Guidance, n: int) -> None:
+    values = list(g) if isinstance(g, (list, tuple)) else [g]
+    if isinstance(g, (list, tuple)) and len(values) != n:
+        raise InputError(f"got {len(values)} values of {name} for {n} images; give one, or one per image")
+    bad = [v for v in values if not isinstance(v, (int, float)) or not math.isfinite(v)]
+    if bad:
+        raise InputError(f"{name} must be a finite number, got {bad[0]!r}")
+
+
+def _per_sample(g: Guidance, latents: torch.Tensor):
+    """One value for the batch -> a float; one per sample -> [B,1,1,1] fp32 (one value repeated -> a float)."""
+    if not isinstance(g, (list, tuple)):
+        return float(g)
+    if len(set(g)) == 1:
+        return float(g[0])
+    return torch.tensor(g, dtype=torch.float32, device=latents.device).view(-1, 1, 1, 1)
 
 
 class _StageClock:

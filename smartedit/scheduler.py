@@ -15,6 +15,7 @@ checks this against diffusers itself, bit for bit, in fp32 and fp16.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 from diffusers import EulerAncestralDiscreteScheduler
@@ -23,6 +24,9 @@ from .config import SCHEDULER_CONFIG
 from .errors import InputError
 
 T, SIGMA, SIGMA_UP, DT = range(4)  # columns of AncestralPlan.table
+# one generator for the batch, or one per sample (each sample then draws what it would draw alone: a batched request
+# of a server gives the image the same request gets alone)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 MAX_STEPS = 1000  # the schedule's training timesteps: more steps than that repeat timesteps
 
 
@@ -51,19 +55,26 @@ class AncestralPlan:
         return cls(table.float().contiguous(), init)
 
 
-def initial_latents(generator: torch.Generator | None, shape: tuple[int, ...], plan: AncestralPlan,
+def initial_latents(generator: Generators, shape: tuple[int, ...], plan: AncestralPlan,
                     device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-    """The starting latents: fp32 noise from the seed's generator (on the CPU for a CPU generator), times the
-    schedule's initial sigma, as diffusers' pipelines prepare them."""
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    """The starting latents [B,4,h,w]: fp32 noise from the seed's generator (on the CPU for a CPU generator), times
+    the schedule's initial sigma, as diffusers' pipelines prepare them; with one generator per sample, each sample's
+    noise from its own."""
+    if isinstance(generator, (list, tuple)):
+        noise = torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generator])
+    else:
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     return noise.to(device, dtype) * plan.init_noise_sigma
 
 
-def draw_ancestral_noise(generator: torch.Generator | None, steps: int, shape: tuple[int, ...],
-                         dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+def draw_ancestral_noise(generator: Generators, steps: int, shape: tuple[int, ...], dtype: torch.dtype,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
     """-> [steps, *shape] on `device`: the noise diffusers' step i draws, for every i, in its order. As diffusers'
     randn_tensor does, the noise is drawn where the generator lives (a CPU generator: on the CPU, the same numbers
-    whatever the device; a CUDA generator: on its GPU) and then moved to `device`."""
+    whatever the device; a CUDA generator: on its GPU) and then moved to `device`. One generator per sample: each
+    sample's steps from its own, [steps, B, ...] with B the samples."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([draw_ancestral_noise(g, steps, shape[1:], dtype, device) for g in generator], dim=1)
     where = generator.device if generator is not None else torch.device(device)
     noise = torch.stack([torch.randn(shape, generator=generator, dtype=dtype, device=where) for _ in range(steps)])
     return noise.to(device)

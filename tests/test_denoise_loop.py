@@ -131,7 +131,7 @@ def test_backend_argument_checks(tiny_pipe):
     plan = AncestralPlan.build(2)
     with pytest.raises(ValueError, match="batch/shape mismatch"):
         fast.denoise_loop(torch.zeros(1, 4, 8, 8), x["image_latents"], x["prompt_embeds"], tiny_pipe.null_text_embeds,
-                          x["bim_residual"], plan.table, torch.zeros(2, 1, 4, 8, 8), 7.5, 1.5)
+                          x["bim_residual"], plan.table, torch.zeros(2, 1, 4, 8, 8), torch.tensor([[7.5, 1.5]]))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

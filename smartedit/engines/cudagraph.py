@@ -51,7 +51,7 @@ class _Loop:
     bim_residual: torch.Tensor  # [B,C0,16,16]
     table: torch.Tensor  # [steps,4] fp32: the schedule
     noise: torch.Tensor  # [steps,B,4,h,w]: ancestral noise of the edit's seed
-    guidance: torch.Tensor  # [2] fp32: (text, image) scales of the edit
+    guidance: torch.Tensor  # [B, 2] fp32: each sample's (text, image) scales
     idx: torch.Tensor  # [1] int64: the step the next replay runs
     graph: torch.cuda.CUDAGraph | None = None
     graph_steps: int = 0  # steps one replay runs: `steps` (loop) or 1 (step)
@@ -79,14 +79,16 @@ class CudaGraphRunner(EagerRunner):
     @torch.inference_mode()
     def denoise_loop(self, latents: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
                      null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, table: torch.Tensor,
-                     noise: torch.Tensor, guidance_scale: float, image_guidance_scale: float) -> torch.Tensor:
-        """latents [B,4,h,w] (initial noise, already times init_noise_sigma) -> denoised latents [B,4,h,w]."""
+                     noise: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """latents [B,4,h,w] (initial noise, already times init_noise_sigma) -> denoised latents [B,4,h,w].
+        guidance [B, 2]: each sample's (text, image) scales (device data: one captured graph serves any)."""
         b, steps = latents.shape[0], table.shape[0]
         if image_latents.shape != latents.shape or prompt_embeds.shape[0] != b or bim_residual.shape[0] != b \
-                or tuple(noise.shape) != (steps, *latents.shape):
+                or tuple(noise.shape) != (steps, *latents.shape) or tuple(guidance.shape) != (b, 2):
             raise InputError(f"batch/shape mismatch: latents {tuple(latents.shape)}, image_latents "
                              f"{tuple(image_latents.shape)}, prompt_embeds {tuple(prompt_embeds.shape)}, "
-                             f"bim_residual {tuple(bim_residual.shape)}, noise {tuple(noise.shape)}")
+                             f"bim_residual {tuple(bim_residual.shape)}, noise {tuple(noise.shape)}, guidance "
+                f"{tuple(guidance.shape)}")
         key = (tuple(latents.shape), tuple(prompt_embeds.shape), tuple(bim_residual.shape), latents.dtype, steps)
         loop = self._loops.get(key)
         if loop is None:
@@ -94,10 +96,9 @@ class CudaGraphRunner(EagerRunner):
                 latents=torch.empty_like(latents), image_latents=torch.empty_like(image_latents),
                 prompt_embeds=torch.empty_like(prompt_embeds), null_text_embeds=torch.empty_like(null_text_embeds),
                 bim_residual=torch.empty_like(bim_residual), table=torch.empty_like(table),
-                noise=torch.empty_like(noise), guidance=torch.empty(2, device=latents.device),
+                noise=torch.empty_like(noise), guidance=torch.empty(b, 2, device=latents.device),
                 idx=torch.zeros(1, device=latents.device, dtype=torch.long))
-        inputs = (latents, image_latents, prompt_embeds, null_text_embeds, bim_residual, table, noise,
-                  torch.tensor([guidance_scale, image_guidance_scale]))
+        inputs = (latents, image_latents, prompt_embeds, null_text_embeds, bim_residual, table, noise, guidance)
         self._load(loop, *inputs)
         if self.capture != "none" and loop.graph is None:
             self._capture(loop)  # warm-up steps on a side stream change the buffers: load them again

@@ -103,7 +103,8 @@ class LoopRunner(GraphRunner, Protocol):
 
     def denoise_loop(self, latents: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
                      null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, table: torch.Tensor,
-                     noise: torch.Tensor, guidance_scale: float, image_guidance_scale: float) -> torch.Tensor: ...
+                     noise: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        """guidance [B, 2] fp32: each sample's (text, image) scales."""
 
 
 class EagerRunner:
