@@ -118,7 +118,9 @@ def test_the_registry_says_why_a_backend_cannot_run_here(onnx_export, tmp_path):
 
 def test_every_export_target_has_a_runtime():
     runs = {b.target for b in registry.BACKENDS.values() if b.target}
-    assert set(TARGETS) == runs == {"onnx", "trt", "trt-rtx", "aoti"}
+    assert runs == {"onnx", "trt", "trt-rtx", "aoti"}
+    assert {t for t in TARGETS if TARGETS[t].runtime} == {"triton"}  # runs in Triton Inference Server
+    assert set(TARGETS) == runs | {"triton"}
 
 
 def test_model_source_is_one_or_the_other(tmp_path):

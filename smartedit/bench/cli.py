@@ -39,19 +39,52 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed edits per backend and resolution")
     p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-stats edits first (reported separately)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp16")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,
+                   help="default: fp16 on a GPU, fp32 on the CPU (where fp16 is emulated and slow)")
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
                    + ", ".join(b.name for b in BACKENDS.values() if b.target))
     p.add_argument("--out", default="bench/results", help="folder for <device>-<model>.{json,md,png}")
+    s = p.add_argument_group("load test of smartedit-serve (--serve)")
+    s.add_argument("--serve", action="store_true", help="instead: start smartedit-serve (Triton Inference Server) "
+                   "on free loopback ports with the first of --backends and --resolution, and load it over HTTP and "
+                   "gRPC; writes serve-<device>-<model>-<backend>.{json,md,png}")
+    s.add_argument("--concurrency", type=_sides, default=(1, 2, 4, 8), help="requests in flight, per level")
+    s.add_argument("--requests", type=int, default=16, help="requests per level (bounded)")
+    s.add_argument("--max-batch", type=int, default=8, help="the server's dynamic batch limit")
+    s.add_argument("--max-queue-delay-ms", type=float, default=20.0, help="the server's batching delay")
+    s.add_argument("--protocols", default="http,grpc", help="comma-separated: http, grpc")
     a = p.parse_args(argv)
     if a.preset and not a.random_weights:
         p.error("--preset builds random weights: add --random-weights")
     logging.basicConfig(level=logging.ERROR)
 
+    def dtype() -> str:
+        return a.dtype or ("fp32" if a.device == "cpu" else "fp16")
+
+    def serve_body() -> None:
+        from . import serve
+
+        backend = a.backends.split(",")[0].strip()
+        res = serve.run_load_test(a.model, a.preset, a.seed, backend=backend, artifacts=a.artifacts, device=a.device,
+                                  dtype=dtype(), concurrency=a.concurrency,
+                                  protocols=tuple(x.strip() for x in a.protocols.split(",") if x.strip()),
+                                  requests=a.requests, steps=a.steps, resolution=a.resolution[0],
+                                  max_batch=a.max_batch, queue_delay_ms=a.max_queue_delay_ms,
+                                  progress=lambda m: print(m, flush=True),
+                                  checkpoint=lambda r: serve.write_json(Path(a.out) / "serve-partial.json", r))
+        paths = serve.write_outputs(res, Path(a.out))
+        (Path(a.out) / "serve-partial.json").unlink(missing_ok=True)
+        print(serve.to_markdown(res))
+        print("wrote " + ", ".join(str(x) for x in paths))
+        if not (res["all_answered"] and res["all_match_offline"]):
+            raise SystemExit(1)
+
     def body() -> None:
+        if a.serve:
+            return serve_body()
         res = run_bench(a.model, a.preset, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
                         resolutions=a.resolution, steps=a.steps, batch=a.batch,
-                        repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=a.dtype, artifacts=a.artifacts,
+                        repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=dtype(), artifacts=a.artifacts,
                         seed=a.seed, progress=lambda m: print(m, flush=True),
                         checkpoint=lambda r: write_outputs(r, Path(a.out)))  # partial results survive a kill
         paths = write_outputs(res, Path(a.out))

@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", choices=list(TARGETS), default="onnx",
                    help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
     p.add_argument("--device", default="cpu",
-                   help="aoti: the device the packages are compiled for and run on (cpu, cuda, cuda:1)")
+                   help="aoti: the device the packages are compiled for and run on (cpu, cuda, cuda:1); triton: the "
+                        "device of the orchestrating model's PyTorch work")
+    p.add_argument("--triton-stages", choices=["onnx", "trt", "python"], default="onnx",
+                   help="triton: the stage models' backend: Triton's onnxruntime, its tensorrt_plan (OUT/trt, built "
+                        "with the container's TensorRT), or Python models running ONNX Runtime (what smartedit's "
+                        "bundled server can run)")
     p.add_argument("--compute-capability", action="append", default=[], metavar="CC",
                    help="trt-rtx: GPU to build for, repeatable: 75, 80 (A100), 86, 89, 120, 121")
     p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                                  static_res=tuple(int(r) for r in a.static_res.split(",") if r.strip()))
         run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
-                   build=build, device=a.device,
+                   build=build, device=a.device, triton_stages=a.triton_stages,
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
 
     run_command("smartedit-export", body)

@@ -25,6 +25,7 @@ class Target:
     produce: Callable[["ExportJob"], None]  # writes and records the artifacts of job.names, skipping up-to-date ones
     # (target, build options, device) -> build options: refuses at once what cannot be built here
     check: Callable[[str, Any, str], Any] = lambda target, build, device: build
+    runtime: str | None = None  # where its artifacts run when no engines/ backend does (the Triton server)
 
 
 @dataclass
@@ -46,7 +47,8 @@ class ExportJob:
     verify: bool
     progress: Callable[[str], None]
     build: Any = None  # trt / trt-rtx: export.trt.BuildOptions
-    device: str = "cpu"  # aoti: the device the packages are compiled for
+    device: str = "cpu"  # aoti: the device the packages are compiled for; triton: the orchestrator's device
+    triton_stages: str = "onnx"  # triton: the stage models' backend (export/triton.py)
     _pipe: SmartEditPipeline | None = field(default=None, repr=False)
     _loaded: frozenset = frozenset()
 

@@ -45,7 +45,8 @@ def toolchain() -> dict[str, str | None]:
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
                target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
-               build=None, device: str = "cpu", progress: Callable[[str], None] = print) -> Manifest:
+               build=None, device: str = "cpu", triton_stages: str = "onnx",
+               progress: Callable[[str], None] = print) -> Manifest:
     """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
     `out`; see targets.TARGETS. Argument problems are refused before any model is loaded."""
     t = targets.get(target)
@@ -76,7 +77,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     job = ExportJob(target=target, out=out, source=source, cfg=cfg,
                             graphs=graph_table(cfg, profile, fold_cfg=fold_cfg), names=names, manifest=manifest,
                             report=report, precision=precision, opset=opset, profile=profile, fold_cfg=fold_cfg,
-                            verify=verify, progress=progress, build=build, device=device)
+                            verify=verify, progress=progress, build=build, device=device, triton_stages=triton_stages)
     t.produce(job)
     return manifest
 

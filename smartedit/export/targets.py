@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from smartedit.errors import InputError
 
-from . import aoti, onnx, trt
+from . import aoti, onnx, triton, trt
 from .job import Target
 
-TARGETS: dict[str, Target] = {t.name: t for t in (onnx.TARGET, trt.TARGET, trt.TARGET_RTX, aoti.TARGET)}
+TARGETS: dict[str, Target] = {t.name: t for t in (onnx.TARGET, trt.TARGET, trt.TARGET_RTX, aoti.TARGET,
+                                                  triton.TARGET)}
 
 
 def get(name: str) -> Target:

@@ -1,0 +1,199 @@
+"""`--target triton`: a Triton Inference Server model repository, and the config of every model the project serves.
+
+Two repositories, one model implementation (smartedit/serve/model.py, a Python-backend model that runs the whole
+edit: tokenizer, sampler and guidance in PyTorch, the graphs on a GraphRunner):
+
+  smartedit-serve (local)      one model `smartedit`; its graphs run in-process on a backend of the registry
+  --target triton (container)  `smartedit` runs its graphs through BLS calls to one stage model per graph:
+                                 --triton-stages onnx  Triton's onnxruntime backend on OUT/onnx  (the default)
+                                 --triton-stages trt   Triton's tensorrt_plan backend on OUT/trt (built with the
+                                                       container's TensorRT, on its GPU)
+                                 --triton-stages python  Python-backend stage models running the ONNX files in
+                                                       ONNX Runtime: what the bundled server of this project can
+                                                       serve (it has the Python backend only); for testing
+
+Every config.pbtxt is built as Triton's ModelConfig protobuf (tritonclient's model_config_pb2) and written in its
+text format, so it parses by construction; tests parse the files back. Stage files are hard-linked from the export
+(copied where links cannot be made), never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from smartedit.errors import ExportError, InputError, UnavailableError
+from smartedit.files import staged, write_atomic
+from smartedit.graphs.manifest import Entry, Manifest
+from smartedit.graphs.spec import GraphSpec, parse_dim
+
+from . import onnx
+from .job import ExportJob, Target
+
+MODEL = "smartedit"  # the orchestrating model's name, in every repository
+STAGE_KINDS = ("onnx", "trt", "python")
+# the model's request: per request one edit (dims [1]); max_batch_size > 0 stacks requests in front
+REQUEST_INPUTS = (("image", "TYPE_STRING", False), ("instruction", "TYPE_STRING", False),
+                  ("seed", "TYPE_INT64", True), ("steps", "TYPE_INT32", True), ("guidance_scale", "TYPE_FP32", True),
+                  ("image_guidance_scale", "TYPE_FP32", True), ("resolution", "TYPE_INT32", True))
+REQUEST_OUTPUTS = (("edited", "TYPE_STRING"), ("timings", "TYPE_STRING"))
+_TRITON_DTYPE = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}
+_MODEL_PY = '''"""Triton Python-backend model: {what} (smartedit-deploy writes this file; the code is in the package)."""
+from {module} import TritonPythonModel  # noqa: F401
+'''
+
+
+def _pb():
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as e:
+        raise UnavailableError("writing Triton model configs needs tritonclient: pip install -e '.[serve]' "
+                               f"({e})") from None
+    return model_config_pb2, text_format
+
+
+def _write_config(model_dir: Path, config) -> Path:
+    _, text_format = _pb()
+    return write_atomic(model_dir / "config.pbtxt", text_format.MessageToString(config))
+
+
+def _version_dir(model_dir: Path, module: str, what: str) -> Path:
+    version = model_dir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    write_atomic(version / "model.py", _MODEL_PY.format(module=module, what=what))
+    return version
+
+
+def orchestrator_config(settings: dict[str, Any], max_batch: int, queue_delay_ms: float, instances: int,
+                        gpu: bool):
+    """The `smartedit` model: the request contract above, dynamic batching, its settings as a parameter."""
+    mc, _ = _pb()
+    c = mc.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch)
+    for name, dtype, optional in REQUEST_INPUTS:
+        c.input.add(name=name, data_type=mc.DataType.Value(dtype), dims=[1], optional=optional)
+    for name, dtype in REQUEST_OUTPUTS:
+        c.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=[1])
+    if max_batch > 1:
+        c.dynamic_batching.max_queue_delay_microseconds = int(queue_delay_ms * 1000)
+    kind = mc.ModelInstanceGroup.Kind.Value("KIND_GPU" if gpu else "KIND_CPU")
+    c.instance_group.add(count=instances, kind=kind)
+    c.parameters["settings"].string_value = json.dumps(settings, sort_keys=True)
+    return c
+
+
+def write_serving_repository(repo: Path, settings: dict[str, Any], max_batch: int, queue_delay_ms: float,
+                             instances: int, gpu: bool) -> Path:
+    """The repository of smartedit-serve: one `smartedit` model whose graphs run in-process."""
+    model_dir = Path(repo) / MODEL
+    _version_dir(model_dir, "smartedit.serve.model", "the whole SmartEdit edit")
+    _write_config(model_dir, orchestrator_config(settings, max_batch, queue_delay_ms, instances, gpu))
+    return Path(repo)
+
+
+def _dims(t, spec: GraphSpec) -> list[int]:
+    return [-1 if parse_dim(d)[1] is not None else int(d) for d in t.shape]
+
+
+def stage_config(entry: Entry, kind: str, profile: int | None = None):
+    """One graph as a Triton model: its inputs and outputs from the spec (named dims -1: dynamic), batch dims
+    explicit (max_batch_size 0: the unet's 3B is not a plain batch)."""
+    mc, _ = _pb()
+    spec = entry.spec
+    if kind == "onnx":
+        c = mc.ModelConfig(name=spec.name, backend="onnxruntime", max_batch_size=0)
+    elif kind == "trt":
+        c = mc.ModelConfig(name=spec.name, platform="tensorrt_plan", max_batch_size=0)
+    else:
+        c = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=0)
+        c.parameters["spec"].string_value = json.dumps(spec.to_dict(), sort_keys=True)
+        c.parameters["precision"].string_value = entry.precision
+    for tensors, add in ((spec.inputs, c.input.add), (spec.outputs, c.output.add)):
+        for t in tensors:
+            dtype = str(t.torch_dtype(entry.precision)).removeprefix("torch.")
+            add(name=t.name, data_type=mc.DataType.Value(_TRITON_DTYPE[dtype]), dims=_dims(t, spec))
+    group = c.instance_group.add(count=1, kind=mc.ModelInstanceGroup.Kind.Value(
+        "KIND_CPU" if kind == "python" else "KIND_GPU"))
+    if profile is not None:  # TensorRT: the engine's dynamic profile (the last); Triton does not pick by shape
+        group.profile.append(str(profile))
+    return c
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed: a copy
+        shutil.copy2(src, dst)
+
+
+def _copy_model_folder(source_model: Path, dst: Path) -> None:
+    """What the orchestrator needs of a converted checkpoint: config, tokenizer, null-text embedding (no weights)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "null_text.safetensors"):
+        _link(source_model / name, dst / name)
+    if (dst / "tokenizer").exists():
+        shutil.rmtree(dst / "tokenizer")
+    shutil.copytree(source_model / "tokenizer", dst / "tokenizer")
+
+
+def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_batch: int, queue_delay_ms: float,
+                               device: str) -> Path:
+    """OUT/triton: a stage model per graph (from the export's entries) and the BLS-orchestrating `smartedit`."""
+    if stages not in STAGE_KINDS:
+        raise InputError(f"--triton-stages must be one of {list(STAGE_KINDS)}, got {stages!r}")
+    target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}[stages]
+    entries = manifest.entries(target)
+    missing = [g for g in ("llava", "qformer_bim", "unet", "vae_encoder", "vae_decoder") if g not in entries]
+    if missing:
+        raise ExportError(f"the {target} export lacks {missing}: export every graph first")
+    with staged(repo, folder=True) as tmp:
+        for graph, e in entries.items():
+            model_dir = tmp / graph
+            version = model_dir / "1"
+            for rel in e.files:
+                src = manifest.file(rel)
+                main = rel.endswith((".onnx", ".plan"))
+                name = ("model.onnx" if rel.endswith(".onnx") else "model.plan") if main else src.name
+                _link(src, version / name)  # external data keeps its name: the .onnx refers to it by name
+            if stages == "python":
+                _version_dir(model_dir, "smartedit.serve.stage", f"the {graph} graph in ONNX Runtime")
+            profile = len(e.profiles) - 1 if stages == "trt" and e.profiles else None
+            _write_config(model_dir, stage_config(e, stages, profile))
+        src = manifest.source
+        source: dict[str, Any]
+        if src.get("kind") == "checkpoint":
+            _copy_model_folder(Path(src["path"]), tmp / MODEL / "1" / "model")
+            source = {"model": "model"}  # relative to the model's version folder
+        else:
+            source = {"preset": src["preset"], "seed": src["seed"]}
+        settings = {"runner": "bls", "source": source, "device": device, "dtype": "fp32",
+                    "graphs": {g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg}
+                               for g, e in entries.items()},
+                    "max_batch": min(max_batch, entries["llava"].spec.dims["B"].max)}
+        _version_dir(tmp / MODEL, "smartedit.serve.model", "the whole SmartEdit edit, graphs through BLS")
+        _write_config(tmp / MODEL, orchestrator_config(settings, settings["max_batch"], queue_delay_ms, 1,
+                                                       gpu=device.startswith("cuda")))
+    return repo
+
+
+def produce(job: ExportJob) -> None:
+    """The ONNX graphs (exported or reused; --triton-stages trt needs OUT/trt built first), then OUT/triton."""
+    _pb()  # tritonclient present: before the export work
+    stages = job.triton_stages
+    if stages != "trt":
+        onnx.produce(job)
+    repo = job.out / "triton"
+    job.progress(f"writing the Triton model repository {repo} ({stages} stage models) ...")
+    write_container_repository(job.manifest, repo, stages, job.profile.max_batch, 5.0, job.device)
+    job.progress(f"    {repo}: {', '.join(sorted(p.name for p in repo.iterdir()))}")
+
+
+TARGET = Target("triton", "a Triton Inference Server model repository (stage models + the BLS-orchestrating "
+                "`smartedit` Python model) in OUT/triton", produce,
+                runtime="NVIDIA Triton Inference Server (tritonserver, or smartedit-serve for --triton-stages python)")

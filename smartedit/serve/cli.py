@@ -1,0 +1,82 @@
+"""`smartedit-serve`: the edit as a service on NVIDIA Triton Inference Server (KServe v2 over HTTP and gRPC)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from smartedit.config import PRECISIONS
+from smartedit.engines import registry
+from smartedit.errors import InputError, run_command
+from smartedit.pipeline import ModelSource
+
+from .server import Endpoints, serve, settings_for
+
+EXAMPLE = """example:
+  smartedit-serve --preset tiny --random-weights            # eager PyTorch on the CPU, http :8000 grpc :8001
+  curl -s localhost:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'
+  smartedit-serve --model smartedit-7b/ --backend cudagraph --device cuda --dtype fp16 --instances 1
+  smartedit-serve --model smartedit-7b/ --backend onnxruntime --artifacts out/
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="smartedit-serve", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE,
+        description="Serve SmartEdit on NVIDIA Triton Inference Server: one model, `smartedit`, taking an encoded "
+                    "image (PNG/JPEG bytes) and an instruction (optional seed, steps, guidance_scale, "
+                    "image_guidance_scale, resolution) and returning the edited PNG (`edited`) and the request's "
+                    "stage timings (`timings`, JSON). Requests that share resolution and steps are batched.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a converted SmartEdit folder")
+    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="random weights of this preset")
+    p.add_argument("--random-weights", action="store_true", help="required with --preset (outputs are noise)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--backend", choices=list(registry.BACKENDS), default="eager", help="what runs the graphs "
+                   "(default eager): " + "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS.values()))
+    p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32", help="(default fp32)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--http-port", type=int, default=8000, help="(default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="(default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
+    p.add_argument("--max-batch", type=int, default=4, help="requests run as one batch, at most (default 4; 1: no "
+                   "dynamic batching; an exported backend's profile may lower it)")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
+                   help="how long a request may wait for others to batch with (default 5 ms)")
+    p.add_argument("--instances", type=int, default=1, help="model instances, each with its own copy of the "
+                   "model (default 1)")
+    p.add_argument("--max-steps", type=int, default=100, help="largest `steps` a request may ask for (default 100)")
+    p.add_argument("--max-megapixels", type=float, default=16.0, help="largest input image (default 16 MP)")
+    a = p.parse_args(argv)
+    if a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights, or serve a checkpoint with --model DIR")
+
+    def body() -> None:
+        for name, v in (("--max-batch", a.max_batch), ("--instances", a.instances), ("--max-steps", a.max_steps)):
+            if v < 1:
+                raise InputError(f"{name} must be >= 1, got {v}")
+        if a.max_queue_delay_ms < 0 or not a.max_megapixels > 0:
+            raise InputError("--max-queue-delay-ms must be >= 0 and --max-megapixels > 0")
+        source = ModelSource(model=a.model) if a.model else ModelSource(preset=a.preset, seed=a.seed)
+        settings = settings_for(source, a.backend, a.artifacts, a.device, a.dtype, a.max_steps, a.max_megapixels,
+                                a.max_batch)
+        endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
+
+        def ready(e: Endpoints, log: Path) -> None:
+            print(f"smartedit-serve: ready: model `smartedit` ({a.backend}, {a.device}, {a.dtype}) on "
+                  f"http://{e.http_url} and grpc {e.grpc_url}, metrics {e.metrics_url}; server log {log}", flush=True)
+
+        print(f"smartedit-serve: starting Triton Inference Server ({source}, backend {a.backend}) ...", flush=True)
+        code = serve(settings, endpoints, a.max_batch, a.max_queue_delay_ms, a.instances,
+                     gpu=a.device.startswith("cuda"), on_ready=ready)
+        print(f"smartedit-serve: stopped (status {code})", flush=True)
+        if code:
+            raise SystemExit(code)
+
+    run_command("smartedit-serve", body)
+
+
+if __name__ == "__main__":
+    main()

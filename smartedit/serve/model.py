@@ -1,0 +1,166 @@
+"""The `smartedit` model Triton runs (Python backend): the whole edit per request, batched across requests.
+
+Triton loads this through the one-line model.py that smartedit writes into a model repository
+(smartedit/export/triton.py). Its settings come from the model config's "settings" parameter (never from a
+request): where the weights are, and what runs the graphs:
+    {"runner": "registry", "backend": "eager" | ... , "artifacts": ..., "source": {...}, "device", "dtype", ...}
+        the graphs in this process, on a backend of smartedit.engines.registry (smartedit-serve)
+    {"runner": "bls", "graphs": {graph: {spec, precision, fold_cfg}}, "source": {...}, ...}
+        the graphs as stage models of the same Triton, through BLS calls (the container repository)
+Loading checks the artifacts (every file against its manifest sha256), loads them and runs a one-step edit at the
+smallest profile: Triton reports the model ready only after that. (Through BLS, Triton itself loads the stage models
+first; BLS calls are not allowed while loading, so there is no warm-up edit.) A failure refuses the load with one line naming the
+cause, and tritonserver exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from smartedit.config import dtype_named
+from smartedit.engines import registry
+from smartedit.engines.artifacts import Artifacts
+from smartedit.errors import ArtifactError, InputError, RunError, SmartEditError
+from smartedit.graphs.spec import GraphSpec
+from smartedit.pipeline import ModelSource, SmartEditPipeline
+
+from .service import EditService, timings_json
+
+log = logging.getLogger(__name__)
+_NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64, torch.bfloat16: np.float32}
+
+
+def _source(settings: dict, version_dir: Path) -> ModelSource:
+    src = settings["source"]
+    if src.get("model"):
+        model = Path(src["model"])
+        return ModelSource(model=model if model.is_absolute() else version_dir / model)
+    return ModelSource(preset=src["preset"], seed=int(src.get("seed", 0)))
+
+
+def build_service(settings: dict, version_dir: Path) -> EditService:
+    """The service of a model config's settings: checked, loaded and warmed up."""
+    source = _source(settings, version_dir)
+    device, dtype = settings.get("device", "cpu"), dtype_named(settings.get("dtype", "fp32"))
+    if settings["runner"] == "bls":
+        pipe = source.load(device, dtype, only=[])
+        pipe.backend = BLSRunner(settings["graphs"], device)
+    else:
+        name, artifacts = settings["backend"], settings.get("artifacts")
+        target = registry.get(name).target
+        if target is not None and artifacts:  # every file against its sha256: what runs is what was verified
+            arts = Artifacts(artifacts, target)
+            for e in arts.entries.values():
+                bad = arts.manifest.damaged(e, hashes=True)
+                if bad:
+                    raise ArtifactError(f"{arts.manifest.file(bad[0])} does not match its manifest sha256: "
+                                        "re-run the export")
+        pipe = registry.load(name, source, device, dtype, artifacts)
+    limits = EditService.limits_for(pipe, int(settings.get("max_steps", 100)),
+                                    float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)))
+    service = EditService(pipe, limits)
+    if settings["runner"] != "bls":  # BLS calls are allowed only in execute; Triton loads the stage models itself
+        _warm_up(pipe, limits)
+    return service
+
+
+def _warm_up(pipe: SmartEditPipeline, limits) -> None:
+    """One edit of one step at the smallest resolution: every graph loads (sessions, packages, engines) now."""
+    from PIL import Image
+
+    img = Image.new("RGB", (limits.min_resolution, limits.min_resolution), (128, 128, 128))
+    pipe(img, "warm up", steps=1, resolution=limits.min_resolution, seed=0)
+
+
+class BLSRunner:
+    """The graphs as stage models of the same Triton server, called through Business Logic Scripting. CPU tensors
+    travel as numpy arrays; CUDA tensors through DLPack, without a host copy."""
+
+    name = "bls"
+
+    def __init__(self, graphs: dict[str, dict], device: str):
+        self.specs = {g: GraphSpec.from_dict(v["spec"]) for g, v in graphs.items()}
+        self.precision = {g: v["precision"] for g, v in graphs.items()}
+        self.fold_cfg = bool(graphs.get("unet", {}).get("fold_cfg", False))
+        self.device = torch.device(device)
+
+    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import triton_python_backend_utils as pb
+
+        spec = self.specs[graph]
+        spec.check_inputs(inputs)
+        tensors = []
+        for t in spec.inputs:
+            x = inputs[t.name].to(self.device, t.torch_dtype(self.precision[graph])).contiguous()
+            if x.is_cuda:
+                tensors.append(pb.Tensor.from_dlpack(t.name, torch.utils.dlpack.to_dlpack(x)))
+            else:
+                tensors.append(pb.Tensor(t.name, x.numpy()))
+        response = pb.InferenceRequest(model_name=graph, requested_output_names=[o.name for o in spec.outputs],
+                                       inputs=tensors).exec()
+        if response.has_error():
+            raise RunError(f"stage model {graph}: {response.error().message()}")
+        out = {}
+        for o in spec.outputs:
+            t = pb.get_output_tensor_by_name(response, o.name)
+            out[o.name] = (torch.utils.dlpack.from_dlpack(t.to_dlpack()) if not t.is_cpu()
+                           else torch.from_numpy(t.as_numpy().copy())).to(self.device)
+        return out
+
+
+def _value(request, name: str) -> Any:
+    import triton_python_backend_utils as pb
+
+    t = pb.get_input_tensor_by_name(request, name)
+    if t is None:
+        return None
+    a = t.as_numpy().reshape(-1)
+    if a.size != 1:
+        raise InputError(f"{name} must hold one value per request, got shape {list(t.as_numpy().shape)}")
+    v = a[0]
+    return v if isinstance(v, (bytes, bytearray)) else v.item()
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        settings = json.loads(config["parameters"]["settings"]["string_value"])
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        try:
+            self.service = build_service(settings, version_dir)
+        except SmartEditError as e:  # one line in tritonserver's log, which smartedit-serve prints
+            raise RuntimeError(f"smartedit: {type(e).__name__}: {e}") from None
+
+    def execute(self, requests: list) -> list:
+        import triton_python_backend_utils as pb
+
+        from smartedit.export.triton import REQUEST_INPUTS
+
+        parsed: list = []
+        for r in requests:
+            try:
+                params = json.loads(r.parameters() or "{}")
+                if params:
+                    raise InputError(f"unknown request parameters {sorted(params)}: this model takes none")
+                parsed.append(self.service.parse({name: _value(r, name) for name, _, _ in REQUEST_INPUTS}))
+            except SmartEditError as e:
+                parsed.append(e)
+        good = [p for p in parsed if not isinstance(p, SmartEditError)]
+        results = iter(self.service.run(good))
+        responses = []
+        for p in parsed:
+            res = p if isinstance(p, SmartEditError) else next(results)
+            if isinstance(res, SmartEditError):
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
+                    f"{type(res).__name__}: {res}")))
+            else:
+                responses.append(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor("edited", np.array([[res.png]], dtype=object)),
+                    pb.Tensor("timings", np.array([[timings_json(res)]], dtype=object))]))
+        return responses

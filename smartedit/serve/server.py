@@ -1,0 +1,278 @@
+"""Run NVIDIA Triton Inference Server on a model repository smartedit writes: `smartedit-serve`.
+
+The server is the real `tritonserver` (the build PyTriton ships on PyPI, with Triton's Python backend): its HTTP and
+gRPC endpoints speak the KServe v2 protocol, its dynamic batcher groups requests, its metrics endpoint serves
+Prometheus text. This module only prepares what it runs on: the Python backend with the stub of this interpreter's
+version, a library path that puts this interpreter's libpython first (under a non-system interpreter, pyenv here,
+the stub otherwise loads the system's and fails with '_thread.RLock' object has no attribute '_recursion_count'),
+and the repository; then it starts the server, waits until it is ready, and passes SIGTERM / SIGINT on (Triton then
+finishes the requests in flight, refuses new ones, and exits 0).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from smartedit.engines import registry
+from smartedit.errors import InputError, RunError, UnavailableError
+from smartedit.export.triton import MODEL, write_serving_repository
+from smartedit.pipeline import ModelSource
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    host: str = "127.0.0.1"
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics}/metrics"
+
+
+def settings_for(source: ModelSource, backend: str, artifacts: str | None, device: str, dtype: str, max_steps: int,
+                 max_megapixels: float, max_batch: int) -> dict:
+    """The `smartedit` model's settings; refuses at once what the registry says cannot run here."""
+    reason = registry.why_not(backend, device, artifacts)
+    if reason:
+        raise InputError(f"--backend {backend}: {reason}")
+    src = {"model": str(Path(source.model).resolve())} if source.model else {"preset": source.preset,
+                                                                               "seed": source.seed}
+    return {"runner": "registry", "backend": backend, "source": src,
+            "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "device": device, "dtype": dtype,
+            "max_steps": max_steps, "max_megapixels": max_megapixels, "max_batch": max_batch}
+
+
+def free_endpoints(host: str = "127.0.0.1") -> Endpoints:
+    """Three ports free on `host` now (the OS picks them): for tests and the load test, which must not collide."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return Endpoints(host, *(s.getsockname()[1] for s in socks))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def read_metrics(endpoints: Endpoints, model: str = "smartedit") -> dict[str, float]:
+    """Triton's Prometheus counters of `model`, summed over versions: nv_inference_count (inferences, one per
+    request), nv_inference_exec_count (executions, one per batch), nv_inference_request_success / _failure, ..."""
+    with urllib.request.urlopen(endpoints.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or f'model="{model}"' not in line:
+            continue
+        name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[1]
+        out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def bundled() -> Path:
+    """The folder of the tritonserver build PyTriton ships (bin/, backends/, python_backend_stubs/)."""
+    try:
+        import pytriton
+    except ImportError as e:
+        raise UnavailableError("the Triton server comes with nvidia-pytriton: pip install -e '.[serve]' "
+                               f"({e})") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise UnavailableError(f"no tritonserver binary in {root}")
+    return root
+
+
+def prepare_backends(dst: Path) -> Path:
+    """backends/python with the stub for this Python (the bundle has one per version, 3.8 to 3.13)."""
+    root = bundled()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise UnavailableError(f"the bundled Triton has no Python backend stub for Python {version}")
+    python = dst / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for f in (root / "backends" / "python").iterdir():
+        if f.is_file():
+            shutil.copy2(f, python / f.name)
+    shutil.copy2(stub, python / "triton_python_backend_stub")
+    (python / "triton_python_backend_stub").chmod(0o755)
+    return dst
+
+
+def server_env() -> dict[str, str]:
+    root = bundled()
+    libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs")]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return env
+
+
+def _ready(endpoints: Endpoints) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{endpoints.http_url}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _load_error(log: Path) -> str | None:
+    """The model's own error line in the server log (build_service's one line), else Triton's."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    for marker in ("smartedit: ", "failed to load", "error:"):
+        hit = next((ln for ln in lines if marker in ln), None)
+        if hit:
+            return hit[hit.index(marker) + (len(marker) if marker == "smartedit: " else 0):].strip().rstrip('"')
+    return None
+
+
+class TritonServer:
+    """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit."""
+
+    def __init__(self, repo: Path, endpoints: Endpoints, workdir: Path, exit_timeout_s: int = 60,
+                 log: Path | None = None, models: tuple[str, ...] = ()):
+        """models: load only these, under explicit model control, so that drain() can unload them (None: Triton
+        loads and polls the whole repository)."""
+        self.models = models
+        self.repo, self.endpoints, self.workdir = Path(repo), endpoints, Path(workdir)
+        self.log = Path(log) if log else self.workdir / "tritonserver.log"
+        self.exit_timeout_s = exit_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "TritonServer":
+        e = self.endpoints
+        backends = prepare_backends(self.workdir / "backends")
+        cmd = [str(bundled() / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+               f"--backend-directory={backends}", f"--http-address={e.host}", f"--http-port={e.http}",
+               f"--grpc-address={e.host}", f"--grpc-port={e.grpc}", f"--metrics-address={e.host}",
+               f"--metrics-port={e.metrics}", "--allow-metrics=true", "--exit-on-error=true",
+               "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0"]
+        if self.models:
+            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
+                                         start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        """Until the model is loaded and ready; the model's load error, as one line, if the server exits first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                line = _load_error(self.log) or f"tritonserver exited with status {self.proc.returncode}"
+                kind = InputError if any(k in line for k in ("InputError", "ArtifactError",
+                                                              "CheckpointError")) else RunError
+                raise kind(f"the server did not start: {line} (log: {self.log})")
+            if _ready(self.endpoints):
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise RunError(f"the server was not ready after {timeout_s:.0f} s (log: {self.log})")
+
+    def drain(self) -> None:
+        """Graceful stop: unload the models first (Triton lets their in-flight requests finish and refuses new ones
+        on every endpoint, HTTP and gRPC alike), then SIGTERM. A bare SIGTERM stops new HTTP connections, but this
+        Triton build's gRPC endpoint still takes requests while HTTP connections drain."""
+        for m in self.models:
+            req = urllib.request.Request(f"http://{self.endpoints.http_url}/v2/repository/models/{m}/unload",
+                                         data=b"{}", method="POST")
+            try:
+                urllib.request.urlopen(req, timeout=self.exit_timeout_s).close()
+            except (urllib.error.URLError, OSError):
+                pass  # the server is already going: SIGTERM below does the rest
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=self.exit_timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc is not None else 0
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_batch: int = 4,
+            queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False, ready_timeout_s: float = 600,
+            workdir: str | Path | None = None) -> Iterator[TritonServer]:
+    """A ready server on free loopback ports (or `endpoints`), stopped with SIGTERM on exit: for tests and the load
+    test."""
+    endpoints = endpoints or free_endpoints()
+    with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
+        repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu)
+        server = TritonServer(repo, endpoints, Path(work), models=(MODEL,)).start()
+        try:
+            server.wait_ready(ready_timeout_s)
+            yield server
+        finally:
+            server.stop()
+
+
+def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batch: int = 4,
+          queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
+          on_ready: Callable[[Endpoints, Path], None] = lambda e, log: None, workdir: str | Path | None = None,
+          ready_timeout_s: float = 600) -> int:
+    """Write the repository, run the server until SIGTERM / SIGINT, return its exit status (0 after a graceful
+    stop). Raises InputError / RunError with the model's load error if it never becomes ready. The server's log
+    outlives the run (a file in the temporary folder, named to on_ready and in errors)."""
+    fd, log = tempfile.mkstemp(prefix="smartedit-serve-", suffix=".log", dir=workdir)
+    os.close(fd)
+    with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
+        work = Path(work)
+        repo = write_serving_repository(work / "repo", settings, max_batch, queue_delay_ms, instances, gpu)
+        server = TritonServer(repo, endpoints, work, log=Path(log), models=(MODEL,)).start()
+        stopping = []
+
+        def forward(signum, frame):  # the requests in flight finish, new ones are refused, Triton exits 0
+            if not stopping:
+                threading.Thread(target=server.drain, daemon=True).start()
+            stopping.append(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            server.wait_ready(ready_timeout_s)
+            on_ready(endpoints, server.log)
+            code = server.proc.wait()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            server.stop()
+        if code != 0 and not stopping:
+            raise RunError(f"tritonserver exited with status {code}: {_load_error(server.log) or 'see its log'}")
+        return code

@@ -1,0 +1,201 @@
+"""The edit as a service: each request's inputs checked and decoded, requests batched, each one answered as if alone.
+
+Nothing here knows Triton (serve/model.py is the glue): a request is a dict of plain values, an answer is a PNG and
+its timings, so the rules are testable in-process.
+
+- A request is refused, with a message naming the field and its value, before any batch work: an empty or
+  undecodable image (PNG and JPEG only, decoded in memory: no request reads or writes a file), an image over the
+  megapixel limit (checked from its header, before decoding), an instruction that is not UTF-8 or is longer than the
+  exported prompt profile, steps out of [1, max_steps], a resolution that is not a multiple of 64 or is outside the
+  exported profile, a non-finite guidance scale, a negative seed.
+- Requests that share resolution and steps (and, for a folded-CFG unet, guidance) run as one batch through the
+  graphs, up to the batch limit; each keeps its own seed (its own noise generator), instruction and guidance, so it
+  gets the image it gets alone (up to the batched kernels' rounding). Requests that cannot share a batch never do.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from smartedit.config import RESOLUTION_STEP
+from smartedit.errors import InputError, SmartEditError
+from smartedit.mllm import tokenize_prompt
+from smartedit.pipeline import SmartEditPipeline
+
+FORMATS = ("PNG", "JPEG")  # PIL would open dozens of formats (EPS runs Ghostscript): only these two are decoded
+DEFAULTS = {"steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5, "resolution": 256}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_steps: int = 100
+    max_megapixels: float = 16.0
+    max_image_bytes: int = 32 << 20
+    min_resolution: int = RESOLUTION_STEP
+    max_resolution: int = 768
+    max_prefix: int = 512  # prompt ids before / after the image (the llava graph's Lp, Ls)
+    max_suffix: int = 512
+    max_batch: int = 4
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    image: Image.Image
+    instruction: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    resolution: int
+
+    def batch_key(self, fold_cfg: bool) -> tuple:
+        """Requests with the same key can run as one batch."""
+        return (self.resolution, self.steps) + ((self.guidance_scale, self.image_guidance_scale) if fold_cfg else ())
+
+
+@dataclass
+class EditResult:
+    png: bytes
+    timings: dict[str, Any]
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class EditService:
+    def __init__(self, pipe: SmartEditPipeline, limits: Limits):
+        self.pipe, self.limits = pipe, limits
+
+    @staticmethod
+    def limits_for(pipe: SmartEditPipeline, max_steps: int, max_megapixels: float, max_batch: int) -> Limits:
+        """The limits of this pipeline's runner: an exported backend's profiles bound resolution, prompt and batch."""
+        arts = getattr(pipe.backend, "arts", None)  # a runner of exported artifacts: their specs bound the requests
+        specs = getattr(pipe.backend, "specs", None) or ({g: e.spec for g, e in arts.entries.items()} if arts else {})
+        lim = Limits(max_steps=max_steps, max_megapixels=max_megapixels, max_batch=max_batch)
+        if "unet" in specs:
+            r = specs["unet"].dims["h8"]
+            lim = _replace(lim, min_resolution=r.min * RESOLUTION_STEP, max_resolution=r.max * RESOLUTION_STEP,
+                           max_batch=min(max_batch, specs["unet"].dims["B"].max))
+        if "llava" in specs:
+            d = specs["llava"].dims
+            lim = _replace(lim, max_prefix=d["Lp"].max, max_suffix=d["Ls"].max)
+        return lim
+
+    # -- one request ------------------------------------------------------------------------------------------------
+
+    def parse(self, values: dict[str, Any]) -> EditRequest:
+        """values: input name -> the request's value (bytes for image / instruction, numbers for the rest)."""
+        lim = self.limits
+        for name in ("image", "instruction"):
+            if values.get(name) is None:
+                raise InputError(f"missing input {name!r}")
+        image = self._image(values["image"])
+        raw = values["instruction"]
+        try:
+            instruction = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        except UnicodeDecodeError as e:
+            raise InputError(f"instruction is not UTF-8 text ({e})") from None
+        if not instruction.strip():
+            raise InputError("instruction is empty")
+        ids = tokenize_prompt(self.pipe.tokenizer, instruction, forced=True)
+        if len(ids.prefix) > lim.max_prefix or len(ids.suffix) > lim.max_suffix:
+            raise InputError(f"instruction is too long: {len(ids.suffix)} prompt tokens after the image, the "
+                             f"exported profile takes at most {lim.max_suffix}")
+        get = {k: values.get(k) if values.get(k) is not None else v for k, v in DEFAULTS.items()}
+        steps = _number("steps", get["steps"], int)
+        if not 1 <= steps <= lim.max_steps:
+            raise InputError(f"steps must be from 1 to {lim.max_steps}, got {steps}")
+        resolution = _number("resolution", get["resolution"], int)
+        if resolution % RESOLUTION_STEP or not lim.min_resolution <= resolution <= lim.max_resolution:
+            raise InputError(f"resolution must be a multiple of {RESOLUTION_STEP} from {lim.min_resolution} to "
+                             f"{lim.max_resolution} px, got {resolution}")
+        seed = values.get("seed")
+        seed = random.randrange(2**31) if seed is None else _number("seed", seed, int)
+        if not 0 <= seed < 2**63:
+            raise InputError(f"seed must be from 0 to 2^63 - 1, got {seed}")
+        g, gi = (_number(k, get[k], float) for k in ("guidance_scale", "image_guidance_scale"))
+        return EditRequest(image, instruction, seed, steps, g, gi, resolution)
+
+    def _image(self, data: Any) -> Image.Image:
+        lim = self.limits
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise InputError("image is empty: send the PNG or JPEG file's bytes")
+        if len(data) > lim.max_image_bytes:
+            raise InputError(f"image is {len(data) / 2**20:.1f} MB, over the {lim.max_image_bytes / 2**20:.0f} MB "
+                             "limit")
+        try:
+            img = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)  # reads the header only
+        except Exception as e:  # PIL raises many types for data it cannot identify
+            raise InputError(f"image cannot be decoded as PNG or JPEG ({type(e).__name__}: {e})") from None
+        w, h = img.size
+        if w * h > lim.max_megapixels * 1e6:
+            raise InputError(f"image is {w}x{h} = {w * h / 1e6:.1f} MP, over the {lim.max_megapixels:g} MP limit")
+        try:
+            img.load()
+        except Exception as e:
+            raise InputError(f"image cannot be decoded as PNG or JPEG ({type(e).__name__}: {e})") from None
+        return img
+
+    # -- a batch of requests ----------------------------------------------------------------------------------------
+
+    def run(self, requests: list[EditRequest]) -> list[EditResult | SmartEditError]:
+        """Each request's result, in order: requests are grouped by batch key (in arrival order), each group runs in
+        chunks of at most max_batch; a failing chunk fails only its own requests."""
+        fold = bool(getattr(self.pipe.backend, "fold_cfg", False))
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.batch_key(fold), []).append(i)
+        results: list[EditResult | SmartEditError | None] = [None] * len(requests)
+        for idx in groups.values():
+            for start in range(0, len(idx), self.limits.max_batch):
+                chunk = idx[start:start + self.limits.max_batch]
+                try:
+                    for i, res in zip(chunk, self._edit([requests[i] for i in chunk])):
+                        results[i] = res
+                except SmartEditError as e:
+                    for i in chunk:
+                        results[i] = e
+        return results  # type: ignore[return-value]
+
+    def _edit(self, batch: list[EditRequest]) -> list[EditResult]:
+        first = batch[0]
+        stage_ms: dict[str, float] = {}
+        t0 = time.perf_counter()
+        images = self.pipe([r.image for r in batch], [r.instruction for r in batch], steps=first.steps,
+                           resolution=first.resolution, seed=[r.seed for r in batch],
+                           guidance_scale=[r.guidance_scale for r in batch],
+                           image_guidance_scale=[r.image_guidance_scale for r in batch], timings=stage_ms)
+        wall = (time.perf_counter() - t0) * 1e3
+        out = []
+        for r, img in zip(batch, images):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            out.append(EditResult(buf.getvalue(), {
+                "stage_ms": stage_ms, "wall_ms": wall, "batch_size": len(batch), "seed": r.seed, "steps": r.steps,
+                "resolution": r.resolution, "backend": self.pipe.backend.name}))
+        return out
+
+
+def _replace(lim: Limits, **changes) -> Limits:
+    from dataclasses import replace
+
+    return replace(lim, **changes)
+
+
+def timings_json(result: EditResult) -> bytes:
+    return json.dumps(result.timings, sort_keys=True).encode()
