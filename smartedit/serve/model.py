@@ -132,6 +132,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         settings = json.loads(config["parameters"]["settings"]["string_value"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        if args.get("model_instance_kind") == "GPU":  # KIND_GPU: Triton gives each instance its device
+            settings["device"] = f"cuda:{args['model_instance_device_id']}"
         try:
             self.service = build_service(settings, version_dir)
         except SmartEditError as e:  # one line in tritonserver's log, which smartedit-serve prints

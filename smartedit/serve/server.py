@@ -153,6 +153,17 @@ def _load_error(log: Path) -> str | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
+    killed smartedit-serve or load test leaves no server holding its ports."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class TritonServer:
     """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit."""
 
@@ -178,7 +189,7 @@ class TritonServer:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
     def wait_ready(self, timeout_s: float = 600) -> None:
