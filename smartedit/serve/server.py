@@ -96,26 +96,38 @@ def read_metrics(endpoints: Endpoints, model: str = "smartedit") -> dict[str, fl
     return out
 
 
+TRITONSERVER_ENV = "SMARTEDIT_TRITONSERVER"  # another tritonserver install to use (a folder with bin/tritonserver)
+
+
 def bundled() -> Path:
-    """The folder of the tritonserver build PyTriton ships (bin/, backends/, python_backend_stubs/)."""
-    try:
-        import pytriton
-    except ImportError as e:
-        raise UnavailableError("the Triton server comes with nvidia-pytriton: pip install -e '.[serve]' "
-                               f"({e})") from None
-    root = Path(pytriton.__file__).parent / "tritonserver"
+    """The folder of the tritonserver to run (bin/, backends/, and python_backend_stubs/ in PyTriton's build): the one
+    PyTriton ships, or the install that $SMARTEDIT_TRITONSERVER names (e.g. /opt/tritonserver in NVIDIA's container,
+    or an unpacked copy on a machine without pip access: bench/device/fetch_wheels.sh --serve)."""
+    if os.environ.get(TRITONSERVER_ENV):
+        root = Path(os.environ[TRITONSERVER_ENV])
+    else:
+        try:
+            import pytriton
+        except ImportError as e:
+            raise UnavailableError("the Triton server comes with nvidia-pytriton: pip install -e '.[serve]' "
+                                   f"({e})") from None
+        root = Path(pytriton.__file__).parent / "tritonserver"
     if not (root / "bin" / "tritonserver").is_file():
-        raise UnavailableError(f"no tritonserver binary in {root}")
+        raise UnavailableError(f"no tritonserver binary in {root / 'bin'}")
     return root
 
 
 def prepare_backends(dst: Path) -> Path:
-    """backends/python with the stub for this Python (the bundle has one per version, 3.8 to 3.13)."""
+    """backends/python with the stub for this Python: PyTriton's build has one stub per version (3.8 to 3.13) beside
+    the backend; an install built for one Python has its stub in place."""
     root = bundled()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    stubs = root / "python_backend_stubs"
+    if not stubs.is_dir():
+        return root / "backends"
+    stub = stubs / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise UnavailableError(f"the bundled Triton has no Python backend stub for Python {version}")
+        raise UnavailableError(f"{root} has no Python backend stub for Python {version}")
     python = dst / "python"
     python.mkdir(parents=True, exist_ok=True)
     for f in (root / "backends" / "python").iterdir():
@@ -127,10 +139,12 @@ def prepare_backends(dst: Path) -> Path:
 
 
 def server_env() -> dict[str, str]:
+    """This interpreter's libpython first (see the module doc), then the server's own libraries."""
     root = bundled()
-    libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs")]
+    libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "lib")]
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p] + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+    env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p and Path(p).is_dir()] +
+                                      [p for p in [env.get("LD_LIBRARY_PATH")] if p])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return env
 
