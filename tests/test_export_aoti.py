@@ -90,8 +90,14 @@ def test_backend_refuses_what_it_cannot_run(aoti_export, tmp_path):
         runner(_copy(aoti_export, tmp_path / "b", for_cuda))
     damaged = _copy(aoti_export, tmp_path / "c")
     (damaged / "aoti" / "vae_decoder.pt2").write_bytes(b"truncated")
-    with pytest.raises(ArtifactError, match="vae_decoder.pt2 is missing or differs from the manifest"):
+    with pytest.raises(ArtifactError, match="vae_decoder.pt2 is missing or does not match its manifest entry"):
         runner(damaged)
+    flipped = _copy(aoti_export, tmp_path / "e")  # one bit inside the package, same size: only the sha256 sees it
+    data = bytearray((flipped / "aoti" / "unet.pt2").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (flipped / "aoti" / "unet.pt2").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="unet.pt2 is missing or does not match its manifest entry"):
+        runner(flipped)
     with pytest.raises(ArtifactError, match="holds no aoti artifacts"):
         runner(_copy(aoti_export, tmp_path / "d", lambda m: m["artifacts"].pop("aoti")))
     backend = runner(aoti_export)

@@ -2,7 +2,8 @@
 
 Every runtime of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
 checks are the same for all: the manifest is one this version reads, the target was exported, every file the
-manifest names is inside the folder and has its recorded size, and each entry is compatible with this machine
+manifest names is inside the folder and has its recorded size and sha256 (what runs is what was exported and
+verified; hashed once per process per unchanged file), and each entry is compatible with this machine
 (`Entry.compatible`: TensorRT version and GPU, torch version and device). A failure is an ArtifactError naming the
 file or the difference.
 """
@@ -30,11 +31,12 @@ class Artifacts:
                                 f"{sorted(self.manifest.artifacts) or 'none'}): run smartedit-export --target "
                                 f"{target} --out {self.root}")
         for g, e in self.entries.items():
-            bad = self.manifest.damaged(e, hashes=False)
+            bad = self.manifest.damaged(e, hashes=True)
             if bad:
                 rel = bad[0]
-                raise ArtifactError(f"{self.manifest.file(rel)} is missing or differs from the manifest "
-                                    f"({e.files[rel]['bytes']} bytes): re-run the export")
+                raise ArtifactError(f"{self.manifest.file(rel)} is missing or does not match its manifest entry "
+                                    f"({e.files[rel]['bytes']} bytes, sha256 {e.files[rel]['sha256'][:12]}...): "
+                                    "re-run the export")
             reason = e.compatible(here) if here is not None else None
             if reason:
                 raise ArtifactError(reason)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from smartedit.errors import ArtifactError
-from smartedit.files import read_json, sha256_file, write_json
+from smartedit.files import read_json, sha256_file, sha256_file_cached, write_json
 
 from .spec import DimRange, GraphSpec
 
@@ -154,7 +154,8 @@ class Manifest:
         bad = []
         for rel, meta in entry.files.items():
             f = self.file(rel)
-            if not f.is_file() or f.stat().st_size != meta["bytes"] or (hashes and sha256_file(f) != meta["sha256"]):
+            if not f.is_file() or f.stat().st_size != meta["bytes"] or (hashes and sha256_file_cached(f) !=
+                                                                         meta["sha256"]):
                 bad.append(rel)
         return bad
 

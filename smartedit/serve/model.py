@@ -25,8 +25,7 @@ import torch
 
 from smartedit.config import dtype_named
 from smartedit.engines import registry
-from smartedit.engines.artifacts import Artifacts
-from smartedit.errors import ArtifactError, InputError, RunError, SmartEditError
+from smartedit.errors import InputError, RunError, SmartEditError
 from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import ModelSource, SmartEditPipeline
 
@@ -52,16 +51,8 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
         pipe = source.load(device, dtype, only=[])
         pipe.backend = BLSRunner(settings["graphs"], device)
     else:
-        name, artifacts = settings["backend"], settings.get("artifacts")
-        target = registry.get(name).target
-        if target is not None and artifacts:  # every file against its sha256: what runs is what was verified
-            arts = Artifacts(artifacts, target)
-            for e in arts.entries.values():
-                bad = arts.manifest.damaged(e, hashes=True)
-                if bad:
-                    raise ArtifactError(f"{arts.manifest.file(bad[0])} does not match its manifest sha256: "
-                                        "re-run the export")
-        pipe = registry.load(name, source, device, dtype, artifacts)
+        # exported backends open their folder through engines.artifacts.Artifacts: every file against its sha256
+        pipe = registry.load(settings["backend"], source, device, dtype, settings.get("artifacts"))
     limits = EditService.limits_for(pipe, int(settings.get("max_steps", 100)),
                                     float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)))
     service = EditService(pipe, limits)
