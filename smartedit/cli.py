@@ -122,7 +122,10 @@ def edit_cli(argv: list[str] | None = None) -> None:
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
                    a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
                    artifacts=a.artifacts)
-        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+        source = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {source}, backend {a.backend}, {a.dtype} on "
+              f"{a.device}, {a.resolution} px, {a.steps} steps"
+              + (f", artifacts {a.artifacts}" if a.artifacts and BACKENDS[a.backend].target else ""))
         if stage_ms is not None:
             record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / a.steps,
                       "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
@@ -164,6 +167,76 @@ def convert_cli(argv: list[str] | None = None) -> None:
         a.official_dir, a.out_dir, a.preset, a.llava, ip2p_dir=a.ip2p, clip_dir=a.clip, tokenizer_dir=a.tokenizer,
         step=a.step, null_text=a.null_text, overwrite=a.overwrite,
         progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True)))
+
+
+def tensors_cli(argv: list[str] | None = None) -> None:
+    """The C++ runtime's files: its inputs from an image and an instruction, its output image as a PNG."""
+    p = argparse.ArgumentParser(
+        prog="smartedit-tensors", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Files of the C++ runtime (smartedit-runtime). pack: the inputs of `smartedit-runtime edit` "
+                    "from an image and an instruction (the tokenizer and preprocessing of the model folder or "
+                    "preset). png: its output tensor `image` ([B,3,R,R], values in [-1, 1]) as PNG files.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pk = sub.add_parser("pack", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="image + instruction -> in.safetensors (pixel_values, prefix_ids, suffix_ids, image, "
+                             "null_text_embeds)")
+    src = pk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="the converted SmartEdit folder the packages were exported from")
+    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="the random-weight preset they came from")
+    pk.add_argument("--random-weights", action="store_true", help="required with --preset")
+    pk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    pk.add_argument("--image", required=True, help="input image file")
+    pk.add_argument("--instruction", required=True)
+    pk.add_argument("--resolution", type=int, default=256, help="output side in px (the edit's resolution)")
+    pk.add_argument("--out", required=True, help="the .safetensors file to write")
+    png = sub.add_parser("png", help="smartedit-runtime's image.safetensors -> PNG (one file per batch item)")
+    png.add_argument("tensors", help="the .safetensors file smartedit-runtime edit wrote")
+    png.add_argument("out", help="output .png (batch item i > 0: NAME-i.png)")
+    a = p.parse_args(argv)
+    if a.command == "pack" and a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights")
+
+    def body() -> None:
+        from PIL import Image
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, save
+
+        from .pipeline import ModelSource
+        from .vae import postprocess
+
+        if a.command == "pack":
+            out = _check_output(Path(a.out), "--out")
+            try:
+                image = Image.open(a.image).convert("RGB")
+            except (OSError, ValueError) as e:
+                raise InputError(f"--image {a.image}: cannot be read as an image ({e})") from None
+            source = ModelSource(model=a.model) if a.model else ModelSource(preset=a.preset, seed=a.seed)
+            pipe = source.load("cpu", torch.float32, only=[])  # tokenizer, config, null-text embedding: no weights
+            tensors = pipe.runtime_inputs([image], [a.instruction], resolution=a.resolution)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, save(tensors))
+            print(f"wrote {a.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
+            return
+        try:
+            image = load_file(a.tensors).get("image")
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"{a.tensors}: not a readable safetensors file ({e})") from None
+        if image is None or image.dim() != 4 or image.shape[1] != 3:
+            raise InputError(f"{a.tensors}: no tensor 'image' of shape [B, 3, H, W] (the output of "
+                             "smartedit-runtime edit)")
+        if not torch.isfinite(image).all():
+            raise InputError(f"{a.tensors}: 'image' holds non-finite values")
+        out = Path(a.out)
+        for i, img in enumerate(postprocess(image)):
+            path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+            _check_output(path, "out")
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, buf.getvalue())
+            print(f"wrote {path}")
+
+    run_command("smartedit-tensors", body)
 
 
 if __name__ == "__main__":  # python -m smartedit.cli (the console scripts are the usual way)

@@ -11,6 +11,12 @@ from PIL import Image
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# tests/kernels/ runs where the Triton kernel can: on a GPU, or under TRITON_INTERPRET=1 in the fresh process that
+# test_kernels_interpreter.py starts. Elsewhere it is not collected (rather than listed as a few hundred skips).
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    collect_ignore = ["kernels"]
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float = 0.0, msg: str = "") -> None:
     """One comparison helper: reports the max error, where it is, and how many elements miss (never whole tensors)."""
     assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
@@ -37,6 +43,16 @@ def load_sam_modeling():
     import segment_anything.modeling.transformer as tr
 
     return tr, pe
+
+
+def readme_block(marker: str) -> str:
+    """The one fenced block of README.md that contains `marker`: tests run the README's examples as written."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    hits = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if marker in b]
+    assert len(hits) == 1, f"README.md has {len(hits)} fenced blocks with {marker!r}"
+    return hits[0]
 
 
 def run_cli(main, argv, capsys) -> tuple[int, str, str]:

@@ -48,6 +48,7 @@ def test_schedule_equals_diffusers(runtime_bin, steps):
     got = json.loads(r.stdout)
     plan = AncestralPlan.build(steps, "cpu")  # diffusers' timesteps and sigmas
     assert torch.equal(torch.tensor(got["table"], dtype=torch.float32), plan.table)
+    assert got["columns"] == ["timestep", "sigma", "sigma_up", "dt = sigma_down - sigma"]
     assert torch.tensor(got["init_noise_sigma"], dtype=torch.float32) == plan.init_noise_sigma
 
 
@@ -205,3 +206,28 @@ def test_deeply_nested_json_is_refused_not_a_crash(runtime_bin, tiny_pipe, tmp_p
     r = _run(runtime_bin, "denoise", "--unet", tmp_path / "none.pt2", "--inputs", tmp_path / "deep.safetensors",
              "--out", tmp_path / "o.safetensors")
     assert r.returncode == 1 and "nested deeper than 64 levels" in r.stderr
+
+
+def test_png_in_png_out_with_smartedit_tensors(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """The README's way round the C++ tool: smartedit-tensors pack (image + instruction -> its inputs), the edit,
+    smartedit-tensors png (its output tensor -> PNG): the PNG is the Python pipeline's postprocessing of that tensor."""
+    from PIL import Image
+
+    from smartedit.cli import tensors_cli
+    from smartedit.vae import postprocess
+
+    test_image.save(tmp_path / "in.png")
+    tensors_cli(["pack", "--preset", "tiny", "--random-weights", "--image", str(tmp_path / "in.png"),
+                 "--instruction", "make it blue", "--out", str(tmp_path / "in.safetensors")])
+    want = tiny_pipe.runtime_inputs([Image.open(tmp_path / "in.png").convert("RGB")], ["make it blue"], 256)
+    got = load_file(tmp_path / "in.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "image.safetensors", "--steps", 2, "--seed", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tensors_cli(["png", str(tmp_path / "image.safetensors"), str(tmp_path / "out.png")])
+    expected = postprocess(load_file(tmp_path / "image.safetensors")["image"])[0]
+    assert list(Image.open(tmp_path / "out.png").getdata()) == list(expected.getdata())
+    with pytest.raises(SystemExit) as e:
+        tensors_cli(["png", str(tmp_path / "in.png"), str(tmp_path / "bad.png")])
+    assert e.value.code == 2 and not (tmp_path / "bad.png").exists()

@@ -29,6 +29,7 @@ from PIL import Image
 pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install -e '.[test]')")
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
+from conftest import readme_block  # noqa: E402
 from smartedit.export.triton import MODEL, stage_config, write_serving_repository  # noqa: E402
 from smartedit.serve.client import connect, edit  # noqa: E402
 from smartedit.serve.server import free_endpoints, read_metrics, running, settings_for  # noqa: E402
@@ -329,25 +330,16 @@ def test_load_test_writes_its_results_and_every_answer_matches_offline(tmp_path)
     assert "Dynamic batching gain" in paths[1].read_text()
 
 
-def _readme_block(marker: str) -> str:
-    """The fenced block of README.md that contains `marker`: the README's examples run as written."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    blocks = [b.split("\n", 1)[1] for b in text.split("```")[1::2]]
-    hits = [b for b in blocks if marker in b]
-    assert len(hits) == 1, f"README.md has {len(hits)} blocks with {marker!r}"
-    return hits[0]
-
-
 def test_readme_queries_run_as_written(server, tmp_path, test_image):
     e = server.endpoints
     test_image.save(tmp_path / "in.png")
-    curl = _readme_block("binary_data_size").replace("localhost:8000", e.http_url)
+    curl = readme_block("binary_data_size").replace("localhost:8000", e.http_url)
     r = subprocess.run(["bash", "-c", "set -euo pipefail\n" + curl], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ready: 200" in r.stdout, r.stdout + r.stderr
     assert Image.open(tmp_path / "out.png").size == (256, 256)
     (tmp_path / "out.png").unlink()
-    py = _readme_block("grpcclient.InferenceServerClient").replace("localhost:8001", e.grpc_url)
+    py = readme_block("grpcclient.InferenceServerClient").replace("localhost:8001", e.grpc_url)
     r = subprocess.run([sys.executable, "-c", py], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "denoise" in r.stdout, r.stdout + r.stderr
     assert Image.open(tmp_path / "out.png").size == (256, 256)

@@ -62,7 +62,8 @@ int run(int argc, char** argv) {
   if (mode == "schedule") {
     if (argc != 3) throw std::invalid_argument("schedule takes one argument, STEPS");
     const auto s = smartedit::AncestralSchedule::build(parse<long long>("STEPS", argv[2], to_ll, "an integer"));
-    std::printf("{\"init_noise_sigma\": %.9g, \"table\": [", s.init_noise_sigma.item<float>());
+    std::printf("{\"init_noise_sigma\": %.9g, \"columns\": [\"timestep\", \"sigma\", \"sigma_up\", "
+                "\"dt = sigma_down - sigma\"], \"table\": [", s.init_noise_sigma.item<float>());
     const auto t = s.table.accessor<float, 2>();
     for (int64_t i = 0; i < t.size(0); ++i)
       std::printf("%s[%.9g, %.9g, %.9g, %.9g]", i ? ", " : "", t[i][0], t[i][1], t[i][2], t[i][3]);

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=_sides, default=(256,), help="comma-separated image sides, e.g. 256,512")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="timed edits per backend and resolution")
+    p.add_argument("--repeats", type=int, default=5, help="timed edits per backend and resolution (the report "
+                   "gives their spread, and warns above 20%%)")
     p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-stats edits first (reported separately)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,

@@ -228,7 +228,8 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
         row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
                               for g, f in timed.flops.items()}
     result["runs"].append(row)
-    progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end")
+    progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end, spread {spread(row):.0%}"
+             + (" (noisy: take more --repeats)" if spread(row) > NOISY else ""))
 
 
 def _ratios(result: dict) -> None:
@@ -258,6 +259,14 @@ def _ratios(result: dict) -> None:
             r["floor_ms_at_peak"] = r["e2e_tflop"] / peak * 1e3
 
 
+NOISY = 0.20  # spread (max - min) / median above which a row's timings are called noisy
+
+
+def spread(row: dict) -> float:
+    e = row["e2e_ms"]
+    return (e["max"] - e["min"]) / e["median"] if e["median"] else 0.0
+
+
 def to_markdown(res: dict) -> str:
     lines = [f"# smartedit-bench on {res['device']}", "",
              f"{res['model']}, {res['dtype']}, {res['steps']} steps, batch {res['batch']}, {res['repeats']} timed runs "
@@ -265,24 +274,32 @@ def to_markdown(res: dict) -> str:
              + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else "")
              + (f"; driver {res['driver']}, CUDA {res['cuda_runtime']}" if res.get("driver") else ""),
              "", "versions: " + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items() if v),
-             "", "| backend | res | e2e median ms | p90 | min | max | x eager | x official | denoise ms | "
-             "UNet step ms | peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| backend | res | e2e median ms | p90 | min | max | spread | x eager | x official | denoise ms | "
+             "UNet step ms | peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
 
     for r in res["runs"]:
         e = r["e2e_ms"]
         lines.append(f"| {r['backend']} | {r['resolution']} | {e['median']:.1f} | {e['p90']:.1f} | {e['min']:.1f} | "
-                     f"{e['max']:.1f} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
+                     f"{e['max']:.1f} | {spread(r):.0%} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
                      f"{num(r.get('speedup_vs_official'), '{:.2f}')} | "
                      f"{num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} | "
                      f"{num(r['stage_ms'].get('unet_step'), '{:.2f}')} | "
                      f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
     for b, why in res["skipped"].items():
-        lines.append(f"| {b} | - | skipped: {why} | | | | | | | | | |")
+        lines.append(f"| {b} | - | skipped: {why} | | | | | | | | | | |")
     for f in res.get("failed", []):
         error = f["error"].splitlines()[0][:200].replace("|", "/")
-        lines.append(f"| {f['backend']} | {f['resolution'] or 'load'} | FAILED: {error} | | | | | | | | | |")
+        lines.append(f"| {f['backend']} | {f['resolution'] or 'load'} | FAILED: {error} | | | | | | | | | | |")
+    lines += ["", "spread: (max - min) / median of the timed edits. x eager / x official: the median's speed-up over "
+              "that backend at the same resolution, in this run. denoise ms: the whole denoising loop within the "
+              "timed edits. UNet step ms: one UNet call (the 3-way CFG batch), median over the steps of one extra, "
+              "instrumented edit in which every graph call is timed alone with a device sync."]
+    noisy = [f"{r['backend']} @ {r['resolution']} ({spread(r):.0%})" for r in res["runs"] if spread(r) > NOISY]
+    if noisy:
+        lines += ["", f"**Warning: noisy timings** (spread over {NOISY:.0%}): {', '.join(noisy)}. Ratios between "
+                  "backends are not reliable at this spread: take more --repeats, or a quieter machine."]
     for r in res["runs"]:
         if r["backend"] == "eager" and "e2e_tflop" in r:
             floor = (f"; at the measured fp16 peak that is {r['floor_ms_at_peak']:.1f} ms, the physical floor"
@@ -303,11 +320,19 @@ def write_outputs(res: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    labels = [f"{r['backend']}\n{r['resolution']}px" for r in res["runs"]]
-    ax.bar(labels, [r["e2e_ms"]["median"] for r in res["runs"]], color="#4c72b0")
-    ax.set_ylabel("end-to-end median, ms")
-    ax.set_title(f"{res['model']} on {res['device']}, {res['steps']} steps", fontsize=9)
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    runs = res["runs"]
+    labels = [f"{r['backend']}\n{r['resolution']}px" for r in runs]
+    med = [r["e2e_ms"]["median"] for r in runs]
+    err = [[m - r["e2e_ms"]["min"] for m, r in zip(med, runs)], [r["e2e_ms"]["max"] - m for m, r in zip(med, runs)]]
+    bars = ax.bar(labels, med, yerr=err, capsize=3, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{m:.0f}" for m in med], fontsize=7, padding=2)
+    missing = [(b, "skipped") for b in res["skipped"]] + [(f["backend"], "failed") for f in res.get("failed", [])]
+    for b, why in missing:  # an empty slot, so a missing backend is seen, not silently dropped
+        ax.bar(f"{b}\n{why}", 0)
+    ax.set_ylabel("end-to-end ms (median; bar: min to max)")
+    ax.set_title(f"{res['model']} on {res['device']}, {res['steps']} steps, {res['repeats']} timed runs",
+                 fontsize=9)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)

@@ -277,8 +277,9 @@ def produce(job: ExportJob) -> None:
                      f"{caps}, opt level {build.opt_level}) ...")
         job.forget(flavor.target, n)
         plan = folder / f"{n}.plan"
+        # TensorRT-RTX tunes at run time: its timing-cache calls are deprecated no-ops (and warn)
         record = build_engine(flavor, job.manifest.file(f"onnx/{n}.onnx"), spec, plan, build,
-                              timing_cache=folder / "timing.cache")
+                              timing_cache=None if flavor.target == "trt-rtx" else folder / "timing.cache")
         rel = f"{flavor.target}/{plan.name}"
         entry = Entry(flavor.target, n, key, spec, {**job.options, **dataclasses.asdict(build)},
                       {rel: job.manifest.file_record(rel)},
