@@ -333,9 +333,16 @@ def write_outputs(res: dict, out: Path) -> list[Path]:
     ax.set_ylabel("end-to-end ms (median; bar: min to max)")
     ax.set_title(f"{res['model']} on {res['device']}, {res['steps']} steps, {res['repeats']} timed runs",
                  fontsize=9)
+    write_figure(fig, paths[2])
+    return paths
+
+
+def write_figure(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG, written atomically, and closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
-    write_atomic(paths[2], png.getvalue())
     plt.close(fig)
-    return paths
+    return write_atomic(path, png.getvalue())

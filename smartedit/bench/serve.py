@@ -32,6 +32,8 @@ from smartedit.errors import InputError
 from smartedit.files import write_atomic, write_json
 from smartedit.pipeline import ModelSource
 from smartedit.serve.client import connect, edit
+
+from .run import write_figure
 from smartedit.serve.server import read_metrics, running, settings_for
 
 PROTOCOLS = ("http", "grpc")
@@ -210,9 +212,5 @@ def write_outputs(res: dict, out: Path) -> list[Path]:
     lat.legend(fontsize=7)
     fig.suptitle(f"smartedit-serve: {res['model']}, {res['backend']} on {res['device']}, {res['steps']} steps at "
                  f"{res['resolution']} px", fontsize=9)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    write_atomic(paths[2], png.getvalue())
-    plt.close(fig)
+    write_figure(fig, paths[2])
     return paths
