@@ -97,7 +97,7 @@ def test_backend_refuses_what_it_cannot_run(aoti_export, tmp_path):
     data[len(data) // 2] ^= 0x01
     (flipped / "aoti" / "unet.pt2").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="unet.pt2 is missing or does not match its manifest entry"):
-        runner(flipped)
+        runner(flipped).run("unet", {})  # checked when the graph is first opened, before anything is loaded
     with pytest.raises(ArtifactError, match="holds no aoti artifacts"):
         runner(_copy(aoti_export, tmp_path / "d", lambda m: m["artifacts"].pop("aoti")))
     backend = runner(aoti_export)

@@ -2,8 +2,8 @@
 
 Every runtime of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
 checks are the same for all: the manifest is one this version reads, the target was exported, every file the
-manifest names is inside the folder and has its recorded size and sha256 (what runs is what was exported and
-verified; hashed once per process per unchanged file), and each entry is compatible with this machine
+manifest names is inside the folder and has its recorded size (at once) and sha256 (when the graph is first opened:
+what runs is what was exported and verified; hashed once per process per unchanged file), and each entry is compatible with this machine
 (`Entry.compatible`: TensorRT version and GPU, torch version and device). A failure is an ArtifactError naming the
 file or the difference.
 """
@@ -31,20 +31,29 @@ class Artifacts:
                                 f"{sorted(self.manifest.artifacts) or 'none'}): run smartedit-export --target "
                                 f"{target} --out {self.root}")
         for g, e in self.entries.items():
-            bad = self.manifest.damaged(e, hashes=True)
-            if bad:
-                rel = bad[0]
-                raise ArtifactError(f"{self.manifest.file(rel)} is missing or does not match its manifest entry "
-                                    f"({e.files[rel]['bytes']} bytes, sha256 {e.files[rel]['sha256'][:12]}...): "
-                                    "re-run the export")
+            self._refuse_damaged(e, hashes=False)  # sizes now; each graph's sha256 when it is first opened
             reason = e.compatible(here) if here is not None else None
             if reason:
                 raise ArtifactError(reason)
+        self._hashed: set[str] = set()
+
+    def _refuse_damaged(self, e: Entry, hashes: bool) -> None:
+        bad = self.manifest.damaged(e, hashes=hashes)
+        if bad:
+            rel = bad[0]
+            raise ArtifactError(f"{self.manifest.file(rel)} is missing or does not match its manifest entry "
+                                f"({e.files[rel]['bytes']} bytes, sha256 {e.files[rel]['sha256'][:12]}...): "
+                                "re-run the export")
 
     def entry(self, graph: str) -> Entry:
+        """The graph's entry; its files are checked against their sha256 the first time (runtimes open a graph's
+        files only after asking for its entry)."""
         if graph not in self.entries:
             raise ArtifactError(f"graph {graph!r} has no {self.target} artifact in {self.root} "
                                 f"(it has {sorted(self.entries)})")
+        if graph not in self._hashed:
+            self._refuse_damaged(self.entries[graph], hashes=True)
+            self._hashed.add(graph)
         return self.entries[graph]
 
     def file(self, graph: str, suffix: str) -> Path:
