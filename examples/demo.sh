@@ -8,6 +8,7 @@
 # Random weights: the edited images are noise; the shapes, the costs and every check are real.
 set -euo pipefail
 OUT=${1:-demo}
+OUT=${OUT%/}  # demo/ and demo name the same folder
 IMG="$(cd "$(dirname "$0")" && pwd)/in.png"
 ARTS="$OUT/artifacts"
 MODEL=(--preset tiny --random-weights)
