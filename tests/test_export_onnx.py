@@ -212,7 +212,7 @@ def test_bad_requests_name_the_value(tmp_path, tiny_pipe):
         parse_graph_names("unet2,vae_decoder")
     with pytest.raises(ValueError, match=r"min-res must be a multiple of 64 .*, got 200"):
         ProfileOptions(min_res=200)
-    with pytest.raises(ValueError, match="1 <= min <= opt <= max, got 512/512/256"):
+    with pytest.raises(ValueError, match=r"--opt-res 512 is above --max-res 256: the profile needs min <= opt <= max, got 512/512/256"):
         ProfileOptions(min_res=512, opt_res=512, max_res=256)
     blocker = tmp_path / "file"
     blocker.write_text("x")

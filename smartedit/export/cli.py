@@ -7,7 +7,7 @@ import logging
 import time
 import warnings
 
-from smartedit.errors import run_command
+from smartedit.errors import InputError, run_command
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     def body() -> None:
+        if a.max_prompt < 33:  # the suffix range is 33 (one id + the 32 <img_i>) .. --max-prompt
+            raise InputError(f"--max-prompt must be >= 33 (the forced suffix is at least one id and the 32 <img_i> "
+                             f"tokens), got {a.max_prompt}")
         opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))

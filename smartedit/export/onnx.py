@@ -28,36 +28,60 @@ TWO_GB = 2**31
 
 
 def dynamic_shapes(spec: GraphSpec, model: nn.Module):
-    """Spec dims -> torch.export dynamic_shapes, one per input in call order ("3*B" becomes 3 * Dim("B")); for a
+    """Spec dims -> torch.export dynamic_shapes, one per input in call order ("3*B" becomes 3 * Dim("B")); a dim
+    whose range is one value (min = max: e.g. --max-batch 1, or --min-res = --max-res) stays static. For a
     forward(*args) (GraphModule) they go under the name of its variadic parameter."""
-    dims = {n: torch.export.Dim(n, min=r.min, max=r.max) for n, r in spec.dims.items()}
+    dims = {n: torch.export.Dim(n, min=r.min, max=r.max) for n, r in spec.dims.items() if r.min < r.max}
     out = []
     for t in spec.inputs:
         axes = {}
         for i, d in enumerate(t.shape):
             k, name = parse_dim(d)
-            if name is not None:
+            if name in dims:
                 axes[i] = dims[name] if k == 1 else k * dims[name]
         out.append(axes or None)
     variadic = [n for n, p in inspect.signature(model.forward).parameters.items() if p.kind == p.VAR_POSITIONAL]
     return {variadic[0]: tuple(out)} if variadic else tuple(out)
 
 
+class NoExamplePoint(ExportError):
+    """No shape point in the profile lets torch.export keep every dynamic dim dynamic."""
+
+
 def export_point(spec: GraphSpec) -> dict[str, int]:
     """The shape point traced at export: near opt, but never 0 or 1 (torch.export specialises those) and never a
     size that another axis has (duck shaping would unify the two: a dynamic batch of 2 beside the static
-    guidance [2] came out static)."""
+    guidance [2] came out static). Static dims (min = max) take their one value; the dynamic ones are searched
+    (closest to opt first, backtracking when a choice leaves a later dim no free size)."""
+    static = {n: r.min for n, r in spec.dims.items() if r.min == r.max}
     taken = {0, 1} | {d for t in spec.inputs for d in t.shape if isinstance(d, int)}
-    point: dict[str, int] = {}
-    for n, r in spec.dims.items():
+    for n, v in static.items():
+        taken |= {k * v for t in spec.inputs for d in t.shape for k, name in [parse_dim(d)] if name == n}
+    factors = {n: {k for t in spec.inputs for d in t.shape for k, name in [parse_dim(d)] if name == n}
+               for n in spec.dims}
+    dynamic = [n for n in spec.dims if n not in static]
+
+    def free(n: str, used: set[int]) -> list[int]:
+        r = spec.dims[n]
         candidates = sorted(range(r.min, r.max + 1), key=lambda v: (abs(v - r.opt), v))
-        free = [v for v in candidates if v not in taken and all(
-            k * v not in taken for t in spec.inputs for d in t.shape for k, name in [parse_dim(d)] if name == n)]
-        if not free:
-            raise ExportError(f"{spec.name}: no example size for dimension {n} in [{r.min}, {r.max}] avoids {taken}")
-        point[n] = free[0]
-        taken |= {point[n]}
-    return point
+        return [v for v in candidates if v not in used and all(k * v not in used for k in factors[n])]
+
+    def search(i: int, used: set[int], point: dict[str, int]) -> dict[str, int] | None:
+        if i == len(dynamic):
+            return point
+        n = dynamic[i]
+        for v in free(n, used)[:64]:  # a wide range always has a free size within its first few candidates
+            found = search(i + 1, used | {v}, {**point, n: v})
+            if found is not None:
+                return found
+        return None
+
+    point = search(0, set(taken), {})
+    if point is None:
+        ranges = ", ".join(f"{n} in [{spec.dims[n].min}, {spec.dims[n].max}]" for n in dynamic)
+        raise NoExamplePoint(f"{spec.name}: no example size for the dynamic dims ({ranges}) avoids the fixed sizes "
+                             f"{sorted(taken)} and each other")
+    return {n: static.get(n, point.get(n)) for n in spec.dims}
 
 
 def export_onnx(model: nn.Module, spec: GraphSpec, path: Path, precision: str, opset: int = 18) -> dict:
@@ -96,7 +120,12 @@ def _check_dynamic_inputs(model, spec: GraphSpec) -> None:
     for inp, t in zip(model.graph.input, spec.inputs):
         dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
         for got, want in zip(dims, t.shape):
-            if parse_dim(want)[1] is not None and not isinstance(got, str):
+            k, name = parse_dim(want)
+            if name is not None and spec.dims[name].min == spec.dims[name].max:  # static by the profile
+                if got != k * spec.dims[name].min:
+                    raise ExportError(f"{spec.name}.{t.name}: dimension {want!r} was exported as {got!r}, the "
+                                      f"profile fixes it at {k * spec.dims[name].min}. Exported input shape: {dims}")
+            elif name is not None and not isinstance(got, str):
                 raise ExportError(
                     f"{spec.name}.{t.name}: dimension {want!r} was exported as the constant {got} (torch.export "
                     f"specialised it); the graph would reject other sizes. Exported input shape: {dims}")
@@ -105,7 +134,8 @@ def _check_dynamic_inputs(model, spec: GraphSpec) -> None:
 
 def produce(job: ExportJob) -> None:
     """OUT/onnx/<graph>.onnx for every graph asked for (skipping those up to date), each checked in ONNX Runtime
-    against fp32 PyTorch at two shapes of its profile, recorded in the manifest as it completes."""
+    against fp32 PyTorch at two shapes of its profile (opt and one near it: parity.verification_points; the report
+    says when the max shape was not run), recorded in the manifest as it completes."""
     todo = job.todo("onnx")
     if not todo:
         return
@@ -132,6 +162,8 @@ def produce(job: ExportJob) -> None:
                                    parity.verification_points(g.spec))
             entry.verified = all(c.passed for c in comps)
             report = {"passed": entry.verified, "precision": job.precision, "comparisons": parity.as_dicts(comps)}
+            if parity.max_point_note(g.spec):
+                report["not_checked"] = [parity.max_point_note(g.spec)]
             job.progress(parity.summary("ONNX Runtime", comps, time.perf_counter() - t0))
             if not entry.verified:
                 failed.append(n)

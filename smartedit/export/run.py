@@ -9,25 +9,55 @@ OUT/onnx/<graph>.onnx (+ .onnx.data over 2 GB)   OUT/<trt|trt-rtx>/<graph>.plan 
 A graph whose key (source hash, spec, options, toolchain, and the target's own inputs) and file hashes match its
 entry is skipped on a rerun. An entry leaves the manifest before its file is replaced and comes back when the new
 file is complete, and the manifest is rewritten (atomically) after each graph: an interrupted export leaves every
-finished graph valid and nothing half-written that passes for valid.
+finished graph valid and nothing half-written that passes for valid. An export of another model (or over a manifest
+this version cannot read) writes its fresh, empty manifest before it replaces any file.
+
+The output folder:
+- one writer at a time: the export holds an exclusive lock (flock) on OUT/.smartedit-export.lock from before it
+  reads the manifest to its end; the file records the holder's pid and host. A second export into the same OUT
+  fails at once (RunError, exit 1) naming the folder and that pid. The lock file stays (an ordinary file; the lock
+  dies with its process, a SIGKILL included).
+- leftovers of a killed export (`.<name>.tmp-*` staging files and folders that smartedit.files writes beside each
+  destination, and the write probe) are removed, under the lock, by the next export into OUT, which says so.
+- it never writes into a folder it does not own: OUT must be new, empty, or hold only what an export writes (our
+  manifest.json and the files it lists, report.json, verify.json, the target subfolders onnx/ trt/ trt-rtx/ aoti/
+  triton/, the lock and staging names). Anything else (a user's files, another tool's manifest.json) is refused,
+  named, before anything is written (InputError, exit 2). There is no override flag, on purpose: export into an
+  empty folder, or move those files out.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import json
+import os
 import platform
+import re
+import shutil
+import socket
+import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from smartedit.config import SmartEditConfig
-from smartedit.errors import InputError
-from smartedit.graphs import graph_table, parse_graph_names
-from smartedit.graphs.manifest import Manifest
-from smartedit.graphs.spec import EXPORT_PRECISIONS, ProfileOptions
+from smartedit.errors import InputError, RunError
+from smartedit.files import write_json
+from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names
+from smartedit.graphs.manifest import MANIFEST_FILE, Manifest
+from smartedit.graphs.spec import _PIXELS, EXPORT_PRECISIONS, ProfileOptions
 from smartedit.pipeline import ModelSource
 
 from . import targets
 from .job import ExportJob
+from .onnx import NoExamplePoint, export_point
+
+LOCK_FILE = ".smartedit-export.lock"
+WRITE_PROBE = ".write-probe"
+REPORT_FILE, VERIFY_FILE = "report.json", "verify.json"
+STAGING = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # smartedit.files.scratch_folder: .<name>.tmp-XXXXXXXX
 
 TOOLCHAIN_PACKAGES = ("smartedit", "torch", "transformers", "diffusers", "peft", "onnx", "onnxscript", "onnxruntime")
 
@@ -61,24 +91,38 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
             raise InputError(f"the checkpoint at {model} (config {cfg.name!r}) does not match preset {preset!r}")
     names = parse_graph_names(graph_names)
     profile = profile or ProfileOptions()
+    _check_traceable(cfg, profile, fold_cfg, names, target)
     build = t.check(target, build, device)  # e.g. TensorRT missing, no GPU to compile for: before any work
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a folder")
+    _check_owned(out)
     _check_writable(out)
-    recorded = source.describe(progress)
-    tools = toolchain()
-    try:
-        manifest = Manifest.read(out)
-        if manifest.source.get("sha256") != recorded["sha256"]:
-            manifest = Manifest(out, recorded, tools)  # another model: nothing in OUT can be reused
-    except InputError:  # no manifest yet (or one this version cannot read): start afresh
-        manifest = Manifest(out, recorded, tools)
-    manifest.source, manifest.toolchain = recorded, tools
-    report = _read_report(out)
-    job = ExportJob(target=target, out=out, source=source, cfg=cfg,
-                            graphs=graph_table(cfg, profile, fold_cfg=fold_cfg), names=names, manifest=manifest,
-                            report=report, precision=precision, opset=opset, profile=profile, fold_cfg=fold_cfg,
-                            verify=verify, progress=progress, build=build, device=device, triton_stages=triton_stages)
-    t.produce(job)
+    with lock_output(out):
+        removed = remove_leftovers(out)
+        if removed:
+            progress(f"removed the leftovers of an interrupted export in {out}: {', '.join(removed)}")
+        recorded = source.describe(progress)
+        tools = toolchain()
+        fresh = False
+        try:
+            manifest = Manifest.read(out)
+            if manifest.source.get("sha256") != recorded["sha256"]:
+                manifest, fresh = Manifest(out, recorded, tools), True  # another model: nothing in OUT is reused
+        except InputError:  # no manifest yet (or one this version cannot read): start afresh
+            manifest, fresh = Manifest(out, recorded, tools), True
+        manifest.source, manifest.toolchain = recorded, tools
+        report = _read_report(out)
+        if fresh:  # on disk before any file is replaced: no entry of the old model outlives its file
+            manifest.write()
+            if report:
+                report = {}
+                write_json(out / REPORT_FILE, report)
+        job = ExportJob(target=target, out=out, source=source, cfg=cfg,
+                        graphs=graph_table(cfg, profile, fold_cfg=fold_cfg), names=names, manifest=manifest,
+                        report=report, precision=precision, opset=opset, profile=profile, fold_cfg=fold_cfg,
+                        verify=verify, progress=progress, build=build, device=device, triton_stages=triton_stages)
+        t.produce(job)
     return manifest
 
 
@@ -93,12 +137,213 @@ def _read_report(out: Path) -> dict:
 
 
 def _check_writable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output path {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
+        probe = out / WRITE_PROBE
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as e:
         raise InputError(f"cannot write to output folder {out}: {e.strerror or e}") from e
+
+
+_RES_FLAGS = "--min-res / --opt-res / --max-res"
+_DIM_FLAGS = {"B": "--max-batch", "Lp": "--max-prompt", "Ls": "--max-prompt"}
+
+
+def _flags(profile: ProfileOptions, dims: set[str]) -> str:
+    """The flags (with their values) that set `dims`."""
+    out = []
+    if dims & set(_PIXELS):
+        out.append(f"--min-res {profile.min_res} --opt-res {profile.opt_res} --max-res {profile.max_res}")
+    if "B" in dims:
+        out.append(f"--max-batch {profile.max_batch}")
+    if dims & {"Lp", "Ls"}:
+        out.append(f"--max-prompt {profile.max_prefix}")
+    return ", ".join(out) or ", ".join(sorted(dims))
+
+
+def _traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: str) -> tuple[str, set] | None:
+    """(graph, the dims at fault) of the first graph that cannot be exported at `profile`, or None."""
+    graphs = graph_table(cfg, profile, fold_cfg=fold_cfg)
+    for n in names:
+        spec = graphs[n].spec
+        if target == "aoti":  # its packages are checked to keep every named dim dynamic: a one-value range is not
+            fixed = {d for d, r in spec.dims.items() if r.min == r.max}
+            if fixed:
+                return n, fixed
+        try:
+            export_point(spec)
+        except NoExamplePoint:
+            return n, {d for d, r in spec.dims.items() if r.min < r.max}
+    return None
+
+
+def _check_traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: str) -> None:
+    """Refuse, before any model is loaded, a profile that torch.export cannot trace with its dims dynamic (a narrow
+    range whose every size collides with a fixed size of the graph, e.g. --min-res 256 --max-res 320 for the
+    unet), naming the flags and a profile that works."""
+    bad = _traceable(cfg, profile, fold_cfg, names, target)
+    if bad is None:
+        return
+    graph, dims = bad
+    groups: list[tuple[str, list[list[tuple[str, ProfileOptions | None]]]]] = []  # (flags, [kinds of fix])
+    if dims & set(_PIXELS):
+        r = profile.opt_res
+        widen = [(f"--max-res {profile.max_res + 64 * k}", _replace(profile, max_res=profile.max_res + 64 * k))
+                 for k in range(1, 5)]
+        one = [(f"one size --min-res {r} --opt-res {r} --max-res {r}",
+                _replace(profile, min_res=r, opt_res=r, max_res=r))] if target != "aoti" else []
+        groups.append((f"--min-res {profile.min_res} --opt-res {profile.opt_res} --max-res {profile.max_res}",
+                       [widen, one]))
+    if "B" in dims:
+        more = [(f"--max-batch {b}", _replace(profile, max_batch=b)) for b in range(profile.max_batch + 1,
+                                                                                   profile.max_batch + 4)]
+        one = [("--max-batch 1", _replace(profile, max_batch=1, opt_batch=1, min_batch=1))] if target != "aoti" \
+            else []
+        groups.append((f"--max-batch {profile.max_batch}", [more, one]))
+    named, works = [], []
+    for flags, kinds in groups:
+        fixes = [next((f for f, p in kind if p is not None and _traceable(cfg, p, fold_cfg, names, target) is None),
+                      None) for kind in kinds]
+        fixes = [f for f in fixes if f]
+        if fixes:
+            named.append(flags)
+            works += fixes
+    named = named or [flags for flags, _ in groups] or [", ".join(sorted(dims))]
+    why = ("--target aoti keeps every named dim dynamic, and this profile fixes "
+           f"{sorted(dims)} to one value" if target == "aoti" else
+           "torch.export cannot keep its dims dynamic: every size in the range collides with a fixed size of the "
+           "graph or with another dim")
+    raise InputError(f"{', '.join(named)}: the {graph} graph cannot be exported at this profile ({why}); "
+                     + (f"what works: {' or '.join(works)}" if works else "widen the range"))
+
+
+def _replace(profile: ProfileOptions, **changes) -> ProfileOptions | None:
+    import dataclasses
+
+    try:
+        return dataclasses.replace(profile, **changes)
+    except InputError:
+        return None
+
+
+def _is_our_manifest(path: Path) -> bool:
+    """An smartedit-export manifest (of any version): a JSON object with manifest_version and artifacts."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "manifest_version" in d and isinstance(d.get("artifacts"), dict)
+
+
+def _listed_top_names(path: Path) -> set[str]:
+    """The first path component of every file our manifest at `path` lists."""
+    try:
+        arts = json.loads(path.read_text()).get("artifacts", {})
+        return {Path(rel).parts[0] for gs in arts.values() if isinstance(gs, dict) for e in gs.values()
+                if isinstance(e, dict) for rel in (e.get("files") or {}) if Path(rel).parts}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()
+
+
+def _looks_ours(folder: Path) -> list[str]:
+    """Without a manifest of ours: the entries of a target subfolder that no export writes (an export's files are
+    named after a graph: <graph>.onnx, <graph>.plan, <graph>.pt2, triton/<graph>/; and staging leftovers)."""
+    ours = tuple(f"{g}." for g in GRAPH_NAMES)
+    bad = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if STAGING.match(name) or name == "timing.cache" or name.startswith(ours) or (
+                folder.name == "triton" and name in (*GRAPH_NAMES, "smartedit")):
+            continue
+        bad.append(f"{folder.name}/{name}")
+    return bad
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What in `out` an export did not write (empty for a new or empty folder, or one of our exports)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    manifest = out / MANIFEST_FILE
+    ours_manifest = manifest.is_file() and _is_our_manifest(manifest)
+    listed = _listed_top_names(manifest) if ours_manifest else set()
+    bad = []
+    for p in sorted(out.iterdir(), key=lambda p: p.name):
+        name = p.name
+        if name == MANIFEST_FILE:
+            if not ours_manifest:
+                bad.append(f"{name} (not an smartedit-export manifest)")
+        elif name in (REPORT_FILE, VERIFY_FILE, LOCK_FILE, WRITE_PROBE) or STAGING.match(name) or name in listed:
+            continue
+        elif name in targets.TARGETS and p.is_dir() and not p.is_symlink():
+            if not ours_manifest:
+                bad += _looks_ours(p)
+        else:
+            bad.append(name + ("/" if p.is_dir() else ""))
+    return bad
+
+
+def _check_owned(out: Path) -> None:
+    bad = foreign_entries(out)
+    if bad:
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise InputError(f"output folder {out} holds files smartedit-export did not write: {', '.join(bad[:4])}{more}; "
+                         "it writes only into a new or empty folder or one of its own exports, and never deletes "
+                         "what it does not own: use an empty folder for --out")
+
+
+@contextlib.contextmanager
+def lock_output(out: Path) -> Iterator[Path]:
+    """Hold the exclusive lock on `out` (OUT/.smartedit-export.lock, recording this pid and host) for the block;
+    RunError at once when another process holds it."""
+    path = Path(out) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise RunError(f"cannot create the lock file {path}: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise RunError(f"cannot lock the output folder {out} ({path}): {e.strerror or e}") from e
+            raise RunError(f"output folder {out} is in use by another smartedit-export ({_holder(fd)}): wait for it "
+                           "to finish, or export into another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                   "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking it would let two holders lock two inodes)
+
+
+def _holder(fd: int) -> str:
+    for _ in range(20):  # the holder writes its pid just after it locks: give it a moment
+        try:
+            d = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        except (OSError, ValueError):
+            d = None
+        if isinstance(d, dict) and "pid" in d:
+            return f"pid {d['pid']} on host {d.get('host', '?')}, since {d.get('since', '?')}"
+        time.sleep(0.05)
+    return "pid unknown"
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Remove (call with the lock held) the staging leftovers a killed export left in `out` and its subfolders:
+    only names matching `.<name>.tmp-*`, and the write probe. -> what was removed, relative to `out`."""
+    out = Path(out)
+    removed = []
+    for dirpath, dirnames, filenames in os.walk(out):  # links are not followed
+        here = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            if STAGING.match(name) or (here == out and name == WRITE_PROBE):
+                p = here / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(str(p.relative_to(out)) + ("/" if name in dirnames else ""))
+        dirnames[:] = [d for d in dirnames if not STAGING.match(d)]
+    return removed

@@ -180,6 +180,11 @@ def _draw(kind: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor
     raise InputError(f"unknown sample kind {kind!r}")
 
 
+# ProfileOptions field -> the smartedit-export flag that sets it
+_PROFILE_FLAGS = {"min_res": "--min-res", "opt_res": "--opt-res", "max_res": "--max-res", "max_batch": "--max-batch",
+                  "max_prefix": "--max-prompt", "max_suffix": "--max-prompt"}
+
+
 @dataclass(frozen=True)
 class ProfileOptions:
     """Ranges the specs are built from; defaults cover the official settings. Every optimisation profile range is
@@ -199,17 +204,31 @@ class ProfileOptions:
     max_suffix: int = 512
 
     def __post_init__(self) -> None:
+        """Refuse a profile at once, naming the smartedit-export flag (or the field, where no flag sets it)."""
+        def flag(name: str) -> str:
+            return _PROFILE_FLAGS.get(name, name)
+
         for name in ("min_res", "opt_res", "max_res"):
             v = getattr(self, name)
-            if v % RESOLUTION_STEP:
-                raise InputError(f"{name.replace('_', '-')} must be a multiple of {RESOLUTION_STEP} (UNet latents are "
-                                 f"multiples of 8), got {v}")
-        DimRange(self.min_res, self.opt_res, self.max_res)
-        DimRange(self.min_batch, self.opt_batch, self.max_batch)
-        DimRange(self.min_prefix, self.opt_prefix, self.max_prefix)
-        DimRange(self.min_suffix, self.opt_suffix, self.max_suffix)
-        if self.min_suffix < 33:
-            raise InputError(f"min-suffix must be >= 33 (one id + the 32 <img_i>), got {self.min_suffix}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < RESOLUTION_STEP or v % RESOLUTION_STEP:
+                raise InputError(f"{flag(name)} must be a multiple of {RESOLUTION_STEP} (UNet latents are "
+                                 f"multiples of 8) and at least {RESOLUTION_STEP}, got {v!r}")
+        for name in ("max_batch", "min_batch", "opt_batch", "max_prefix", "min_prefix", "opt_prefix"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{flag(name)} must be an integer >= 1, got {v!r}")
+        for name in ("max_suffix", "min_suffix", "opt_suffix"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 33:
+                raise InputError(f"{flag(name)} must be >= 33 (the forced suffix is at least one id and the 32 "
+                                 f"<img_i> tokens), got {v!r}")
+        for what in ("res", "batch", "prefix", "suffix"):
+            lo, mid, hi = (f"{w}_{what}" for w in ("min", "opt", "max"))
+            for a, b in ((lo, mid), (mid, hi), (lo, hi)):
+                if getattr(self, a) > getattr(self, b):
+                    raise InputError(f"{flag(a)} {getattr(self, a)} is above {flag(b)} {getattr(self, b)}: the "
+                                     f"profile needs min <= opt <= max, got {getattr(self, lo)}/{getattr(self, mid)}/"
+                                     f"{getattr(self, hi)}")
 
     def batch(self) -> DimRange:
         return DimRange(self.min_batch, self.opt_batch, self.max_batch)
