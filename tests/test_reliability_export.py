@@ -1,0 +1,276 @@
+"""smartedit-export's output folder under failure: bad profile flags, folders it does not own, a second writer,
+leftovers of a killed export, an interrupted re-export. One table; each case runs the CLI in this process and
+asserts the exit status, one stderr line naming the value (no traceback), inputs left as they were, and nothing
+half-written left that passes for valid.
+
+Cost: one small export (vae_decoder, 128-192 px, fp32) shared by the cases that need an existing export folder, one
+static-profile export; the interrupted cases replace the exporter, so they load the model but trace nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from conftest import run_cli
+
+pytest.importorskip("onnxruntime")
+
+from smartedit.engines.artifacts import Artifacts  # noqa: E402
+from smartedit.errors import ArtifactError  # noqa: E402
+from smartedit.export.cli import main as export_main  # noqa: E402
+from smartedit.export.run import LOCK_FILE  # noqa: E402
+from smartedit.export.verify import main as verify_main  # noqa: E402
+
+TINY = ["--preset", "tiny", "--random-weights"]
+SMALL = ["--graphs", "vae_decoder", "--min-res", "128", "--opt-res", "128", "--max-res", "192", "--max-batch", "2",
+         "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def base_export(tmp_path_factory):
+    """A finished export of the cheapest graph (vae_decoder, seed 0), copied by the cases that need one."""
+    out = tmp_path_factory.mktemp("base") / "out"
+    export_main([*TINY, *SMALL, "--out", str(out)])
+    assert json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]["vae_decoder"]["verified"] is True
+    return out
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every file (hidden ones too) and folder under `path` (or `path` itself, a file) -> its sha256 / "dir"."""
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))}
+
+
+def staging_left(out: Path) -> list[str]:
+    return [str(p.relative_to(out)) for p in out.rglob(".*.tmp-*")]
+
+
+def lock_is_free(out: Path) -> bool:
+    fd = os.open(out / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def graph_loads(out: Path, graph: str = "vae_decoder") -> bool:
+    """Whether a runtime would load `graph` from `out` (manifest entry present, its files intact)."""
+    try:
+        Artifacts(out, "onnx").entry(graph)
+        return True
+    except ArtifactError:
+        return False
+
+
+HOLD = """
+import fcntl, json, os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}).encode())
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+@dataclass
+class Case:
+    id: str
+    argv: list[str]  # after TINY and --out
+    code: int
+    names: list[str]  # in the one stderr error line (code != 0), or in stdout (code 0)
+    setup: Callable[[Path, Path], None] = lambda out, base: None  # (out, base export)
+    after: Callable[[Path, dict], None] = lambda out, ctx: None  # further checks
+    unchanged: bool = True  # the folder (or file) at --out is exactly as before
+    interrupt: str | None = None  # "export": the exporter is replaced by one that writes half a file and is killed
+    ctx: dict = field(default_factory=dict)
+
+
+def _copy_base(out: Path, base: Path) -> None:
+    shutil.copytree(base, out)
+
+
+def _user_files(out: Path, base: Path) -> None:
+    (out / "photos").mkdir(parents=True)
+    (out / "photos" / "a.jpg").write_bytes(b"\xff\xd8 a photo")
+    (out / "notes.txt").write_text("mine")
+
+
+def _foreign_manifest(out: Path, base: Path) -> None:
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"name": "other-tool", "files": ["model.bin"]}))
+    (out / "model.bin").write_bytes(b"weights")
+
+
+def _foreign_in_target_folder(out: Path, base: Path) -> None:
+    (out / "onnx").mkdir(parents=True)
+    (out / "onnx" / "my_model.onnx").write_bytes(b"someone else's model")
+
+
+def _beside_our_export(out: Path, base: Path) -> None:
+    _copy_base(out, base)
+    (out / "notes.txt").write_text("mine")
+
+
+def _a_file(out: Path, base: Path) -> None:
+    out.write_text("not a folder")
+
+
+def _leftovers(out: Path, base: Path) -> None:
+    """What a SIGKILL leaves: staging folders and files beside the destinations, and the write probe."""
+    _copy_base(out, base)
+    (out / "onnx" / ".vae_decoder.onnx.tmp-ab12cd34").mkdir()
+    (out / "onnx" / ".vae_decoder.onnx.tmp-ab12cd34" / "vae_decoder.onnx").write_bytes(b"half an onnx")
+    (out / ".manifest.json.tmp-x9y8z7w6").mkdir()
+    (out / ".manifest.json.tmp-x9y8z7w6" / "manifest.json").write_text("{")
+    (out / ".write-probe").write_bytes(b"x" * 10)
+    (out / "onnx" / "notes.tmp-1").write_text("not a staging name: kept")
+
+
+def _check_leftovers_removed(out: Path, ctx: dict) -> None:
+    assert staging_left(out) == [] and not (out / ".write-probe").exists()
+    assert (out / "onnx" / "notes.tmp-1").read_text() == "not a staging name: kept"
+    assert "vae_decoder: up to date, skipped" in ctx["stdout"]
+    assert graph_loads(out) and lock_is_free(out)
+
+
+def _check_static(out: Path, ctx: dict) -> None:
+    import onnx
+    import torch
+
+    from smartedit.engines.onnxruntime import OnnxRuntimeRunner
+
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(out / "onnx" / "vae_decoder.onnx")).graph.input[0]
+            .type.tensor_type.shape.dim]
+    assert dims == [1, 4, 16, 16]  # B, channels, h, w: one size, exported static
+    entry = json.loads((out / "manifest.json").read_text())["artifacts"]["onnx"]["vae_decoder"]
+    assert entry["verified"] is True
+    image = OnnxRuntimeRunner(Artifacts(out, "onnx")).run("vae_decoder", {"latents": torch.randn(1, 4, 16, 16)})
+    assert image["image"].shape == (1, 3, 128, 128)
+
+
+def _check_other_model_interrupted(out: Path, ctx: dict) -> None:
+    at_replace = ctx["manifest_at_replace"]
+    assert at_replace["source"]["seed"] == 1 and at_replace["artifacts"] == {}  # the old model's entry went first
+    assert (out / "onnx" / "vae_decoder.onnx").read_bytes() == b"half"  # the kill came after the file was replaced
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["seed"] == 1 and "vae_decoder" not in manifest.get("artifacts", {}).get("onnx", {})
+    assert not graph_loads(out)
+    _check_verify_refuses(out, ctx)
+
+
+def _check_same_model_interrupted(out: Path, ctx: dict) -> None:
+    at_replace = ctx["manifest_at_replace"]
+    assert at_replace["source"]["seed"] == 0 and "vae_decoder" not in at_replace["artifacts"].get("onnx", {})
+    assert (out / "onnx" / "vae_decoder.onnx").read_bytes() == b"half"
+    assert not graph_loads(out)
+    _check_verify_refuses(out, ctx)
+
+
+def _check_verify_refuses(out: Path, ctx: dict) -> None:
+    """smartedit-verify against the model the folder held before: the half-written graph is not passed."""
+    code, stdout, err = run_cli(verify_main, [out, *TINY], ctx["capsys"])
+    verify = json.loads((out / "verify.json").read_text()) if (out / "verify.json").exists() else {}
+    assert "onnx/vae_decoder" not in verify.get("integrity", {}) and "vae_decoder" not in stdout
+    assert code in (0, 2) and "Traceback" not in err  # 2: the folder is another model's now; 0: nothing to check
+    assert staging_left(out) == [] and lock_is_free(out)
+
+
+CASES = [
+    Case("narrow-res-unet", ["--max-res", "320"], 2,
+         ["--min-res 256 --opt-res 256 --max-res 320", "unet", "what works: --max-res 384",
+          "--min-res 256 --opt-res 256 --max-res 256"]),
+    Case("min-above-opt", ["--min-res", "512"], 2, ["--min-res 512 is above --opt-res 256"]),
+    Case("opt-above-max", ["--opt-res", "1024"], 2, ["--opt-res 1024 is above --max-res 768"]),
+    Case("res-not-multiple-of-64", ["--max-res", "700"], 2, ["--max-res must be a multiple of 64", "got 700"]),
+    Case("max-batch-0", ["--max-batch", "0"], 2, ["--max-batch must be an integer >= 1, got 0"]),
+    Case("max-prompt-0", ["--max-prompt", "0"], 2, ["--max-prompt must be >= 33", "got 0"]),
+    Case("fold-cfg-batch-2", ["--fold-cfg", "--max-batch", "2"], 2, ["--max-batch 2", "what works: --max-batch 3"]),
+    Case("aoti-static-batch", ["--target", "aoti", "--max-batch", "1"], 2, ["--max-batch 1", "--target aoti"]),
+    Case("out-is-a-file", SMALL, 2, ["exists and is not a folder"], setup=_a_file),
+    Case("user-files", SMALL, 2, ["did not write", "notes.txt", "photos/", "use an empty folder"],
+         setup=_user_files),
+    Case("foreign-manifest", SMALL, 2, ["manifest.json (not an smartedit-export manifest)", "model.bin"],
+         setup=_foreign_manifest),
+    Case("foreign-file-in-onnx-folder", SMALL, 2, ["onnx/my_model.onnx"], setup=_foreign_in_target_folder),
+    Case("user-file-beside-our-export", SMALL, 2, ["notes.txt"], setup=_beside_our_export),
+    Case("lock-held", SMALL, 1, ["is in use by another smartedit-export", "pid {pid}"], setup=_copy_base),
+    Case("staging-leftovers-removed", SMALL, 0,
+         ["removed the leftovers", "onnx/.vae_decoder.onnx.tmp-ab12cd34/", ".manifest.json.tmp-x9y8z7w6/"],
+         setup=_leftovers, after=_check_leftovers_removed, unchanged=False),
+    Case("static-profile-min-eq-max", ["--graphs", "vae_decoder", "--min-res", "128", "--opt-res", "128",
+                                       "--max-res", "128", "--max-batch", "1", "--precision", "fp32"], 0,
+         ["vae_decoder: exporting"], after=_check_static, unchanged=False),
+    Case("other-model-interrupted-after-replace", [*SMALL, "--seed", "1"], 130, ["interrupted"], setup=_copy_base,
+         after=_check_other_model_interrupted, unchanged=False, interrupt="export"),
+    Case("same-model-new-options-interrupted", [*SMALL, "--opset", "19"], 130, ["interrupted"], setup=_copy_base,
+         after=_check_same_model_interrupted, unchanged=False, interrupt="export"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_export_output_folder(case: Case, tmp_path, capsys, monkeypatch, request):
+    out = tmp_path / "out"
+    needs_base = case.setup in (_copy_base, _beside_our_export, _leftovers)
+    case.setup(out, request.getfixturevalue("base_export") if needs_base else None)
+    before = snapshot(out)
+    ctx = {"capsys": capsys}
+    holder = None
+    if case.id == "lock-held":
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / LOCK_FILE)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
+        ctx["pid"] = holder.pid
+        before = snapshot(out)
+    if case.interrupt == "export":
+        import smartedit.export.onnx as onnx_mod
+
+        def killed_mid_replace(model, spec, path, precision, opset=18):
+            ctx["manifest_at_replace"] = json.loads((out / "manifest.json").read_text())
+            assert not lock_is_free(out)  # held for the whole export
+            Path(path).write_bytes(b"half")  # the file is replaced, and the process dies before its entry is back
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(onnx_mod, "export_onnx", killed_mid_replace)
+    try:
+        code, stdout, err = run_cli(export_main, [*TINY, "--out", out, *case.argv], capsys)
+    finally:
+        if holder is not None:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+    ctx["stdout"] = stdout
+    assert code == case.code, (code, err[-2000:])
+    assert "Traceback" not in err
+    names = [n.format(**ctx) for n in case.names]
+    if code != 0:
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and lines[0].startswith("smartedit-export: error: "), err
+        for n in names:
+            assert n in lines[0], (n, lines[0])
+        if code in (1, 2) and case.interrupt is None:
+            assert len(err.strip().splitlines()) == 1, err  # refused before any work: nothing else said
+    else:
+        for n in names:
+            assert n in stdout, (n, stdout[-2000:])
+    if case.unchanged:
+        assert snapshot(out) == before  # not even a lock file in a folder it refused
+    if out.is_dir():
+        assert staging_left(out) == []
+    case.after(out, ctx)
