@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent  # the top-level CMakeLists.txt bu
 def runtime_bin(tmp_path_factory):
     if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
         pytest.skip("cmake and a C++ compiler are needed to build runtime/")
-    build = tmp_path_factory.mktemp("runtime_build")
+    # one build folder per session, whichever test module asks first: a second module's call finds it up to date
+    build = tmp_path_factory.getbasetemp() / "runtime_build"
     configure = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build),
                                 f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
                                capture_output=True, text=True, timeout=300)
@@ -98,8 +99,8 @@ def test_bad_input_fails_fast_and_names_it(runtime_bin, aoti_export, tiny_pipe, 
     cases = [
         (["--inputs", tmp_path / "no_null.safetensors"], 2, "has no tensor 'null_text_embeds'"),
         (["--inputs", tmp_path / "batch.safetensors"], 2, "prompt_embeds must be [2,77,D], got [1, 77, 32]"),
-        (["--inputs", tmp_path / "cut.safetensors"], 1, "do not hold"),
-        (["--inputs", tmp_path / "missing.safetensors"], 1, "missing.safetensors: cannot open"),
+        (["--inputs", tmp_path / "cut.safetensors"], 2, "do not hold"),  # bad input: 2, as smartedit/errors.py
+        (["--inputs", tmp_path / "missing.safetensors"], 2, "missing.safetensors: cannot open"),
         (["--inputs", tmp_path / "ok.safetensors", "--steps", "0"], 2, "--steps must be >= 1, got 0"),
         (["--inputs", tmp_path / "ok.safetensors", "--seed", "x1"], 2, "--seed must be an integer, got 'x1'"),
     ]
@@ -136,7 +137,7 @@ def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tes
     assert_close(got, edit(tiny_pipe), atol=2e-3, rtol=0, msg="C++ edit vs eager PyTorch")
     r = _run(runtime_bin, "edit", "--artifacts", tmp_path / "nowhere", "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "x.safetensors")
-    assert r.returncode == 1 and "nowhere is not an smartedit-export output folder" in r.stderr
+    assert r.returncode == 2 and "nowhere is not an smartedit-export output folder" in r.stderr  # ArtifactError
 
 
 def test_inputs_are_cast_to_the_packages_dtypes(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
@@ -191,11 +192,11 @@ def test_the_runtime_reads_files_and_specs_from_the_manifest(runtime_bin, aoti_e
     save_file(tiny_pipe.runtime_inputs([test_image], ["x"], resolution=256), tmp_path / "in.safetensors")
     r = _run(runtime_bin, "edit", "--artifacts", moved, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "o.safetensors", "--steps", 1)
-    assert r.returncode == 1 and "names '../../../etc/passwd', outside" in r.stderr
+    assert r.returncode == 2 and "names '../../../etc/passwd', outside" in r.stderr
     old = _copy_with(aoti_export, tmp_path / "old", lambda m: m.update(manifest_version=1))
     r = _run(runtime_bin, "edit", "--artifacts", old, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "o.safetensors", "--steps", 1)
-    assert r.returncode == 1 and "not manifest version 2" in r.stderr
+    assert r.returncode == 2 and "not manifest version 2" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -205,7 +206,7 @@ def test_deeply_nested_json_is_refused_not_a_crash(runtime_bin, tiny_pipe, tmp_p
     (tmp_path / "deep.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     r = _run(runtime_bin, "denoise", "--unet", tmp_path / "none.pt2", "--inputs", tmp_path / "deep.safetensors",
              "--out", tmp_path / "o.safetensors")
-    assert r.returncode == 1 and "nested deeper than 64 levels" in r.stderr
+    assert r.returncode == 2 and "nested deeper than 64 levels" in r.stderr
 
 
 def test_png_in_png_out_with_smartedit_tensors(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):

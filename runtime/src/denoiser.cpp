@@ -3,10 +3,12 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
 
+#include "smartedit/checks.h"
 #include "smartedit/euler_ancestral.h"
 
 namespace smartedit {
@@ -18,10 +20,29 @@ std::string shape_of(const at::Tensor& t) {
   return s.str();
 }
 
+std::string number(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+void check_options(const DenoiseOptions& o) {
+  if (o.steps < 1 || o.steps > kMaxSteps)
+    throw std::invalid_argument("steps must be an integer from 1 to " + std::to_string(kMaxSteps) + ", got " +
+                                std::to_string(o.steps));
+  for (const auto& [name, v] : {std::pair{"guidance_scale", o.guidance_scale},
+                                std::pair{"image_guidance_scale", o.image_guidance_scale}})
+    if (!std::isfinite(v)) throw std::invalid_argument(std::string(name) + " must be a finite number, got " + number(v));
+}
+
 void check_inputs(const DenoiseInputs& x) {
   const auto& l = x.image_latents;
   if (!l.defined() || l.dim() != 4 || l.size(1) != 4)
     throw std::invalid_argument("image_latents must be [B,4,h,w], got " + (l.defined() ? shape_of(l) : "nothing"));
+  // the unet graph's sample is [3B,8,8*h8,8*w8] (smartedit/graphs/unet.py): a bare package carries no spec to say so
+  if (l.size(2) % 8 || l.size(3) % 8 || l.size(2) == 0 || l.size(3) == 0)
+    throw std::invalid_argument("image_latents must be [B,4,h,w] with h and w positive multiples of 8 (images of a "
+                                "multiple of 64 px), got " + shape_of(l));
   const int64_t b = l.size(0);
   const auto& p = x.prompt_embeds;
   if (!p.defined() || p.dim() != 3 || p.size(0) != b)
@@ -35,6 +56,10 @@ void check_inputs(const DenoiseInputs& x) {
   if (!r.defined() || r.dim() != 4 || r.size(0) != b)
     throw std::invalid_argument("bim_residual must be [" + std::to_string(b) + ",C0,16,16], got " +
                                 (r.defined() ? shape_of(r) : "nothing"));
+  check_finite_input(l, "image_latents");
+  check_finite_input(p, "prompt_embeds");
+  check_finite_input(n, "null_text_embeds");
+  check_finite_input(r, "bim_residual");
 }
 }  // namespace
 
@@ -45,6 +70,7 @@ Denoiser::Denoiser(const std::string& unet_package, const c10::Device& device)
 }
 
 at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double* ms_per_step) {
+  check_options(o);
   check_inputs(x);
   const at::ScalarType dtype = unet_.input_dtype(0);  // the package's precision: the loop runs in it
   const auto on_device = [&](const at::Tensor& t) { return t.to(device_, dtype).contiguous(); };
@@ -66,6 +92,9 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   const at::Tensor null3 = null.expand({b, -1, -1});
   const at::Tensor embeds = at::cat({prompt, null3, null3}).contiguous();                   // [3B,77,D]
   const at::Tensor image_part = at::cat({img, img, at::zeros_like(img)});                   // [3B,4,h,w]
+  // one flag per step, reduced on the device without a sync: a non-finite result names the step it first appeared at
+  std::vector<at::Tensor> finite;
+  finite.reserve(o.steps);
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
     const at::Tensor row = table[i];
@@ -78,12 +107,21 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
     const at::Tensor guided = (parts[2] + o.guidance_scale * (parts[0] - parts[1]) +
                                o.image_guidance_scale * (parts[1] - parts[2])).to(dtype);
     latents = ancestral_step(latents, guided, row, step_noise[i]);
+    finite.push_back(at::isfinite(latents).all());
   }
   if (ms_per_step) {
     if (device_.is_cuda()) latents.cpu();  // wait for the device before reading the clock
     const std::chrono::duration<double, std::milli> ms = std::chrono::steady_clock::now() - t0;
     *ms_per_step = ms.count() / static_cast<double>(o.steps);
   }
+  const at::Tensor ok = at::stack(finite).cpu();
+  const auto flags = ok.accessor<bool, 1>();
+  for (int64_t i = 0; i < o.steps; ++i)
+    if (!flags[i])
+      throw std::runtime_error("the denoising loop produced non-finite latents at step " + std::to_string(i + 1) +
+                               " of " + std::to_string(o.steps) + " (" + non_finite_summary(latents) +
+                               " at the end; guidance_scale " + number(o.guidance_scale) + ", image_guidance_scale " +
+                               number(o.image_guidance_scale) + "): no image written");
   return latents;
 }
 

@@ -3,6 +3,8 @@
 #include <chrono>
 #include <stdexcept>
 
+#include "smartedit/checks.h"
+
 namespace smartedit {
 
 Editor::Editor(const std::string& artifacts, const c10::Device& device)
@@ -17,18 +19,47 @@ Editor::Editor(const std::string& artifacts, const c10::Device& device)
 }
 
 std::vector<at::Tensor> Editor::call(const std::string& graph, const std::vector<at::Tensor>& inputs) {
-  manifest_.graph(graph).spec.check(inputs);  // shapes against the exported profile, naming what does not fit
-  return graphs_.at(graph)->run(inputs);      // cast to the package's dtypes, contiguous, on its device
+  const GraphSpec& spec = manifest_.graph(graph).spec;
+  spec.check(inputs);                                  // shapes against the exported profile, naming what does not fit
+  auto outputs = graphs_.at(graph)->run(inputs);      // cast to the package's dtypes, contiguous, on its device
+  for (size_t i = 0; i < outputs.size(); ++i)  // finite inputs, non-finite result: the run failed, at this stage
+    check_finite_result(outputs[i], "the " + graph + " graph's output " +
+                                        (i < spec.outputs.size() ? spec.outputs[i].name : std::to_string(i)));
+  return outputs;
 }
 
 at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<std::string, double>* stage_ms) {
   if (!x.prefix_ids.defined() || !x.suffix_ids.defined() || at::isFloatingType(x.prefix_ids.scalar_type()) ||
       at::isFloatingType(x.suffix_ids.scalar_type()))
     throw std::invalid_argument("prefix_ids and suffix_ids must hold integer token ids");
+  for (const auto& [name, ids] : {std::pair{"prefix_ids", &x.prefix_ids}, std::pair{"suffix_ids", &x.suffix_ids}})
+    if (ids->numel() && ids->min().item<int64_t>() < 0)
+      throw std::invalid_argument(std::string(name) + " holds a negative token id, " +
+                                  std::to_string(ids->min().item<int64_t>()));
+  for (const auto& [name, t] : {std::pair{"pixel_values", &x.pixel_values}, std::pair{"image", &x.image},
+                                std::pair{"null_text_embeds", &x.null_text_embeds}})
+    check_finite_input(*t, name);
   const int64_t b = manifest_.graph("llava").spec.check({x.pixel_values, x.prefix_ids, x.suffix_ids}).at("B");
-  if (manifest_.graph("vae_encoder").spec.check({x.image}).at("B") != b)
+  const GraphSpec& encoder = manifest_.graph("vae_encoder").spec;
+  const auto image_dims = encoder.check({x.image});
+  if (image_dims.at("B") != b)
     throw std::invalid_argument("image holds " + std::to_string(x.image.size(0)) + " images, pixel_values " +
                                 std::to_string(b) + ": one batch");
+  // the latents must also fit the unet graph (its sample's h and w are multiples of k): refuse now, in image pixels,
+  // rather than after the encoder ran, in the compiled graph's words
+  const GraphSpec& unet = manifest_.graph("unet").spec;
+  if (!unet.inputs.empty() && unet.inputs[0].shape.size() == 4 && encoder.inputs.at(0).shape.size() == 4) {
+    for (int axis : {2, 3}) {
+      const auto& [k, dim] = unet.inputs[0].shape[axis];
+      const int64_t px_per_latent = encoder.inputs[0].shape[axis].first;
+      const int64_t latent = x.image.size(axis) / px_per_latent;
+      const char* side = axis == 2 ? "height" : "width";
+      if (!dim.empty() && k > 1 && latent % k)
+        throw std::invalid_argument("image " + std::string(side) + " " + std::to_string(x.image.size(axis)) +
+                                    " px is not a multiple of " + std::to_string(k * px_per_latent) +
+                                    " px, which the unet graph needs");
+    }
+  }
   auto clock = std::chrono::steady_clock::now();
   const auto lap = [&](const char* stage, const at::Tensor& done) {
     if (!stage_ms) return;

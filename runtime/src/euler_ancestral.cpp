@@ -32,7 +32,9 @@ double interp_unit_grid(double x, const float* fp, int64_t n) {
 }  // namespace
 
 AncestralSchedule AncestralSchedule::build(int64_t steps) {
-  if (steps < 1) throw std::invalid_argument("steps must be >= 1, got " + std::to_string(steps));
+  if (steps < 1 || steps > kMaxSteps)
+    throw std::invalid_argument("steps must be an integer from 1 to " + std::to_string(kMaxSteps) + ", got " +
+                                std::to_string(steps));
   // training schedule, in torch fp32 as diffusers builds it (pow(x, 0.5): what Python's x ** 0.5 calls)
   const at::Tensor betas = at::linspace(std::pow(kBetaStart, 0.5), std::pow(kBetaEnd, 0.5), kTrainSteps,
                                         at::TensorOptions(at::kFloat)).pow(2);

@@ -100,6 +100,16 @@ std::map<std::string, int64_t> GraphSpec::check(const std::vector<at::Tensor>& x
 }
 
 Manifest Manifest::load(const std::string& artifacts_dir, const std::string& target) {
+  try {
+    return load_unchecked(artifacts_dir, target);
+  } catch (const std::invalid_argument&) {
+    throw;
+  } catch (const std::runtime_error& e) {  // a folder that cannot be run as it is: bad input (ArtifactError, exit 2)
+    throw std::invalid_argument(e.what());
+  }
+}
+
+Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::string& target) {
   namespace fs = std::filesystem;
   const fs::path dir(artifacts_dir), path = dir / "manifest.json";
   std::ifstream f(path, std::ios::binary | std::ios::ate);
@@ -172,7 +182,7 @@ Manifest Manifest::load(const std::string& artifacts_dir, const std::string& tar
 const GraphArtifact& Manifest::graph(const std::string& name) const {
   const auto it = graphs_.find(name);
   if (it == graphs_.end())
-    throw std::runtime_error("the manifest in " + dir_ + " lists no " + target_ + " artifact for graph " + name +
+    throw std::invalid_argument("the manifest in " + dir_ + " lists no " + target_ + " artifact for graph " + name +
                              ": run smartedit-export --target " + target_ + " --out " + dir_);
   return it->second;
 }

@@ -16,13 +16,23 @@ at::ScalarType dtype_named(const std::string& name, const std::string& path) {
   if (it == kDtypes.end()) throw std::runtime_error(path + ": unknown input dtype '" + name + "' in its metadata");
   return it->second;
 }
+
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load(const std::string& path, const c10::Device& device) {
+  try {
+    return std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1,
+                                                                     device.has_index() ? device.index() : -1);
+  } catch (const c10::Error& e) {  // name the file, keep torch's first line, never its backtrace
+    std::string why = e.what_without_backtrace();
+    why = why.substr(0, why.find('\n'));
+    if (why.find("zip archive") != std::string::npos)  // not a package at all: bad input, like a damaged artifact
+      throw std::invalid_argument(path + " is not an AOTInductor package (" + why + ")");
+    throw std::runtime_error(path + ": cannot load the package on " + device.str() + ": " + why);
+  }
+}
 }  // namespace
 
 Package::Package(const std::string& path, const c10::Device& device)
-    : loader_(std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, "model", false, 1,
-                                                                         device.has_index() ? device.index() : -1)),
-      path_(path),
-      device_(device) {
+    : loader_(load(path, device)), path_(path), device_(device) {
   const auto meta = loader_->get_metadata();
   const auto version = meta.find("smartedit.package_version");
   const auto inputs = meta.find("smartedit.inputs");

@@ -2,8 +2,15 @@
 
 #include "smartedit/json.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -13,7 +20,13 @@ namespace smartedit {
 
 namespace {
 
+// a file that cannot be read as safetensors is bad input (smartedit/errors.py InputError: exit status 2)
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
+  throw std::invalid_argument(path + ": " + what);
+}
+
+// writing: the disk, not the input (exit status 1)
+[[noreturn]] void fail_write(const std::string& path, const std::string& what) {
   throw std::runtime_error(path + ": " + what);
 }
 
@@ -34,7 +47,7 @@ at::ScalarType dtype_of(const std::string& name, const std::string& path, const 
 const char* name_of(at::ScalarType t) {
   for (const auto& d : kDtypes)
     if (t == d.type) return d.name;
-  throw std::runtime_error(std::string("cannot store dtype ") + c10::toString(t) + " in safetensors");
+  throw std::invalid_argument(std::string("cannot store dtype ") + c10::toString(t) + " in safetensors");
 }
 
 const Json& field(const Json& entry, const char* key, Json::Kind kind, const std::string& path,
@@ -53,6 +66,80 @@ std::string escape(const std::string& s) {
   return out;
 }
 
+// The one temporary file being written; a signal handler removes it (unlink is async-signal-safe) and re-raises.
+char g_temp_path[4096];
+volatile std::sig_atomic_t g_temp_live = 0;
+
+extern "C" void remove_temp_and_reraise(int sig) {
+  if (g_temp_live) ::unlink(g_temp_path);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+
+class TempFile {
+ public:
+  explicit TempFile(const std::string& dst) : dst_(dst), path_(dst + ".tmp-XXXXXX") {
+    if (path_.size() >= sizeof(g_temp_path)) fail_write(dst, "path too long");
+    std::snprintf(g_temp_path, sizeof(g_temp_path), "%s", path_.c_str());
+    for (int i = 0; i < 3; ++i) ::sigaction(kSignals[i], nullptr, &saved_[i]);
+    struct sigaction sa {};
+    sa.sa_handler = remove_temp_and_reraise;
+    sigemptyset(&sa.sa_mask);
+    for (int i = 0; i < 3; ++i)
+      if (saved_[i].sa_handler == SIG_DFL) ::sigaction(kSignals[i], &sa, nullptr);
+    fd_ = ::mkstemp(g_temp_path);  // O_EXCL, mode 0600
+    if (fd_ < 0) {
+      restore();
+      fail_write(dst, std::string("cannot create a temporary file beside it: ") + std::strerror(errno));
+    }
+    path_ = g_temp_path;
+    g_temp_live = 1;
+    const mode_t mask = ::umask(0);
+    ::umask(mask);
+    ::fchmod(fd_, 0666 & ~mask);  // the mode a plain create would give
+  }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  ~TempFile() {
+    if (fd_ >= 0) ::close(fd_);
+    if (g_temp_live) ::unlink(path_.c_str());
+    g_temp_live = 0;
+    restore();
+  }
+
+  void write(const void* data, size_t n) {
+    const char* p = static_cast<const char*>(data);
+    while (n) {
+      const ssize_t w = ::write(fd_, p, n);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) fail_write(dst_, std::string("write failed: ") + std::strerror(w < 0 ? errno : EIO));
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+  }
+
+  void commit() {  // on disk, then into place
+    if (::fsync(fd_) != 0) fail_write(dst_, std::string("write failed: ") + std::strerror(errno));
+    const int fd = fd_;
+    fd_ = -1;
+    if (::close(fd) != 0) fail_write(dst_, std::string("write failed: ") + std::strerror(errno));
+    if (std::rename(path_.c_str(), dst_.c_str()) != 0)
+      fail_write(dst_, std::string("cannot move the written file into place: ") + std::strerror(errno));
+    g_temp_live = 0;
+  }
+
+ private:
+  void restore() {
+    for (int i = 0; i < 3; ++i)
+      if (saved_[i].sa_handler == SIG_DFL) ::sigaction(kSignals[i], &saved_[i], nullptr);
+  }
+
+  static constexpr int kSignals[3] = {SIGINT, SIGTERM, SIGHUP};
+  std::string dst_, path_;
+  int fd_ = -1;
+  struct sigaction saved_[3] {};
+};
+
 }  // namespace
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
@@ -70,7 +157,13 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
                    " bytes) or 100 MB");
   std::string header(header_len, '\0');
   f.read(header.data(), static_cast<std::streamsize>(header_len));
-  const Json root = parse_json(header, path + " (header)");
+  if (!f) fail(path, "read failed in the header");
+  Json root;
+  try {
+    root = parse_json(header, path + " (header)");
+  } catch (const std::runtime_error& e) {
+    throw std::invalid_argument(e.what());
+  }
   if (root.kind != Json::Kind::kObject) fail(path, "header is not a JSON object");
   const uint64_t data_start = 8 + header_len, data_size = file_size - data_start;
 
@@ -127,26 +220,16 @@ void save_safetensors(const std::string& path, const std::map<std::string, at::T
   header << "}";
   std::string h = header.str();
   h.append((8 - h.size() % 8) % 8, ' ');  // the data section starts 8-byte aligned
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) fail(tmp, "cannot open for writing");
-    unsigned char len_bytes[8];
-    uint64_t len = h.size();
-    for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>(len >> (8 * i));
-    f.write(reinterpret_cast<const char*>(len_bytes), 8);
-    f.write(h.data(), static_cast<std::streamsize>(h.size()));
-    for (const at::Tensor& t : blobs)
-      f.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.numel() * t.element_size()));
-    if (!f.flush()) {
-      std::remove(tmp.c_str());
-      fail(tmp, "write failed");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    fail(path, "cannot move the written file into place");
-  }
+  // a temporary file beside the output (same file system: the rename is atomic), unique so that no other file, an
+  // input named OUT.tmp included, is ever truncated; removed on any failure and on SIGINT/SIGTERM/SIGHUP meanwhile
+  TempFile tmp(path);
+  unsigned char len_bytes[8];
+  const uint64_t len = h.size();
+  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>(len >> (8 * i));
+  tmp.write(len_bytes, 8);
+  tmp.write(h.data(), h.size());
+  for (const at::Tensor& t : blobs) tmp.write(t.data_ptr(), static_cast<size_t>(t.numel() * t.element_size()));
+  tmp.commit();
 }
 
 }  // namespace smartedit

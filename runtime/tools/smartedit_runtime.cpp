@@ -6,13 +6,27 @@
 //       in: image_latents, prompt_embeds, null_text_embeds, bim_residual; out: latents
 //   smartedit-runtime schedule STEPS    (the EulerAncestral table as JSON, for checking against diffusers)
 // options: --steps N (100) --seed S (0) --guidance-scale G (7.5) --image-guidance-scale G (1.5) --device cpu|cuda[:N]
-// Prints one JSON line of timings. Exit status 2 for bad arguments or inputs, 1 for other failures.
+// Prints one JSON line of timings. Errors are one line on stderr, "smartedit-runtime: error: ..." naming the value;
+// exit status 2 for bad arguments or inputs (refused before any work where they can be), 1 for a failed run
+// (smartedit/errors.py). The output never replaces an input (same file by path, symlink or hard link) and is written
+// to a temporary file beside it, renamed into place: a failed run leaves no file.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <map>
+#include <new>
+#include <set>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "smartedit/checks.h"
 #include "smartedit/denoiser.h"
 #include "smartedit/editor.h"
 #include "smartedit/euler_ancestral.h"
@@ -26,6 +40,11 @@ const char* kUsage =
     "       smartedit-runtime schedule STEPS\n"
     "options: --steps N --seed S --guidance-scale G --image-guidance-scale G --device cpu|cuda|cuda:N\n";
 
+// a mistake in the command line itself: its one line points at --help
+struct UsageError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
 template <typename T>
 T parse(const std::string& flag, const std::string& v, T (*convert)(const std::string&, size_t*, int),
         const char* kind) {
@@ -37,6 +56,9 @@ T parse(const std::string& flag, const std::string& v, T (*convert)(const std::s
     used = 0;
   }
   if (v.empty() || used != v.size()) throw std::invalid_argument(flag + " must be " + kind + ", got '" + v + "'");
+  if constexpr (std::is_floating_point_v<T>) {
+    if (!std::isfinite(x)) throw std::invalid_argument(flag + " must be a finite number, got '" + v + "'");
+  }
   return x;
 }
 long long to_ll(const std::string& s, size_t* i, int base) { return std::stoll(s, i, base); }
@@ -45,18 +67,67 @@ double to_d(const std::string& s, size_t* i, int) { return std::stod(s, i); }
 at::Tensor take(std::map<std::string, at::Tensor>& m, const std::string& key, const std::string& path) {
   auto it = m.find(key);
   if (it == m.end()) throw std::invalid_argument(path + " has no tensor '" + key + "'");
+  smartedit::check_finite_input(it->second, path + ": tensor '" + key + "'");
   return it->second;
 }
 
 std::string need(std::map<std::string, std::string>& a, const std::string& key) {
-  if (!a.count(key)) throw std::invalid_argument("missing " + key);
+  if (!a.count(key)) throw UsageError("missing " + key);
+  if (a[key].empty()) throw UsageError(key + " is empty");
   return a[key];
 }
 
+// --- the output never destroys an input ---------------------------------------------------------------------------
+namespace fs = std::filesystem;
+
+bool same_file(const std::string& a, const std::string& b) {
+  struct stat sa, sb;  // stat follows symlinks: a link to the input is the input
+  if (::stat(a.c_str(), &sa) == 0 && ::stat(b.c_str(), &sb) == 0)
+    return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
+  std::error_code ea, eb;
+  const fs::path ra = fs::weakly_canonical(fs::absolute(a), ea), rb = fs::weakly_canonical(fs::absolute(b), eb);
+  return !ea && !eb && ra == rb;
+}
+
+// Refuses, before any work, an --out that is one of `inputs` or of the files in `input_dirs` (the artifacts folder:
+// its manifest and packages), a folder, or a place that cannot be written.
+void check_output(const std::string& out, const std::vector<std::string>& inputs,
+                  const std::vector<std::string>& input_dirs) {
+  std::error_code ec;
+  if (fs::is_directory(out, ec)) throw std::invalid_argument("--out " + out + " is a folder; give a file name");
+  for (const std::string& in : inputs)
+    if (same_file(out, in))
+      throw std::invalid_argument("--out " + out + " is the input " + in + ": refusing to overwrite an input");
+  const fs::path resolved = fs::weakly_canonical(fs::absolute(out, ec), ec);
+  for (const std::string& dir : input_dirs) {
+    if (!fs::is_directory(dir, ec)) continue;
+    size_t seen = 0;  // by path, symlink or hard link, from inside the folder or out of it
+    for (auto it = fs::recursive_directory_iterator(dir, fs::directory_options::skip_permission_denied, ec);
+         !ec && it != fs::recursive_directory_iterator() && ++seen < 100000; it.increment(ec))
+      if (it->is_regular_file(ec) && same_file(out, it->path().string()))
+        throw std::invalid_argument("--out " + out + " is " + it->path().string() +
+                                    " of the artifacts folder: refusing to overwrite an input");
+  }
+  fs::path probe = resolved.parent_path();
+  while (!probe.empty() && !fs::exists(probe, ec) && probe != probe.parent_path()) probe = probe.parent_path();
+  if (!fs::is_directory(probe, ec))
+    throw std::invalid_argument("--out " + out + ": " + probe.string() + " is not a folder");
+  if (::access(probe.c_str(), W_OK) != 0)
+    throw std::invalid_argument("--out " + out + ": cannot write into " + probe.string());
+}
+
+void write_output(const std::string& out, const std::map<std::string, at::Tensor>& tensors) {
+  const fs::path parent = fs::absolute(out).parent_path();
+  std::error_code ec;
+  fs::create_directories(parent, ec);  // checked writable above; a failure shows as the write's error
+  smartedit::save_safetensors(out, tensors);
+}
+
 int run(int argc, char** argv) {
-  if (argc < 2 || std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
+  if (argc < 2) throw UsageError("no command given");
+  if (std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
     std::cout << kUsage;
-    return argc < 2 ? 2 : 0;
+    return 0;
   }
   const std::string mode = argv[1];
   if (mode == "schedule") {
@@ -70,24 +141,48 @@ int run(int argc, char** argv) {
     std::printf("]}\n");
     return 0;
   }
-  if (mode != "edit" && mode != "denoise") throw std::invalid_argument("unknown command '" + mode + "'");
+  if (mode != "edit" && mode != "denoise") throw UsageError("unknown command '" + mode + "'");
+  const std::set<std::string> known = {mode == "edit" ? "--artifacts" : "--unet", "--inputs", "--out", "--steps",
+                                       "--seed", "--guidance-scale", "--image-guidance-scale", "--device"};
   std::map<std::string, std::string> a;
   for (int i = 2; i < argc; ++i) {
     const std::string k = argv[i];
-    if (k.rfind("--", 0) != 0 || i + 1 >= argc) throw std::invalid_argument("unexpected argument '" + k + "'");
+    if (k.rfind("--", 0) != 0) throw UsageError("unexpected argument '" + k + "'");
+    if (!known.count(k)) throw UsageError("unknown option '" + k + "' for " + mode);
+    if (i + 1 >= argc) throw UsageError(k + " needs a value");
+    if (a.count(k)) throw UsageError(k + " given twice");
     a[k] = argv[++i];
   }
   smartedit::DenoiseOptions o;
   if (a.count("--steps")) o.steps = parse<long long>("--steps", a["--steps"], to_ll, "an integer");
   if (o.steps < 1) throw std::invalid_argument("--steps must be >= 1, got " + std::to_string(o.steps));
-  if (a.count("--seed")) o.seed = static_cast<uint64_t>(parse<long long>("--seed", a["--seed"], to_ll, "an integer"));
+  if (o.steps > smartedit::kMaxSteps)
+    throw std::invalid_argument("--steps must be <= " + std::to_string(smartedit::kMaxSteps) + ", got " +
+                                std::to_string(o.steps));
+  if (a.count("--seed")) {
+    const long long seed = parse<long long>("--seed", a["--seed"], to_ll, "an integer");
+    if (seed < 0) throw std::invalid_argument("--seed must be >= 0, got " + std::to_string(seed));
+    o.seed = static_cast<uint64_t>(seed);
+  }
   if (a.count("--guidance-scale"))
     o.guidance_scale = parse<double>("--guidance-scale", a["--guidance-scale"], to_d, "a number");
   if (a.count("--image-guidance-scale"))
     o.image_guidance_scale = parse<double>("--image-guidance-scale", a["--image-guidance-scale"], to_d, "a number");
-  const c10::Device device(a.count("--device") ? a["--device"] : "cpu");
+  const std::string device_name = a.count("--device") ? a["--device"] : "cpu";
+  const c10::Device device = [&] {
+    try {
+      const c10::Device d(device_name);
+      if (d.is_cpu() || d.is_cuda()) return d;  // what the packages are compiled for (others, e.g. meta, crash)
+    } catch (const c10::Error&) {
+    }
+    throw std::invalid_argument("--device must be cpu, cuda or cuda:N, got '" + device_name + "'");
+  }();
   const std::string in = need(a, "--inputs"), out = need(a, "--out");
   const std::string source = mode == "edit" ? need(a, "--artifacts") : need(a, "--unet");
+  if (mode == "edit")
+    check_output(out, {in}, {source});
+  else
+    check_output(out, {in, source}, {});
 
   auto t = smartedit::load_safetensors(in);
   if (mode == "denoise") {
@@ -96,7 +191,7 @@ int run(int argc, char** argv) {
     smartedit::Denoiser denoiser(source, device);
     double ms = 0;
     const at::Tensor latents = denoiser.run(x, o, &ms);
-    smartedit::save_safetensors(out, {{"latents", latents}});
+    write_output(out, {{"latents", latents}});
     std::printf("{\"ms_per_step\": %.4f, \"steps\": %lld}\n", ms, static_cast<long long>(o.steps));
     return 0;
   }
@@ -105,7 +200,8 @@ int run(int argc, char** argv) {
   smartedit::Editor editor(source, device);
   std::map<std::string, double> ms;
   const at::Tensor image = editor.run(x, o, &ms);
-  smartedit::save_safetensors(out, {{"image", image}});
+  smartedit::check_finite_result(image, "the edited image");
+  write_output(out, {{"image", image}});
   std::printf("{\"stage_ms\": {");
   bool first = true;
   for (const auto& [stage, v] : ms) std::printf("%s\"%s\": %.3f", first ? "" : ", ", stage.c_str(), v), first = false;
@@ -113,16 +209,40 @@ int run(int argc, char** argv) {
   return 0;
 }
 
+// One line, as smartedit/errors.py one_line: newlines folded, long messages cut; a c10::Error's backtrace (from
+// "Exception raised from" on, or what() past its first line) is never printed.
+std::string one_line(std::string text) {
+  const auto frames = text.find("Exception raised from");
+  if (frames != std::string::npos) text.erase(frames);
+  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  for (char& c : text)
+    if (c == '\n' || c == '\r') c = ' ';
+  if (text.empty()) text = "unknown error";
+  return text.size() < 2000 ? text : text.substr(0, 2000) + " ...";
+}
+
+int fail(const std::string& message, int status) {
+  std::fprintf(stderr, "smartedit-runtime: error: %s\n", one_line(message).c_str());
+  return status;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
     return run(argc, argv);
+  } catch (const UsageError& e) {
+    return fail(std::string(e.what()) + " (smartedit-runtime --help shows the usage)", 2);
   } catch (const std::invalid_argument& e) {
-    std::fprintf(stderr, "smartedit-runtime: error: %s\n%s", e.what(), kUsage);
-    return 2;
+    return fail(e.what(), 2);
+  } catch (const c10::Error& e) {  // escaped from libtorch: its message without the C++ backtrace
+    const std::string text = e.what_without_backtrace();
+    return fail(text.substr(0, text.find('\n')), 1);
+  } catch (const std::bad_alloc&) {
+    return fail("out of memory", 1);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "smartedit-runtime: error: %s\n", e.what());
-    return 1;
+    return fail(e.what(), 1);
+  } catch (...) {
+    return fail("unknown error", 1);
   }
 }

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "smartedit/euler_ancestral.h"
 #include "smartedit/package.h"
 
 namespace smartedit {
@@ -33,7 +34,9 @@ class Denoiser {
   Denoiser(const std::string& unet_package, const c10::Device& device);
 
   // -> latents [B,4,h,w] ready for the vae_decoder graph, in the package's dtype (the loop runs in it). Inputs may
-  // live anywhere and have any float dtype: they are moved to the device and cast.
+  // live anywhere and have any float dtype: they are moved to the device and cast. Bad options or inputs (shapes,
+  // NaN/inf, non-finite guidance scales, steps outside [1, kMaxSteps]) are std::invalid_argument before any work;
+  // latents that turn non-finite are std::runtime_error naming the first step where they did.
   at::Tensor run(const DenoiseInputs& inputs, const DenoiseOptions& options, double* ms_per_step = nullptr);
 
  private:

@@ -8,13 +8,15 @@
 
 namespace smartedit {
 
+constexpr int64_t kMaxSteps = 1000;  // smartedit/scheduler.py MAX_STEPS: the training timesteps (more would repeat them)
+
 enum Column : int64_t { kTimestep = 0, kSigma = 1, kSigmaUp = 2, kDt = 3 };
 
 struct AncestralSchedule {
   at::Tensor table;             // [steps, 4] fp32 (CPU): timestep, sigma, sigma_up, dt = sigma_down - sigma
   at::Tensor init_noise_sigma;  // 0-dim fp32: the largest sigma (the initial noise's scale with linspace spacing)
 
-  static AncestralSchedule build(int64_t steps);
+  static AncestralSchedule build(int64_t steps);  // steps in [1, kMaxSteps], else std::invalid_argument
 };
 
 // One update: latents [B,4,h,w], eps [B,4,h,w] (guided), row [4] (one table row), noise [B,4,h,w]

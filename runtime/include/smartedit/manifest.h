@@ -45,13 +45,16 @@ struct GraphArtifact {
 
 class Manifest {
  public:
-  // OUT/manifest.json's entries for `target` (e.g. "aoti"); std::runtime_error naming what is missing or malformed
+  // OUT/manifest.json's entries for `target` (e.g. "aoti"); std::invalid_argument (bad input, like the Python
+  // side's ArtifactError) naming what is missing or malformed
   static Manifest load(const std::string& artifacts_dir, const std::string& target);
 
   const GraphArtifact& graph(const std::string& name) const;
   const std::string& dir() const { return dir_; }
 
  private:
+  static Manifest load_unchecked(const std::string& artifacts_dir, const std::string& target);
+
   std::string dir_, target_;
   std::map<std::string, GraphArtifact> graphs_;
 };
