@@ -250,7 +250,8 @@ def test_cli_export_then_edit_on_onnxruntime(tmp_path, test_image, capsys):
     code, _, err = run_cli(export_main, ["--preset", "tiny", "--random-weights", "--out", tmp_path / "art",
                                          "--graphs", "qformer_bim,nope"], capsys)
     assert code == 2 and "unknown graph name(s) ['nope']" in err
+    (tmp_path / "plain").mkdir()  # a folder, but no export (the output goes outside it: no overwrite refusal)
     code, _, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--seed", "5", "--backend",
-                                      "onnxruntime", "--artifacts", tmp_path, "--image", tmp_path / "in.png",
+                                      "onnxruntime", "--artifacts", tmp_path / "plain", "--image", tmp_path / "in.png",
                                       "--instruction", "x", "--out", tmp_path / "o.png"], capsys)
     assert code == 2 and "not an smartedit-export output folder" in err and len(err.strip().splitlines()) == 1

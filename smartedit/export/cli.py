@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--refit", action="store_true", help="refittable engines (weights swappable without a rebuild)")
     p.add_argument("--strip-weights", action="store_true",
                    help="weight-stripped engines, refitted from OUT/onnx at load: small plans, slower load")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or an earlier smartedit-export output (a folder holding anything "
+                        "else is refused, naming it: there is no override, use an empty folder); locked while the "
+                        "export runs, so a second export into it fails at once")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
                    help="fp16 (default; what TensorRT builds strongly typed) or fp32 for debugging")
     p.add_argument("--graphs", default="all", help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fold-cfg", action="store_true",
                    help="fold the scheduler input scaling, the 3-way CFG batch and the combine into the unet graph")
     p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--min-res", type=int, default=256, help="smallest image side (multiple of 64)")
+    p.add_argument("--min-res", type=int, default=256,
+                   help="smallest image side (multiple of 64); --min-res = --opt-res = --max-res exports one static "
+                        "size")
     p.add_argument("--opt-res", type=int, default=256, help="image side to optimise for (multiple of 64)")
     p.add_argument("--max-res", type=int, default=768, help="largest image side (multiple of 64)")
     p.add_argument("--max-prompt", type=int, default=512, help="longest prefix / suffix, in tokens")
