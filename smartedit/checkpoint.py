@@ -18,19 +18,20 @@ torch.load(weights_only=True): a pickle that needs code to load is refused.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import BASE_VOCAB_SIZE, SmartEditConfig
 from .errors import CheckpointError
-from .files import read_json, staged, write_json
+from .files import read_json, refuse_overwriting_inputs, staged, write_json
 from .model import STAGE_NAMES, build_stages
 from .qformer import official_qformer_key
 
@@ -46,27 +47,49 @@ NULL_TEXT_FILE = "null_text.safetensors"
 # Reading and checking state dicts
 
 
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """safe_open whose errors (a header of 2^62 bytes, offsets past the end, a shape whose size overflows, a pickle
+    under a .safetensors name) are a CheckpointError naming the file; the header is read, no data."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
 def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     """A .bin / .pt with weights_only=True (never runs pickled code), or a .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        with open_safetensors(path) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:  # not a zip archive (legacy torch.save format): mmap is impossible, plain read
-        if "mmap" not in str(e):
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # not a zip archive (legacy torch.save format): mmap is impossible, plain read
+            if "mmap" not in str(e):
+                raise CheckpointError(f"cannot read {path}: {e}") from None
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as e:  # pickle.UnpicklingError and friends
         raise CheckpointError(
             f"refused to load {path}: it is not a plain tensor checkpoint (weights_only=True failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0]}). Loading it would run code from the file."
-        ) from e
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Loading it would run code from the file."
+        ) from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors")
     return sd
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first such tensor: they would reach the image as black pixels."""
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{where}: tensor {k!r} holds non-finite values (NaN or inf)")
 
 
 def check_state_dict(module: nn.Module, sd: dict[str, torch.Tensor] | dict[str, tuple[int, ...]], where: str) -> None:
@@ -95,21 +118,43 @@ def _few(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
+def stage_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (dtype, shape) of a stage file, from its header alone (no data read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file: {path}")
+    with open_safetensors(path) as f:
+        return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+
+
+def check_stage_header(module: nn.Module, path: Path) -> None:
+    """Keys, shapes and dtypes of a stage file against `module` (which may live on the meta device): run before
+    anything is allocated, so a 7b config over tiny weights or a config with absurd sizes costs nothing."""
+    header = stage_header(path)
+    check_state_dict(module, {k: shape for k, (_, shape) in header.items()}, str(path))
+    bad = [f"{k} ({dt})" for k, (dt, _) in header.items() if dt not in FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{path}: weights must be floating point ({', '.join(sorted(FLOAT_DTYPES))}), "
+                              f"got {_few(bad)}")
+
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
 def load_stage(module: nn.Module, path: Path) -> None:
-    """Check a stage file's keys and shapes from its header, then copy it in one tensor at a time.
+    """Check a stage file's keys, shapes and dtypes from its header, then copy it in one tensor at a time, refusing
+    a non-finite one.
 
     Peak host memory is the module plus one tensor (a 7b LLM file is 13.5 GB in fp16), and the copy goes straight
     to wherever the module was built (e.g. the GPU), casting to the module's dtype.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing checkpoint file: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        check_state_dict(module, {k: f.get_slice(k).get_shape() for k in f.keys()}, str(path))
+    check_stage_header(module, path)
+    with open_safetensors(path) as f:
         targets = module.state_dict(keep_vars=True)
         with torch.no_grad():
             for k in f.keys():
                 targets[k].copy_(f.get_tensor(k))
+                check_finite({k: targets[k]}, str(path))  # after the cast: fp32 weights past 65504 are inf in fp16
 
 
 def save_stage(module: nn.Module | dict[str, torch.Tensor], path: Path) -> None:
@@ -129,12 +174,30 @@ def _shares(t: torch.Tensor) -> bool:
 
 def write_folder_atomically(out_dir: Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Run write(tmp) on a temporary sibling folder, then rename it to out_dir: a failure leaves nothing behind."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise CheckpointError(f"output folder {out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    check_output_folder(out_dir, overwrite)
     with staged(out_dir, folder=True) as tmp:
         write(tmp)
     return out_dir
+
+
+def check_output_folder(out_dir: Path, overwrite: bool) -> None:
+    """A model folder may be written to a new or empty folder, or (overwrite) over a SmartEdit model folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"output folder {out_dir} exists and is not a folder")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not overwrite:
+        raise CheckpointError(f"output folder {out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    if held and not _is_model_folder(out_dir):  # --overwrite replaces a model folder, never a user's files
+        raise CheckpointError(f"output folder {out_dir} is not a SmartEdit model folder (it holds {_few(held, 4)}): "
+                              "--overwrite replaces only a folder this project wrote; choose an empty folder")
+
+
+def _is_model_folder(path: Path) -> bool:
+    try:
+        return read_json(path / "config.json", CheckpointError).get("format") == FORMAT
+    except (CheckpointError, OSError):
+        return False
 
 
 def write_config(path: Path, cfg: SmartEditConfig, random_weights: bool, source: dict[str, Any]) -> None:
@@ -217,7 +280,7 @@ def load_hf_weights(model_dir: Path, what: str, keep: Callable[[str], bool] = la
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as handle:
+            with open_safetensors(f) as handle:
                 sd.update({k: handle.get_tensor(k) for k in handle.keys() if keep(k)})
         else:
             sd.update({k: v for k, v in load_torch_file(f).items() if keep(k)})
@@ -354,6 +417,10 @@ def convert_official(official_dir: str | Path, out_dir: str | Path, preset: str,
 
     cfg = SmartEditConfig.from_name(preset)
     official_dir = Path(official_dir)
+    refuse_overwriting_inputs({"output folder": Path(out_dir)}, {
+        "release": official_dir, "--llava": llava_dir, "--ip2p": ip2p_dir, "--clip": clip_dir,
+        "--tokenizer": tokenizer_dir, "--null-text": null_text})
+    check_output_folder(Path(out_dir), overwrite)
     step = find_step(official_dir, step)
     paths = official_paths(official_dir, step)
     missing = iter_missing(paths.values())

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, UnavailableError
 
 # Token ids of the 35 tokens SmartEdit adds to the 32000-token LLaMA vocabulary (official DS_SmartEdit_model.py:84-113).
 BASE_VOCAB_SIZE = 32000
@@ -176,6 +177,23 @@ RESOLUTION_STEP = 64
 MAX_RESOLUTION = 4096  # 64 MB of fp32 image; beyond it the VAE's activations run to tens of GB
 
 
+def check_device(text: str) -> str:
+    """A device argument this machine has: "cpu", "cuda", "cuda:N" (bad spelling: InputError; no GPU here:
+    UnavailableError), checked before any model is built."""
+    try:
+        d = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {text!r}: smartedit runs on cpu or cuda, not {d.type}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnavailableError(f"--device {text}: no CUDA GPU is usable here (torch {torch.__version__})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return text
+
+
 def check_resolution(px: int, what: str = "resolution") -> int:
     if isinstance(px, bool) or not isinstance(px, int) or px < RESOLUTION_STEP or px % RESOLUTION_STEP \
             or px > MAX_RESOLUTION:
@@ -193,6 +211,37 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
     steps_offset=1,
     prediction_type="epsilon",
 )
+
+
+MAX_CONFIG_INT = 1 << 17  # above every size of the 13b model (vocab 32035, FFN 13824, hidden 5120)
+SIGNED_FIELDS = {"vision.select_layer"}  # counts from the end when negative
+
+
+def _checked_field(name: str, value: Any, default: Any) -> Any:
+    """A config.json value of the default's type, in range: the sizes of a model folder are not trusted."""
+    def bad(why: str) -> InputError:
+        return InputError(f"config field {name} = {value!r}: {why}")
+
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not value:
+            raise bad("expected a non-empty list")
+        return tuple(_checked_field(f"{name}[{i}]", v, default[0]) for i, v in enumerate(value))
+    if isinstance(default, bool) or isinstance(default, str):
+        if type(value) is not type(default):
+            raise bad(f"expected a {type(default).__name__}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("expected an integer")
+        low = -MAX_CONFIG_INT if name in SIGNED_FIELDS else 1
+        if not low <= value <= MAX_CONFIG_INT:
+            raise bad(f"expected {low}..{MAX_CONFIG_INT}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise bad("expected a finite number > 0")
+        return float(value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -240,9 +289,9 @@ class SmartEditConfig:
             unknown = sorted(set(raw) - set(known))
             if unknown:
                 raise InputError(f"config section {key!r} has unknown fields {unknown}")
+            default = sub()
             for k, v in raw.items():
-                if isinstance(v, list):
-                    raw[k] = tuple(v)
+                raw[k] = _checked_field(f"{key}.{k}", v, getattr(default, k))
             kwargs[key] = sub(**raw)
         return cls(**kwargs)
 

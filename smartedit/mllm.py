@@ -132,10 +132,25 @@ class PromptIds:
     suffix: list[int]  # '<im_end>{instruction}" ASSISTANT:' [+ canonical answer ending in <img_0..31> if forced]
 
 
-def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, template: int = DEFAULT_TEMPLATE,
-                    forced: bool = True) -> PromptIds:
+def check_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str) -> None:
+    """An instruction is text: non-empty, valid Unicode, and free of the tokenizer's control strings (`</s>`,
+    `<unk>`, `<img_3>`, ...), which the tokenizer would read as control ids, not as the characters typed."""
     if not isinstance(instruction, str) or not instruction.strip():
         raise InputError(f"instruction must be a non-empty string, got {instruction!r}")
+    try:
+        instruction.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"instruction is not valid UTF-8 text (undecodable byte {instruction[e.start]!r} at "
+                         f"character {e.start})") from None
+    control = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.content in instruction})
+    if control:
+        raise InputError(f"instruction contains {', '.join(map(repr, control))}: the tokenizer reads "
+                         f"{'it' if len(control) == 1 else 'them'} as control tokens, not text; write it otherwise")
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, template: int = DEFAULT_TEMPLATE,
+                    forced: bool = True) -> PromptIds:
+    check_instruction(tokenizer, instruction)
     prompt, answer = conversation(instruction, template)
     prompt_ids = tokenizer(prompt).input_ids
     ids = prompt_ids

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
-from .config import PRESETS, SmartEditConfig, check_resolution
-from .errors import InputError
+from .config import PRESETS, SmartEditConfig, check_resolution, precision_of
+from .errors import InputError, RunError
 from .files import sha256_file, sha256_json
 from .graphs import EagerRunner, GraphRunner, LoopRunner
-from .mllm import IMG_MODES, PAD_ID, pad_prompts, pick_template, tokenize_prompt
+from .mllm import IMG_MODES, NUM_IMG_TOKENS, PAD_ID, PromptIds, pad_prompts, pick_template, tokenize_prompt
 from .model import STAGE_NAMES, Stages, build_stages, cfg_batch, cfg_combine
 from .scheduler import (
     SIGMA,
@@ -175,14 +175,18 @@ class SmartEditPipeline:
         missing += [] if (model_dir / "tokenizer").is_dir() else [model_dir / "tokenizer"]
         if missing:
             raise ckpt.CheckpointError(f"{model_dir} is incomplete, missing: {', '.join(str(p) for p in missing)}")
-        stages = build_stages(cfg, device, dtype, init=False, only=wanted)  # uninitialised, on the target device
-        for name, module in stages.items():
-            if name in wanted:
-                ckpt.load_stage(module, model_dir / f"{name}.safetensors")
+        shapes = build_stages(cfg, "meta", dtype, init=False, only=[])  # every file's header first: no allocation
+        for name in wanted:
+            ckpt.check_stage_header(getattr(shapes, name), model_dir / f"{name}.safetensors")
         null = ckpt.load_torch_file(model_dir / ckpt.NULL_TEXT_FILE)
         if "null_text_embeds" not in null:
             raise ckpt.CheckpointError(f"{model_dir / ckpt.NULL_TEXT_FILE} has no tensor 'null_text_embeds' "
                                        f"(it holds {sorted(null)})")
+        ckpt.check_finite(null, str(model_dir / ckpt.NULL_TEXT_FILE))
+        stages = build_stages(cfg, device, dtype, init=False, only=wanted)  # uninitialised, on the target device
+        for name, module in stages.items():
+            if name in wanted:
+                ckpt.load_stage(module, model_dir / f"{name}.safetensors")
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
         except (OSError, ValueError) as e:
@@ -236,7 +240,7 @@ class SmartEditPipeline:
             if self.tokenizer.pad_token_id != PAD_ID:
                 raise InputError(f"the llava graph pads with id {PAD_ID} (<unk>); this tokenizer pads with "
                                  f"{self.tokenizer.pad_token_id}")
-            prompts = [tokenize_prompt(self.tokenizer, text, t) for text, t in zip(instructions, templates)]
+            prompts = [self._tokenize(text, t) for text, t in zip(instructions, templates)]
             prefix, suffix, _ = pad_prompts(prompts, PAD_ID, self.config.vision.num_patches)
             out = self.backend.run("llava", {"pixel_values": pixels, "prefix_ids": prefix.to(self.device),
                                              "suffix_ids": suffix.to(self.device)})
@@ -245,6 +249,15 @@ class SmartEditPipeline:
             img_hidden, clip_feats = self._decode_img_states(pixels, instructions, templates, mode, temperature, seed)
         out = self.backend.run("qformer_bim", {"img_hidden": img_hidden, "clip_feats": clip_feats})
         return out["prompt_embeds"].to(self.dtype), out["bim_residual"].to(self.dtype)
+
+    def _tokenize(self, instruction: str, template: int, forced: bool = True) -> PromptIds:
+        """The prompt's ids around the image, refused when prompt + image + answer exceed the LLM's positions."""
+        p = tokenize_prompt(self.tokenizer, instruction, template, forced=forced)
+        n = len(p.prefix) + self.config.vision.num_patches + len(p.suffix) + (0 if forced else NUM_IMG_TOKENS + 8)
+        if n > self.config.llm.max_position_embeddings:
+            raise InputError(f"instruction too long: the prompt would be {n} tokens (with the image's "
+                             f"{self.config.vision.num_patches}), over the LLM's {self.config.llm.max_position_embeddings}")
+        return p
 
     def _decode_img_states(self, pixels, instructions, templates, mode, temperature, seed):
         """generate / stepwise: token by token with a KV cache, one sample at a time, in eager PyTorch."""
@@ -257,7 +270,7 @@ class SmartEditPipeline:
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
         states = []
         for i, (text, t) in enumerate(zip(instructions, templates)):
-            prompt = tokenize_prompt(self.tokenizer, text, t, forced=False)
+            prompt = self._tokenize(text, t, forced=False)
             answer = None
             if mode == "stepwise":  # the canonical answer, fed token by token (the official loop's cost)
                 answer = tokenize_prompt(self.tokenizer, text, t, forced=True).suffix[len(prompt.suffix):]
@@ -274,8 +287,7 @@ class SmartEditPipeline:
         image [B,3,R,R] in [-1, 1], null_text_embeds [1,77,D]. The same preprocessing as an edit through __call__."""
         check_resolution(resolution)
         rng = random.Random(seed)
-        prompts = [tokenize_prompt(self.tokenizer, text, pick_template(template, rng), forced=True)
-                   for text in instructions]
+        prompts = [self._tokenize(text, pick_template(template, rng)) for text in instructions]
         prefix, suffix, _ = pad_prompts(prompts, PAD_ID, self.config.vision.num_patches)
         out = {"pixel_values": preprocess_clip(list(images), self.config.vision.image_size).to(self.dtype),
                "prefix_ids": prefix, "suffix_ids": suffix,
@@ -387,6 +399,10 @@ class SmartEditPipeline:
         with clock("denoise"):
             latents = self.denoise(prompt_embeds, bim_residual, image_latents, steps, guidance_scale,
                                    image_guidance_scale, generator, progress)
+        bad = (~torch.isfinite(latents)).flatten(1).any(1).nonzero().flatten().tolist()  # one sync, [B,4,h,w]
+        if bad:  # NaN/inf would decode to a black or white image that looks like an answer
+            raise RunError(f"the latents of sample(s) {bad} are not finite after {steps} steps on backend "
+                           f"{self.backend.name!r} in {precision_of(self.dtype)}: no image written")
         with clock("vae_decode"):
             decoded = self.decode(latents)
         out = postprocess(decoded)

@@ -10,13 +10,14 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from .config import VAEConfig
+from .vision import to_rgb
 
 
 def preprocess_vae(images: list[Image.Image], resolution: int) -> torch.Tensor:
     """PIL images -> [B, 3, R, R] in [-1, 1]. Official: exif transpose, RGB, bicubic resize to a square (is_resize)."""
     arrays = []
     for img in images:
-        img = ImageOps.exif_transpose(img).convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
+        img = to_rgb(ImageOps.exif_transpose(img)).resize((resolution, resolution), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 

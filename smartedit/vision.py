@@ -19,6 +19,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB by its meaning, not its raw values: PIL's convert("RGB") clips a 16-bit
+    greyscale PNG (mode I;16 / I, 0..65535) to white; here it is scaled by 255/65535 first. Alpha is dropped."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":  # float greyscale: PIL's own convention is 0..255
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def preprocess_clip(images: list[Image.Image], size: int = 224) -> torch.Tensor:
     """PIL images -> pixel_values [B, 3, size, size], fp32.
 
@@ -27,7 +39,7 @@ def preprocess_clip(images: list[Image.Image], size: int = 224) -> torch.Tensor:
     """
     arrays = []
     for img in images:
-        img = img.convert("RGB").resize((size, size), resample=Image.Resampling.BICUBIC)
+        img = to_rgb(img).resize((size, size), resample=Image.Resampling.BICUBIC)
         arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [B, 3, H, W]
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
