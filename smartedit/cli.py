@@ -12,21 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .config import PRECISIONS, RESOLUTION_STEP, dtype_named
+from .arguments import add_model_source, model_source, non_negative, positive, resolution, seed
+from .config import PRECISIONS, RESOLUTION_STEP, check_device, dtype_named
 from .errors import InputError, run_command
-from .files import write_atomic, write_json
+from .files import check_writable_parent, refuse_overwriting_inputs, write_atomic, write_json
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _check_output(path: Path, what: str) -> Path:
@@ -34,15 +25,16 @@ def _check_output(path: Path, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"{what} {path}: {parent} is not a folder")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise InputError(f"{what} {path}: cannot write into {probe}")
+    check_writable_parent(path, what)
     return path
+
+
+def _template(text: str) -> str:
+    from .mllm import EDIT_TEMPLATES
+
+    if text == "random" or (text.isdigit() and int(text) < len(EDIT_TEMPLATES)):
+        return text
+    raise argparse.ArgumentTypeError(f"must be 0..{len(EDIT_TEMPLATES) - 1} or 'random', got {text!r}")
 
 
 def edit(model: str | None, preset: str | None, random_weights: bool, image: str, instruction: str, out: str,
@@ -57,6 +49,8 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
     out_path = _check_output(Path(out), "--out")
     if out_path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"--out must end in {', '.join(OUTPUT_SUFFIXES)}, got {out_path.name!r}")
+    refuse_overwriting_inputs({"--out": out_path}, {"--image": image, "--model": model, "--artifacts": artifacts})
+    device = check_device(device)
     if preset and not random_weights:
         raise InputError("--preset builds random weights: add --random-weights to say that is what you want, "
                          "or load a converted checkpoint with --model DIR")
@@ -83,16 +77,12 @@ def edit_cli(argv: list[str] | None = None) -> None:
         epilog="Example: smartedit-edit --preset tiny --random-weights --image in.png "
                "--instruction 'make it blue' --out out.png --seed 0",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a converted SmartEdit folder (smartedit-convert output)")
-    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="build this preset with random weights")
-    p.add_argument("--random-weights", action="store_true", help="required with --preset: outputs are noise")
+    add_model_source(p)
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--instruction", required=True, help='edit instruction, e.g. "make it blue"')
     p.add_argument("--out", required=True, help="output image (.png/.jpg/.webp)")
-    p.add_argument("--steps", type=_positive, default=100, help="denoising steps (official: 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the noise (and random weights)")
-    p.add_argument("--resolution", type=int, default=256,
+    p.add_argument("--steps", type=positive, default=100, help="denoising steps (official: 100)")
+    p.add_argument("--resolution", type=resolution, default=256,
                    help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
@@ -101,7 +91,8 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--img-token-mode", choices=["forced", "generate", "stepwise"], default="forced",
                    help="forced: canonical answer in one pass; generate: decode token by token (official); "
                         "stepwise: the canonical answer fed token by token (the official cost)")
-    p.add_argument("--template", default="0", help="prompt template index 0-29, or 'random' as the official script")
+    p.add_argument("--template", type=_template, default="0",
+                   help="prompt template index 0-29, or 'random' as the official script")
     p.add_argument("--backend", choices=list(BACKENDS), default="eager",
                    help="; ".join(f"{b.name}: {b.summary}" for b in BACKENDS.values()))
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
@@ -109,8 +100,9 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
                    "device and the arguments to this file (see --warmup)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed edits before the timed one (with --timings)")
+    p.add_argument("--warmup", type=non_negative, default=0, help="untimed edits before the timed one (with --timings)")
     a = p.parse_args(argv)
+    model_source(p, a)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
@@ -118,6 +110,8 @@ def edit_cli(argv: list[str] | None = None) -> None:
         stage_ms: dict[str, float] | None = {} if a.timings else None
         if a.timings:
             _check_output(Path(a.timings), "--timings")
+            refuse_overwriting_inputs({"--timings": Path(a.timings), "--out": Path(a.out)},
+                                      {"--image": a.image, "--model": a.model, "--artifacts": a.artifacts})
         out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
                    a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
@@ -180,43 +174,39 @@ def tensors_cli(argv: list[str] | None = None) -> None:
     pk = sub.add_parser("pack", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help="image + instruction -> in.safetensors (pixel_values, prefix_ids, suffix_ids, image, "
                              "null_text_embeds)")
-    src = pk.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="the converted SmartEdit folder the packages were exported from")
-    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="the random-weight preset they came from")
-    pk.add_argument("--random-weights", action="store_true", help="required with --preset")
-    pk.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    add_model_source(pk, what=": the one the packages were exported from")
     pk.add_argument("--image", required=True, help="input image file")
     pk.add_argument("--instruction", required=True)
-    pk.add_argument("--resolution", type=int, default=256, help="output side in px (the edit's resolution)")
+    pk.add_argument("--resolution", type=resolution, default=256, help="output side in px (the edit's resolution)")
     pk.add_argument("--out", required=True, help="the .safetensors file to write")
     png = sub.add_parser("png", help="smartedit-runtime's image.safetensors -> PNG (one file per batch item)")
     png.add_argument("tensors", help="the .safetensors file smartedit-runtime edit wrote")
     png.add_argument("out", help="output .png (batch item i > 0: NAME-i.png)")
     a = p.parse_args(argv)
-    if a.command == "pack" and a.preset and not a.random_weights:
-        p.error("--preset builds random weights: add --random-weights")
+    source = model_source(pk, a) if a.command == "pack" else None
 
     def body() -> None:
         from PIL import Image
         from safetensors import SafetensorError
         from safetensors.torch import load_file, save
 
-        from .pipeline import ModelSource
         from .vae import postprocess
 
         if a.command == "pack":
             out = _check_output(Path(a.out), "--out")
+            refuse_overwriting_inputs({"--out": out}, {"--image": a.image, "--model": a.model})
             try:
-                image = Image.open(a.image).convert("RGB")
+                image = Image.open(a.image)
+                image.load()
             except (OSError, ValueError) as e:
                 raise InputError(f"--image {a.image}: cannot be read as an image ({e})") from None
-            source = ModelSource(model=a.model) if a.model else ModelSource(preset=a.preset, seed=a.seed)
             pipe = source.load("cpu", torch.float32, only=[])  # tokenizer, config, null-text embedding: no weights
             tensors = pipe.runtime_inputs([image], [a.instruction], resolution=a.resolution)
             out.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(out, save(tensors))
             print(f"wrote {a.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()))
             return
+        refuse_overwriting_inputs({"out": Path(a.out)}, {"tensors": a.tensors})
         try:
             image = load_file(a.tensors).get("image")
         except (SafetensorError, OSError) as e:

@@ -116,3 +116,48 @@ def sha256_file_cached(path: Path) -> str:
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def refuse_overwriting_inputs(outputs: dict[str, Path], inputs: dict[str, Path | None]) -> None:
+    """Raise InputError when an output would destroy an input: the same file (by path, or a hard or symbolic link
+    to it), a path inside an input folder, or a folder that holds an input; or when two outputs are one file.
+    `outputs` / `inputs` map the flag that named a path (e.g. "--out") to the path."""
+    from .errors import InputError
+
+    def same(a: Path, b: Path) -> bool:
+        try:
+            return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+        except OSError:
+            return False
+
+    def inside(a: Path, folder: Path) -> bool:
+        return folder.is_dir() and a.resolve().is_relative_to(folder.resolve())
+
+    named = [(k, Path(v)) for k, v in inputs.items() if v is not None]
+    outs = [(k, Path(v)) for k, v in outputs.items() if v is not None]
+    for flag, out in outs:
+        for what, src in named:
+            if same(out, src) or inside(out, src) or inside(src, out):
+                raise InputError(f"{flag} {out} would overwrite the input {what} {src}: write it elsewhere")
+    for i, (f1, o1) in enumerate(outs):
+        for f2, o2 in outs[i + 1:]:
+            if same(o1, o2):
+                raise InputError(f"{f1} and {f2} are the same file {o1}: give each its own")
+
+
+def check_writable_parent(path: Path, what: str) -> None:
+    """Refuse at once an output whose folder cannot take a file (read-only, /proc, a full disk's inode table):
+    creating and removing a probe file is the only test that also holds for root and for read-only mounts."""
+    from .errors import InputError
+
+    probe = Path(path).parent if str(Path(path).parent) else Path(".")
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{what} {path}: {probe} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot write into {probe} ({e.strerror or e})") from None

@@ -6,18 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from smartedit.config import PRECISIONS
+from smartedit.arguments import add_model_source, counts, model_source, non_negative, positive, resolutions
+from smartedit.config import PRECISIONS, check_device
 from smartedit.engines.registry import BACKENDS
-from smartedit.errors import run_command
+from smartedit.errors import InputError, run_command
+from smartedit.files import check_writable_parent
 
 from .run import run_bench, to_markdown, write_outputs
-
-
-def _sides(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,19 +21,14 @@ def main(argv: list[str] | None = None) -> None:
                                 "(and the official-style baseline), side by side, in one run on one device.",
                                 epilog="Example (GPU): smartedit-bench --preset 7b --random-weights --device cuda "
                                        "--backends official,eager,cudagraph --resolution 256,512 --out bench/results")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a converted SmartEdit folder")
-    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="random weights of this preset")
-    p.add_argument("--random-weights", action="store_true", help="required with --preset (latency does not depend "
-                   "on weight values)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (match the export's)")
+    add_model_source(p)
     p.add_argument("--backends", default="official,eager", help=f"comma-separated, from {','.join(BACKENDS)}")
-    p.add_argument("--resolution", type=_sides, default=(256,), help="comma-separated image sides, e.g. 256,512")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5, help="timed edits per backend and resolution (the report "
+    p.add_argument("--resolution", type=resolutions, default=(256,), help="comma-separated image sides, e.g. 256,512")
+    p.add_argument("--steps", type=positive, default=100)
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--repeats", type=positive, default=5, help="timed edits per backend and resolution (the report "
                    "gives their spread, and warns above 20%%)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed-in-the-stats edits first (reported separately)")
+    p.add_argument("--warmup", type=non_negative, default=1, help="untimed-in-the-stats edits first (reported separately)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,
                    help="default: fp16 on a GPU, fp32 on the CPU (where fp16 is emulated and slow)")
@@ -49,14 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--serve", action="store_true", help="instead: start smartedit-serve (Triton Inference Server) "
                    "on free loopback ports with the first of --backends and --resolution, and load it over HTTP and "
                    "gRPC; writes serve-<device>-<model>-<backend>.{json,md,png}")
-    s.add_argument("--concurrency", type=_sides, default=(1, 2, 4, 8), help="requests in flight, per level")
-    s.add_argument("--requests", type=int, default=16, help="requests per level (bounded)")
-    s.add_argument("--max-batch", type=int, default=8, help="the server's dynamic batch limit")
+    s.add_argument("--concurrency", type=counts, default=(1, 2, 4, 8), help="requests in flight, per level")
+    s.add_argument("--requests", type=positive, default=16, help="requests per level (bounded)")
+    s.add_argument("--max-batch", type=positive, default=8, help="the server's dynamic batch limit")
     s.add_argument("--max-queue-delay-ms", type=float, default=20.0, help="the server's batching delay")
     s.add_argument("--protocols", default="http,grpc", help="comma-separated: http, grpc")
     a = p.parse_args(argv)
-    if a.preset and not a.random_weights:
-        p.error("--preset builds random weights: add --random-weights")
+    model_source(p, a)
     logging.basicConfig(level=logging.ERROR)
 
     def dtype() -> str:
@@ -81,6 +70,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
 
     def body() -> None:
+        out = Path(a.out)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file; give a folder for the results")
+        check_writable_parent(out / "results.json", "--out")
+        check_device(a.device)
+        unknown = [b for b in a.backends.split(",") if b.strip() and b.strip() not in BACKENDS]
+        if unknown:
+            raise InputError(f"--backends: unknown backend(s) {unknown}; choose from {','.join(BACKENDS)}")
         if a.serve:
             return serve_body()
         res = run_bench(a.model, a.preset, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smartedit.errors import ArtifactError
+
 from .artifacts import Artifacts, load_exported
 from .backend import Backend
 
@@ -19,9 +21,14 @@ _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int
 
 
 def session(path: Path, providers: list[str] | None = None):
+    """An ONNX Runtime session; a file it cannot load (garbage whose hash an edited manifest matches, a graph for
+    another opset) is an ArtifactError naming the file, not ONNX Runtime's own exception."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no useful base
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
 
 def run_file(path: Path, inputs: dict[str, torch.Tensor], providers: list[str] | None = None) -> list[torch.Tensor]:

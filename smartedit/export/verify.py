@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from smartedit.arguments import add_model_source, model_source
 from smartedit.config import PRECISIONS
 from smartedit.engines import registry
 from smartedit.errors import (
@@ -52,6 +53,12 @@ def verify_artifacts(out: str | Path, source: ModelSource | None = None,
                      + f" ({time.perf_counter() - t0:.1f} s)")
             if not bad:
                 intact.setdefault(target, {})[g] = entries[g]
+        absent = [g for g in GRAPH_NAMES if g not in entries]
+        if absent:  # a deleted entry, or a partial export (--graphs): either way no edit can run on this target
+            result["integrity"][f"{target} graphs"] = {"files": 0, "bad": [f"no manifest entry for {g}"
+                                                                           for g in absent]}
+            progress(f"{target}: INCOMPLETE: no manifest entry for {', '.join(absent)} (an edit needs all of "
+                     f"{', '.join(GRAPH_NAMES)})")
     if source is None:
         result["not_run"].append("parity with PyTorch: no source model given (--model DIR or --preset P "
                                  "--random-weights)")
@@ -112,8 +119,13 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
         points = parity.verification_points(e.spec)
         progress(f"{target}/{g}: {backend.name} on {device} vs PyTorch at {len(points)} shapes ...")
         t0 = time.perf_counter()
-        comps = parity.compare(lambda x: list(runner.run(g, {k: v.to(device) for k, v in x.items()}).values()),
-                               e.spec, ref, e.precision, at, points)
+        try:
+            comps = parity.compare(lambda x: list(runner.run(g, {k: v.to(device) for k, v in x.items()}).values()),
+                                   e.spec, ref, e.precision, at, points)
+        except ArtifactError as err:  # a file that passed its hash but does not load: a failure, not "not run"
+            result["parity"].setdefault(target, {})[g] = {"passed": False, "backend": backend.name, "error": str(err)}
+            progress(f"{target}/{g}: FAILED to load: {err}")
+            continue
         ok = all(c.passed for c in comps)
         result["parity"].setdefault(target, {})[g] = {"passed": ok, "backend": backend.name, "device": device,
                                                       "comparisons": parity.as_dicts(comps)}
@@ -121,7 +133,7 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
 
 
 def failed(result: dict) -> list[str]:
-    bad = [f"integrity of {k}" for k, r in result["integrity"].items() if r["bad"]]
+    bad = [f"integrity of {k} ({'; '.join(r['bad'])})" for k, r in result["integrity"].items() if r["bad"]]
     bad += [f"{t}/{g}" for t, rs in result["parity"].items() for g, r in rs.items() if not r["passed"]]
     return bad
 
@@ -131,18 +143,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Checks that cannot run here (no TensorRT, no GPU) are listed as not run.")
     p.add_argument("out", help="smartedit-export output folder")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="the converted checkpoint the artifacts came from")
-    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="the random-weight preset they came from")
-    p.add_argument("--random-weights", action="store_true", help="required with --preset")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    add_model_source(p, required=False, what=": the source the artifacts came from (for the parity check)")
     a = p.parse_args(argv)
-    if a.preset and not a.random_weights:
-        p.error("--preset builds random weights: add --random-weights")
+    source = model_source(p, a)
 
     def body() -> None:
-        source = None if not (a.model or a.preset) else (ModelSource(model=a.model) if a.model
-                                                         else ModelSource(preset=a.preset, seed=a.seed))
         result = verify_artifacts(a.out, source)
         for line in result["not_run"]:
             print(f"not run: {line}")

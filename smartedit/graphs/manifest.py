@@ -29,7 +29,7 @@ from typing import Any
 from smartedit.errors import ArtifactError
 from smartedit.files import read_json, sha256_file, sha256_file_cached, write_json
 
-from .spec import DimRange, GraphSpec
+from .spec import DimRange, GraphSpec, parse_dim
 
 MANIFEST_VERSION = 2
 MANIFEST_FILE = "manifest.json"
@@ -86,12 +86,32 @@ class Entry:
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "Entry":
         try:
-            return cls(target=str(d["target"]), graph=str(d["graph"]), key=str(d["key"]),
-                       spec=GraphSpec.from_dict(d["spec"]), options=dict(d["options"]), files=dict(d["files"]),
-                       requires=dict(d.get("requires", {})), profiles=list(d.get("profiles", [])),
-                       verified=d.get("verified"), record=dict(d.get("record", {})))
+            entry = cls(target=str(d["target"]), graph=str(d["graph"]), key=str(d["key"]),
+                        spec=GraphSpec.from_dict(d["spec"]), options=dict(d["options"]), files=dict(d["files"]),
+                        requires=dict(d.get("requires", {})), profiles=list(d.get("profiles", [])),
+                        verified=d.get("verified"), record=dict(d.get("record", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest entry ({type(e).__name__}: {e})") from None
+        _check_bounded(entry.spec, where)
+        return entry
+
+
+MAX_TENSOR_ELEMENTS = 1 << 32  # 16 GiB in fp32: above any tensor of the 7b graphs at 1024 px, batch 8
+
+
+def _check_bounded(spec: GraphSpec, where: str) -> None:
+    """A manifest is read, not trusted: a profile widened by hand would make verify or a runtime allocate its max
+    shapes (7.6 TB was seen). Every tensor at the profile's max must stay under MAX_TENSOR_ELEMENTS."""
+    top = {n: r.max for n, r in spec.dims.items()}
+    for t in (*spec.inputs, *spec.outputs):
+        n = 1
+        for expr in t.shape:
+            k, dim = parse_dim(expr)
+            n *= k * (top.get(dim, 1) if dim else 1)
+        if n > MAX_TENSOR_ELEMENTS:
+            raise ArtifactError(f"{where}: {spec.name} tensor {t.name} at the profile's max has {n:.3g} elements, "
+                                f"over the limit {MAX_TENSOR_ELEMENTS:.3g} (2^32): not a profile smartedit-export "
+                                "writes; re-export")
 
 
 def _sans_name(d: dict) -> dict:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from smartedit.config import PRECISIONS
+from smartedit.arguments import add_model_source, model_source, positive
+from smartedit.config import PRECISIONS, check_device
 from smartedit.engines import registry
 from smartedit.errors import InputError, run_command
-from smartedit.pipeline import ModelSource
 
 from .server import Endpoints, serve, settings_for
 
@@ -27,11 +28,7 @@ def main(argv: list[str] | None = None) -> None:
                     "image (PNG/JPEG bytes) and an instruction (optional seed, steps, guidance_scale, "
                     "image_guidance_scale, resolution) and returning the edited PNG (`edited`) and the request's "
                     "stage timings (`timings`, JSON). Requests that share resolution and steps are batched.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a converted SmartEdit folder")
-    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="random weights of this preset")
-    p.add_argument("--random-weights", action="store_true", help="required with --preset (outputs are noise)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    add_model_source(p)
     p.add_argument("--backend", choices=list(registry.BACKENDS), default="eager", help="what runs the graphs "
                    "(default eager): " + "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS.values()))
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs")
@@ -41,25 +38,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="(default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="(default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
-    p.add_argument("--max-batch", type=int, default=4, help="requests run as one batch, at most (default 4; 1: no "
+    p.add_argument("--max-batch", type=positive, default=4, help="requests run as one batch, at most (default 4; 1: no "
                    "dynamic batching; an exported backend's profile may lower it)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long a request may wait for others to batch with (default 5 ms)")
-    p.add_argument("--instances", type=int, default=1, help="model instances, each with its own copy of the "
+    p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own copy of the "
                    "model (default 1)")
-    p.add_argument("--max-steps", type=int, default=100, help="largest `steps` a request may ask for (default 100)")
+    p.add_argument("--max-steps", type=positive, default=100, help="largest `steps` a request may ask for (default 100)")
     p.add_argument("--max-megapixels", type=float, default=16.0, help="largest input image (default 16 MP)")
     a = p.parse_args(argv)
-    if a.preset and not a.random_weights:
-        p.error("--preset builds random weights: add --random-weights, or serve a checkpoint with --model DIR")
+    source = model_source(p, a)
 
     def body() -> None:
-        for name, v in (("--max-batch", a.max_batch), ("--instances", a.instances), ("--max-steps", a.max_steps)):
-            if v < 1:
-                raise InputError(f"{name} must be >= 1, got {v}")
-        if a.max_queue_delay_ms < 0 or not a.max_megapixels > 0:
-            raise InputError("--max-queue-delay-ms must be >= 0 and --max-megapixels > 0")
-        source = ModelSource(model=a.model) if a.model else ModelSource(preset=a.preset, seed=a.seed)
+        if not (a.max_queue_delay_ms >= 0 and a.max_megapixels > 0 and math.isfinite(a.max_megapixels)):
+            raise InputError("--max-queue-delay-ms must be >= 0 and --max-megapixels a finite number > 0, got "
+                             f"{a.max_queue_delay_ms} and {a.max_megapixels}")
+        check_device(a.device)
         settings = settings_for(source, a.backend, a.artifacts, a.device, a.dtype, a.max_steps, a.max_megapixels,
                                 a.max_batch)
         endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)

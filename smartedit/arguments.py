@@ -1,0 +1,91 @@
+"""The command-line arguments every command shares, in one place: argparse types that refuse a bad value with its
+name before any work, and the model source (--model DIR, or --preset P --random-weights with --seed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import PRESETS, check_resolution
+from .errors import InputError
+from .pipeline import ModelSource
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def positive(text: str) -> int:
+    v = _int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative(text: str) -> int:
+    v = _int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def seed(text: str) -> int:
+    v = _int(text)
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {v}")
+    return v
+
+
+def resolutions(text: str) -> tuple[int, ...]:
+    """Comma-separated image sides, each a valid resolution (e.g. 256,512)."""
+    sides = tuple(_int(r.strip()) for r in text.split(",") if r.strip())
+    if not sides:
+        raise argparse.ArgumentTypeError(f"expected comma-separated image sides, got {text!r}")
+    for r in sides:
+        try:
+            check_resolution(r)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return sides
+
+
+def add_model_source(p: argparse.ArgumentParser, required: bool = True, what: str = "") -> None:
+    """--model DIR | --preset NAME, --random-weights, --seed: where the weights come from."""
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--model", help="a converted SmartEdit folder (smartedit-convert output)" + what)
+    src.add_argument("--preset", choices=sorted(PRESETS, key=["tiny", "7b", "13b"].index),
+                     help="this preset with random weights" + what)
+    p.add_argument("--random-weights", action="store_true",
+                   help="required with --preset: outputs are noise (latency does not depend on weight values)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random weights (and of the noise of an edit)")
+
+
+def model_source(p: argparse.ArgumentParser, a: argparse.Namespace) -> ModelSource | None:
+    """The ModelSource of parsed arguments (None when neither was given and the group is optional)."""
+    if a.preset and not a.random_weights:
+        p.error("--preset builds random weights: add --random-weights to say that is what you want, "
+                "or load a converted checkpoint with --model DIR")
+    if a.model:
+        return ModelSource(model=Path(a.model))
+    return ModelSource(preset=a.preset, seed=a.seed) if a.preset else None
+
+
+def resolution(text: str) -> int:
+    """One image side in px (a multiple of the resolution step, within the limits)."""
+    (side,) = resolutions(text) if "," not in text else (None,)
+    if side is None:
+        raise argparse.ArgumentTypeError(f"expected one image side, got {text!r}")
+    return side
+
+
+def counts(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers (e.g. concurrency levels 1,2,4,8)."""
+    values = tuple(positive(v.strip()) for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
