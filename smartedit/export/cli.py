@@ -7,6 +7,7 @@ import logging
 import time
 import warnings
 
+from smartedit.arguments import add_model_source, model_source
 from smartedit.errors import InputError, run_command
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
@@ -26,11 +27,7 @@ def main(argv: list[str] | None = None) -> None:
                "<graph>.plan, --target aoti OUT/aoti/<graph>.pt2. A rerun skips graphs whose inputs did not "
                "change. Example: smartedit-export --preset tiny --random-weights --target onnx --out out/",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a converted SmartEdit folder (smartedit-convert output)")
-    src.add_argument("--preset", choices=["tiny", "7b", "13b"], help="this preset with random weights")
-    p.add_argument("--random-weights", action="store_true", help="required with --preset")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    add_model_source(p)
     p.add_argument("--target", choices=list(TARGETS), default="onnx",
                    help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
     p.add_argument("--device", default="cpu",
@@ -71,8 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the check against fp32 PyTorch (it needs the fp32 model in host RAM: 28 GB for the "
                         "7b LLM)")
     a = p.parse_args(argv)
-    if a.preset and not a.random_weights:
-        p.error("--preset builds random weights: add --random-weights, or export a checkpoint with --model DIR")
+    model_source(p, a)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision absent
     warnings.filterwarnings("ignore", category=FutureWarning)
