@@ -6,7 +6,9 @@ The build and the inputs come from test_cpp_runtime.py's helpers; the AOTI packa
 Most rows are refused before any package is loaded; the few that reach the packages run one step."""
 
 import hashlib
+import json
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +176,45 @@ def _truncated(c: Ctx):
     return c.denoise(c.dir / "cut.safetensors")
 
 
+def _copied_artifacts(c: Ctx) -> Path:
+    """The export folder copied into the row's folder (an input of the row: it must come out unchanged), and used."""
+    c.artifacts = Path(shutil.copytree(c.artifacts, c.dir / "artifacts"))
+    return c.artifacts
+
+
+def _unet_bit_flipped(c: Ctx):
+    """One bit flipped in the middle of the unet package, size unchanged: only the sha256 can tell (the zip reader
+    would still open it, and a flip in the weights would run). The hash costs ~1.7 GB/s per core: ~8 s for the
+    13.8 GB unet at 7b, milliseconds here."""
+    unet = _copied_artifacts(c) / "aoti" / "unet.pt2"
+    blob = bytearray(unet.read_bytes())
+    blob[len(blob) // 2] ^= 0x10
+    unet.write_bytes(bytes(blob))
+    return c.edit(c.ok_edit())
+
+
+def _manifest_sha256_edited(c: Ctx):
+    """The manifest's sha256 of a file edited (one hex digit), the file as exported: the two disagree."""
+    manifest = _copied_artifacts(c) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    files = m["artifacts"]["aoti"]["vae_decoder"]["files"]
+    rel = next(r for r in files if r.endswith(".pt2"))
+    digest = files[rel]["sha256"]
+    files[rel]["sha256"] = ("1" if digest[0] == "0" else "0") + digest[1:]
+    manifest.write_text(json.dumps(m))
+    return c.edit(c.ok_edit())
+
+
+def _unet_symlink_out_of_the_folder(c: Ctx):
+    """The unet package a symlink to the same bytes outside the folder: the path resolves outside and is refused
+    (the manifest's paths are checked after resolving links, not just by their spelling)."""
+    original = c.artifacts / "aoti" / "unet.pt2"
+    unet = _copied_artifacts(c) / "aoti" / "unet.pt2"
+    unet.unlink()
+    unet.symlink_to(original)
+    return c.edit(c.ok_edit())
+
+
 @dataclass
 class Row:
     name: str
@@ -224,6 +265,12 @@ ROWS = [
     Row("device_meta", lambda c: c.denoise(c.ok_denoise(), None, "--device", "meta"), 2,  # once a segfault
         "--device must be cpu, cuda or cuda:N, got 'meta'"),
     Row("unet_not_a_package", _not_a_package, 2, "junk.pt2 is not an AOTInductor package"),
+    # every artifact file is checked against its manifest entry (inside the folder, size, sha256) before loading
+    Row("unet_one_bit_flipped_sha256", _unet_bit_flipped, 2,
+        "aoti/unet.pt2 does not match its manifest entry (sha256 "),
+    Row("manifest_sha256_edited", _manifest_sha256_edited, 2,
+        "aoti/vae_decoder.pt2 does not match its manifest entry (sha256 "),
+    Row("unet_symlink_out_of_the_folder", _unet_symlink_out_of_the_folder, 2, "names 'aoti/unet.pt2', outside"),
     # torch's own error (c10::Error) escaping to main: its first line, without the C++ backtrace
     Row("device_cuda_absent", lambda c: c.denoise(c.ok_denoise(), None, "--device", "cuda"), 1, "cuda",
         when=not torch.cuda.is_available()),

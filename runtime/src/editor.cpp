@@ -9,13 +9,16 @@ namespace smartedit {
 
 Editor::Editor(const std::string& artifacts, const c10::Device& device)
     : manifest_(Manifest::load(artifacts, "aoti")), device_(device) {
-  for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder"})
-    graphs_[graph] = std::make_unique<Package>(manifest_.graph(graph).file, device);
   const GraphArtifact& unet = manifest_.graph("unet");
   if (unet.fold_cfg)
     throw std::runtime_error(unet.file + " is the --fold-cfg unet graph; the C++ loop runs the plain one (its own "
                              "CFG batch and combine): re-export without --fold-cfg");
-  denoiser_ = std::make_unique<Denoiser>(unet.file, device);
+  // every file against its sha256 before any package reaches libtorch's loader: a damaged folder is refused before
+  // the (slow) loads, not half way through them
+  for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder", "unet"}) manifest_.open(graph);
+  for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder"})
+    graphs_[graph] = std::make_unique<Package>(manifest_.open(graph).file, device);
+  denoiser_ = std::make_unique<Denoiser>(manifest_.open("unet").file, device);
 }
 
 std::vector<at::Tensor> Editor::call(const std::string& graph, const std::vector<at::Tensor>& inputs) {

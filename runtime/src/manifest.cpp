@@ -1,9 +1,16 @@
 #include "smartedit/manifest.h"
 
+#include <openssl/evp.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
+#include <vector>
 
 #include "smartedit/json.h"
 
@@ -51,6 +58,10 @@ std::string describe(const std::string& dim, int64_t v, const DimRange& r) {
   }
   return "dimension " + dim + " = " + std::to_string(v) + " is outside the exported profile [" +
          std::to_string(r.min) + ", " + std::to_string(r.max) + "]";
+}
+
+bool is_sha256(const std::string& s) {
+  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
 }
 
 std::string shape_text(const at::Tensor& t) {
@@ -167,10 +178,13 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
       const auto [end, _] = std::mismatch(root_dir.begin(), root_dir.end(), file.begin(), file.end());
       if (end != root_dir.end()) throw std::runtime_error(w + " names '" + rel + "', outside " + artifacts_dir);
       const Json& bytes = meta.at("bytes", Json::Kind::kNumber, w + " " + rel);
+      const std::string& sha256 = meta.at("sha256", Json::Kind::kString, w + " " + rel).string;
+      if (!is_sha256(sha256)) throw std::runtime_error(w + " " + rel + ": sha256 is not 64 lowercase hex digits");
       std::error_code ec;
       const auto on_disk = fs::file_size(file, ec);
       if (ec || !bytes.is_uint || on_disk != bytes.uint)
         throw std::runtime_error(file.string() + " is missing or differs from the manifest: re-run the export");
+      g.files.push_back({file.string(), sha256, bytes.uint});
       if (file.extension() == ".pt2") g.file = file.string();
     }
     if (g.file.empty()) throw std::runtime_error(w + ": no .pt2 file listed");
@@ -185,6 +199,48 @@ const GraphArtifact& Manifest::graph(const std::string& name) const {
     throw std::invalid_argument("the manifest in " + dir_ + " lists no " + target_ + " artifact for graph " + name +
                              ": run smartedit-export --target " + target_ + " --out " + dir_);
   return it->second;
+}
+
+const GraphArtifact& Manifest::open(const std::string& name) {
+  const GraphArtifact& g = graph(name);
+  for (const ArtifactFile& f : g.files) {
+    if (hashed_.count(f.path)) continue;
+    std::string actual;
+    try {
+      actual = sha256_file(f.path);
+    } catch (const std::runtime_error& e) {  // unreadable: as missing, bad input (the Python side's ArtifactError)
+      throw std::invalid_argument(std::string(e.what()) + ": re-run the export");
+    }
+    if (actual != f.sha256)
+      throw std::invalid_argument(f.path + " does not match its manifest entry (sha256 " + f.sha256.substr(0, 12) +
+                                  "... recorded, " + actual.substr(0, 12) + "... on disk): re-run the export");
+    hashed_.insert(f.path);
+  }
+  return g;
+}
+
+std::string sha256_file(const std::string& path) {
+  // chunks of 4 MiB: constant memory for files of many GB, few enough reads that the hash is the cost
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (!f) throw std::runtime_error(path + ": cannot open (" + std::strerror(errno) + ")");
+  std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error(path + ": cannot start a sha256 (OpenSSL)");
+  std::vector<unsigned char> buf(size_t{4} << 20);
+  for (;;) {
+    const size_t n = std::fread(buf.data(), 1, buf.size(), f.get());
+    if (n && EVP_DigestUpdate(ctx.get(), buf.data(), n) != 1)
+      throw std::runtime_error(path + ": sha256 failed (OpenSSL)");
+    if (n < buf.size()) break;
+  }
+  if (std::ferror(f.get())) throw std::runtime_error(path + ": cannot be read to its end (" + std::strerror(errno) + ")");
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int len = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), md, &len) != 1) throw std::runtime_error(path + ": sha256 failed (OpenSSL)");
+  static const char* kHex = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < len; ++i) hex += {kHex[md[i] >> 4], kHex[md[i] & 15]};
+  return hex;
 }
 
 }  // namespace smartedit
