@@ -42,6 +42,7 @@ class W:
     image: Path       # a 96x128 RGB PNG
     artifacts: Path   # the tiny fp32 ONNX export
     out: Path         # a folder for outputs (empty)
+    pristine_aoti: Path | None = None  # the tiny AOTInductor export, copied by the rows that use it
     inputs: list[Path] = field(default_factory=list)
 
     def edit(self, *extra, model=None) -> list:
@@ -53,8 +54,14 @@ class W:
         return ["--preset", "tiny", "--random-weights", *self.edit("--backend", "onnxruntime", "--artifacts",
                                                                    self.artifacts, "--resolution", "256", *extra)[2:]]
 
-    def manifest(self, change: Callable[[dict], object]) -> None:
-        path = self.artifacts / "manifest.json"
+    def aoti(self, *extra) -> list:
+        """An edit on the AOTInductor export of the tiny preset (see _aoti)."""
+        return ["--preset", "tiny", "--random-weights", *self.edit("--backend", "aoti", "--artifacts",
+                                                                   self.root / "aoti", "--resolution", "256",
+                                                                   *extra)[2:]]
+
+    def manifest(self, change: Callable[[dict], object], folder: Path | None = None) -> None:
+        path = (folder or self.artifacts) / "manifest.json"
         m = json.loads(path.read_text())
         new = change(m)  # a change may return a whole new value (a list: "the manifest is a list")
         path.write_text(json.dumps(new if isinstance(new, list) else m))
@@ -197,6 +204,12 @@ CASES = [
         (w.artifacts / "onnx" / "unet.onnx").write_bytes(b"\x08garbage" * 64),
         w.manifest(lambda m: _retarget(m, "onnx/unet.onnx", b"\x08garbage" * 64)),
         ("edit", w.ort()))[2], 2, "unet"),
+    ("aoti-bit-flip", 3, lambda w: (_flip_bit(_aoti(w) / "aoti" / "unet.pt2"), ("edit", w.aoti()))[1], 2, "sha256"),
+    ("aoti-garbage-package-with-matching-hash", 3, lambda w: (
+        (_aoti(w) / "aoti" / "unet.pt2").write_bytes(b"PK\x03\x04garbage" * 64),
+        w.manifest(lambda m: _retarget(m, "aoti/unet.pt2", b"PK\x03\x04garbage" * 64, target="aoti"),
+                   folder=w.root / "aoti"),
+        ("edit", w.aoti()))[2], 2, "unet.pt2"),
     ("verify-garbage-onnx-with-matching-hash", 3, lambda w: (
         (w.artifacts / "onnx" / "unet.onnx").write_bytes(b"\x08garbage" * 64),
         w.manifest(lambda m: _retarget(m, "onnx/unet.onnx", b"\x08garbage" * 64)),
@@ -314,9 +327,15 @@ CASES = [
 ]
 
 
-def _retarget(m: dict, path: str, data: bytes | None = None) -> None:
+def _aoti(w: W) -> Path:
+    """A copy of the tiny preset's AOTInductor export (fp32, CPU) in this row's workspace."""
+    w.inputs.append(_copy(w.pristine_aoti, w.root / "aoti"))
+    return w.root / "aoti"
+
+
+def _retarget(m: dict, path: str, data: bytes | None = None, target: str = "onnx") -> None:
     """Point the manifest's unet entry at `path` (and, given `data`, at that content's size and sha256)."""
-    files = m["artifacts"]["onnx"]["unet"]["files"]
+    files = m["artifacts"][target]["unet"]["files"]
     (old,) = files
     files[path] = files.pop(old)
     if data is not None:
@@ -367,7 +386,7 @@ def _evil_pickle(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory, onnx_export):
+def pristine(tmp_path_factory, onnx_export, aoti_export):
     from smartedit.pipeline import SmartEditPipeline
     from smartedit.testing import write_official_release
 
@@ -378,7 +397,7 @@ def pristine(tmp_path_factory, onnx_export):
     rng = np.random.RandomState(0)
     Image.fromarray((rng.rand(96, 128, 3) * 255).astype(np.uint8)).save(root / "in.png")
     return {"model": root / "model", "release": root / "release", "image": root / "in.png",
-            "artifacts": onnx_export("fp32")}
+            "artifacts": onnx_export("fp32"), "aoti": aoti_export}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -416,7 +435,8 @@ def test_bad_input_is_refused_in_one_line(case, pristine, tmp_path, capsys, monk
     monkeypatch.setattr(socket.socket, "connect", _no_network)  # 7: never the network
     w = W(root=tmp_path, model=_copy(pristine["model"], tmp_path / "model"),
           release=_copy(pristine["release"], tmp_path / "release"), image=_copy(pristine["image"], tmp_path / "in.png"),
-          artifacts=_copy(pristine["artifacts"], tmp_path / "artifacts"), out=tmp_path / "out")
+          artifacts=_copy(pristine["artifacts"], tmp_path / "artifacts"), out=tmp_path / "out",
+          pristine_aoti=pristine["aoti"])
     w.out.mkdir()
     cli, argv = prepare(w)
     w.inputs += [w.model, w.release, w.image, w.artifacts]

@@ -43,7 +43,11 @@ def here(device: str | torch.device) -> dict:
 def load_package(path: Path, device: str | torch.device):
     """-> a callable(*tensors) -> tuple of tensors, on `device` (of the type the package was compiled for)."""
     index = torch.device(device).index
-    package = torch._inductor.aoti_load_package(str(path), device_index=-1 if index is None else index)
+    try:
+        package = torch._inductor.aoti_load_package(str(path), device_index=-1 if index is None else index)
+    except Exception as e:  # not a zip, a damaged .so, a package for another ABI: torch raises RuntimeError and more
+        raise ArtifactError(f"{path}: torch cannot load it as an AOTInductor package "
+                            f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:300]})") from None
     if package.get_metadata().get("smartedit.package_version") != str(PACKAGE_VERSION):
         raise ArtifactError(f"{path} was compiled by an older smartedit-export (no input dtypes in its metadata): "
                             "re-run smartedit-export --target aoti")
