@@ -504,3 +504,20 @@ def test_disk_full_leaves_nothing(pristine, tmp_path, capsys):
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    """8: a model folder and an atomically written file get the modes an ordinary open()/mkdir() would (0644 /
+    0755 under umask 022), not the private 0600 / 0700 of the temporary files they are written as."""
+    from smartedit.files import write_atomic
+    from smartedit.pipeline import SmartEditPipeline
+
+    old = os.umask(0o022)
+    try:
+        SmartEditPipeline.from_preset("tiny", seed=0).save_pretrained(tmp_path / "model")
+        write_atomic(tmp_path / "out.png", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "model").rglob("*") if p.is_file()} == {0o644}
