@@ -219,6 +219,8 @@ CASES = [
     ("verify-path-escapes", 3, lambda w: (w.manifest(lambda m: _retarget(m, "../../../../etc/passwd")),
                                           ("verify", [w.artifacts]))[1], 2, "outside"),
     ("verify-manifest-list", 5, lambda w: (w.manifest(lambda m: [m]), ("verify", [w.artifacts]))[1], 2, "list"),
+    ("verify-while-an-export-writes", 4, lambda w: (_hold_lock(w.artifacts), ("verify", [w.artifacts]))[1], 1,
+     "in use by another smartedit-export (pid 4242"),
     ("verify-missing-folder", 5, lambda w: ("verify", [w.root / "nowhere"]), 2, "nowhere"),
     ("verify-widened-profile", 6, lambda w: (w.manifest(lambda m: m["artifacts"]["onnx"]["unet"]["spec"]["dims"]["h8"]
                                                        .__setitem__("max", 10**6)),
@@ -327,6 +329,21 @@ CASES = [
 ]
 
 
+_HELD: list[int] = []  # lock descriptors kept open while a row's command runs
+
+
+def _hold_lock(folder: Path) -> None:
+    """Take the export lock as a running smartedit-export would (flock is per open file, so this process's own
+    command then finds it held)."""
+    import fcntl
+
+    fd = os.open(folder / ".smartedit-export.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"program": "smartedit-export", "pid": 4242, "host": "here"}).encode())
+    _HELD.append(fd)
+
+
 def _aoti(w: W) -> Path:
     """A copy of the tiny preset's AOTInductor export (fp32, CPU) in this row's workspace."""
     w.inputs.append(_copy(w.pristine_aoti, w.root / "aoti"))
@@ -408,7 +425,8 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-OWN_RECORDS = {"verify.json"}  # smartedit-verify records its result beside the manifest, by design
+# what the tools record beside a manifest by design: verify's result, the lock file's last holder
+OWN_RECORDS = {"verify.json", ".smartedit-export.lock"}
 
 
 def _snapshot(paths: list[Path]) -> dict[str, str]:
@@ -441,7 +459,11 @@ def test_bad_input_is_refused_in_one_line(case, pristine, tmp_path, capsys, monk
     cli, argv = prepare(w)
     w.inputs += [w.model, w.release, w.image, w.artifacts]
     before = _snapshot(w.inputs)
-    status, _, err = run_cli(_cli(cli), argv, capsys)
+    try:
+        status, _, err = run_cli(_cli(cli), argv, capsys)
+    finally:
+        while _HELD:
+            os.close(_HELD.pop())
 
     assert "Traceback" not in err, err
     errors = [line for line in err.splitlines() if ": error:" in line]
@@ -457,7 +479,7 @@ def test_bad_input_is_refused_in_one_line(case, pristine, tmp_path, capsys, monk
 
 def test_catalogue_covers_every_principle():
     assert len(CASES) >= 60
-    assert {c[1] for c in CASES} >= {1, 2, 3, 5, 6, 7, 9, 10}
+    assert {c[1] for c in CASES} >= {1, 2, 3, 4, 5, 6, 7, 9, 10}
     assert len({c[0] for c in CASES}) == len(CASES)
 
 

@@ -294,9 +294,9 @@ def _check_owned(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def lock_output(out: Path) -> Iterator[Path]:
-    """Hold the exclusive lock on `out` (OUT/.smartedit-export.lock, recording this pid and host) for the block;
-    RunError at once when another process holds it."""
+def lock_output(out: Path, holder: str = "smartedit-export") -> Iterator[Path]:
+    """Hold the exclusive lock on `out` (OUT/.smartedit-export.lock, recording this program, pid and host) for the
+    block; RunError at once when another process holds it. smartedit-export and smartedit-verify both take it."""
     path = Path(out) / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -308,10 +308,10 @@ def lock_output(out: Path) -> Iterator[Path]:
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
                 raise RunError(f"cannot lock the output folder {out} ({path}): {e.strerror or e}") from e
-            raise RunError(f"output folder {out} is in use by another smartedit-export ({_holder(fd)}): wait for it "
-                           "to finish, or export into another --out") from None
+            raise RunError(f"output folder {out} is in use by another {_holder(fd)}: wait for it to finish, or "
+                           "use another folder") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+        os.pwrite(fd, (json.dumps({"program": holder, "pid": os.getpid(), "host": socket.gethostname(),
                                    "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode(), 0)
         yield path
     finally:
@@ -325,9 +325,10 @@ def _holder(fd: int) -> str:
         except (OSError, ValueError):
             d = None
         if isinstance(d, dict) and "pid" in d:
-            return f"pid {d['pid']} on host {d.get('host', '?')}, since {d.get('since', '?')}"
+            return (f"{d.get('program', 'smartedit-export')} (pid {d['pid']} on host {d.get('host', '?')}, "
+                    f"since {d.get('since', '?')})")
         time.sleep(0.05)
-    return "pid unknown"
+    return "smartedit-export (pid unknown)"
 
 
 def remove_leftovers(out: Path) -> list[str]:

@@ -36,11 +36,17 @@ from smartedit.graphs.spec import ProfileOptions
 from smartedit.pipeline import ModelSource
 
 from .aoti import OnDevice
+from .run import lock_output
 
 
 def verify_artifacts(out: str | Path, source: ModelSource | None = None,
                      progress: Callable[[str], None] = print) -> dict:
     manifest = Manifest.read(out)
+    with lock_output(manifest.root, "smartedit-verify"):  # no export rewrites files while they are checked
+        return _verify(manifest, source, progress)
+
+
+def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[str], None]) -> dict:
     out = manifest.root
     result: dict = {"integrity": {}, "parity": {}, "not_run": []}
     intact: dict[str, dict[str, Entry]] = {}
