@@ -291,11 +291,17 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path, image):
         while "ready:" not in (line := p.stdout.readline()):
             assert line or p.poll() is None, p.stderr.read()
             assert time.monotonic() < deadline
+        # How long a request takes to reach the model scales with the machine's load, so the wait is measured on
+        # this machine, now: a 1-step edit (arrival + one step + decode) timed, the wait 5x that, and the in-flight
+        # edit 100 steps, far longer than the wait, on an idle or a loaded CPU alike.
+        t0 = time.monotonic()
+        edit(connect("http", e.http_url, 120), image, "make it blue", steps=1, resolution=256, seed=0)
+        wait = min(max(5 * (time.monotonic() - t0), 1.0), 30.0)
         slow: dict = {}
-        t = threading.Thread(target=lambda: slow.update(r=edit(connect("http", e.http_url, 120), image,
-                                                               "make it blue", steps=40, resolution=256, seed=0)))
+        t = threading.Thread(target=lambda: slow.update(r=edit(connect("http", e.http_url, 600), image,
+                                                               "make it blue", steps=100, resolution=256, seed=0)))
         t.start()
-        time.sleep(1.0)  # the request is in the model now (40 steps at 256 px: seconds on this CPU)
+        time.sleep(wait)  # the request is in the model now
         p.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         for protocol, url in (("grpc", e.grpc_url), ("http", e.http_url)):  # refused: the server is draining
@@ -304,7 +310,7 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path, image):
             # gRPC: "Request for unknown model: 'smartedit' has no available versions"; HTTP: connection closed
             assert "no available versions" in str(refused.value) or "closed" in str(refused.value).lower(), \
                 f"{protocol}: {refused.value!r}"
-        t.join(timeout=120)
+        t.join(timeout=600)
         assert "r" in slow, "the in-flight request did not finish"
         assert _pixels(slow["r"][0]).shape == (256, 256, 3)
         assert p.wait(timeout=120) == 0
