@@ -41,17 +41,29 @@ def seed(text: str) -> int:
     return v
 
 
+def resolution(text: str) -> int:
+    """One image side in px (a multiple of the resolution step, within the limits)."""
+    try:
+        return check_resolution(_int(text))
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _listed(text: str, each, what: str) -> tuple[int, ...]:
+    values = tuple(each(v.strip()) for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
+    return values
+
+
 def resolutions(text: str) -> tuple[int, ...]:
     """Comma-separated image sides, each a valid resolution (e.g. 256,512)."""
-    sides = tuple(_int(r.strip()) for r in text.split(",") if r.strip())
-    if not sides:
-        raise argparse.ArgumentTypeError(f"expected comma-separated image sides, got {text!r}")
-    for r in sides:
-        try:
-            check_resolution(r)
-        except InputError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return sides
+    return _listed(text, resolution, "image sides")
+
+
+def counts(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers (e.g. concurrency levels 1,2,4,8)."""
+    return _listed(text, positive, "integers >= 1")
 
 
 def add_model_source(p: argparse.ArgumentParser, required: bool = True, what: str = "") -> None:
@@ -74,18 +86,3 @@ def model_source(p: argparse.ArgumentParser, a: argparse.Namespace) -> ModelSour
         return ModelSource(model=Path(a.model))
     return ModelSource(preset=a.preset, seed=a.seed) if a.preset else None
 
-
-def resolution(text: str) -> int:
-    """One image side in px (a multiple of the resolution step, within the limits)."""
-    (side,) = resolutions(text) if "," not in text else (None,)
-    if side is None:
-        raise argparse.ArgumentTypeError(f"expected one image side, got {text!r}")
-    return side
-
-
-def counts(text: str) -> tuple[int, ...]:
-    """Comma-separated positive integers (e.g. concurrency levels 1,2,4,8)."""
-    values = tuple(positive(v.strip()) for v in text.split(",") if v.strip())
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
