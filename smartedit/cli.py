@@ -15,7 +15,7 @@ import torch
 from .arguments import add_model_source, model_source, non_negative, positive, resolution, seed
 from .config import PRECISIONS, RESOLUTION_STEP, check_device, dtype_named
 from .errors import InputError, run_command
-from .files import check_writable_parent, refuse_overwriting_inputs, write_atomic, write_json
+from .files import check_writable_parent, open_image, refuse_overwriting_inputs, write_atomic, write_json
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -186,7 +186,6 @@ def tensors_cli(argv: list[str] | None = None) -> None:
     source = model_source(pk, a) if a.command == "pack" else None
 
     def body() -> None:
-        from PIL import Image
         from safetensors import SafetensorError
         from safetensors.torch import load_file, save
 
@@ -195,11 +194,7 @@ def tensors_cli(argv: list[str] | None = None) -> None:
         if a.command == "pack":
             out = _check_output(Path(a.out), "--out")
             refuse_overwriting_inputs({"--out": out}, {"--image": a.image, "--model": a.model})
-            try:
-                image = Image.open(a.image)
-                image.load()
-            except (OSError, ValueError) as e:
-                raise InputError(f"--image {a.image}: cannot be read as an image ({e})") from None
+            image = open_image(a.image, "--image")
             pipe = source.load("cpu", torch.float32, only=[])  # tokenizer, config, null-text embedding: no weights
             tensors = pipe.runtime_inputs([image], [a.instruction], resolution=a.resolution)
             out.parent.mkdir(parents=True, exist_ok=True)

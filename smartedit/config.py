@@ -177,6 +177,20 @@ RESOLUTION_STEP = 64
 MAX_RESOLUTION = 4096  # 64 MB of fp32 image; beyond it the VAE's activations run to tens of GB
 
 
+# Guidance scales: the official edit uses 7.5 (text) and 1.5 (image) and images saturate well before 50; past this
+# bound a step's eps (~1e1 x 1e3 in fp32) gets near fp16's 65504 and the decoded image turns non-finite (3e38 did).
+GUIDANCE_LIMIT = 1000.0
+
+
+def check_guidance(name: str, value: object) -> float:
+    """A guidance scale: a finite number within +-GUIDANCE_LIMIT (InputError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    if abs(value) > GUIDANCE_LIMIT:
+        raise InputError(f"{name} must be within +-{GUIDANCE_LIMIT:g}, got {value:.6g}")
+    return float(value)
+
+
 def check_device(text: str) -> str:
     """A device argument this machine has: "cpu", "cuda", "cuda:N" (bad spelling: InputError; no GPU here:
     UnavailableError), checked before any model is built."""

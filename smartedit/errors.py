@@ -7,6 +7,7 @@
       RunError (also a RuntimeError)     the work itself failed, or cannot be done on this machine
         ExportError                        an export or a check of one failed
         UnavailableError                   what the call needs is not here (TensorRT, a GPU, a package)
+        Cancelled                          the work was stopped because nobody waits for it (a server's client left)
 
 Exit status of every command: 0 done, 2 bad input (InputError, and argparse's own usage errors), 1 anything else
 that failed (RunError, OSError such as a full disk), 130 interrupted. The message is one line, naming the value.
@@ -48,6 +49,10 @@ class ExportError(RunError):
 
 class UnavailableError(RunError):
     """What the call needs is not on this machine (a backend's library, a GPU)."""
+
+
+class Cancelled(RunError):
+    """The work was stopped on purpose: every caller it was for has gone away."""
 
 
 def exit_status(e: BaseException) -> int:

@@ -1,4 +1,5 @@
-"""Writing files so that a reader never sees half of one, and hashing them. The one place the project does either.
+"""Writing files so that a reader never sees half of one, hashing them, and decoding input images. The one place
+the project does any of these.
 
 Every output (a PNG, a JSON report, a manifest, a model folder, an ONNX file, a TensorRT plan, an AOTInductor
 package) is written under a temporary name beside its destination and renamed over it when complete; a failure or a
@@ -17,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from .errors import InputError
 
 
 def _umask() -> int:
@@ -161,3 +164,42 @@ def check_writable_parent(path: Path, what: str) -> None:
         os.unlink(name)
     except OSError as e:
         raise InputError(f"{what} {path}: cannot write into {probe} ({e.strerror or e})") from None
+
+
+# PIL would open dozens of formats, some through external programs (EPS runs Ghostscript): only these are decoded,
+# by every command and the server alike.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def open_image(source: bytes | str | Path, name: str = "image", max_megapixels: float | None = None):
+    """A decoded PIL image from a file or its bytes: PNG, JPEG or WebP only (IMAGE_FORMATS), within PIL's
+    decompression-bomb limit and, if given, `max_megapixels` (checked from the header, before decoding). Anything
+    else is an InputError naming `name` and what is wrong, never the file object."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise InputError(f"{name} is empty: send the PNG, JPEG or WebP file's bytes")
+        stream, what = io.BytesIO(bytes(source)), name
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"{name} {path} does not exist" if not path.exists() else f"{name} {path} is not a file")
+        stream, what = path, f"{name} {path}"
+    try:
+        img = Image.open(stream, formats=IMAGE_FORMATS)  # reads the header only
+        w, h = img.size
+        if max_megapixels is not None and w * h > max_megapixels * 1e6:
+            raise InputError(f"{what} is {w}x{h} = {w * h / 1e6:.1f} MP, over the {max_megapixels:g} MP limit")
+        img.load()
+    except InputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{what} is too large to decode ({e})") from None
+    except Exception as e:  # PIL raises many types for data it cannot identify; their text may hold the stream's repr
+        kind = "not a PNG, JPEG or WebP image" if isinstance(e, Image.UnidentifiedImageError) else \
+            f"a damaged image ({type(e).__name__})"
+        raise InputError(f"{what} cannot be decoded: {kind}") from None
+    return img

@@ -20,7 +20,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from PIL import Image
@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
-from .config import PRESETS, SmartEditConfig, check_resolution, precision_of
-from .errors import InputError, RunError
-from .files import sha256_file, sha256_json
+from .config import PRESETS, SmartEditConfig, check_guidance, check_resolution, precision_of
+from .errors import Cancelled, InputError, RunError
+from .files import open_image, sha256_file, sha256_json
 from .graphs import EagerRunner, GraphRunner, LoopRunner
 from .mllm import IMG_MODES, NUM_IMG_TOKENS, PAD_ID, PromptIds, pad_prompts, pick_template, tokenize_prompt
 from .model import STAGE_NAMES, Stages, build_stages, cfg_batch, cfg_combine
@@ -54,17 +54,7 @@ Guidance = Union[float, Sequence[float]]  # one value for the batch, or one per 
 
 
 def _as_image(x: Image.Image | str | Path) -> Image.Image:
-    if isinstance(x, Image.Image):
-        return x
-    path = Path(x)
-    if not path.is_file():
-        raise InputError(f"input image {path} does not exist")
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as e:  # PIL raises many types for undecodable files
-        raise InputError(f"cannot read image {path}: {e}") from e
-    return img
+    return x if isinstance(x, Image.Image) else open_image(x, "input image")
 
 
 @dataclass(frozen=True)
@@ -327,10 +317,11 @@ class SmartEditPipeline:
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,
                 steps: int = 100, guidance_scale: Guidance = 7.5, image_guidance_scale: Guidance = 1.5,
                 generator: Generators = None, progress: bool = False,
-                latents: torch.Tensor | None = None) -> torch.Tensor:
+                latents: torch.Tensor | None = None, stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode). The seed's
         noise is drawn as diffusers draws it: the starting latents, then one tensor per step (one generator for the
-        batch, or one per sample)."""
+        batch, or one per sample). `stop`, asked before each step, ends the loop with Cancelled when it answers True
+        (a server whose clients went away); a runner that replays the whole loop as one program is not asked."""
         plan = AncestralPlan.build(steps, self.device)
         if latents is None:
             latents = initial_latents(generator, tuple(image_latents.shape), plan, self.device, self.dtype)
@@ -342,6 +333,9 @@ class SmartEditPipeline:
             return self.backend.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
                                              bim_residual, plan.table, noise, guidance)  # guidance [B, 2]
         for i in tqdm(range(steps), desc="denoise", disable=not progress):
+            if stop is not None and stop():
+                raise Cancelled(f"stopped before step {i + 1} of {steps}: the caller stopped waiting (cancelled, or "
+                                "its timeout passed)")
             row = plan.table[i]
             eps = self.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance_scale,
                                   image_guidance_scale)
@@ -358,14 +352,17 @@ class SmartEditPipeline:
                  guidance_scale: Guidance = 7.5, image_guidance_scale: Guidance = 1.5, resolution: int = 256,
                  seed: int | Sequence[int] | None = None, img_token_mode: str | None = None,
                  template: int | str = 0, temperature: float = 0.0, progress: bool = False,
-                 timings: dict[str, float] | None = None):
+                 timings: dict[str, float] | None = None, stop: Callable[[], bool] | None = None):
         """One edit -> PIL image; lists of images and instructions (or a list of (image, instruction) pairs) -> a
         list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image).
         `seed` and the guidance scales may be one per sample: then each sample draws its own noise from its own
         seed and gets the image it would get alone (up to the batched kernels' rounding).
 
         `timings`, if given, receives the wall time in ms of each stage (device-synchronised): condition (vision +
-        LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total.
+        LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total. `stop`: see denoise.
+
+        Non-finite latents or a non-finite decoded image (a huge guidance can keep the latents finite and still
+        overflow the decoder) are a RunError: NaN would otherwise be written as a black image.
         """
         single = not isinstance(image, (list, tuple))
         if instruction is None:
@@ -398,25 +395,31 @@ class SmartEditPipeline:
             image_latents = self.encode_image(pil, resolution)
         with clock("denoise"):
             latents = self.denoise(prompt_embeds, bim_residual, image_latents, steps, guidance_scale,
-                                   image_guidance_scale, generator, progress)
-        bad = (~torch.isfinite(latents)).flatten(1).any(1).nonzero().flatten().tolist()  # one sync, [B,4,h,w]
-        if bad:  # NaN/inf would decode to a black or white image that looks like an answer
-            raise RunError(f"the latents of sample(s) {bad} are not finite after {steps} steps on backend "
-                           f"{self.backend.name!r} in {precision_of(self.dtype)}: no image written")
+                                   image_guidance_scale, generator, progress, stop=stop)
+        self._check_finite(latents, f"the latents are not finite after {steps} steps")
         with clock("vae_decode"):
             decoded = self.decode(latents)
+        self._check_finite(decoded, "the decoded image is not finite")
         out = postprocess(decoded)
         clock.finish()
         return out[0] if single else out
+
+
+    def _check_finite(self, x: torch.Tensor, what: str) -> None:
+        """RunError naming the samples of x [B, ...] that hold NaN/inf (one sync): they would be written as black or
+        white images that look like answers."""
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:
+            raise RunError(f"sample(s) {bad}: {what} on backend {self.backend.name!r} in "
+                           f"{precision_of(self.dtype)}: no image written")
 
 
 def _check_guidance(name: str, g: Guidance, n: int) -> None:
     values = list(g) if isinstance(g, (list, tuple)) else [g]
     if isinstance(g, (list, tuple)) and len(values) != n:
         raise InputError(f"got {len(values)} values of {name} for {n} images; give one, or one per image")
-    bad = [v for v in values if not isinstance(v, (int, float)) or not math.isfinite(v)]
-    if bad:
-        raise InputError(f"{name} must be a finite number, got {bad[0]!r}")
+    for v in values:
+        check_guidance(name, v)
 
 
 def _per_sample(g: Guidance, latents: torch.Tensor):

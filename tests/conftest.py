@@ -135,3 +135,34 @@ def trt_rtx_export(onnx_export, tmp_path_factory):
     run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
                build=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
     return out, said
+
+
+@pytest.fixture(scope="session")
+def triton_repository(onnx_export, tmp_path_factory):
+    """-> (export folder, progress messages): the fp16 ONNX export plus its `--target triton --triton-stages python`
+    repository (OUT/triton), made once per session; tests that change it work on a copy."""
+    import shutil
+
+    from smartedit.export.run import run_export
+    from smartedit.graphs.spec import ProfileOptions
+
+    out = tmp_path_factory.mktemp("triton") / "export"
+    shutil.copytree(onnx_export("fp16"), out)
+    said = []
+    run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
+               triton_stages="python", progress=said.append)
+    return out, said
+
+
+@pytest.fixture(scope="session")
+def tiny_server():
+    """smartedit-serve's Triton server, eager tiny on the CPU, shared by the tests of the server: batches of up to 4
+    within 400 ms (long enough that concurrent test requests meet), images up to 1 MP."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install -e '.[test]')")
+    from smartedit.pipeline import ModelSource
+    from smartedit.serve.server import running, settings_for
+
+    settings = settings_for(ModelSource(preset="tiny", seed=0), "eager", None, "cpu", "fp32", max_steps=100,
+                            max_megapixels=1.0, max_batch=4)
+    with running(settings, max_batch=4, queue_delay_ms=400, ready_timeout_s=300) as s:
+        yield s

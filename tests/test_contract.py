@@ -68,7 +68,7 @@ def _manifest(tmp_path, d) -> None:
     (None, "manifest.json not found"),
     ("{not json", "is not valid JSON"),
     ("[1, 2]", "holds a JSON list, not a dict"),
-    ({"manifest_version": 1, "graphs": {}}, "is manifest version 1, this smartedit reads version 2"),
+    ({"manifest_version": 1, "graphs": {}}, f"is manifest version 1, this smartedit reads version {MANIFEST_VERSION}"),
     ({"manifest_version": MANIFEST_VERSION, "artifacts": []}, "'artifacts' must map each target"),
     ({"manifest_version": MANIFEST_VERSION, "artifacts": {"onnx": {"unet": {"target": "onnx"}}}},
      r"\[onnx\]\[unet\]: malformed manifest entry"),

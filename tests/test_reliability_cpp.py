@@ -205,6 +205,15 @@ def _manifest_sha256_edited(c: Ctx):
     return c.edit(c.ok_edit())
 
 
+def _entry_from_another_source(c: Ctx):
+    """The vae_decoder's entry (and its file) as if copied in from another export: its source is another model's."""
+    manifest = _copied_artifacts(c) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["artifacts"]["aoti"]["vae_decoder"]["source"] = "0" * 64
+    manifest.write_text(json.dumps(m))
+    return c.edit(c.ok_edit())
+
+
 def _unet_symlink_out_of_the_folder(c: Ctx):
     """The unet package a symlink to the same bytes outside the folder: the path resolves outside and is refused
     (the manifest's paths are checked after resolving links, not just by their spelling)."""
@@ -249,6 +258,9 @@ ROWS = [
     Row("image_latents_inf", _denoise_tensor("image_latents", float("-inf")), 2, "tensor 'image_latents' holds"),
     Row("latents_overflow_in_the_loop", lambda c: c.denoise(c.ok_denoise(), None, "--guidance-scale", "1e300"), 1,
         "non-finite latents at step 1 of 1"),
+    # a huge finite guidance through the whole edit: whichever stage first turns non-finite stops it, no image
+    Row("guidance_3e38_whole_edit", lambda c: c.edit(c.ok_edit(), None, "--guidance-scale", "3e38"), 1,
+        "non-finite"),
     # bad values at the boundary: one line, no backtrace
     Row("image_100px", _image_100px, 2, "size 100 of axis 2 is not a multiple of 8"),
     Row("image_264px", _image_264px, 2, "image height 264 px is not a multiple of 64 px, which the unet graph needs"),
@@ -266,6 +278,8 @@ ROWS = [
         "--device must be cpu, cuda or cuda:N, got 'meta'"),
     Row("unet_not_a_package", _not_a_package, 2, "junk.pt2 is not an AOTInductor package"),
     # every artifact file is checked against its manifest entry (inside the folder, size, sha256) before loading
+    Row("entry_from_another_source", _entry_from_another_source, 2,
+        "[aoti][vae_decoder] was exported from another source"),
     Row("unet_one_bit_flipped_sha256", _unet_bit_flipped, 2,
         "aoti/unet.pt2 does not match its manifest entry (sha256 "),
     Row("manifest_sha256_edited", _manifest_sha256_edited, 2,

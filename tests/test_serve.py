@@ -30,9 +30,9 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip in
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
 from conftest import readme_block  # noqa: E402
-from smartedit.export.triton import MODEL, stage_config, write_serving_repository  # noqa: E402
+from smartedit.export.triton import MAX_QUEUE, MODEL, stage_config, write_serving_repository  # noqa: E402
 from smartedit.serve.client import connect, edit  # noqa: E402
-from smartedit.serve.server import free_endpoints, read_metrics, running, settings_for  # noqa: E402
+from smartedit.serve.server import free_endpoints, read_metrics  # noqa: E402
 from smartedit.pipeline import ModelSource  # noqa: E402
 
 TOLERANCE = 1  # grey levels of 255, batched vs alone: see the module doc
@@ -55,12 +55,8 @@ def image(test_image) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """Eager tiny on the CPU, batches of up to 4 within 400 ms (long enough that concurrent test requests meet)."""
-    settings = settings_for(ModelSource(preset="tiny", seed=0), "eager", None, "cpu", "fp32", max_steps=100,
-                            max_megapixels=1.0, max_batch=4)
-    with running(settings, max_batch=4, queue_delay_ms=400, ready_timeout_s=300) as s:
-        yield s
+def server(tiny_server):
+    return tiny_server
 
 
 def _offline(tiny_pipe, image: bytes, text: str, **kw) -> bytes:
@@ -195,9 +191,12 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
     assert [(g.count, g.kind) for g in c.instance_group] == [(2, mc.ModelInstanceGroup.KIND_GPU)]
     assert {i.name for i in c.input} >= {"image", "instruction", "seed", "steps", "resolution"}
     assert {i.name for i in c.input if not i.optional} == {"image", "instruction"}
-    unbatched = write_serving_repository(tmp_path / "one", {}, max_batch=1, queue_delay_ms=5, instances=1, gpu=False)
-    assert not text_format.Parse((unbatched / MODEL / "config.pbtxt").read_text(),
-                                 mc.ModelConfig()).HasField("dynamic_batching")
+    assert c.dynamic_batching.default_queue_policy.max_queue_size == MAX_QUEUE  # the queue is bounded
+    unbatched = write_serving_repository(tmp_path / "one", {}, max_batch=1, queue_delay_ms=5, instances=1, gpu=False,
+                                         max_queue=3)
+    one = text_format.Parse((unbatched / MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert (one.max_batch_size, one.dynamic_batching.max_queue_delay_microseconds) == (1, 0)  # each request alone
+    assert one.dynamic_batching.default_queue_policy.max_queue_size == 3
 
     entry = Manifest.read(onnx_export("fp16")).entries("onnx")["unet"]
     for kind, want in (("onnx", ("onnxruntime", "")), ("trt", ("", "tensorrt_plan")), ("python", ("python", ""))):
@@ -209,23 +208,15 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
         assert list(c.instance_group[0].profile) == (["0"] if kind == "trt" else [])
 
 
-def test_container_repository_runs_on_the_bundled_server(tmp_path, onnx_export, image):
+def test_container_repository_runs_on_the_bundled_server(tmp_path, triton_repository, image):
     """--target triton --triton-stages python: the BLS-orchestrated repository, stage models in ONNX Runtime, served
     by the bundled tritonserver; it answers what the in-process onnxruntime backend answers for the same request."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     from smartedit.engines import registry
-    from smartedit.export.run import run_export
-    from smartedit.graphs.spec import ProfileOptions
 
-    from conftest import SMALL_PROFILE
-
-    out = tmp_path / "export"
-    shutil.copytree(onnx_export("fp16"), out)
-    said = []
-    run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
-               triton_stages="python", progress=said.append)
+    out, said = triton_repository
     assert not any("exporting" in m for m in said), "the ONNX graphs were up to date: reused, not re-exported"
     repo = out / "triton"
     for cfg in repo.glob("*/config.pbtxt"):

@@ -18,7 +18,7 @@ namespace smartedit {
 
 namespace {
 
-constexpr uint64_t kManifestVersion = 2;  // smartedit/graphs/manifest.py MANIFEST_VERSION
+constexpr uint64_t kManifestVersion = 3;  // smartedit/graphs/manifest.py MANIFEST_VERSION
 constexpr int64_t kMaxDim = int64_t{1} << 40;
 
 std::pair<int64_t, std::string> parse_dim(const Json& d, const std::string& where) {
@@ -138,6 +138,9 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
   if (!version || !version->is_uint || version->uint != kManifestVersion)
     throw std::runtime_error(where + ": not manifest version " + std::to_string(kManifestVersion) +
                              ": re-run smartedit-export into " + artifacts_dir);
+  // every entry must come from the folder's own source: an entry copied in from another export runs another model
+  const std::string& source = root.at("source", Json::Kind::kObject, where)
+                                  .at("sha256", Json::Kind::kString, where + " source").string;
   const Json& arts = root.at("artifacts", Json::Kind::kObject, where);
   const Json* entries = arts.find(target);
   if (!entries || entries->kind != Json::Kind::kObject || entries->object.empty())
@@ -149,6 +152,9 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
   const fs::path root_dir = fs::weakly_canonical(dir);
   for (const auto& [graph, e] : entries->object) {
     const std::string w = where + " [" + target + "][" + graph + "]";
+    if (e.at("source", Json::Kind::kString, w).string != source)
+      throw std::runtime_error(w + " was exported from another source than this folder's (copied in from another "
+                               "export?): re-run smartedit-export --target " + target + " --out " + artifacts_dir);
     GraphArtifact g;
     g.graph = graph;
     const Json& options = e.at("options", Json::Kind::kObject, w);

@@ -1,9 +1,10 @@
 """An export folder's artifacts of one target, checked before any runtime loads them.
 
 Every runtime of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
-checks are the same for all: the manifest is one this version reads, the target was exported, every file the
-manifest names is inside the folder and has its recorded size (at once) and sha256 (when the graph is first opened:
-what runs is what was exported and verified; hashed once per process per unchanged file), and each entry is compatible with this machine
+checks are the same for all: the manifest is one this version reads, the target was exported, every entry was
+exported from the folder's source (not copied in from another export), every file the manifest names is inside the
+folder and has its recorded size (at once) and sha256 (when the graph is first opened: what runs is what was
+exported and verified; hashed once per process per unchanged file), and each entry is compatible with this machine
 (`Entry.compatible`: TensorRT version and GPU, torch version and device). A failure is an ArtifactError naming the
 file or the difference.
 """
@@ -31,6 +32,9 @@ class Artifacts:
                                 f"{sorted(self.manifest.artifacts) or 'none'}): run smartedit-export --target "
                                 f"{target} --out {self.root}")
         for g, e in self.entries.items():
+            foreign = self.manifest.foreign(e)  # an entry and its file copied in from another export
+            if foreign:
+                raise ArtifactError(foreign)
             self._refuse_damaged(e, hashes=False)  # sizes now; each graph's sha256 when it is first opened
             reason = e.compatible(here) if here is not None else None
             if reason:

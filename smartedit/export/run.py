@@ -260,6 +260,22 @@ def _looks_ours(folder: Path) -> list[str]:
     return bad
 
 
+def _foreign_in_repository(manifest: Path, repo: Path) -> list[str]:
+    """What in OUT/triton the manifest's record of the repository does not list (without a record, e.g. an export
+    killed between writing the repository and recording it: what is not named after a graph)."""
+    from .triton import unrecorded
+
+    try:
+        files = json.loads(manifest.read_text()).get("repositories", {}).get("triton", {}).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if not isinstance(files, dict):
+        return _looks_ours(repo)
+    prefix = f"{repo.name}/"
+    recorded = [rel[len(prefix):] for rel in files if rel.startswith(prefix)]
+    return [prefix + rel for rel in unrecorded(repo, recorded) if not STAGING.match(Path(rel).name)]
+
+
 def foreign_entries(out: Path) -> list[str]:
     """What in `out` an export did not write (empty for a new or empty folder, or one of our exports)."""
     out = Path(out)
@@ -277,7 +293,9 @@ def foreign_entries(out: Path) -> list[str]:
         elif name in (REPORT_FILE, VERIFY_FILE, LOCK_FILE, WRITE_PROBE) or STAGING.match(name) or name in listed:
             continue
         elif name in targets.TARGETS and p.is_dir() and not p.is_symlink():
-            if not ours_manifest:
+            if name == "triton" and ours_manifest:  # replaced whole by the next export: all of it must be ours
+                bad += _foreign_in_repository(manifest, p)
+            elif not ours_manifest:
                 bad += _looks_ours(p)
         else:
             bad.append(name + ("/" if p.is_dir() else ""))

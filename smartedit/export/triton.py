@@ -13,8 +13,15 @@ edit: tokenizer, sampler and guidance in PyTorch, the graphs on a GraphRunner):
                                                        serve (it has the Python backend only); for testing
 
 Every config.pbtxt is built as Triton's ModelConfig protobuf (tritonclient's model_config_pb2) and written in its
-text format, so it parses by construction; tests parse the files back. Stage files are hard-linked from the export
-(copied where links cannot be made), never rewritten.
+text format, so it parses by construction; tests parse the files back. Stage files are hard-linked from the export's
+own graph files (copied where links cannot be made), never rewritten; what the orchestrator needs of a checkpoint
+(config, tokenizer, null-text embedding) is copied, never linked, so nothing done to the repository reaches the
+user's model folder.
+
+What is served is what was exported: every file of OUT/triton is recorded with its sha256 in the manifest
+(`repositories.triton`, which smartedit-verify checks), the `smartedit` model's settings list the sha256 of every
+other file of the repository, and its initialize() refuses to serve when one differs or an unrecorded file is there;
+a Python stage model checks its own graph files before ONNX Runtime opens them.
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from smartedit.errors import ExportError, InputError, UnavailableError
-from smartedit.files import staged, write_atomic
+from smartedit.errors import ArtifactError, ExportError, InputError, UnavailableError
+from smartedit.files import sha256_file, sha256_file_cached, staged, write_atomic
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
@@ -68,15 +75,24 @@ def _version_dir(model_dir: Path, module: str, what: str) -> Path:
     return version
 
 
+MAX_QUEUE = 16  # requests waiting for the model, at most; more are refused at once (UNAVAILABLE / HTTP 503)
+
+
 def orchestrator_config(settings: dict[str, Any], max_batch: int, queue_delay_ms: float, instances: int,
-                        gpu: bool):
-    """The `smartedit` model: the request contract above, dynamic batching, its settings as a parameter."""
+                        gpu: bool, max_queue: int = MAX_QUEUE):
+    """The `smartedit` model: the request contract above, dynamic batching (batch 1: each request alone), at most
+    `max_queue` requests waiting (Triton refuses more at once: an edit holds the model for seconds, and a queue
+    without a bound grows for as long as clients send), its settings as a parameter."""
     mc, _ = _pb()
     c = mc.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch)
     for name, dtype, optional in REQUEST_INPUTS:
         c.input.add(name=name, data_type=mc.DataType.Value(dtype), dims=[1], optional=optional)
     for name, dtype in REQUEST_OUTPUTS:
         c.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=[1])
+    policy = c.dynamic_batching.default_queue_policy
+    policy.max_queue_size = max_queue
+    policy.allow_timeout_override = True  # a request's own `timeout`: rejected if it expires while queued
+    policy.timeout_action = mc.ModelQueuePolicy.TimeoutAction.Value("REJECT")
     if max_batch > 1:
         c.dynamic_batching.max_queue_delay_microseconds = int(queue_delay_ms * 1000)
     kind = mc.ModelInstanceGroup.Kind.Value("KIND_GPU" if gpu else "KIND_CPU")
@@ -86,11 +102,11 @@ def orchestrator_config(settings: dict[str, Any], max_batch: int, queue_delay_ms
 
 
 def write_serving_repository(repo: Path, settings: dict[str, Any], max_batch: int, queue_delay_ms: float,
-                             instances: int, gpu: bool) -> Path:
+                             instances: int, gpu: bool, max_queue: int = MAX_QUEUE) -> Path:
     """The repository of smartedit-serve: one `smartedit` model whose graphs run in-process."""
     model_dir = Path(repo) / MODEL
     _version_dir(model_dir, "smartedit.serve.model", "the whole SmartEdit edit")
-    _write_config(model_dir, orchestrator_config(settings, max_batch, queue_delay_ms, instances, gpu))
+    _write_config(model_dir, orchestrator_config(settings, max_batch, queue_delay_ms, instances, gpu, max_queue))
     return Path(repo)
 
 
@@ -98,9 +114,10 @@ def _dims(t, spec: GraphSpec) -> list[int]:
     return [-1 if parse_dim(d)[1] is not None else int(d) for d in t.shape]
 
 
-def stage_config(entry: Entry, kind: str, profile: int | None = None):
+def stage_config(entry: Entry, kind: str, profile: int | None = None, files: dict[str, str] | None = None):
     """One graph as a Triton model: its inputs and outputs from the spec (named dims -1: dynamic), batch dims
-    explicit (max_batch_size 0: the unet's 3B is not a plain batch)."""
+    explicit (max_batch_size 0: the unet's 3B is not a plain batch). A Python stage model also gets the spec (it
+    refuses shapes outside the profile before any work) and `files`, its version folder's {name: sha256}."""
     mc, _ = _pb()
     spec = entry.spec
     if kind == "onnx":
@@ -111,6 +128,7 @@ def stage_config(entry: Entry, kind: str, profile: int | None = None):
         c = mc.ModelConfig(name=spec.name, backend="python", max_batch_size=0)
         c.parameters["spec"].string_value = json.dumps(spec.to_dict(), sort_keys=True)
         c.parameters["precision"].string_value = entry.precision
+        c.parameters["files"].string_value = json.dumps(files or {}, sort_keys=True)
     for tensors, add in ((spec.inputs, c.input.add), (spec.outputs, c.output.add)):
         for t in tensors:
             dtype = str(t.torch_dtype(entry.precision)).removeprefix("torch.")
@@ -123,28 +141,75 @@ def stage_config(entry: Entry, kind: str, profile: int | None = None):
 
 
 def _link(src: Path, dst: Path) -> None:
+    """A graph file of the export into the repository: a hard link (both are this export's outputs), or a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        dst.unlink()
     try:
         os.link(src, dst)
-    except OSError:  # another filesystem, or links not allowed: a copy
-        shutil.copy2(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copyfile(src, dst)
 
 
 def _copy_model_folder(source_model: Path, dst: Path) -> None:
-    """What the orchestrator needs of a converted checkpoint: config, tokenizer, null-text embedding (no weights)."""
+    """What the orchestrator needs of a converted checkpoint: config, tokenizer, null-text embedding (no weights).
+    Copied, contents only (never links, never the source's modes): the user's folder stays as it was."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "null_text.safetensors"):
-        _link(source_model / name, dst / name)
-    if (dst / "tokenizer").exists():
-        shutil.rmtree(dst / "tokenizer")
-    shutil.copytree(source_model / "tokenizer", dst / "tokenizer")
+        shutil.copyfile(source_model / name, dst / name)
+    shutil.copytree(source_model / "tokenizer", dst / "tokenizer", copy_function=shutil.copyfile, symlinks=False)
+
+
+IGNORED = ("__pycache__",)  # what Python writes beside model.py when it imports it: never served as a model file
+
+
+def repository_files(repo: Path) -> list[str]:
+    """Every file under `repo`, relative to it, in order (Python's __pycache__ folders left out)."""
+    repo = Path(repo)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(repo):
+        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED)
+        out += sorted(str((Path(dirpath) / f).relative_to(repo)) for f in filenames)
+    return out
+
+
+def unrecorded(repo: Path, recorded: Iterable[str]) -> list[str]:
+    """What under `repo` the record does not list, relative to `repo`: a model folder none of whose files is
+    recorded is named as the folder ("my_detector/"), other files one by one."""
+    recorded = set(recorded)
+    tops = {Path(r).parts[0] for r in recorded}
+    out: list[str] = []
+    for rel in repository_files(repo):
+        if rel in recorded:
+            continue
+        top = Path(rel).parts[0]
+        name = f"{top}/" if top not in tops and (Path(repo) / top).is_dir() else rel
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_repository(repo: Path, files: dict[str, str], own: Iterable[str] = ()) -> None:
+    """Before serving: every file `files` lists ({path relative to repo: sha256}) is in `repo` with that sha256, and
+    nothing else is there but `own` (the caller's own files, which the record cannot hold). ArtifactError naming the
+    first file that differs or is not recorded."""
+    repo = Path(repo).resolve()
+    for rel, sha in files.items():
+        path = (repo / rel).resolve()
+        if not path.is_relative_to(repo) or not path.is_file():
+            raise ArtifactError(f"the model repository {repo} lacks {rel} (or it leads outside): re-run "
+                                "smartedit-export --target triton")
+        if sha256_file_cached(path) != sha:
+            raise ArtifactError(f"{path} does not match the sha256 the export recorded ({sha[:12]}...): the "
+                                "repository was changed after export; re-run smartedit-export --target triton")
+    extra = unrecorded(repo, [*files, *own])
+    if extra:
+        raise ArtifactError(f"the model repository {repo} holds {', '.join(extra[:4])}, which the export did not "
+                            "write: what is served must be what was exported; move it out or re-export")
 
 
 def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_batch: int, queue_delay_ms: float,
                                device: str) -> Path:
-    """OUT/triton: a stage model per graph (from the export's entries) and the BLS-orchestrating `smartedit`."""
+    """OUT/triton: a stage model per graph (from the export's entries) and the BLS-orchestrating `smartedit`, every
+    file recorded in the manifest (repositories.triton) and its sha256 in the orchestrator's settings."""
     if stages not in STAGE_KINDS:
         raise InputError(f"--triton-stages must be one of {list(STAGE_KINDS)}, got {stages!r}")
     target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}[stages]
@@ -152,19 +217,25 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
     missing = [g for g in ("llava", "qformer_bim", "unet", "vae_encoder", "vae_decoder") if g not in entries]
     if missing:
         raise ExportError(f"the {target} export lacks {missing}: export every graph first")
+    if manifest.repositories.pop("triton", None) is not None:  # the record goes before the files are replaced
+        manifest.write()
     with staged(repo, folder=True) as tmp:
+        known: dict[str, dict[str, Any]] = {}  # repository path -> its entry's file record (not hashed again)
         for graph, e in entries.items():
             model_dir = tmp / graph
             version = model_dir / "1"
+            stage_files = {}
             for rel in e.files:
                 src = manifest.file(rel)
                 main = rel.endswith((".onnx", ".plan"))
                 name = ("model.onnx" if rel.endswith(".onnx") else "model.plan") if main else src.name
                 _link(src, version / name)  # external data keeps its name: the .onnx refers to it by name
+                known[f"{graph}/1/{name}"] = e.files[rel]
+                stage_files[name] = e.files[rel]["sha256"]
             if stages == "python":
                 _version_dir(model_dir, "smartedit.serve.stage", f"the {graph} graph in ONNX Runtime")
             profile = len(e.profiles) - 1 if stages == "trt" and e.profiles else None
-            _write_config(model_dir, stage_config(e, stages, profile))
+            _write_config(model_dir, stage_config(e, stages, profile, stage_files))
         src = manifest.source
         source: dict[str, Any]
         if src.get("kind") == "checkpoint":
@@ -172,14 +243,45 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
             source = {"model": "model"}  # relative to the model's version folder
         else:
             source = {"preset": src["preset"], "seed": src["seed"]}
+        _version_dir(tmp / MODEL, "smartedit.serve.model", "the whole SmartEdit edit, graphs through BLS")
+        record = {rel: known.get(rel) or {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
+                  for rel in repository_files(tmp)}
         settings = {"runner": "bls", "source": source, "device": device, "dtype": "fp32",
                     "graphs": {g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg}
                                for g, e in entries.items()},
-                    "max_batch": min(max_batch, entries["llava"].spec.dims["B"].max)}
-        _version_dir(tmp / MODEL, "smartedit.serve.model", "the whole SmartEdit edit, graphs through BLS")
+                    "max_batch": min(max_batch, entries["llava"].spec.dims["B"].max),
+                    "files": {rel: meta["sha256"] for rel, meta in record.items()}}
         _write_config(tmp / MODEL, orchestrator_config(settings, settings["max_batch"], queue_delay_ms, 1,
                                                        gpu=device.startswith("cuda")))
+        own = f"{MODEL}/config.pbtxt"
+        record[own] = {"sha256": sha256_file(tmp / own), "bytes": (tmp / own).stat().st_size}
+    prefix = Path(repo).resolve().relative_to(manifest.root.resolve())  # OUT/triton -> "triton"
+    manifest.repositories["triton"] = {"source": manifest.source["sha256"], "stages": stages,
+                                       "files": {str(prefix / rel): meta for rel, meta in sorted(record.items())}}
+    manifest.write()
     return repo
+
+
+def repository_problems(manifest: Manifest, name: str = "triton", hashes: bool = True) -> list[str]:
+    """Why the recorded repository `name` would not serve what the export verified (empty: it would): files missing
+    or changed, files the record does not list, a record from another source, stage files that are not the current
+    graph files of the target it was built from."""
+    repo = manifest.repositories[name]
+    files = repo["files"]
+    bad = [f"{rel}: missing or changed" for rel in manifest.damaged_files(files, hashes)]
+    bad += [f"{name}/{rel}: not written by the export" for rel in unrecorded(manifest.root / name,
+                                                                             [r.split("/", 1)[1] for r in files])]
+    if repo.get("source") != manifest.source.get("sha256"):
+        bad.append(f"{name}: recorded from another source than this folder's")
+    target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}.get(repo.get("stages"), "?")
+    for graph, e in manifest.entries(target).items():
+        for rel, meta in e.files.items():
+            main = rel.endswith((".onnx", ".plan"))
+            served = f"{name}/{graph}/1/" + (("model.onnx" if rel.endswith(".onnx") else "model.plan") if main
+                                             else Path(rel).name)
+            if files.get(served, {}).get("sha256") != meta["sha256"]:
+                bad.append(f"{served}: not the current {rel} (re-run smartedit-export --target triton)")
+    return bad
 
 
 def produce(job: ExportJob) -> None:

@@ -37,6 +37,7 @@ from smartedit.pipeline import ModelSource
 
 from .aoti import OnDevice
 from .run import lock_output
+from .triton import repository_problems
 
 
 def verify_artifacts(out: str | Path, source: ModelSource | None = None,
@@ -53,7 +54,8 @@ def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[
     for target, entries in manifest.artifacts.items():
         for g in [n for n in GRAPH_NAMES if n in entries]:
             t0 = time.perf_counter()
-            bad = manifest.damaged(entries[g])
+            foreign = manifest.foreign(entries[g])  # copied in from another export: what it would run is not ours
+            bad = [foreign] if foreign else manifest.damaged(entries[g])
             result["integrity"][f"{target}/{g}"] = {"files": len(entries[g].files), "bad": bad}
             progress(f"{target}/{g}: {len(entries[g].files)} files " + ("intact" if not bad else f"DAMAGED: {bad}")
                      + f" ({time.perf_counter() - t0:.1f} s)")
@@ -65,6 +67,13 @@ def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[
                                                                            for g in absent]}
             progress(f"{target}: INCOMPLETE: no manifest entry for {', '.join(absent)} (an edit needs all of "
                      f"{', '.join(GRAPH_NAMES)})")
+    for name in manifest.repositories:  # what a server loads: every file as recorded, and the graphs verified here
+        t0 = time.perf_counter()
+        bad = repository_problems(manifest, name)
+        result["integrity"][f"{name} repository"] = {"files": len(manifest.repositories[name]["files"]), "bad": bad}
+        progress(f"{name} repository: {len(manifest.repositories[name]['files'])} files "
+                 + ("intact, serving the graphs above" if not bad else f"DAMAGED: {bad[:4]}")
+                 + f" ({time.perf_counter() - t0:.1f} s)")
     if source is None:
         result["not_run"].append("parity with PyTorch: no source model given (--model DIR or --preset P "
                                  "--random-weights)")

@@ -1,12 +1,15 @@
 """The manifest of an export folder, OUT/manifest.json: one schema whatever the target.
 
-    {"manifest_version": 2,
+    {"manifest_version": 3,
      "source":    what the graphs were exported from (a checkpoint's file hashes, or a random preset and seed),
      "toolchain": library versions of the export,
-     "artifacts": {target: {graph: entry}}}       target: onnx | trt | trt-rtx | aoti
+     "artifacts": {target: {graph: entry}},       target: onnx | trt | trt-rtx | aoti
+     "repositories": {"triton": repository}}      what serves the graphs: a model repository built from entries
 
 Every entry has the same fields:
     target, graph, key       the target, the graph, the hash of everything that went into it (a rerun compares it)
+    source                   the sha256 of the source it was exported from: an entry copied in from another export
+                             (another source) is refused by every runtime and by smartedit-verify
     spec                     the graph spec (smartedit.graphs.spec), with its full dynamic range
     options                  precision, fold_cfg, profile, and the target's own options
     files                    {path relative to OUT: {"sha256", "bytes"}}
@@ -15,6 +18,9 @@ Every entry has the same fields:
     profiles                 the runtime profiles: [{"name", "dims"}] (TensorRT's exact ones first); [] = the spec's
     verified                 true / false / null (not checked) against PyTorch at export
     record                   what happened (timings, sizes, logs): informative, never required
+
+A repository records {"source", "stages", "files": {path relative to OUT: {"sha256", "bytes"}}}: every file a
+server loads from it, so that what is served is what was exported and verified.
 
 `Entry.compatible(here)` returns why an entry cannot run on a machine described by `here` (the same keys as
 `requires`), or None. Paths from a manifest are resolved inside OUT or refused.
@@ -31,7 +37,7 @@ from smartedit.files import read_json, sha256_file, sha256_file_cached, write_js
 
 from .spec import DimRange, GraphSpec, parse_dim
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 
 
@@ -47,6 +53,7 @@ class Entry:
     profiles: list[dict[str, Any]] = field(default_factory=list)
     verified: bool | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the source's sha256; Manifest.put stamps it
 
     @property
     def precision(self) -> str:
@@ -89,7 +96,9 @@ class Entry:
             entry = cls(target=str(d["target"]), graph=str(d["graph"]), key=str(d["key"]),
                         spec=GraphSpec.from_dict(d["spec"]), options=dict(d["options"]), files=dict(d["files"]),
                         requires=dict(d.get("requires", {})), profiles=list(d.get("profiles", [])),
-                        verified=d.get("verified"), record=dict(d.get("record", {})))
+                        verified=d.get("verified"), record=dict(d.get("record", {})), source=d["source"])
+            if not isinstance(entry.source, str):
+                raise TypeError(f"source must be a sha256 string, got {entry.source!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest entry ({type(e).__name__}: {e})") from None
         _check_bounded(entry.spec, where)
@@ -124,6 +133,7 @@ class Manifest:
     source: dict[str, Any]
     toolchain: dict[str, Any]
     artifacts: dict[str, dict[str, Entry]] = field(default_factory=dict)
+    repositories: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def path(self) -> Path:
@@ -142,21 +152,38 @@ class Manifest:
         arts = d.get("artifacts")
         if not isinstance(arts, dict) or not all(isinstance(v, dict) for v in arts.values()):
             raise ArtifactError(f"{path}: 'artifacts' must map each target to its graphs")
+        repos = d.get("repositories") or {}
+        if not isinstance(repos, dict) or not all(isinstance(r, dict) and isinstance(r.get("files"), dict)
+                                                  for r in repos.values()):
+            raise ArtifactError(f"{path}: 'repositories' must map each repository to its files")
         return cls(root, dict(d.get("source") or {}), dict(d.get("toolchain") or {}),
                    {t: {g: Entry.from_dict(e, f"{path} [{t}][{g}]") for g, e in gs.items()}
-                    for t, gs in arts.items()})
+                    for t, gs in arts.items()}, dict(repos))
 
     def write(self) -> None:
         write_json(self.path, {"manifest_version": MANIFEST_VERSION, "source": self.source,
                                "toolchain": self.toolchain,
                                "artifacts": {t: {g: e.to_dict() for g, e in gs.items()}
-                                             for t, gs in self.artifacts.items()}})
+                                             for t, gs in self.artifacts.items()},
+                               "repositories": self.repositories})
 
     def entries(self, target: str) -> dict[str, Entry]:
         return self.artifacts.get(target, {})
 
     def put(self, entry: Entry) -> None:
+        """Add an entry exported from this manifest's source (stamped with it)."""
+        entry.source = entry.source or self.source["sha256"]
+        if entry.source != self.source["sha256"]:
+            raise ArtifactError(f"{entry.graph} ({entry.target}) was exported from another source")
         self.artifacts.setdefault(entry.target, {})[entry.graph] = entry
+
+    def foreign(self, entry: Entry) -> str | None:
+        """Why `entry` is not from this manifest's source (copied in from another export), or None."""
+        if entry.source == self.source.get("sha256"):
+            return None
+        return (f"{self.path} [{entry.target}][{entry.graph}] was exported from another source (sha256 "
+                f"{entry.source[:12] or 'unrecorded'}..., this folder's is {str(self.source.get('sha256'))[:12]}...): "
+                f"re-run smartedit-export --target {entry.target} --out {self.root}")
 
     def drop(self, target: str, graph: str) -> None:
         self.artifacts.get(target, {}).pop(graph, None)
@@ -171,8 +198,12 @@ class Manifest:
 
     def damaged(self, entry: Entry, hashes: bool = True) -> list[str]:
         """The files of `entry` that are missing, of another size, or (hashes=True) of another sha256."""
+        return self.damaged_files(entry.files, hashes)
+
+    def damaged_files(self, files: dict[str, dict[str, Any]], hashes: bool = True) -> list[str]:
+        """Of `files` ({path relative to OUT: {"sha256", "bytes"}}), those missing, of another size or sha256."""
         bad = []
-        for rel, meta in entry.files.items():
+        for rel, meta in files.items():
             f = self.file(rel)
             if not f.is_file() or f.stat().st_size != meta["bytes"] or (hashes and sha256_file_cached(f) !=
                                                                          meta["sha256"]):

@@ -11,6 +11,8 @@ from smartedit.config import PRECISIONS, check_device
 from smartedit.engines import registry
 from smartedit.errors import InputError, run_command
 
+from smartedit.export.triton import MAX_QUEUE
+
 from .server import Endpoints, serve, settings_for
 
 EXAMPLE = """example:
@@ -34,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32", help="(default fp32)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; the "
+                   "ports serve health, metadata and inference to anyone who reaches them: see the README before "
+                   "binding another address)")
     p.add_argument("--http-port", type=int, default=8000, help="(default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="(default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                    "dynamic batching; an exported backend's profile may lower it)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long a request may wait for others to batch with (default 5 ms)")
+    p.add_argument("--max-queue", type=positive, default=MAX_QUEUE, help="requests that may wait for the model, at "
+                   f"most (default {MAX_QUEUE}); more are refused at once with UNAVAILABLE (HTTP 503)")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own copy of the "
                    "model (default 1)")
     p.add_argument("--max-steps", type=positive, default=100, help="largest `steps` a request may ask for (default 100)")
@@ -54,9 +60,10 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError("--max-queue-delay-ms must be >= 0 and --max-megapixels a finite number > 0, got "
                              f"{a.max_queue_delay_ms} and {a.max_megapixels}")
         check_device(a.device)
+        endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
+        endpoints.check()  # before the model is loaded
         settings = settings_for(source, a.backend, a.artifacts, a.device, a.dtype, a.max_steps, a.max_megapixels,
                                 a.max_batch)
-        endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
 
         def ready(e: Endpoints, log: Path) -> None:
             print(f"smartedit-serve: ready: model `smartedit` ({a.backend}, {a.device}, {a.dtype}) on "
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"smartedit-serve: starting Triton Inference Server ({source}, backend {a.backend}) ...", flush=True)
         code = serve(settings, endpoints, a.max_batch, a.max_queue_delay_ms, a.instances,
-                     gpu=a.device.startswith("cuda"), on_ready=ready)
+                     gpu=a.device.startswith("cuda"), on_ready=ready, max_queue=a.max_queue)
         print(f"smartedit-serve: stopped (status {code})", flush=True)
         if code:
             raise SystemExit(code)

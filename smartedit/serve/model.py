@@ -7,25 +7,31 @@ request): where the weights are, and what runs the graphs:
         the graphs in this process, on a backend of smartedit.engines.registry (smartedit-serve)
     {"runner": "bls", "graphs": {graph: {spec, precision, fold_cfg}}, "source": {...}, ...}
         the graphs as stage models of the same Triton, through BLS calls (the container repository)
-Loading checks the artifacts (every file against its manifest sha256), loads them and runs a one-step edit at the
-smallest profile: Triton reports the model ready only after that. (Through BLS, Triton itself loads the stage models
-first; BLS calls are not allowed while loading, so there is no warm-up edit.) A failure refuses the load with one line naming the
-cause, and tritonserver exits non-zero.
+Loading checks the artifacts (every file against its manifest sha256; through BLS, every file of the repository
+against the sha256 the export recorded, and nothing unrecorded beside them), loads them and runs a one-step edit at
+the smallest profile: Triton reports the model ready only after that. (Through BLS, Triton itself loads the stage
+models first; BLS calls are not allowed while loading, so there is no warm-up edit.) A failure refuses the load with
+one line naming the cause, and tritonserver exits non-zero.
+
+Answers: a bad request is the client's error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT), an edit whose clients
+all left is CANCELLED, anything else INTERNAL (HTTP 500). An error keeps only its message: its traceback would hold
+the request's tensors for as long as the error lives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from smartedit.config import dtype_named
 from smartedit.engines import registry
-from smartedit.errors import InputError, RunError, SmartEditError
+from smartedit.errors import ArtifactError, Cancelled, InputError, RunError, SmartEditError
 from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import ModelSource, SmartEditPipeline
 
@@ -48,6 +54,12 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
     source = _source(settings, version_dir)
     device, dtype = settings.get("device", "cpu"), dtype_named(settings.get("dtype", "fp32"))
     if settings["runner"] == "bls":
+        from smartedit.export.triton import MODEL, check_repository
+
+        if not isinstance(settings.get("files"), dict):
+            raise ArtifactError("the `smartedit` model's settings record no repository files: re-run "
+                                "smartedit-export --target triton")
+        check_repository(version_dir.parent.parent, settings["files"], own=[f"{MODEL}/config.pbtxt"])
         pipe = source.load(device, dtype, only=[])
         pipe.backend = BLSRunner(settings["graphs"], device)
     else:
@@ -129,6 +141,7 @@ class TritonPythonModel:
             self.service = build_service(settings, version_dir)
         except SmartEditError as e:  # one line in tritonserver's log, which smartedit-serve prints
             raise RuntimeError(f"smartedit: {type(e).__name__}: {e}") from None
+        self.metric_family, self.outcomes = _outcome_counters(args["model_name"])  # the family outlives its metrics
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb
@@ -143,17 +156,55 @@ class TritonPythonModel:
                     raise InputError(f"unknown request parameters {sorted(params)}: this model takes none")
                 parsed.append(self.service.parse({name: _value(r, name) for name, _, _ in REQUEST_INPUTS}))
             except SmartEditError as e:
-                parsed.append(e)
-        good = [p for p in parsed if not isinstance(p, SmartEditError)]
-        results = iter(self.service.run(good))
+                parsed.append(_error(e))
+        good = [i for i, p in enumerate(parsed) if not isinstance(p, tuple)]
+        results = self.service.run([parsed[i] for i in good], gone=[_gone(requests[i]) for i in good])
+        for i, res in zip(good, results):
+            parsed[i] = _error(res) if isinstance(res, SmartEditError) else res
         responses = []
         for p in parsed:
-            res = p if isinstance(p, SmartEditError) else next(results)
-            if isinstance(res, SmartEditError):
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
-                    f"{type(res).__name__}: {res}")))
+            self.outcomes[_outcomes().get(p[0], "failed") if isinstance(p, tuple) else "ok"].increment(1)
+            if isinstance(p, tuple):
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(p[1], p[0])))
             else:
                 responses.append(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor("edited", np.array([[res.png]], dtype=object)),
-                    pb.Tensor("timings", np.array([[timings_json(res)]], dtype=object))]))
+                    pb.Tensor("edited", np.array([[p.png]], dtype=object)),
+                    pb.Tensor("timings", np.array([[timings_json(p)]], dtype=object))]))
         return responses
+
+
+def _gone(request) -> Callable[[], bool]:
+    """Whether nobody waits for `request` any more: its gRPC call was cancelled (Triton's HTTP frontend does not
+    report a closed connection), or its own timeout (the KServe `timeout` parameter, microseconds) has passed since
+    it reached the model (the queue policy rejects it earlier if it expires while queued)."""
+    timeout_us = request.timeout()
+    deadline = time.monotonic() + timeout_us / 1e6 if timeout_us else None
+    return lambda: request.is_cancelled() or (deadline is not None and time.monotonic() > deadline)
+
+
+def _outcome_counters(model: str) -> tuple[Any, dict]:
+    """smartedit_requests_total{model, outcome}: ok, refused (the client's error), cancelled, failed. Triton's own
+    nv_inference_request_success counts every request a Python model answered, refusals included (the Python
+    backend reports an error response as a success); these counters, on the same metrics port, tell them apart."""
+    import triton_python_backend_utils as pb
+
+    family = pb.MetricFamily(name="smartedit_requests_total", description="SmartEdit requests by outcome: ok, "
+                             "refused (a bad request), cancelled (the client left), failed", kind=pb.MetricFamily.COUNTER)
+    return family, {o: family.Metric(labels={"model": model, "outcome": o})
+                    for o in ("ok", "refused", "cancelled", "failed")}
+
+
+def _error(e: SmartEditError) -> tuple[int, str]:
+    """(Triton's error code, one line) of an error, which is then dropped with its traceback (whose frames hold the
+    request's image and text: kept, they leaked ~20 MB a refused request)."""
+    import triton_python_backend_utils as pb
+
+    code = (pb.TritonError.INVALID_ARG if isinstance(e, InputError) else
+            pb.TritonError.CANCELLED if isinstance(e, Cancelled) else pb.TritonError.INTERNAL)
+    return code, f"{type(e).__name__}: {e}"
+
+
+def _outcomes() -> dict[int, str]:
+    import triton_python_backend_utils as pb
+
+    return {pb.TritonError.INVALID_ARG: "refused", pb.TritonError.CANCELLED: "cancelled"}

@@ -7,13 +7,23 @@ version, a library path that puts this interpreter's libpython first (under a no
 the stub otherwise loads the system's and fails with '_thread.RLock' object has no attribute '_recursion_count'),
 and the repository; then it starts the server, waits until it is ready, and passes SIGTERM / SIGINT on (Triton then
 finishes the requests in flight, refuses new ones, and exits 0).
+
+What the server exposes: its HTTP and gRPC ports serve health, metadata and inference; every other API group
+(model-repository: load and unload, model-config, shared-memory, statistics, trace, logging) is restricted to
+requests carrying a key this process draws at start and never prints (RESTRICTED, ADMIN_HEADER): a client cannot
+load code into the server (a load request may carry a model.py), unload the model, register shared memory or read
+the settings. Only the drain on SIGTERM uses the key. The metrics port serves Prometheus text. The ports are
+checked before start (in range, distinct, free on the host) and the server is called ready only once its own
+process holds all three.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from smartedit.engines import registry
 from smartedit.errors import InputError, RunError, UnavailableError
-from smartedit.export.triton import MODEL, write_serving_repository
+from smartedit.export.triton import MAX_QUEUE, MODEL, write_serving_repository
 from smartedit.pipeline import ModelSource
 
 
@@ -51,6 +61,32 @@ class Endpoints:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics}/metrics"
+
+    def ports(self) -> dict[str, int]:
+        return {"--http-port": self.http, "--grpc-port": self.grpc, "--metrics-port": self.metrics}
+
+    def check(self) -> None:
+        """Before anything starts: each port in 1..65535, the three distinct, each free on the host (nothing listens
+        on it now). InputError naming the flag and the value."""
+        seen: dict[int, str] = {}
+        for flag, port in self.ports().items():
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise InputError(f"{flag} must be a TCP port from 1 to 65535, got {port!r}")
+            if port in seen:
+                raise InputError(f"{flag} {port} is also {seen[port]}: the three ports must differ")
+            seen[port] = flag
+        try:
+            family = socket.getaddrinfo(self.host, None, type=socket.SOCK_STREAM)[0][0]
+        except (socket.gaierror, UnicodeError) as e:
+            raise InputError(f"--host {self.host!r} is not an address of this machine ({e})") from None
+        for flag, port in self.ports().items():
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "taken"
+                try:
+                    probe.bind((self.host, port))
+                except OSError as e:
+                    why = "another program listens on it" if e.errno == 98 else (e.strerror or str(e))
+                    raise InputError(f"{flag} {port} cannot be used on {self.host}: {why}") from None
 
 
 def settings_for(source: ModelSource, backend: str, artifacts: str | None, device: str, dtype: str, max_steps: int,
@@ -149,6 +185,26 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def listening_ports(pid: int) -> set[int] | None:
+    """The TCP ports process `pid` listens on (Linux /proc: its socket inodes against /proc/net/tcp{,6}), or None
+    where /proc cannot tell."""
+    try:
+        inodes = set()
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        ports = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(f[1].rsplit(":", 1)[1], 16))
+        return ports
+    except OSError:
+        return None
+
+
 def _ready(endpoints: Endpoints) -> bool:
     try:
         with urllib.request.urlopen(f"http://{endpoints.http_url}/v2/health/ready", timeout=2) as r:
@@ -162,8 +218,9 @@ def _load_error(log: Path) -> str | None:
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     for marker in ("smartedit: ", "failed to load", "error:"):
         hit = next((ln for ln in lines if marker in ln), None)
-        if hit:
-            return hit[hit.index(marker) + (len(marker) if marker == "smartedit: " else 0):].strip().rstrip('"')
+        if hit:  # the log escapes the message's own newlines: what follows the first (the stub's "At:" frames) goes
+            line = hit[hit.index(marker) + (len(marker) if marker == "smartedit: " else 0):].split("\\n", 1)[0]
+            return line.strip().rstrip('"')
     return None
 
 
@@ -178,27 +235,37 @@ def _die_with_parent() -> None:
         pass
 
 
+# API groups only this process may call (with ADMIN_HEADER); health, metadata and inference stay open
+RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "smartedit-admin-key"  # gRPC clients would send it as triton-grpc-protocol-smartedit-admin-key
+
+
 class TritonServer:
     """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit."""
 
     def __init__(self, repo: Path, endpoints: Endpoints, workdir: Path, exit_timeout_s: int = 60,
                  log: Path | None = None, models: tuple[str, ...] = ()):
         """models: load only these, under explicit model control, so that drain() can unload them (None: Triton
-        loads and polls the whole repository)."""
+        loads the whole repository, and nothing can load or unload models)."""
         self.models = models
         self.repo, self.endpoints, self.workdir = Path(repo), endpoints, Path(workdir)
         self.log = Path(log) if log else self.workdir / "tritonserver.log"
         self.exit_timeout_s = exit_timeout_s
         self.proc: subprocess.Popen | None = None
+        self._admin_key = secrets.token_urlsafe(32)  # the restricted APIs' header value: this process's only
 
     def start(self) -> "TritonServer":
         e = self.endpoints
+        e.check()
         backends = prepare_backends(self.workdir / "backends")
+        restricted = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={self._admin_key}"
         cmd = [str(bundled() / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                f"--backend-directory={backends}", f"--http-address={e.host}", f"--http-port={e.http}",
                f"--grpc-address={e.host}", f"--grpc-port={e.grpc}", f"--metrics-address={e.host}",
                f"--metrics-port={e.metrics}", "--allow-metrics=true", "--exit-on-error=true",
-               "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0"]
+               "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0",
+               f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
+               "--allow-sagemaker=false", "--allow-vertex-ai=false"]  # their frontends ignore the restrictions
         if self.models:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
         with open(self.log, "wb") as log:
@@ -207,8 +274,11 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        """Until the model is loaded and ready; the model's load error, as one line, if the server exits first."""
+        """Until the model is loaded and ready, answering on ports this server's process holds; the model's load
+        error, as one line, if the server exits first."""
         deadline = time.monotonic() + timeout_s
+        answered_at = None
+        want = set(self.endpoints.ports().values())
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 line = _load_error(self.log) or f"tritonserver exited with status {self.proc.returncode}"
@@ -216,7 +286,14 @@ class TritonServer:
                                                               "CheckpointError")) else RunError
                 raise kind(f"the server did not start: {line} (log: {self.log})")
             if _ready(self.endpoints):
-                return
+                held = listening_ports(self.proc.pid)
+                if held is None or want <= held:
+                    return
+                answered_at = answered_at or time.monotonic()
+                if time.monotonic() - answered_at > 10:  # a ready answer from a port it does not hold
+                    self.stop()
+                    raise RunError(f"another program answers on {self.endpoints.host} port(s) {sorted(want - held)}: "
+                                   f"tritonserver does not hold them (log: {self.log})")
             time.sleep(0.25)
         self.stop()
         raise RunError(f"the server was not ready after {timeout_s:.0f} s (log: {self.log})")
@@ -227,7 +304,7 @@ class TritonServer:
         Triton build's gRPC endpoint still takes requests while HTTP connections drain."""
         for m in self.models:
             req = urllib.request.Request(f"http://{self.endpoints.http_url}/v2/repository/models/{m}/unload",
-                                         data=b"{}", method="POST")
+                                         data=b"{}", method="POST", headers={ADMIN_HEADER: self._admin_key})
             try:
                 urllib.request.urlopen(req, timeout=self.exit_timeout_s).close()
             except (urllib.error.URLError, OSError):
@@ -255,12 +332,13 @@ class TritonServer:
 @contextmanager
 def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_batch: int = 4,
             queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False, ready_timeout_s: float = 600,
-            workdir: str | Path | None = None) -> Iterator[TritonServer]:
+            workdir: str | Path | None = None, max_queue: int = MAX_QUEUE) -> Iterator[TritonServer]:
     """A ready server on free loopback ports (or `endpoints`), stopped with SIGTERM on exit: for tests and the load
     test."""
     endpoints = endpoints or free_endpoints()
     with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
-        repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu)
+        repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
+                                        max_queue)
         server = TritonServer(repo, endpoints, Path(work), models=(MODEL,)).start()
         try:
             server.wait_ready(ready_timeout_s)
@@ -272,15 +350,18 @@ def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_ba
 def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batch: int = 4,
           queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
           on_ready: Callable[[Endpoints, Path], None] = lambda e, log: None, workdir: str | Path | None = None,
-          ready_timeout_s: float = 600) -> int:
+          ready_timeout_s: float = 600, max_queue: int = MAX_QUEUE) -> int:
     """Write the repository, run the server until SIGTERM / SIGINT, return its exit status (0 after a graceful
-    stop). Raises InputError / RunError with the model's load error if it never becomes ready. The server's log
-    outlives the run (a file in the temporary folder, named to on_ready and in errors)."""
+    stop). Raises InputError / RunError with the model's load error if it never becomes ready, KeyboardInterrupt
+    when stopped before it was. The server's log outlives the run (a file in the temporary folder, named to on_ready
+    and in errors)."""
+    endpoints.check()  # before the log file and the repository are made
     fd, log = tempfile.mkstemp(prefix="smartedit-serve-", suffix=".log", dir=workdir)
     os.close(fd)
     with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
         work = Path(work)
-        repo = write_serving_repository(work / "repo", settings, max_batch, queue_delay_ms, instances, gpu)
+        repo = write_serving_repository(work / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
+                                        max_queue)
         server = TritonServer(repo, endpoints, work, log=Path(log), models=(MODEL,)).start()
         stopping = []
 
@@ -291,7 +372,14 @@ def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batc
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            server.wait_ready(ready_timeout_s)
+            try:
+                server.wait_ready(ready_timeout_s)
+            except (InputError, RunError):
+                if stopping:  # Ctrl-C / SIGTERM during start-up: an interruption, not a failed start
+                    raise KeyboardInterrupt from None
+                raise
+            if stopping:
+                raise KeyboardInterrupt
             on_ready(endpoints, server.log)
             code = server.proc.wait()
         finally:

@@ -4,34 +4,39 @@ Nothing here knows Triton (serve/model.py is the glue): a request is a dict of p
 its timings, so the rules are testable in-process.
 
 - A request is refused, with a message naming the field and its value, before any batch work: an empty or
-  undecodable image (PNG and JPEG only, decoded in memory: no request reads or writes a file), an image over the
-  megapixel limit (checked from its header, before decoding), an instruction that is not UTF-8 or is longer than the
-  exported prompt profile, steps out of [1, max_steps], a resolution that is not a multiple of 64 or is outside the
-  exported profile, a non-finite guidance scale, a negative seed.
+  undecodable image (PNG, JPEG or WebP only, decoded in memory: no request reads or writes a file), an image over
+  the byte or megapixel limit (checked from its header, before decoding), an instruction over
+  MAX_INSTRUCTION_BYTES (before decoding), not UTF-8 or longer than the exported prompt profile, steps out of
+  [1, max_steps], a resolution that is not a multiple of 64 or is outside the exported profile, a guidance scale
+  that is not finite or past +-GUIDANCE_LIMIT, a negative seed.
 - Requests that share resolution and steps (and, for a folded-CFG unet, guidance) run as one batch through the
   graphs, up to the batch limit; each keeps its own seed (its own noise generator), instruction and guidance, so it
   gets the image it gets alone (up to the batched kernels' rounding). Requests that cannot share a batch never do.
+- Work nobody waits for is dropped: a request whose client has gone (`gone`) is not started, and a batch whose
+  clients have all gone stops before its next denoising step (asked at most every STOP_POLL_S).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from typing import Callable
+
 from PIL import Image
 
-from smartedit.config import RESOLUTION_STEP
-from smartedit.errors import InputError, SmartEditError
-from smartedit.mllm import tokenize_prompt
+from smartedit.config import RESOLUTION_STEP, check_guidance
+from smartedit.errors import Cancelled, InputError, SmartEditError
+from smartedit.files import open_image
+from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
 from smartedit.pipeline import SmartEditPipeline
 
-FORMATS = ("PNG", "JPEG")  # PIL would open dozens of formats (EPS runs Ghostscript): only these two are decoded
 DEFAULTS = {"steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5, "resolution": 256}
+STOP_POLL_S = 0.1  # how often a running batch asks whether its clients are still there (each ask is an IPC call)
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,10 @@ class EditResult:
     timings: dict[str, Any]
 
 
-def _number(name: str, value: Any, kind: type) -> Any:
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{name} must be an integer, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    return value
 
 
 class EditService:
@@ -106,6 +107,8 @@ class EditService:
                 raise InputError(f"missing input {name!r}")
         image = self._image(values["image"])
         raw = values["instruction"]
+        if len(raw) > MAX_INSTRUCTION_BYTES:  # before decoding and tokenizing it
+            raise InputError(f"instruction is {len(raw)} bytes, over the {MAX_INSTRUCTION_BYTES}-byte limit")
         try:
             instruction = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else str(raw)
         except UnicodeDecodeError as e:
@@ -117,45 +120,38 @@ class EditService:
             raise InputError(f"instruction is too long: {len(ids.suffix)} prompt tokens after the image, the "
                              f"exported profile takes at most {lim.max_suffix}")
         get = {k: values.get(k) if values.get(k) is not None else v for k, v in DEFAULTS.items()}
-        steps = _number("steps", get["steps"], int)
+        steps = _integer("steps", get["steps"])
         if not 1 <= steps <= lim.max_steps:
             raise InputError(f"steps must be from 1 to {lim.max_steps}, got {steps}")
-        resolution = _number("resolution", get["resolution"], int)
+        resolution = _integer("resolution", get["resolution"])
         if resolution % RESOLUTION_STEP or not lim.min_resolution <= resolution <= lim.max_resolution:
             raise InputError(f"resolution must be a multiple of {RESOLUTION_STEP} from {lim.min_resolution} to "
                              f"{lim.max_resolution} px, got {resolution}")
         seed = values.get("seed")
-        seed = random.randrange(2**31) if seed is None else _number("seed", seed, int)
+        seed = random.randrange(2**31) if seed is None else _integer("seed", seed)
         if not 0 <= seed < 2**63:
             raise InputError(f"seed must be from 0 to 2^63 - 1, got {seed}")
-        g, gi = (_number(k, get[k], float) for k in ("guidance_scale", "image_guidance_scale"))
+        g, gi = (check_guidance(k, get[k]) for k in ("guidance_scale", "image_guidance_scale"))
         return EditRequest(image, instruction, seed, steps, g, gi, resolution)
 
     def _image(self, data: Any) -> Image.Image:
         lim = self.limits
         if not isinstance(data, (bytes, bytearray)) or not data:
-            raise InputError("image is empty: send the PNG or JPEG file's bytes")
+            raise InputError("image is empty: send the PNG, JPEG or WebP file's bytes")
         if len(data) > lim.max_image_bytes:
             raise InputError(f"image is {len(data) / 2**20:.1f} MB, over the {lim.max_image_bytes / 2**20:.0f} MB "
                              "limit")
-        try:
-            img = Image.open(io.BytesIO(bytes(data)), formats=FORMATS)  # reads the header only
-        except Exception as e:  # PIL raises many types for data it cannot identify
-            raise InputError(f"image cannot be decoded as PNG or JPEG ({type(e).__name__}: {e})") from None
-        w, h = img.size
-        if w * h > lim.max_megapixels * 1e6:
-            raise InputError(f"image is {w}x{h} = {w * h / 1e6:.1f} MP, over the {lim.max_megapixels:g} MP limit")
-        try:
-            img.load()
-        except Exception as e:
-            raise InputError(f"image cannot be decoded as PNG or JPEG ({type(e).__name__}: {e})") from None
-        return img
+        return open_image(data, "image", lim.max_megapixels)
 
     # -- a batch of requests ----------------------------------------------------------------------------------------
 
-    def run(self, requests: list[EditRequest]) -> list[EditResult | SmartEditError]:
+    def run(self, requests: list[EditRequest], gone: list[Callable[[], bool]] | None = None
+            ) -> list[EditResult | SmartEditError]:
         """Each request's result, in order: requests are grouped by batch key (in arrival order), each group runs in
-        chunks of at most max_batch; a failing chunk fails only its own requests."""
+        chunks of at most max_batch; a failing chunk fails only its own requests. `gone[i]()` says whether request
+        i's client has left: such a request is answered Cancelled without work, and a chunk stops when all of its
+        clients have left."""
+        gone = gone or [lambda: False] * len(requests)
         fold = bool(getattr(self.pipe.backend, "fold_cfg", False))
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -163,23 +159,32 @@ class EditService:
         results: list[EditResult | SmartEditError | None] = [None] * len(requests)
         for idx in groups.values():
             for start in range(0, len(idx), self.limits.max_batch):
-                chunk = idx[start:start + self.limits.max_batch]
+                chunk = []
+                for i in idx[start:start + self.limits.max_batch]:
+                    if gone[i]():
+                        results[i] = Cancelled("cancelled before it started: the client has gone")
+                    else:
+                        chunk.append(i)
+                if not chunk:
+                    continue
                 try:
-                    for i, res in zip(chunk, self._edit([requests[i] for i in chunk])):
+                    stop = _Poll(lambda c=chunk: all(gone[i]() for i in c))
+                    for i, res in zip(chunk, self._edit([requests[i] for i in chunk], stop)):
                         results[i] = res
                 except SmartEditError as e:
+                    e.__traceback__ = None  # its frames hold the batch's images: keep only the message
                     for i in chunk:
                         results[i] = e
         return results  # type: ignore[return-value]
 
-    def _edit(self, batch: list[EditRequest]) -> list[EditResult]:
+    def _edit(self, batch: list[EditRequest], stop: Callable[[], bool] | None = None) -> list[EditResult]:
         first = batch[0]
         stage_ms: dict[str, float] = {}
         t0 = time.perf_counter()
         images = self.pipe([r.image for r in batch], [r.instruction for r in batch], steps=first.steps,
                            resolution=first.resolution, seed=[r.seed for r in batch],
                            guidance_scale=[r.guidance_scale for r in batch],
-                           image_guidance_scale=[r.image_guidance_scale for r in batch], timings=stage_ms)
+                           image_guidance_scale=[r.image_guidance_scale for r in batch], timings=stage_ms, stop=stop)
         wall = (time.perf_counter() - t0) * 1e3
         out = []
         for r, img in zip(batch, images):
@@ -189,6 +194,20 @@ class EditService:
                 "stage_ms": stage_ms, "wall_ms": wall, "batch_size": len(batch), "seed": r.seed, "steps": r.steps,
                 "resolution": r.resolution, "backend": self.pipe.backend.name}))
         return out
+
+
+class _Poll:
+    """`ask()`, answered from a cache younger than STOP_POLL_S: a check before every step costs one IPC call per
+    STOP_POLL_S, not per step."""
+
+    def __init__(self, ask: Callable[[], bool]):
+        self.ask, self.at, self.last = ask, float("-inf"), False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.at >= STOP_POLL_S:
+            self.at, self.last = now, bool(self.ask())
+        return self.last
 
 
 def _replace(lim: Limits, **changes) -> Limits:

@@ -1,0 +1,699 @@
+"""The reliability catalogue of the server, as a hostile network client sees it: smartedit-serve (the real
+tritonserver, tiny preset, eager, CPU) and the `--target triton` repository's stage models on the bundled server.
+
+Every request row asserts the status (HTTP code or gRPC status), one line naming the value, no traceback, what the
+server computed (its own counters, `smartedit_requests_total{outcome}`) and that it still serves. The principles,
+numbered as in the issue: 1 the inference port serves inference and nothing else; 2 what is served is what was
+verified; 3 every request is bounded before work, and work nobody waits for is dropped; 4 a refused request costs
+nothing afterwards; 5 non-finite numbers never reach an image; 6 a bad request is the client's error, said as such;
+7 the server says only what is true about itself; 8 outputs never destroy, change or alias inputs; 9 only the
+formats the README names are decoded.
+
+Servers are shared: `tiny_server` (conftest, also test_serve.py's), one strict server here (batch 1, a queue of 2,
+up to 1000 steps) for the queue, cancellation and memory rows, and one server on the shared triton repository.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install -e '.[test]')")
+tritonclient = pytest.importorskip("tritonclient.grpc")
+
+from conftest import run_cli  # noqa: E402
+from smartedit.export.triton import MODEL  # noqa: E402
+from smartedit.serve.client import connect, edit, edit_inputs  # noqa: E402
+from smartedit.serve.server import TritonServer, free_endpoints, running, settings_for  # noqa: E402
+from smartedit.pipeline import ModelSource  # noqa: E402
+
+BAD = pytest.importorskip("tritonclient.utils").InferenceServerException
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+IMAGE = _png(Image.new("RGB", (96, 64), (120, 40, 200)))
+
+
+def _outcomes(endpoints) -> dict[str, float]:
+    """smartedit_requests_total by outcome, read from the metrics port."""
+    with urllib.request.urlopen(endpoints.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("smartedit_requests_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _delta(before: dict, after: dict) -> dict[str, int]:
+    return {k: int(after.get(k, 0) - before.get(k, 0)) for k in ("ok", "refused", "cancelled", "failed")
+            if after.get(k, 0) != before.get(k, 0)}
+
+
+def _http(endpoints, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+          ) -> tuple[int, str]:
+    req = urllib.request.Request(f"http://{endpoints.http_url}{path}", data=body, method=method,
+                                 headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def _one_line(text: str) -> None:
+    assert "\n" not in text.strip() and "Traceback" not in text, text
+
+
+def _serves(endpoints) -> None:
+    png, _ = edit(connect("http", endpoints.http_url, 120), IMAGE, "make it blue", steps=1, resolution=64, seed=0)
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
+
+
+def _rss_kb(pid: int) -> int:
+    """Resident memory of a process and all its descendants (tritonserver and its Python backend stubs)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(ln for ln in status.splitlines() if ln.startswith("VmRSS:")).split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+# -- 1 and 6: what the ports answer, on smartedit-serve ------------------------------------------------------------
+
+MARKER = Path("/tmp/smartedit-uploaded-code-ran")
+EVIL_MODEL_PY = f"open({str(MARKER)!r}, 'w').write('ran')\n"
+
+
+def _load_with_code(e) -> tuple[int, str]:
+    """The remote code execution of the issue: a load request carrying a model.py (base64 `file:` parameter)."""
+    cfg = json.dumps({"name": "evil", "backend": "python", "max_batch_size": 0,
+                      "input": [{"name": "x", "data_type": "TYPE_INT32", "dims": [1]}],
+                      "output": [{"name": "y", "data_type": "TYPE_INT32", "dims": [1]}]})
+    body = json.dumps({"parameters": {"config": cfg, "file:1/model.py":
+                                      base64.b64encode(EVIL_MODEL_PY.encode()).decode()}}).encode()
+    return _http(e, "POST", "/v2/repository/models/evil/load", body)
+
+
+HTTP_RESTRICTED = [
+    # (id, method, path, body)
+    ("load-with-uploaded-code", None, None, None),
+    ("unload-the-model", "POST", f"/v2/repository/models/{MODEL}/unload", b"{}"),
+    ("repository-index", "POST", "/v2/repository/index", b"{}"),
+    ("model-config-with-settings", "GET", f"/v2/models/{MODEL}/config", None),
+    ("statistics", "GET", f"/v2/models/{MODEL}/stats", None),
+    ("register-shared-memory", "POST", "/v2/systemsharedmemory/region/x/register",
+     json.dumps({"key": "/dev/shm/x", "offset": 0, "byte_size": 1 << 30}).encode()),
+    ("trace-setting", "POST", "/v2/trace/setting", json.dumps({"trace_level": ["TIMESTAMPS"]}).encode()),
+    ("logging-setting", "POST", "/v2/logging", json.dumps({"log_verbose_level": 1}).encode()),
+]
+
+
+@pytest.mark.parametrize("what,method,path,body", HTTP_RESTRICTED, ids=[r[0] for r in HTTP_RESTRICTED])
+def test_http_serves_inference_and_nothing_else(tiny_server, what, method, path, body):
+    e = tiny_server.endpoints
+    MARKER.unlink(missing_ok=True)
+    before = _outcomes(e)
+    status, text = _load_with_code(e) if method is None else _http(e, method, path, body)
+    assert status == 403, (what, status, text)
+    assert "restricted" in text and "smartedit-admin-key" in text, text
+    _one_line(text)
+    assert not MARKER.exists(), "uploaded code ran"
+    assert _http(e, "GET", f"/v2/models/{MODEL}/ready")[0] == 200  # still loaded, for everyone
+    assert _http(e, "GET", "/v2/models/evil/ready")[0] != 200
+    _serves(e)
+    assert _delta(before, _outcomes(e)) == {"ok": 1}
+
+
+GRPC_RESTRICTED = [
+    ("load", lambda c: c.load_model("evil", config="{}", files={"file:1/model.py": EVIL_MODEL_PY.encode()})),
+    ("unload", lambda c: c.unload_model(MODEL)),
+    ("model-config", lambda c: c.get_model_config(MODEL)),
+    ("register-shared-memory", lambda c: c.register_system_shared_memory("x", "/x", 1 << 20)),
+    ("statistics", lambda c: c.get_inference_statistics(MODEL)),
+    ("log-settings", lambda c: c.update_log_settings({"log_verbose_level": 1})),
+]
+
+
+@pytest.mark.parametrize("what,call", GRPC_RESTRICTED, ids=[r[0] for r in GRPC_RESTRICTED])
+def test_grpc_serves_inference_and_nothing_else(tiny_server, what, call):
+    e = tiny_server.endpoints
+    MARKER.unlink(missing_ok=True)
+    client = tritonclient.InferenceServerClient(e.grpc_url)
+    with pytest.raises(BAD) as err:
+        call(client)
+    assert err.value.status() == "StatusCode.UNAVAILABLE" and "restricted" in str(err.value), str(err.value)
+    _one_line(str(err.value))
+    assert not MARKER.exists()
+    assert client.is_model_ready(MODEL)
+    _serves(e)
+
+
+@dataclass
+class Req:
+    """A request row: what differs from a good 1-step 64 px request, and what the refusal must say."""
+    id: str
+    principle: int
+    pieces: dict
+    says: str
+    protocol: str = "http"
+    status: str = "400"  # HTTP code; gRPC: the status name
+
+
+def _eps() -> bytes:
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\n%%EOF\n"
+
+
+def _truncated_png() -> bytes:
+    data = _png(Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)))
+    return data[: len(data) // 2]
+
+
+REQUESTS = [
+    # 3: bounded before work
+    Req("instruction-4-MB", 3, dict(instruction=b"a" * (4 << 20)), "4194304 bytes, over the 16384-byte limit"),
+    Req("instruction-4-MB-grpc", 3, dict(instruction=b"a" * (4 << 20)), "over the 16384-byte limit", "grpc",
+        "StatusCode.INVALID_ARGUMENT"),
+    Req("instruction-multibyte-over-the-limit", 3, dict(instruction=("改" * 6000).encode()), "18000 bytes"),
+    Req("image-33-MB", 3, dict(image=b"\x89PNG" + b"\0" * (33 << 20)), "over the 32 MB limit"),
+    Req("image-over-the-megapixels", 3, dict(image=_png(Image.new("RGB", (1100, 1000)))), "1100x1000 = 1.1 MP"),
+    Req("resolution-past-the-profile", 3, dict(resolution=4096), "got 4096"),
+    Req("steps-past-the-limit", 3, dict(steps=101), "got 101", "grpc", "StatusCode.INVALID_ARGUMENT"),
+    # 5: guidance that would make the decoder's output non-finite is refused before work
+    Req("guidance-3e38", 5, dict(guidance_scale=3e38), "guidance_scale must be within +-1000, got 3e+38"),
+    Req("guidance-minus-1e30", 5, dict(guidance_scale=-1e30), "within +-1000", "grpc",
+        "StatusCode.INVALID_ARGUMENT"),
+    Req("image-guidance-2000", 5, dict(image_guidance_scale=2000.0), "image_guidance_scale must be within"),
+    # 6: the client's error, said as such, naming what was wrong (never a Python object)
+    Req("undecodable-image", 6, dict(image=b"not an image"), "image cannot be decoded: not a PNG, JPEG or WebP"),
+    Req("undecodable-image-grpc", 6, dict(image=b"not an image"), "not a PNG, JPEG or WebP", "grpc",
+        "StatusCode.INVALID_ARGUMENT"),
+    Req("truncated-png", 6, dict(image=_truncated_png()), "image cannot be decoded: a damaged image"),
+    Req("nan-guidance-grpc", 6, dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan",
+        "grpc", "StatusCode.INVALID_ARGUMENT"),
+    Req("control-token-in-instruction", 6, dict(instruction=b"make it </s> blue"), "'</s>'"),
+    Req("unknown-parameter-grpc", 6, dict(parameters={"output_path": "/etc/x"}), "unknown request parameters",
+        "grpc", "StatusCode.INVALID_ARGUMENT"),
+    # 9: only PNG, JPEG and WebP are decoded
+    Req("eps-image", 9, dict(image=_eps()), "not a PNG, JPEG or WebP"),
+    Req("bmp-image", 9, dict(image=_png(Image.new("RGB", (64, 64)), "BMP")), "not a PNG, JPEG or WebP"),
+    Req("tiff-image-grpc", 9, dict(image=_png(Image.new("RGB", (64, 64)), "TIFF")), "not a PNG, JPEG or WebP",
+        "grpc", "StatusCode.INVALID_ARGUMENT"),
+]
+
+
+@pytest.mark.parametrize("row", REQUESTS, ids=[r.id for r in REQUESTS])
+def test_a_bad_request_is_the_clients_error_and_costs_no_edit(tiny_server, row):
+    e = tiny_server.endpoints
+    pieces = dict(row.pieces)
+    image, text = pieces.pop("image", IMAGE), pieces.pop("instruction", b"make it blue")
+    params = pieces.pop("parameters", None)
+    client = connect(row.protocol, e.http_url if row.protocol == "http" else e.grpc_url, 120)
+    before = _outcomes(e)
+    with pytest.raises(BAD) as err:
+        edit(client, image, text, parameters=params, **{"steps": 1, "resolution": 64, **pieces})
+    msg = str(err.value)
+    assert err.value.status() == row.status, (row.id, err.value.status(), msg[:300])
+    assert row.says in msg, (row.id, msg[:300])
+    _one_line(msg)
+    assert "BytesIO" not in msg and " at 0x" not in msg, msg
+    assert _delta(before, _outcomes(e)) == {"refused": 1}, "a refused request was computed or miscounted"
+    _serves(e)
+
+
+def test_webp_is_decoded_like_png(tiny_server, tiny_pipe):
+    """9: the third format the README names is served, with the image the offline pipeline gives."""
+    img = Image.new("RGB", (64, 64), (30, 160, 90))
+    png, _ = edit(connect("http", tiny_server.endpoints.http_url, 120), _png(img, "WEBP"), "make it blue", steps=1,
+                  resolution=64, seed=3)
+    want = _png(tiny_pipe(Image.open(io.BytesIO(_png(img, "WEBP"))), "make it blue", steps=1, resolution=64, seed=3))
+    assert png == want
+
+
+def test_refusals_and_answers_are_counted_apart(tiny_server):
+    """6: one good and three refused requests: the server's counters say 1 ok, 3 refused (Triton's own
+    nv_inference_request_success counts every answered request; see the README)."""
+    e = tiny_server.endpoints
+    client = connect("http", e.http_url, 120)
+    before = _outcomes(e)
+    edit(client, IMAGE, "make it blue", steps=1, resolution=64)
+    for bad in (dict(steps=0), dict(resolution=100), dict(guidance_scale=float("inf"))):
+        with pytest.raises(BAD):
+            edit(client, IMAGE, "make it blue", **{"steps": 1, "resolution": 64, **bad})
+    assert _delta(before, _outcomes(e)) == {"ok": 1, "refused": 3}
+
+
+# -- 3 and 4: the queue, clients that leave, refused requests' memory ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """One request at a time (batch 1), at most 2 waiting, up to 1000 steps: a long edit holds the model."""
+    settings = settings_for(ModelSource(preset="tiny", seed=0), "eager", None, "cpu", "fp32", max_steps=1000,
+                            max_megapixels=1.0, max_batch=1)
+    with running(settings, max_batch=1, queue_delay_ms=0, max_queue=2, ready_timeout_s=300) as s:
+        yield s
+
+
+def _long(e, protocol: str = "grpc", timeout_s: float = 600, **kw):
+    """A 1000-step edit (minutes on this CPU): it holds the model until it is stopped."""
+    return edit(connect(protocol, e.grpc_url if protocol == "grpc" else e.http_url, timeout_s), IMAGE,
+                "make it blue", steps=1000, resolution=64, **kw)
+
+
+def _wait_until(cond: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def _pending(e) -> float:
+    with urllib.request.urlopen(e.metrics_url, timeout=10) as r:
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
+                   if ln.startswith("nv_inference_pending_request_count{") and f'model="{MODEL}"' in ln)
+
+
+def test_a_cancelled_grpc_call_stops_its_edit(strict):
+    """3: the client gives up (gRPC deadline, 2 s) on a 1000-step edit: the server stops it between steps and the
+    next request is served, not queued behind minutes of work nobody waits for."""
+    e = strict.endpoints
+    before = _outcomes(e)
+    with pytest.raises(BAD, match="Deadline"):
+        _long(e, timeout_s=2)
+    _wait_until(lambda: _delta(before, _outcomes(e)).get("cancelled") == 1, "the edit was stopped")
+    _serves(e)
+    assert _delta(before, _outcomes(e)) == {"cancelled": 1, "ok": 1}
+
+
+def test_a_request_past_its_own_timeout_is_stopped(strict):
+    """3: over HTTP (whose closed connections Triton 2.51 does not report) a client states how long it waits: the
+    KServe `timeout` parameter (1 s here); the edit is stopped once it has passed and the answer says so."""
+    import tritonclient.http as http
+
+    e = strict.endpoints
+    before = _outcomes(e)
+    client = connect("http", e.http_url, 600)
+    with pytest.raises(BAD) as err:
+        client.infer(MODEL, edit_inputs(http, IMAGE, "make it blue", steps=1000, resolution=64), timeout=1_000_000)
+    assert "Cancelled: stopped before step" in str(err.value) and "timeout" in str(err.value), str(err.value)
+    _one_line(str(err.value))
+    assert _delta(before, _outcomes(e)) == {"cancelled": 1}
+    _serves(e)
+
+
+def test_a_full_queue_answers_busy_at_once(strict):
+    """3: one edit running (it stops itself after its 15 s timeout), two waiting (the bound), the rest refused at
+    once with 503 / UNAVAILABLE naming the queue; the admitted ones are answered."""
+    import tritonclient.http as http
+
+    e = strict.endpoints
+    long_client = connect("http", e.http_url, 600)
+    t = threading.Thread(target=lambda: _catch(lambda: long_client.infer(
+        MODEL, edit_inputs(http, IMAGE, "make it blue", steps=1000, resolution=64), timeout=15_000_000)))
+    t.start()
+    time.sleep(1.0)
+    _wait_until(lambda: _pending(e) == 0, "the long edit runs")
+    results: list = [None] * 5
+
+    def one(i):
+        protocol = "http" if i % 2 else "grpc"
+        results[i] = _catch(lambda: edit(connect(protocol, e.http_url if protocol == "http" else e.grpc_url, 600),
+                                         IMAGE, "make it blue", steps=1, resolution=64, seed=i))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(5)]
+    for th in threads:
+        th.start()
+    for th in [t, *threads]:
+        th.join(timeout=600)
+    busy = [r for r in results if isinstance(r, BAD)]
+    # 3 refused (2 admitted behind the running edit); 4 if the long edit was still queued when they came
+    assert len(busy) in (3, 4), [str(r)[:100] for r in results]
+    for r in busy:
+        assert r.status() in ("503", "StatusCode.UNAVAILABLE") and "Exceeds maximum queue size" in str(r), str(r)
+        _one_line(str(r))
+    answered = [r for r in results if isinstance(r, tuple)]
+    assert len(answered) == 5 - len(busy) and all(Image.open(io.BytesIO(png)).size == (64, 64) for png, _ in answered)
+
+
+def _catch(call):
+    try:
+        return call()
+    except BAD as ex:
+        return ex
+
+
+def test_refused_requests_leave_no_memory_behind(strict):
+    """4: 150 requests of 4 MB each (600 MB in all), each refused for its instruction's size: the server and its
+    model process grow by far less than the requests carried (they kept every refused request, ~20 MB each, before;
+    the bound leaves room for the allocator's and shared memory's own growth)."""
+    e = strict.endpoints
+    client = connect("http", e.http_url, 120)
+    big = b"a" * (4 << 20)
+
+    def refuse(n):
+        for _ in range(n):
+            with pytest.raises(BAD, match="over the 16384-byte limit"):
+                edit(client, IMAGE, big, steps=1, resolution=64)
+
+    refuse(20)  # warm: pools and arenas reach their working size
+    before = _rss_kb(strict.proc.pid)
+    refuse(150)
+    grown_mb = (_rss_kb(strict.proc.pid) - before) / 1024
+    assert grown_mb < 150, f"the server grew by {grown_mb:.0f} MB over 150 refused 4 MB requests"
+    _serves(e)
+
+
+# -- 1, 2: the --target triton repository's stage models on the bundled server -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repository_server(triton_repository, tmp_path_factory):
+    out, _ = triton_repository
+    with TritonServer(out / "triton", free_endpoints(), tmp_path_factory.mktemp("repo_server")) as s:
+        s.wait_ready(300)
+        yield s
+
+
+def _stage_call(e, graph: str, tensors: dict[str, np.ndarray]):
+    import tritonclient.http as http
+
+    inputs = []
+    for name, x in tensors.items():
+        i = http.InferInput(name, list(x.shape), {np.float16: "FP16", np.float32: "FP32",
+                                                  np.int64: "INT64"}[x.dtype.type])
+        i.set_data_from_numpy(x)
+        inputs.append(i)
+    return connect("http", e.http_url, 120).infer(graph, inputs)
+
+
+STAGES = [
+    # (id, graph, inputs, what the refusal names)
+    ("llava-1500-prompt-ids", "llava", lambda: {"pixel_values": np.zeros((1, 3, 224, 224), np.float16),
+                                                "prefix_ids": np.ones((1, 5), np.int64),
+                                                "suffix_ids": np.ones((1, 1500), np.int64)},
+     "dimension Ls = 1500 is outside the exported profile [33, 400]"),
+    ("vae-decoder-112x112-latents", "vae_decoder", lambda: {"latents": np.zeros((1, 4, 112, 112), np.float16)},
+     "image height 896 px is outside the exported range 256-512 px"),
+    ("vae-decoder-200x200-latents", "vae_decoder", lambda: {"latents": np.zeros((1, 4, 200, 200), np.float16)},
+     "image height 1600 px"),
+    ("qformer-batch-of-9", "qformer_bim", lambda: {"img_hidden": np.zeros((9, 32, 64), np.float16),
+                                                   "clip_feats": np.zeros((9, 256, 64), np.float16)},
+     "dimension B = 9 is outside the exported profile [1, 3]"),
+    ("unet-sample-not-3B", "unet", lambda: {"sample": np.zeros((2, 8, 32, 32), np.float16),
+                                            "timestep": np.zeros((1,), np.float32),
+                                            "prompt_embeds": np.zeros((2, 77, 32), np.float16),
+                                            "bim_residual": np.zeros((1, 32, 16, 16), np.float16)},
+     "is not a multiple of 3"),
+]
+
+
+@pytest.mark.parametrize("what,graph,inputs,says", STAGES, ids=[r[0] for r in STAGES])
+def test_a_stage_model_refuses_shapes_outside_its_profile_before_work(repository_server, what, graph, inputs, says):
+    e = repository_server.endpoints
+    before = _rss_kb(repository_server.proc.pid)
+    with pytest.raises(BAD) as err:
+        _stage_call(e, graph, inputs())
+    assert err.value.status() == "400" and says in str(err.value), (what, str(err.value)[:300])
+    _one_line(str(err.value))
+    grown_mb = (_rss_kb(repository_server.proc.pid) - before) / 1024
+    assert grown_mb < 300, f"{what}: the server grew by {grown_mb:.0f} MB for a refused call"  # 200x200: +13.6 GB
+    assert _http(e, "POST", "/v2/repository/models/llava/unload", b"{}")[0] == 403  # 1: no model control either
+    ok = _stage_call(e, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)})
+    assert ok.as_numpy("image").shape == (1, 3, 256, 256)
+
+
+def _copy_export(triton_repository, dst: Path) -> Path:
+    out, _ = triton_repository
+    return Path(shutil.copytree(out, dst, ignore=shutil.ignore_patterns("__pycache__", ".smartedit-export.lock")))
+
+
+def _swap_unet_for_another_graph(out: Path) -> str:
+    """Another graph's (valid) ONNX file put where the repository's unet is: what a hand-assembled repository gets."""
+    dst = out / "triton" / "unet" / "1" / "model.onnx"
+    dst.unlink()
+    shutil.copyfile(out / "onnx" / "vae_decoder.onnx", dst)
+    return "unet/1/model.onnx"
+
+
+def _foreign_model(out: Path) -> str:
+    d = out / "triton" / "my_detector" / "1"
+    d.mkdir(parents=True)
+    (d / "model.py").write_text("raise SystemExit('not ours')\n")
+    (d.parent / "config.pbtxt").write_text('name: "my_detector"\nbackend: "python"\n')
+    return "my_detector/"
+
+
+def _edited_stage_config(out: Path) -> str:
+    cfg = out / "triton" / "vae_decoder" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("count: 1", "count: 4"))
+    return "vae_decoder/config.pbtxt"
+
+
+SERVED = [("another-graph-as-the-unet", _swap_unet_for_another_graph),
+          ("a-model-the-export-did-not-write", _foreign_model),
+          ("a-stage-config-edited", _edited_stage_config)]
+
+
+@pytest.mark.parametrize("what,change", SERVED, ids=[r[0] for r in SERVED])
+def test_what_is_served_is_what_was_exported(triton_repository, tmp_path, capsys, what, change):
+    """2: a repository changed after export is refused by smartedit-verify (exit 1, naming the file) and by the
+    server itself (it does not start, one line naming the file): the first row on the real server, the others
+    through the check the `smartedit` model runs before serving."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from smartedit.errors import ArtifactError, InputError
+    from smartedit.export.triton import check_repository
+    from smartedit.export.verify import main as verify_main
+
+    out = _copy_export(triton_repository, tmp_path / "export")
+    names = change(out)
+    code, text, err = run_cli(verify_main, [out], capsys)
+    assert code == 1 and f"triton/{names}" in text + err and "Traceback" not in err, (code, text[-2000:], err)
+    if what == "another-graph-as-the-unet":
+        with TritonServer(out / "triton", free_endpoints(), tmp_path) as s:
+            with pytest.raises(InputError) as refused:  # a bad repository: exit 2 from smartedit's commands
+                s.wait_ready(300)
+        assert "unet/1/model.onnx" in str(refused.value) and "sha256" in str(refused.value), str(refused.value)
+        _one_line(str(refused.value))
+        return
+    config = text_format.Parse((out / "triton" / MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    settings = json.loads(config.parameters["settings"].string_value)
+    with pytest.raises(ArtifactError, match=names.rstrip("/")):
+        check_repository(out / "triton", settings["files"], own=[f"{MODEL}/config.pbtxt"])
+
+
+def test_an_entry_from_another_export_is_refused(onnx_export, tmp_path, capsys):
+    """2: a graph's entry (and file) copied in from another export: its source is another model's. The edit refuses
+    it (exit 2, naming the entry) and smartedit-verify fails it, without --model."""
+    from smartedit.cli import edit_cli
+    from smartedit.export.verify import main as verify_main
+
+    out = Path(shutil.copytree(onnx_export("fp16"), tmp_path / "export"))
+    m = json.loads((out / "manifest.json").read_text())
+    m["artifacts"]["onnx"]["unet"]["source"] = "f" * 64  # as exported from another checkpoint
+    (out / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "in.png").write_bytes(IMAGE)
+    code, _, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--backend", "onnxruntime",
+                                      "--artifacts", out, "--image", tmp_path / "in.png", "--instruction", "make it",
+                                      "--out", tmp_path / "o.png", "--steps", "1", "--resolution", "256", "--quiet"],
+                           capsys)
+    assert code == 2 and "[onnx][unet] was exported from another source" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()
+    code, out_text, err = run_cli(verify_main, [out], capsys)
+    assert code == 1 and "onnx/unet" in out_text + err and "another source" in out_text + err, out_text[-1500:]
+
+
+# -- 7: the server says only what is true about itself ---------------------------------------------------------------
+
+
+def _serve(args: list, tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "smartedit.serve.cli", "--preset", "tiny", "--random-weights",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)), start_new_session=True)
+
+
+def _ports(e, **over) -> list:
+    p = {"http": e.http, "grpc": e.grpc, "metrics": e.metrics, **over}
+    return ["--http-port", p["http"], "--grpc-port", p["grpc"], "--metrics-port", p["metrics"]]
+
+
+def _held(port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", port))
+    s.listen()
+    return s
+
+
+FLAGS = [
+    # (id, ports given the free endpoints e, a port to hold, what the line names)
+    ("http-port-70000", lambda e: _ports(e, http=70000), None, "--http-port must be a TCP port from 1 to 65535, "
+                                                               "got 70000"),
+    ("grpc-port-0", lambda e: _ports(e, grpc=0), None, "--grpc-port must be a TCP port from 1 to 65535, got 0"),
+    ("same-port-twice", lambda e: _ports(e, grpc=e.http), None, f"is also --http-port"),
+    ("http-port-taken", lambda e: _ports(e), "http", "cannot be used on 127.0.0.1: another program listens on it"),
+    ("metrics-port-taken", lambda e: _ports(e), "metrics", "--metrics-port"),
+    ("max-queue-0", lambda e: [*_ports(e), "--max-queue", 0], None, "--max-queue"),
+    ("host-not-an-address", lambda e: [*_ports(e), "--host", "no.such.host.invalid"], None, "--host"),
+]
+
+
+@pytest.mark.parametrize("what,args,hold,says", FLAGS, ids=[r[0] for r in FLAGS])
+def test_bad_server_flags_are_refused_before_anything_starts(tmp_path, what, args, hold, says):
+    e = free_endpoints()
+    held = _held(getattr(e, hold)) if hold else None
+    try:
+        p = _serve(args(e), tmp_path)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if held:
+            held.close()
+    lines = [ln for ln in err.splitlines() if "error:" in ln]  # argparse's own refusals print their usage first
+    assert p.returncode == 2 and len(lines) == 1 and says in lines[0], (what, p.returncode, err[-1500:])
+    assert lines[0].startswith("smartedit-serve: error: ") and err.strip().endswith(lines[0].strip())
+    assert "ready" not in out and "Traceback" not in err
+    if hold:
+        assert f"--{hold}-port {getattr(e, hold)}" in lines[0], lines[0]
+
+
+def test_ctrl_c_during_start_up_is_an_interruption(tmp_path):
+    """7: SIGINT while the server is starting: exit 130, 'interrupted', and no tritonserver left on the ports."""
+    e = free_endpoints()
+    p = _serve(_ports(e), tmp_path)
+    try:
+        assert "starting Triton" in p.stdout.readline()
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130 and "interrupted" in err and "ready:" not in out, (p.returncode, err[-1500:])
+    assert "Traceback" not in err
+    _wait_until(lambda: subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True).returncode != 0,
+                "the server's process group is gone", 60)
+
+
+# -- 8: outputs never destroy, change or alias inputs ---------------------------------------------------------------
+
+
+def test_a_re_export_never_deletes_a_model_it_did_not_write(triton_repository, tmp_path, capsys):
+    from smartedit.export.cli import main as export_main
+
+    out = _copy_export(triton_repository, tmp_path / "export")
+    mine = out / "triton" / "my_detector" / "1"
+    mine.mkdir(parents=True)
+    (mine / "model.onnx").write_bytes(b"the user's own model")
+    code, _, err = run_cli(export_main, ["--preset", "tiny", "--random-weights", "--target", "triton",
+                                         "--triton-stages", "python", "--out", out], capsys)
+    assert code == 2 and "triton/my_detector/" in err and len(err.strip().splitlines()) == 1, err
+    assert (mine / "model.onnx").read_bytes() == b"the user's own model"
+
+
+def test_the_repository_never_links_or_changes_the_model_folder(tiny_pipe, onnx_export, tmp_path):
+    """8: from a checkpoint, the repository copies config, tokenizer and null-text embedding: no hard link into the
+    user's folder, and the folder's files keep their modes (the export's chmod reached them through links before)."""
+    from smartedit.export.triton import write_container_repository
+    from smartedit.graphs.manifest import Manifest
+
+    model = tiny_pipe.save_pretrained(tmp_path / "model")
+    (model / "config.json").chmod(0o600)
+    (model / "null_text.safetensors").chmod(0o444)
+    modes = {p: p.stat().st_mode for p in model.rglob("*")}
+    out = Path(shutil.copytree(onnx_export("fp16"), tmp_path / "export"))
+    manifest = Manifest.read(out)
+    manifest.source = {"kind": "checkpoint", "path": str(model), "sha256": manifest.source["sha256"]}
+    write_container_repository(manifest, out / "triton", "python", 2, 5.0, "cpu")
+    copied = out / "triton" / MODEL / "1" / "model"
+    for name in ("config.json", "null_text.safetensors", "tokenizer/tokenizer.json"):
+        assert (copied / name).read_bytes() == (model / name).read_bytes()
+        assert os.stat(copied / name).st_ino != os.stat(model / name).st_ino, f"{name} is a link into the model"
+    assert {p: p.stat().st_mode for p in model.rglob("*")} == modes
+
+
+# -- 9: formats; 5: the decoded image ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["edit", "tensors-pack"])
+def test_only_png_jpeg_webp_are_decoded_by_the_commands(tmp_path, capsys, monkeypatch, command):
+    """9: an .eps given to a command is refused by name and Ghostscript never runs (a `gs` on PATH that would leave a
+    marker stands in for it)."""
+    from smartedit.cli import edit_cli, tensors_cli
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(f"#!/bin/sh\ntouch {tmp_path / 'gs-ran'}\n")
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / "in.eps").write_bytes(_eps())
+    common = ["--preset", "tiny", "--random-weights", "--image", tmp_path / "in.eps", "--instruction", "make it blue"]
+    main, argv = ((edit_cli, [*common, "--out", tmp_path / "o.png", "--steps", "1", "--quiet"]) if command == "edit"
+                  else (tensors_cli, ["pack", *common, "--out", tmp_path / "o.safetensors"]))
+    code, _, err = run_cli(main, argv, capsys)
+    assert code == 2 and "in.eps cannot be decoded: not a PNG, JPEG or WebP image" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "gs-ran").exists()
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_path):
+    """5: the latents stay finite but the decoder's output does not (what a huge guidance did): RunError naming the
+    decoded image, no image returned."""
+    from smartedit.errors import RunError
+
+    class NaNDecoder:
+        name, fold_cfg = "nan-decoder", False
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def run(self, graph, inputs):
+            out = self.inner.run(graph, inputs)
+            if graph == "vae_decoder":
+                out = {k: v.clone().fill_(float("nan")) for k, v in out.items()}
+            return out
+
+    inner = tiny_pipe.backend
+    tiny_pipe.backend = NaNDecoder(inner)
+    try:
+        with pytest.raises(RunError, match=r"sample\(s\) \[0\]: the decoded image is not finite"):
+            tiny_pipe(test_image, "make it blue", steps=1, resolution=64, seed=0)
+    finally:
+        tiny_pipe.backend = inner
+
+
+def test_the_catalogue_has_at_least_40_server_rows():
+    rows = (len(HTTP_RESTRICTED) + len(GRPC_RESTRICTED) + len(REQUESTS) + len(STAGES) + len(SERVED) + len(FLAGS)
+            + 9)  # + webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, re-export
+    assert rows >= 40, rows
