@@ -196,7 +196,7 @@ def test_the_runtime_reads_files_and_specs_from_the_manifest(runtime_bin, aoti_e
     old = _copy_with(aoti_export, tmp_path / "old", lambda m: m.update(manifest_version=1))
     r = _run(runtime_bin, "edit", "--artifacts", old, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "o.safetensors", "--steps", 1)
-    assert r.returncode == 2 and "not manifest version 2" in r.stderr
+    assert r.returncode == 2 and "not manifest version 3" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 

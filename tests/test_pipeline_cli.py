@@ -32,7 +32,7 @@ def test_cli_edit_is_byte_identical(tmp_path, test_image, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--resolution", "100"], "resolution must be a multiple of 64 px between 64 and 4096, got 100"),
     (["--image", "missing.png"], "does not exist"),
-    (["--image", "notes.txt"], "cannot read image"),
+    (["--image", "notes.txt"], "notes.txt cannot be decoded: not a PNG, JPEG or WebP image"),
     (["--steps", "0"], "must be >= 1"),
     (["--backend", "cudagraph"], "--backend cudagraph runs on cuda; --device is cpu"),
     (["--backend", "onnxruntime"], "pass --artifacts OUT"),

@@ -260,7 +260,7 @@ ROWS = [
         "non-finite latents at step 1 of 1"),
     # a huge finite guidance through the whole edit: whichever stage first turns non-finite stops it, no image
     Row("guidance_3e38_whole_edit", lambda c: c.edit(c.ok_edit(), None, "--guidance-scale", "3e38"), 1,
-        "non-finite"),
+        "no image written"),
     # bad values at the boundary: one line, no backtrace
     Row("image_100px", _image_100px, 2, "size 100 of axis 2 is not a multiple of 8"),
     Row("image_264px", _image_264px, 2, "image height 264 px is not a multiple of 64 px, which the unet graph needs"),

@@ -588,6 +588,16 @@ def test_bad_server_flags_are_refused_before_anything_starts(tmp_path, what, arg
         assert f"--{hold}-port {getattr(e, hold)}" in lines[0], lines[0]
 
 
+def test_a_second_server_on_a_running_servers_ports_says_so(tiny_server, tmp_path):
+    """7: the ports of a running server: refused before start (it used to print "ready" because the first server
+    answered its health check), and the running server is untouched."""
+    p = _serve(_ports(tiny_server.endpoints), tmp_path)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and f"--http-port {tiny_server.endpoints.http} cannot be used" in err, err[-1500:]
+    assert "ready" not in out and len(err.strip().splitlines()) == 1
+    _serves(tiny_server.endpoints)
+
+
 def test_ctrl_c_during_start_up_is_an_interruption(tmp_path):
     """7: SIGINT while the server is starting: exit 130, 'interrupted', and no tritonserver left on the ports."""
     e = free_endpoints()
@@ -695,5 +705,6 @@ def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_
 
 def test_the_catalogue_has_at_least_40_server_rows():
     rows = (len(HTTP_RESTRICTED) + len(GRPC_RESTRICTED) + len(REQUESTS) + len(STAGES) + len(SERVED) + len(FLAGS)
-            + 9)  # + webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, re-export
+            + 10)  # + webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, second
+    #        server, re-export
     assert rows >= 40, rows
