@@ -155,3 +155,31 @@ def test_each_backend_is_freed_before_the_next_one_loads():
     finally:
         gc.enable()
     assert live == [1]
+
+
+def test_rows_say_how_the_loop_was_captured_and_each_resolution_starts_clean(monkeypatch):
+    """A loop runner's row records the capture each program got (a loop capture that fell back to per-step replay
+    would say so there, not only in a silenced log), and its programs of one resolution are released before the
+    next is measured (their graph pools would count in the next one's peak memory). On the CPU the runner runs its
+    program uncaptured: the stand-in backend below."""
+    from smartedit.engines import registry
+    from smartedit.engines.cudagraph import CudaGraphRunner
+    from smartedit.engines.registry import Backend
+
+    runners = []
+
+    def load(source, device, dtype, artifacts):
+        pipe = source.load(device, dtype)
+        pipe.backend = CudaGraphRunner(pipe.stages, pipe.config, capture="none")
+        runners.append(pipe.backend)
+        return pipe
+
+    monkeypatch.setitem(registry.BACKENDS, "loop-cpu", Backend("loop-cpu", "test", ("cpu",), None,
+                                                               lambda device: None, load))
+    res = run_bench(preset="tiny", backends=("loop-cpu",), resolutions=(64, 128), steps=2, repeats=1, warmup=0,
+                    dtype="fp32", progress=lambda m: None)
+    rows = {r["resolution"]: r for r in res["runs"]}
+    assert rows[64]["capture_asked"] == "none"
+    assert rows[64]["capture_used"] == {"latents [1, 4, 8, 8], 2 steps": "none"}
+    assert list(rows[128]["capture_used"].values()) == ["none", "none"]  # 64's program, then 128's
+    assert [k[0] for k in runners[0]._loops] == [(1, 4, 16, 16)]  # 64's buffers were released before 128 ran

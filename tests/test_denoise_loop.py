@@ -110,6 +110,12 @@ def test_uncaptured_loop_equals_the_pipeline_loop_cpu(tiny_pipe, steps):
     ref2 = tiny_pipe.denoise(**x, steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(10))
     assert_close(again, ref2, atol=1e-5, rtol=1e-5, msg="second seed and guidance")
     assert not torch.allclose(again, got)
+    # what a benchmark row records of it, and the release between resolutions
+    shape = list(x["image_latents"].shape)
+    assert fast.backend.record == {"capture_asked": "none",
+                                   "capture_used": {f"latents {shape}, {steps} steps": "none"}}
+    fast.backend.release()
+    assert not fast.backend._loops and not fast.backend._captured
 
 
 def test_whole_edit_through_the_loop_backend_cpu(tiny_pipe, test_image):
@@ -154,6 +160,7 @@ def test_captured_loop_equals_uncaptured_cuda(capture):
         if seed == 9:
             assert_close(got, ref, atol=1e-3, rtol=1e-3, msg=f"capture={capture} vs the same program uncaptured")
     assert not torch.equal(got, ref)
+    assert list(pipe.backend.record["capture_used"].values()) == [capture]  # no fallback at the tiny shapes
     eager = SmartEditPipeline(pipe.config, pipe.tokenizer, pipe.stages, pipe.null_text_embeds, random_weights=True)
     want = eager.denoise(**x, steps=6, generator=torch.Generator().manual_seed(4))
     assert_close(got, want, atol=2e-2, rtol=2e-2, msg=f"capture={capture} vs eager fp16")

@@ -1,68 +1,122 @@
 #!/usr/bin/env bash
-# Everything a lent GPU checks and times, in ONE device call of at most 540 s (the lease is 15 minutes in all, a
-# machine start costs one or two of them, and one command may run 600 s). Most valuable step first; every step has
-# its own time limit and writes its results under $OUT as it goes, so a run cut short returns what it measured.
+# Everything a lent GPU checks and times, in ONE device call: the plan is at most 480 s of steps, sent with a
+# 540 s timeout (the lease is 15 minutes in all, a machine start costs one or two of them, one command may run
+# 600 s, and torch's import, the step kill-afters and the transfers fall outside the steps). Most valuable step
+# first; every step has its own time limit and writes its results under $OUT as it goes, so a run cut short returns
+# what it measured. The lent GPU has no TensorRT (no wheel fits the 64 MiB carry, and TensorRT-RTX has no SM90
+# target): this call measures the PyTorch backends and the Triton kernels.
 #
+#     bash bench/device/check.sh --call      # here: the exact device call and its one follow-up (checks .whl/ first)
 #     bash bench/device/check.sh --plan      # the steps, their limits and (last line) the total in seconds
-#     bash bench/device/fetch_wheels.sh      # here: the wheels the GPU image lacks, into .whl/
-#     device tool: run(command="bash bench/device/check.sh", carry=[".whl"], timeout_s=570)
+#     bash bench/device/fetch_wheels.sh      # here: the wheels the GPU image lacks (check.sh --wheels), into .whl/
 #     bash bench/device/check.sh --cpu       # dry run on this CPU machine (tiny preset): the plumbing, not the GPU
-#     bash bench/device/check.sh --compile   # a second call, if the lease allows: eager vs torch.compile (max-autotune)
-#     bash bench/device/check.sh --serve     # or: smartedit-serve (7b, cudagraph) under the load test at concurrency
-#                                            # 1 and 4; needs `fetch_wheels.sh --serve` here (the server, ~54 MB)
+#     bash bench/device/check.sh --follow-up # the second call, only if the first left time (at most 150 s)
+#     bash bench/device/check.sh --compile   # other first calls for a later lease (each is a whole call):
+#     bash bench/device/check.sh --serve     #   eager vs torch.compile; smartedit-serve under load (needs
+#                                            #   `fetch_wheels.sh --serve` here: the server, ~54 MB)
 #
-# At most 8 files come back from $OUT; a default run writes 8: <card>-7b.{json,md,png} (smartedit-bench),
-# <card>-bim-kernels.{json,md}, <card>-pytest-cuda.log, <card>-pytest-kernels.log, <card>-check.log.
+# At most 7 files come back from $OUT (the device tool returns 8): <card>-7b.{json,md,png} (smartedit-bench),
+# <card>-bim-kernels.{json,md}, <card>-pytest.log, <card>-check.log.
 # Only OUT is read from the environment (the device tool sets it); everything else is this script's own setting.
 set -uo pipefail
 
-MODE=gpu PLAN= DRY=
+MODE=gpu PLAN= DRY= CALL= WHEELS=
 for arg in "$@"; do
     case "$arg" in
         --plan) PLAN=1 ;;
         --cpu) DRY=1 ;;
+        --call) CALL=1 ;;
+        --wheels) WHEELS=1 ;;
         --compile) MODE=compile ;;
         --serve) MODE=serve ;;
-        *) echo "usage: bash bench/device/check.sh [--compile | --serve] [--plan | --cpu]" >&2; exit 2 ;;
+        --follow-up) MODE=follow-up ;;
+        *) echo "usage: bash bench/device/check.sh [--compile | --serve | --follow-up] [--plan | --cpu | --call | --wheels]" >&2
+           exit 2 ;;
     esac
 done
 
-# name|limit in seconds|what: the one list that both --plan and the run read
+# name|limit in seconds|what: the one list that --plan, --call and the run read
 if [ "$MODE" = serve ]; then
     STEPS=("install|90|install the carried wheels, the project and the unpacked tritonserver"
-           "serve-bench|440|smartedit-bench --serve 7b: cudagraph fp16 on Triton, gRPC, concurrency 1 and 4, 256 px")
+           "serve-bench|390|smartedit-bench --serve 7b: cudagraph fp16 on Triton, gRPC, concurrency 1 and 4, 256 px")
 elif [ "$MODE" = compile ]; then
-    STEPS=("install|60|install the carried wheels and the project"
-           "bench-compile|450|smartedit-bench 7b: eager and compile at 256, 100 steps")
+    STEPS=("install|40|install the carried wheels and the project"
+           "bench-compile|440|smartedit-bench 7b: eager and compile at 256, 100 steps")
+elif [ "$MODE" = follow-up ]; then
+    STEPS=("install|10|the first call's install, kept on the warm machine (installed again only if it is gone)"
+           "bench-batch|130|smartedit-bench 7b: cudagraph at batch 4, 256 px, 100 steps (throughput)")
 else
-    STEPS=("install|60|install the carried wheels and the project"
-           "bench|270|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps"
-           "pytest-cuda|80|the cuda-marked tests (tiny preset on the GPU; no -x: every failure is listed)"
-           "pytest-kernels|80|tests/kernels/ on the GPU (Triton kernel vs fp64, compile/export of the op)"
-           "bench-kernels|50|smartedit-bench-kernels: 7b BIM attention shapes and the BIM forward, batch 1 and 8")
+    STEPS=("install|40|install the carried wheels and the project"
+           "bench|260|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps"
+           "pytest|140|the cuda-marked tests and tests/kernels/ on 12 workers (88 kernel variants, ~1.6 s each)"
+           "bench-kernels|40|smartedit-bench-kernels: 7b BIM attention shapes and the BIM forward, batch 1 and 8")
 fi
-BUDGET=540
+PLAN_MAX=480 CALL_TIMEOUT=540 FOLLOW_UP_TIMEOUT=150
+
+# the wheels the GPU image lacks (pip requirement specifiers), for fetch_wheels.sh and the preflight below
+if [ "$MODE" = serve ]; then
+    NEEDED=(diffusers==0.42.1 importlib-metadata==8.7.0 tritonclient==2.73.0 grpcio==1.85.3 python-rapidjson
+            ml-dtypes==0.5.4)
+else
+    NEEDED=(diffusers==0.42.1 importlib-metadata==8.7.0 segment-anything==1.0 peft==0.21.2)
+fi
+[ -n "$WHEELS" ] && { echo "${NEEDED[*]}"; exit 0; }
 
 limit_of() { local s; for s in "${STEPS[@]}"; do IFS='|' read -r n l _ <<<"$s"; [ "$n" = "$1" ] && echo "$l"; done; }
+plan_total() { local s t=0; for s in "${STEPS[@]}"; do IFS='|' read -r _ l _ <<<"$s"; t=$((t + l)); done; echo $t; }
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+
+missing_wheels() {  # the NEEDED wheels (and the server archive in serve mode) absent from $REPO/.whl, one per line
+    local spec name version
+    for spec in "${NEEDED[@]}"; do
+        name=${spec%%==*} version=${spec#*==}
+        [ "$version" = "$spec" ] && version='*'
+        compgen -G "$REPO/.whl/${name//-/_}-$version-*.whl" >/dev/null || echo "$spec"
+    done
+    [ "$MODE" = serve ] && ! [ -f "$REPO/.whl/tritonserver.tar.xz" ] && echo "tritonserver.tar.xz"
+    return 0
+}
 
 if [ -n "$PLAN" ]; then
-    total=0
     for s in "${STEPS[@]}"; do
         IFS='|' read -r n l what <<<"$s"
         printf '%-15s %4d s  %s\n' "$n" "$l" "$what"
-        total=$((total + l))
     done
-    echo "budget $BUDGET s"
-    echo "total $total"
+    echo "budget $PLAN_MAX s (the call's timeout: $CALL_TIMEOUT s)"
+    echo "total $(plan_total)"
     exit 0
 fi
 
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
+if [ -n "$CALL" ]; then
+    missing=$(missing_wheels)
+    if [ -n "$missing" ]; then
+        echo "check.sh: .whl/ lacks $(echo $missing): run bash bench/device/fetch_wheels.sh$([ "$MODE" = serve ] && echo ' --serve') first" >&2
+        exit 2
+    fi
+    first=$([ "$MODE" = gpu ] && echo "bash bench/device/check.sh" || echo "bash bench/device/check.sh --$MODE")
+    echo "first call (plan $(plan_total) s):"
+    echo "    run(command=\"$first\", carry=[\".whl\"], timeout_s=$CALL_TIMEOUT)"
+    if [ "$MODE" = gpu ]; then
+        echo "follow-up, only if the first returned with at least $((FOLLOW_UP_TIMEOUT + 60)) s of the lease left, within the 30 s the machine stays warm:"
+        echo "    run(command=\"bash bench/device/check.sh --follow-up\", carry=[\".whl\"], timeout_s=$FOLLOW_UP_TIMEOUT)"
+    fi
+    echo "then: give_back(); copy the returned files into bench/results/ and commit them"
+    exit 0
+fi
+
 OUT=${OUT:?set OUT to the folder for results (the device tool sets it)}
+if [ -z "$DRY" ]; then  # before anything else: a call without its wheels would fail every step and spend the lease
+    missing=$(missing_wheels)
+    if [ -n "$missing" ]; then
+        echo "check.sh: .whl/ lacks $(echo $missing): nothing was run (here: bash bench/device/fetch_wheels.sh$([ "$MODE" = serve ] && echo ' --serve'), then carry .whl)" >&2
+        exit 2
+    fi
+fi
 if [ -n "$DRY" ]; then
-    DEV=cpu PRESET=tiny STEPS_N=2 RES=64 REPEATS=1 SITE=$(mktemp -d)
+    DEV=cpu PRESET=tiny STEPS_N=2 RES=64 REPEATS=1 SITE=$(mktemp -d) WORKERS=2
 else
-    DEV=cuda PRESET=7b STEPS_N=100 RES=256,512 REPEATS=3 SITE=/tmp/smartedit-site
+    DEV=cuda PRESET=7b STEPS_N=100 RES=256,512 REPEATS=3 SITE=/tmp/smartedit-site WORKERS=12
 fi
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 mkdir -p "$OUT" "$SITE"
@@ -74,26 +128,33 @@ step() {  # step NAME COMMAND...: runs under the step's limit from STEPS, report
     limit=$(limit_of "$name")
     echo "== $name (limit $limit s)"
     local t0=$SECONDS
-    timeout --kill-after=10 "$limit" "$@"
+    timeout --kill-after=5 "$limit" "$@"
     local rc=$?
-    echo "== $name: exit $rc after $((SECONDS - t0)) s"
+    echo "== $name: exit $rc after $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (cut at its limit)')"
+    [ $rc = 0 ] || FAILED="$FAILED $name"
     return $rc
 }
+FAILED=
 
 install() {
-    if [ -z "$DRY" ] && compgen -G "$REPO/.whl/*.whl" >/dev/null; then  # (built for the GPU image's Python 3.12)  # what the GPU image lacks (fetch_wheels.sh)
+    if [ "$MODE" = follow-up ] && [ -f "$SITE/.installed" ]; then
+        return 0
+    fi
+    # what the GPU image lacks (fetch_wheels.sh; built for the image's Python 3.12): always there on the GPU (the
+    # preflight), and used by a dry run that finds them (rehearse.sh), so both install the same way
+    if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             "$REPO"/.whl/*.whl || return 1
     fi
-    if [ -z "$DRY" ] && [ -f "$REPO/.whl/tritonserver.tar.xz" ]; then  # fetch_wheels.sh --serve: PyTriton's server, one Python
+    if [ -z "$DRY" ] && [ -f "$REPO/.whl/tritonserver.tar.xz" ]; then  # fetch_wheels.sh --serve: the server
         tar -C "$SITE" -xJf "$REPO/.whl/tritonserver.tar.xz" || return 1
     fi
     # the project without its dependencies: the image's torch / transformers / triton are used as they are
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" \
-        "$REPO" >/dev/null
+        "$REPO" >/dev/null && touch "$SITE/.installed"
 }
 export -f install
-export REPO SITE DRY
+export REPO SITE DRY MODE
 
 main() {
 echo "== $CARD, mode $MODE${DRY:+ (CPU dry run)}; $(date -u +%FT%TZ)"
@@ -101,7 +162,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 step install bash -c install || { echo "installing the project failed: nothing else can run"; return 1; }
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PATH=$SITE/bin:$PATH SMARTEDIT_TRITONSERVER=$SITE/tritonserver
 cd /tmp  # not the repo root: the installed copy is what runs (its smartedit/ folder would shadow it)
-python3 -c 'import torch, triton, transformers, diffusers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__)'
+python3 -c 'import torch, triton, transformers, diffusers, numpy; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "diffusers", diffusers.__version__, "numpy", numpy.__version__)'
 
 BENCH=(python3 -m smartedit.bench.cli --preset "$PRESET" --random-weights --device "$DEV" --steps "$STEPS_N"
        --repeats "$REPEATS" --out "$OUT")
@@ -123,17 +184,24 @@ if [ "$MODE" = compile ]; then
     ls -la "$OUT"
     return 0
 fi
+if [ "$MODE" = follow-up ]; then
+    step bench-batch "${BENCH[@]}" --backends "$([ "$DEV" = cuda ] && echo cudagraph || echo eager)" \
+        --resolution "${RES%%,*}" --batch 4
+    ls -la "$OUT"
+    return 0
+fi
 step bench "${BENCH[@]}" --backends official,eager,cudagraph --resolution "$RES"
-step pytest-cuda python3 -m pytest -q -p no:cacheprovider -m cuda --rootdir "$REPO" "$REPO/tests" \
-    > "$OUT/$CARD-pytest-cuda.log" 2>&1
-tail -n 30 "$OUT/$CARD-pytest-cuda.log"
-# pytest-xdist (on the GPU image) compiles the kernel's variants in parallel: one compile per block shape and dtype
-XDIST=$(python3 -c 'import xdist' 2>/dev/null && echo "-n 4")
-step pytest-kernels python3 -m pytest -q -p no:cacheprovider $XDIST --rootdir "$REPO" "$REPO/tests/kernels" \
-    > "$OUT/$CARD-pytest-kernels.log" 2>&1
-tail -n 30 "$OUT/$CARD-pytest-kernels.log"
+# one pytest for both sets: the workers compile the kernel's variants in parallel (pytest-xdist, on the GPU image);
+# -v logs each test as it ends, so a run cut at its limit still names what ran and what failed. On the CPU (dry
+# run) tests/kernels/ is not collected (tests/conftest.py) and the cuda-marked tests skip with their reason.
+XDIST=$(python3 -c 'import xdist' 2>/dev/null && echo "-n $WORKERS")
+step pytest python3 -m pytest -v -rfEs -p no:cacheprovider $XDIST -m "cuda or kernels" --rootdir "$REPO" \
+    "$REPO/tests" > "$OUT/$CARD-pytest.log" 2>&1
+grep -E " (PASSED|FAILED|ERROR|SKIPPED)" "$OUT/$CARD-pytest.log" | awk '{print $NF}' | sort | uniq -c
+tail -n 15 "$OUT/$CARD-pytest.log"
 step bench-kernels python3 -m smartedit.bench.kernels --out "$OUT"
 [ -n "$DRY" ] && rm -rf "$SITE"
 ls -la "$OUT"
+[ -z "$FAILED" ] || { echo "== failed steps:$FAILED"; return 1; }
 }
 main 2>&1 | tee -a "$LOG"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fills .whl/ (git-ignored) with the pure-Python wheels the lent GPU machine lacks (its image has torch 2.11,
-# transformers 5.17, triton 3.6, peft, onnx, matplotlib; no diffusers, no segment-anything). Run here, before
-# `run` with carry [".whl"]; bench/device/check.sh installs them there. ~7 MB.
+# Fills .whl/ (git-ignored) with the pure-Python wheels the lent GPU machine lacks, as `check.sh --wheels` lists them
+# (its image has torch 2.11, transformers 5.17, triton 3.6, onnx; no diffusers, no segment-anything). Run here,
+# before `run` with carry [".whl"]; bench/device/check.sh installs them there. ~7 MB.
 #
 # bash bench/device/fetch_wheels.sh --serve   also the load test's server and clients (for check.sh --serve; ~57 MB
 #     of the 64 MiB a device call can carry): tritonclient with its gRPC deps, and the tritonserver of PyTriton's
@@ -13,11 +13,10 @@ rm -rf .whl && mkdir .whl
 GET=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
      --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
      --platform manylinux2014_x86_64)
-# diffusers needs importlib_metadata (8.7: no further deps); segment-anything is the BIM's test reference;
-# peft at our pin (the image's version is unknown)
+# the list is check.sh's (one place: its preflight refuses a call without them): diffusers needs importlib_metadata
+# (8.7: no further deps); segment-anything is the BIM's test reference; peft at our pin (the image's is unknown)
 if [ "${1:-}" = --serve ]; then
-    "${GET[@]}" -d .whl diffusers==0.42.1 importlib-metadata==8.7.0 tritonclient==2.73.0 grpcio==1.85.3 \
-        python-rapidjson ml-dtypes==0.5.4
+    "${GET[@]}" -d .whl $(bash bench/device/check.sh --serve --wheels)
     tmp=$(mktemp -d)
     "${GET[@]}" -d "$tmp" nvidia-pytriton==0.7.0
     (cd "$tmp" && python3 -m zipfile -e nvidia_pytriton-*.whl wheel)
@@ -29,6 +28,6 @@ if [ "${1:-}" = --serve ]; then
     tar -C "$tmp" -cf - tritonserver | xz -T0 -6 > .whl/tritonserver.tar.xz
     rm -rf "$tmp"
 else
-    "${GET[@]}" -d .whl diffusers==0.42.1 importlib-metadata==8.7.0 segment-anything==1.0 peft==0.21.2
+    "${GET[@]}" -d .whl $(bash bench/device/check.sh --wheels)
 fi
 ls -la .whl

@@ -190,7 +190,11 @@ def _free(dev: torch.device) -> None:
 
 def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats, batch,
                       progress) -> None:
-    if dev.type == "cuda":  # peak per resolution: weights, this resolution's activations, earlier graph pools
+    release = getattr(pipe.backend, "release", None)  # a runner's captured programs of earlier resolutions
+    if release is not None:
+        release()
+    _free(dev)
+    if dev.type == "cuda":  # peak per resolution: weights and this resolution's activations and graphs
         torch.cuda.reset_peak_memory_stats(dev)
     kw = dict(steps=steps, resolution=res, seed=0)
     warm = []
@@ -223,7 +227,8 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
            # the timed edits themselves, per pipeline stage (the backend's real path: e.g. the captured loop)
            "edit_stage_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
            "images_per_s": batch / (statistics.median(e2e) / 1e3),
-           "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None}
+           "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+           **getattr(inner, "record", {})}  # e.g. cudagraph: the capture each program got
     if timed.flops:
         row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
                               for g, f in timed.flops.items()}

@@ -73,6 +73,18 @@ class CudaGraphRunner(EagerRunner):
             self._unet_stages.unet = torch.compile(stages.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
         self._captured: dict[tuple, tuple] = {}  # run("unet") single-call graphs
         self._loops: dict[tuple, _Loop] = {}
+        self.capture_used: dict[str, str] = {}  # "shape key" -> the capture it got ("step: the loop's failed: ...")
+
+    @property
+    def record(self) -> dict[str, object]:
+        """What a benchmark row records of this runner: how each denoising program was captured."""
+        return {"capture_asked": self.capture, "capture_used": dict(self.capture_used)}
+
+    def release(self) -> None:
+        """Drop every captured program and its buffers (their memory pools go with them on empty_cache): a
+        benchmark's next resolution then measures its own peak, not this one's graphs too."""
+        self._captured.clear()
+        self._loops.clear()
 
     # -- the denoising loop (SmartEditPipeline.denoise hands it over whole) ---------------------------------------
 
@@ -104,6 +116,7 @@ class CudaGraphRunner(EagerRunner):
             self._capture(loop)  # warm-up steps on a side stream change the buffers: load them again
             self._load(loop, *inputs)
         if loop.graph is None:
+            self.capture_used[f"latents {list(loop.latents.shape)}, {steps} steps"] = "none"
             for _ in range(steps):
                 self._step(loop)
         else:
@@ -147,15 +160,18 @@ class CudaGraphRunner(EagerRunner):
             with torch.cuda.graph(graph):
                 for _ in range(per_replay):
                     self._step(loop)
+            used = self.capture
         except RuntimeError as e:
             if per_replay == 1:
                 raise
             # e.g. out of memory instantiating steps x UNet kernels: one step per replay does the same work
             log.warning("capturing the %d-step loop failed (%s); capturing one step and replaying it", steps, e)
+            used = f"step (the {steps}-step loop's capture failed: {str(e).splitlines()[0][:200]})"
             graph, per_replay = torch.cuda.CUDAGraph(), 1
             with torch.cuda.graph(graph):
                 self._step(loop)
         loop.graph, loop.graph_steps = graph, per_replay
+        self.capture_used[f"latents {list(loop.latents.shape)}, {steps} steps"] = used
 
     # -- the per-graph interface ------------------------------------------------------------------------------------
 

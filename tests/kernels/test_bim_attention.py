@@ -11,6 +11,7 @@ from smartedit.kernels import bim_attention as ka
 CUDA = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
+    pytest.mark.kernels,
     pytest.mark.skipif(not ka.HAVE_TRITON, reason="triton is not installed"),
     pytest.mark.skipif(not (CUDA or INTERPRETING),
                        reason="runs on a GPU, or on the CPU under TRITON_INTERPRET=1 (tests/test_kernels_interpreter.py)"),
