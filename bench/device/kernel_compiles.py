@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def main() -> None:
     from smartedit.kernels import ahead_of_time as aot
     from smartedit.kernels import bim_attention as ka
 
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="smartedit-kernel-compiles-")  # no earlier compiles
     t0 = time.perf_counter()
     with aot._compiling_for(90):
         os.environ.pop("TRITON_ALWAYS_COMPILE", None)  # the JIT's cache then holds one entry per distinct variant

@@ -61,7 +61,8 @@ SITE=$(mktemp -d -p "$WORK")
 "$VENV_BIN/python3" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl >/dev/null 2>&1
 "$VENV_BIN/python3" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . \
     >/dev/null 2>&1
-(cd "$WORK" && timed "pytest -m 'cuda or kernels' (collect)" "$WORK/collect.log" env PYTHONPATH="$SITE" \
+# (TRITON_INTERPRET=1 only makes tests/conftest.py collect tests/kernels/, as a GPU does; nothing runs)
+(cd "$WORK" && timed "pytest -m 'cuda or kernels' (collect)" "$WORK/collect.log" env PYTHONPATH="$SITE" TRITON_INTERPRET=1 \
     "$VENV_BIN/python3" -m pytest --collect-only -q -p no:cacheprovider -m "cuda or kernels" --rootdir "$REPO" \
     "$REPO/tests")
 # the kernel tests as the GPU runs them: compiled (for sm_90, with triton 3.6, nothing runs), counting the variants
@@ -79,7 +80,11 @@ KERNELS=$(grep -E '^\{"variants"' "$WORK/kernels.log" | tail -1)
     echo
     cat "$REPORT"
     echo
-    echo "The kernel tests' variants, compiled for sm_90 here (\`bench/device/kernel_compiles.py\`): $KERNELS"
+    echo "The kernel tests' variants, compiled for sm_90 here (\`bench/device/kernel_compiles.py\`): $KERNELS."
+    echo "The GPU's 12 workers compile them in parallel (check.sh's pytest step). Not run here: the kernel tests under"
+    echo "TRITON_INTERPRET=1, which cannot run with these versions (triton 3.6's interpreter calls int() on a 1-element"
+    echo "array, triton/runtime/interpreter.py:888, which numpy 2.5 refuses); the GPU compiles the kernel instead, and CI"
+    echo "runs the interpreter with triton 3.9 and numpy 1.26."
     echo
     echo "The dry run's steps (\`check.sh --cpu\`):"
     echo

@@ -312,11 +312,14 @@ class TritonServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float | None = None) -> int:
+        """Signal the server and wait for it to exit: its exit timeout (plus 30 s) by default, at most `grace_s` if
+        given (an idle keep-alive HTTP connection alone holds tritonserver for its whole exit timeout); then
+        SIGKILL."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                self.proc.wait(timeout=self.exit_timeout_s + 30)
+                self.proc.wait(timeout=self.exit_timeout_s + 30 if grace_s is None else grace_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -326,7 +329,7 @@ class TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(grace_s=5)  # the block is over: nothing waits for answers (serve() drains instead)
 
 
 @contextmanager
@@ -344,7 +347,7 @@ def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_ba
             server.wait_ready(ready_timeout_s)
             yield server
         finally:
-            server.stop()
+            server.stop(grace_s=5)  # nothing waits for answers any more: no drain
 
 
 def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batch: int = 4,
