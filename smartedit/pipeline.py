@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path

@@ -562,7 +562,7 @@ FLAGS = [
     ("http-port-70000", lambda e: _ports(e, http=70000), None, "--http-port must be a TCP port from 1 to 65535, "
                                                                "got 70000"),
     ("grpc-port-0", lambda e: _ports(e, grpc=0), None, "--grpc-port must be a TCP port from 1 to 65535, got 0"),
-    ("same-port-twice", lambda e: _ports(e, grpc=e.http), None, f"is also --http-port"),
+    ("same-port-twice", lambda e: _ports(e, grpc=e.http), None, "is also --http-port"),
     ("http-port-taken", lambda e: _ports(e), "http", "cannot be used on 127.0.0.1: another program listens on it"),
     ("metrics-port-taken", lambda e: _ports(e), "metrics", "--metrics-port"),
     ("max-queue-0", lambda e: [*_ports(e), "--max-queue", 0], None, "--max-queue"),
