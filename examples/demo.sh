@@ -12,7 +12,8 @@ OUT=${OUT%/}  # demo/ and demo name the same folder
 IMG="$(cd "$(dirname "$0")" && pwd)/in.png"
 ARTS="$OUT/artifacts"
 MODEL=(--preset tiny --random-weights)
-PROFILE=(--precision fp32 --max-batch 2 --max-res 512)  # fp32 on a CPU (fp16 is emulated there); small profiles
+PROFILE=(--precision fp32 --max-batch 3 --max-res 512 --max-prompt 400)  # fp32 on a CPU (fp16 is emulated there);
+                                                                    # small profiles
 mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 

@@ -166,3 +166,15 @@ def tiny_server():
                             max_megapixels=1.0, max_batch=4)
     with running(settings, max_batch=4, queue_delay_ms=400, ready_timeout_s=300) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def repository_server(triton_repository, tmp_path_factory):
+    """The bundled tritonserver on the shared `--target triton --triton-stages python` repository (its BLS
+    orchestrator and five Python stage models), started once per session."""
+    from smartedit.serve.server import TritonServer, free_endpoints
+
+    out, _ = triton_repository
+    with TritonServer(out / "triton", free_endpoints(), tmp_path_factory.mktemp("repository_server")) as s:
+        s.wait_ready(300)
+        yield s

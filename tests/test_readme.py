@@ -2,6 +2,8 @@
 block (one edit, then the whole CPU demo: export, verify, edit with every CPU backend, bench) and its Python snippet.
 README and code cannot drift apart."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +29,21 @@ def test_sample_image_is_what_its_script_renders():
     assert shipped.size == (256, 256) and list(render().getdata()) == list(shipped.convert("RGB").getdata())
 
 
-def test_quickstart_shell_block_runs_verbatim(tmp_path):
+def _seed_demo(onnx_export, aoti_export, artifacts: Path) -> None:
+    """The session's fp32 ONNX and AOTInductor exports of the tiny preset, merged into one folder as the demo's two
+    exports would leave it (same options: examples/demo.sh's PROFILE is conftest's SMALL_PROFILE). The demo then
+    reuses them ("up to date, skipped"), as the README says it reuses an existing export; every other command of it
+    runs in full. Exporting from scratch is tested in test_export_onnx.py and test_export_aoti.py."""
+    shutil.copytree(onnx_export("fp32"), artifacts, ignore=shutil.ignore_patterns(".smartedit-export.lock"))
+    shutil.copytree(aoti_export / "aoti", artifacts / "aoti")
+    manifest = json.loads((artifacts / "manifest.json").read_text())
+    manifest["artifacts"]["aoti"] = json.loads((aoti_export / "manifest.json").read_text())["artifacts"]["aoti"]
+    (artifacts / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_quickstart_shell_block_runs_verbatim(tmp_path, onnx_export, aoti_export):
     cwd = _workdir(tmp_path)
+    _seed_demo(onnx_export, aoti_export, cwd / "demo" / "artifacts")
     block = readme_block("bash examples/demo.sh demo/")
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, capture_output=True, text=True,
                        timeout=2400)
@@ -38,6 +53,7 @@ def test_quickstart_shell_block_runs_verbatim(tmp_path):
         assert Image.open(cwd / "demo" / f"edit-{backend}.png").size == (256, 256)
         assert f"edit with {backend}: demo/edit-{backend}.png" in r.stdout
     assert "all checks that could run passed" in r.stdout
+    assert r.stdout.count("up to date, skipped") == 10, "the seeded exports were not reused"
     bench = list((cwd / "demo" / "bench").glob("*.md"))
     assert len(bench) == 1 and all(b in bench[0].read_text() for b in ("onnxruntime", "aoti"))
     assert "Traceback" not in r.stderr

@@ -398,14 +398,6 @@ def test_refused_requests_leave_no_memory_behind(strict):
 # -- 1, 2: the --target triton repository's stage models on the bundled server -------------------------------------
 
 
-@pytest.fixture(scope="module")
-def repository_server(triton_repository, tmp_path_factory):
-    out, _ = triton_repository
-    with TritonServer(out / "triton", free_endpoints(), tmp_path_factory.mktemp("repo_server")) as s:
-        s.wait_ready(300)
-        yield s
-
-
 def _stage_call(e, graph: str, tensors: dict[str, np.ndarray]):
     import tritonclient.http as http
 

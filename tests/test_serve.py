@@ -208,7 +208,7 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
         assert list(c.instance_group[0].profile) == (["0"] if kind == "trt" else [])
 
 
-def test_container_repository_runs_on_the_bundled_server(tmp_path, triton_repository, image):
+def test_container_repository_runs_on_the_bundled_server(repository_server, triton_repository, image):
     """--target triton --triton-stages python: the BLS-orchestrated repository, stage models in ONNX Runtime, served
     by the bundled tritonserver; it answers what the in-process onnxruntime backend answers for the same request."""
     from google.protobuf import text_format
@@ -225,15 +225,11 @@ def test_container_repository_runs_on_the_bundled_server(tmp_path, triton_reposi
                                                       "vae_encoder"]
     assert os.stat(repo / "unet" / "1" / "model.onnx").st_ino == os.stat(out / "onnx" / "unet.onnx").st_ino
 
-    from smartedit.serve.server import TritonServer
-
     offline = registry.load("onnxruntime", ModelSource(preset="tiny", seed=0), "cpu", __import__("torch").float32,
                             out)
     want = _png(offline(Image.open(io.BytesIO(image)), "make it blue", steps=2, resolution=256, seed=4))
-    with TritonServer(repo, free_endpoints(), tmp_path) as s:
-        s.wait_ready(300)
-        png, timings = edit(connect("grpc", s.endpoints.grpc_url, 300), image, "make it blue", seed=4, steps=2,
-                            resolution=256)
+    png, timings = edit(connect("grpc", repository_server.endpoints.grpc_url, 300), image, "make it blue", seed=4,
+                        steps=2, resolution=256)
     assert timings["backend"] == "bls"
     diff = int(np.abs(_pixels(png) - _pixels(want)).max())
     assert diff <= TOLERANCE, f"BLS through Triton differs from in-process ONNX Runtime by {diff} grey levels"
