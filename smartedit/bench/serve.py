@@ -52,8 +52,10 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png), formats=["PNG"]).convert("RGB"), dtype=np.int16)
 
 
-def _level(url: str, protocol: str, metrics, concurrency: int, n: int, image: bytes, steps: int, resolution: int,
-           expected: list[bytes], timeout_s: float) -> dict[str, Any]:
+def level(url: str, protocol: str, metrics, concurrency: int, n: int, image: bytes, steps: int, resolution: int,
+          expected: list[bytes], timeout_s: float) -> dict[str, Any]:
+    """One level of the load test against a running server: `n` requests (the DISTINCT ones in turn) from
+    `concurrency` clients, each answer compared with `expected` (the offline pipeline's PNG of that request)."""
     local = threading.local()
 
     def one(i: int) -> tuple[float, int | None, bool, str | None]:
@@ -132,7 +134,7 @@ def run_load_test(model: str | None = None, preset: str | None = "tiny", seed: i
             for c in levels:
                 progress(f"{'batched' if batched else 'max batch 1'}: {protocol}, concurrency {c}, {requests} "
                          "requests ...")
-                r = _level(url, protocol, lambda: read_metrics(e), c, requests, image, steps, resolution, expected,
+                r = level(url, protocol, lambda: read_metrics(e), c, requests, image, steps, resolution, expected,
                            timeout_s)
                 progress(f"    {r['throughput_rps']:.2f} req/s, p50 {r['latency_ms']['p50']:.0f} ms, p99 "
                          f"{r['latency_ms']['p99']:.0f} ms, avg batch {r['avg_batch'] or 0:.2f}, max diff "

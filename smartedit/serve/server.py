@@ -10,7 +10,7 @@ finishes the requests in flight, refuses new ones, and exits 0).
 
 What the server exposes: its HTTP and gRPC ports serve health, metadata and inference; every other API group
 (model-repository: load and unload, model-config, shared-memory, statistics, trace, logging) is restricted to
-requests carrying a key this process draws at start and never prints (RESTRICTED, ADMIN_HEADER): a client cannot
+requests carrying a key this process draws at start and never prints (serve/admin.py): a client cannot
 load code into the server (a load request may carry a model.py), unload the model, register shared memory or read
 the settings. Only the drain on SIGTERM uses the key. The metrics port serves Prometheus text. The ports are
 checked before start (in range, distinct, free on the host) and the server is called ready only once its own
@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator
 from smartedit.engines import registry
 from smartedit.errors import InputError, RunError, UnavailableError
 from smartedit.export.triton import MAX_QUEUE, MODEL, write_serving_repository
+
+from .admin import restricted_flags, unload
 from smartedit.pipeline import ModelSource
 
 
@@ -235,11 +237,6 @@ def _die_with_parent() -> None:
         pass
 
 
-# API groups only this process may call (with ADMIN_HEADER); health, metadata and inference stay open
-RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
-ADMIN_HEADER = "smartedit-admin-key"  # gRPC clients would send it as triton-grpc-protocol-smartedit-admin-key
-
-
 class TritonServer:
     """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit."""
 
@@ -258,14 +255,12 @@ class TritonServer:
         e = self.endpoints
         e.check()
         backends = prepare_backends(self.workdir / "backends")
-        restricted = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={self._admin_key}"
         cmd = [str(bundled() / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                f"--backend-directory={backends}", f"--http-address={e.host}", f"--http-port={e.http}",
                f"--grpc-address={e.host}", f"--grpc-port={e.grpc}", f"--metrics-address={e.host}",
                f"--metrics-port={e.metrics}", "--allow-metrics=true", "--exit-on-error=true",
                "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0",
-               f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
-               "--allow-sagemaker=false", "--allow-vertex-ai=false"]  # their frontends ignore the restrictions
+               *restricted_flags(self._admin_key)]
         if self.models:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
         with open(self.log, "wb") as log:
@@ -302,13 +297,7 @@ class TritonServer:
         """Graceful stop: unload the models first (Triton lets their in-flight requests finish and refuses new ones
         on every endpoint, HTTP and gRPC alike), then SIGTERM. A bare SIGTERM stops new HTTP connections, but this
         Triton build's gRPC endpoint still takes requests while HTTP connections drain."""
-        for m in self.models:
-            req = urllib.request.Request(f"http://{self.endpoints.http_url}/v2/repository/models/{m}/unload",
-                                         data=b"{}", method="POST", headers={ADMIN_HEADER: self._admin_key})
-            try:
-                urllib.request.urlopen(req, timeout=self.exit_timeout_s).close()
-            except (urllib.error.URLError, OSError):
-                pass  # the server is already going: SIGTERM below does the rest
+        unload(self.endpoints.http_url, self.models, self._admin_key, self.exit_timeout_s)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
