@@ -146,22 +146,6 @@ def _check_writable(out: Path) -> None:
         raise InputError(f"cannot write to output folder {out}: {e.strerror or e}") from e
 
 
-_RES_FLAGS = "--min-res / --opt-res / --max-res"
-_DIM_FLAGS = {"B": "--max-batch", "Lp": "--max-prompt", "Ls": "--max-prompt"}
-
-
-def _flags(profile: ProfileOptions, dims: set[str]) -> str:
-    """The flags (with their values) that set `dims`."""
-    out = []
-    if dims & set(_PIXELS):
-        out.append(f"--min-res {profile.min_res} --opt-res {profile.opt_res} --max-res {profile.max_res}")
-    if "B" in dims:
-        out.append(f"--max-batch {profile.max_batch}")
-    if dims & {"Lp", "Ls"}:
-        out.append(f"--max-prompt {profile.max_prefix}")
-    return ", ".join(out) or ", ".join(sorted(dims))
-
-
 def _traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: str) -> tuple[str, set] | None:
     """(graph, the dims at fault) of the first graph that cannot be exported at `profile`, or None."""
     graphs = graph_table(cfg, profile, fold_cfg=fold_cfg)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from smartedit.errors import InputError
+from smartedit.errors import ExportError, InputError
 
 from .spec import GraphSpec
 
@@ -89,8 +89,8 @@ def compare(run: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]], spec: 
         for i, t in enumerate(spec.outputs):
             r, g = ref[i].double(), got[i].double()
             if tuple(g.shape) != tuple(r.shape):
-                raise AssertionError(f"{spec.name}.{t.name}: exported shape {tuple(g.shape)} != PyTorch "
-                                     f"{tuple(r.shape)}")
+                raise ExportError(f"{spec.name}.{t.name}: exported shape {tuple(g.shape)} != PyTorch "
+                                  f"{tuple(r.shape)}")
             err = (g - r).abs().max().item()
             scale = r.abs().max().item()
             cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0).item()
