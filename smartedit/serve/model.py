@@ -163,7 +163,7 @@ class TritonPythonModel:
             parsed[i] = _error(res) if isinstance(res, SmartEditError) else res
         responses = []
         for p in parsed:
-            self.outcomes[_outcomes().get(p[0], "failed") if isinstance(p, tuple) else "ok"].increment(1)
+            self.outcomes[p[2] if isinstance(p, tuple) else "ok"].increment(1)
             if isinstance(p, tuple):
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(p[1], p[0])))
             else:
@@ -194,17 +194,13 @@ def _outcome_counters(model: str) -> tuple[Any, dict]:
                     for o in ("ok", "refused", "cancelled", "failed")}
 
 
-def _error(e: SmartEditError) -> tuple[int, str]:
-    """(Triton's error code, one line) of an error, which is then dropped with its traceback (whose frames hold the
-    request's image and text: kept, they leaked ~20 MB a refused request)."""
+def _error(e: SmartEditError) -> tuple[int, str, str]:
+    """(Triton's error code, one line, the outcome counted) of an error, which is then dropped with its traceback
+    (whose frames hold the request's image and text: kept, they leaked ~20 MB a refused request)."""
     import triton_python_backend_utils as pb
 
-    code = (pb.TritonError.INVALID_ARG if isinstance(e, InputError) else
-            pb.TritonError.CANCELLED if isinstance(e, Cancelled) else pb.TritonError.INTERNAL)
-    return code, f"{type(e).__name__}: {e}"
-
-
-def _outcomes() -> dict[int, str]:
-    import triton_python_backend_utils as pb
-
-    return {pb.TritonError.INVALID_ARG: "refused", pb.TritonError.CANCELLED: "cancelled"}
+    if isinstance(e, InputError):
+        return pb.TritonError.INVALID_ARG, f"{type(e).__name__}: {e}", "refused"
+    if isinstance(e, Cancelled):
+        return pb.TritonError.CANCELLED, f"{type(e).__name__}: {e}", "cancelled"
+    return pb.TritonError.INTERNAL, f"{type(e).__name__}: {e}", "failed"

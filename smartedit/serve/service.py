@@ -23,9 +23,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
-
-from typing import Callable
+from typing import Any, Callable
 
 from PIL import Image
 
