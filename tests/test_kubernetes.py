@@ -18,6 +18,7 @@ import copy
 import gzip
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -316,7 +317,8 @@ def k8s_server():
 
 def test_the_ratio_on_a_real_prometheus_scales_one_pod_alone_and_more_under_load(k8s_server, tiny_pipe, tmp_path):
     """Prometheus scrapes the server's metrics every second and evaluates the project's rule (a 6 s window) while
-    the load test runs 8 requests alone, then 24 from 8 clients (measured: 0.007 alone, 3.3 under load). Alone a request waits only the batcher's 5 ms;
+    the load test runs 8 requests alone, then 24 from 8 clients (measured here: 0 to 0.007 alone, 3.3 to 4.5 under
+    load). Alone a request waits at most the batcher's 5 ms;
     with 8 clients and batches of 2, a request waits for the 3 batches ahead of it: queue / compute -> 8/2 - 1 = 3
     in steady state. The test asserts half of that (1.5) under load, at most 0.2 alone, and the HPA's replicas."""
     prometheus = shutil.which("prometheus")
@@ -367,7 +369,10 @@ def test_the_ratio_on_a_real_prometheus_scales_one_pod_alone_and_more_under_load
     ideal = LOADED / MAX_BATCH - 1
     assert alone <= 0.2, alone
     assert loaded >= ideal / 2 and loaded > 5 * alone, (alone, loaded)
-    replicas = lambda metric: int(np.ceil(1 * metric / TARGET))  # noqa: E731  the HPA's formula, from 1 replica
+    def replicas(metric: float, current: int = 1, lowest: int = 1, highest: int = 6) -> int:
+        """The HPA's formula (autoscaling/v2, a Pods metric's average), within the replica range."""
+        return max(lowest, min(highest, math.ceil(current * metric / TARGET)))
+
     assert replicas(alone) == 1 and replicas(loaded) > 1, (alone, loaded)
 
 
