@@ -40,7 +40,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip in
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
 from conftest import run_cli  # noqa: E402
-from smartedit.export.triton import MODEL  # noqa: E402
+from smartedit.serve.repository import MODEL  # noqa: E402
 from smartedit.serve.client import connect, edit, edit_inputs  # noqa: E402
 from smartedit.serve.server import TritonServer, free_endpoints, running, settings_for  # noqa: E402
 from smartedit.pipeline import ModelSource  # noqa: E402
@@ -487,7 +487,7 @@ def test_what_is_served_is_what_was_exported(triton_repository, tmp_path, capsys
     from tritonclient.grpc import model_config_pb2
 
     from smartedit.errors import ArtifactError, InputError
-    from smartedit.export.triton import check_repository
+    from smartedit.serve.repository import check_repository
     from smartedit.export.verify import main as verify_main
 
     out = _copy_export(triton_repository, tmp_path / "export")

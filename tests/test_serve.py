@@ -30,7 +30,8 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip in
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
 from conftest import readme_block  # noqa: E402
-from smartedit.export.triton import MAX_QUEUE, MODEL, stage_config, write_serving_repository  # noqa: E402
+from smartedit.export.triton import stage_config  # noqa: E402
+from smartedit.serve.repository import MAX_QUEUE, MODEL, write_serving_repository  # noqa: E402
 from smartedit.serve.client import connect, edit  # noqa: E402
 from smartedit.serve.server import free_endpoints, read_metrics  # noqa: E402
 from smartedit.pipeline import ModelSource  # noqa: E402

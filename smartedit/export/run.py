@@ -247,7 +247,7 @@ def _looks_ours(folder: Path) -> list[str]:
 def _foreign_in_repository(manifest: Path, repo: Path) -> list[str]:
     """What in OUT/triton the manifest's record of the repository does not list (without a record, e.g. an export
     killed between writing the repository and recording it: what is not named after a graph)."""
-    from .triton import unrecorded
+    from smartedit.serve.repository import unrecorded
 
     try:
         files = json.loads(manifest.read_text()).get("repositories", {}).get("triton", {}).get("files")

@@ -1,4 +1,5 @@
-"""`--target triton`: a Triton Inference Server model repository, and the config of every model the project serves.
+"""`--target triton`: a Triton Inference Server model repository for NVIDIA's container, built on the serving
+contract of smartedit/serve/repository.py (the `smartedit` model, its request and config, the repository check).
 
 Two repositories, one model implementation (smartedit/serve/model.py, a Python-backend model that runs the whole
 edit: tokenizer, sampler and guidance in PyTorch, the graphs on a GraphRunner):
@@ -12,8 +13,7 @@ edit: tokenizer, sampler and guidance in PyTorch, the graphs on a GraphRunner):
                                                        ONNX Runtime: what the bundled server of this project can
                                                        serve (it has the Python backend only); for testing
 
-Every config.pbtxt is built as Triton's ModelConfig protobuf (tritonclient's model_config_pb2) and written in its
-text format, so it parses by construction; tests parse the files back. Stage files are hard-linked from the export's
+Stage files are hard-linked from the export's
 own graph files (copied where links cannot be made), never rewritten; what the orchestrator needs of a checkpoint
 (config, tokenizer, null-text embedding) is copied, never linked, so nothing done to the repository reaches the
 user's model folder.
@@ -30,86 +30,27 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from smartedit.errors import ArtifactError, ExportError, InputError, UnavailableError
-from smartedit.files import sha256_file, sha256_file_cached, staged, write_atomic
+from smartedit.errors import ExportError, InputError
+from smartedit.files import sha256_file, staged
+from smartedit.serve.repository import (
+    MODEL,
+    model_config_pb,
+    orchestrator_config,
+    repository_files,
+    unrecorded,
+    version_dir,
+    write_config,
+)
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
 from . import onnx
 from .job import ExportJob, Target
 
-MODEL = "smartedit"  # the orchestrating model's name, in every repository
 STAGE_KINDS = ("onnx", "trt", "python")
-# the model's request: per request one edit (dims [1]); max_batch_size > 0 stacks requests in front
-REQUEST_INPUTS = (("image", "TYPE_STRING", False), ("instruction", "TYPE_STRING", False),
-                  ("seed", "TYPE_INT64", True), ("steps", "TYPE_INT32", True), ("guidance_scale", "TYPE_FP32", True),
-                  ("image_guidance_scale", "TYPE_FP32", True), ("resolution", "TYPE_INT32", True))
-REQUEST_OUTPUTS = (("edited", "TYPE_STRING"), ("timings", "TYPE_STRING"))
 _TRITON_DTYPE = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}
-_MODEL_PY = '''"""Triton Python-backend model: {what} (smartedit-deploy writes this file; the code is in the package)."""
-from {module} import TritonPythonModel  # noqa: F401
-'''
-
-
-def _pb():
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as e:
-        raise UnavailableError("writing Triton model configs needs tritonclient: pip install -e '.[serve]' "
-                               f"({e})") from None
-    return model_config_pb2, text_format
-
-
-def _write_config(model_dir: Path, config) -> Path:
-    _, text_format = _pb()
-    return write_atomic(model_dir / "config.pbtxt", text_format.MessageToString(config))
-
-
-def _version_dir(model_dir: Path, module: str, what: str) -> Path:
-    version = model_dir / "1"
-    version.mkdir(parents=True, exist_ok=True)
-    write_atomic(version / "model.py", _MODEL_PY.format(module=module, what=what))
-    return version
-
-
-MAX_QUEUE = 16  # requests waiting for the model, at most; more are refused at once (UNAVAILABLE / HTTP 503)
-
-
-def orchestrator_config(settings: dict[str, Any], max_batch: int, queue_delay_ms: float, instances: int,
-                        gpu: bool, max_queue: int = MAX_QUEUE):
-    """The `smartedit` model: the request contract above, dynamic batching (batch 1: each request alone), at most
-    `max_queue` requests waiting (Triton refuses more at once: an edit holds the model for seconds, and a queue
-    without a bound grows for as long as clients send), its settings as a parameter."""
-    mc, _ = _pb()
-    c = mc.ModelConfig(name=MODEL, backend="python", max_batch_size=max_batch)
-    for name, dtype, optional in REQUEST_INPUTS:
-        c.input.add(name=name, data_type=mc.DataType.Value(dtype), dims=[1], optional=optional)
-    for name, dtype in REQUEST_OUTPUTS:
-        c.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=[1])
-    policy = c.dynamic_batching.default_queue_policy
-    policy.max_queue_size = max_queue
-    policy.allow_timeout_override = True  # a request's own `timeout`: rejected if it expires while queued
-    policy.timeout_action = mc.ModelQueuePolicy.TimeoutAction.Value("REJECT")
-    if max_batch > 1:
-        c.dynamic_batching.max_queue_delay_microseconds = int(queue_delay_ms * 1000)
-    kind = mc.ModelInstanceGroup.Kind.Value("KIND_GPU" if gpu else "KIND_CPU")
-    c.instance_group.add(count=instances, kind=kind)
-    c.parameters["settings"].string_value = json.dumps(settings, sort_keys=True)
-    return c
-
-
-def write_serving_repository(repo: Path, settings: dict[str, Any], max_batch: int, queue_delay_ms: float,
-                             instances: int, gpu: bool, max_queue: int = MAX_QUEUE) -> Path:
-    """The repository of smartedit-serve: one `smartedit` model whose graphs run in-process."""
-    model_dir = Path(repo) / MODEL
-    _version_dir(model_dir, "smartedit.serve.model", "the whole SmartEdit edit")
-    _write_config(model_dir, orchestrator_config(settings, max_batch, queue_delay_ms, instances, gpu, max_queue))
-    return Path(repo)
-
-
 def _dims(t, spec: GraphSpec) -> list[int]:
     return [-1 if parse_dim(d)[1] is not None else int(d) for d in t.shape]
 
@@ -118,7 +59,7 @@ def stage_config(entry: Entry, kind: str, profile: int | None = None, files: dic
     """One graph as a Triton model: its inputs and outputs from the spec (named dims -1: dynamic), batch dims
     explicit (max_batch_size 0: the unet's 3B is not a plain batch). A Python stage model also gets the spec (it
     refuses shapes outside the profile before any work) and `files`, its version folder's {name: sha256}."""
-    mc, _ = _pb()
+    mc, _ = model_config_pb()
     spec = entry.spec
     if kind == "onnx":
         c = mc.ModelConfig(name=spec.name, backend="onnxruntime", max_batch_size=0)
@@ -158,54 +99,6 @@ def _copy_model_folder(source_model: Path, dst: Path) -> None:
     shutil.copytree(source_model / "tokenizer", dst / "tokenizer", copy_function=shutil.copyfile, symlinks=False)
 
 
-IGNORED = ("__pycache__",)  # what Python writes beside model.py when it imports it: never served as a model file
-
-
-def repository_files(repo: Path) -> list[str]:
-    """Every file under `repo`, relative to it, in order (Python's __pycache__ folders left out)."""
-    repo = Path(repo)
-    out = []
-    for dirpath, dirnames, filenames in os.walk(repo):
-        dirnames[:] = sorted(d for d in dirnames if d not in IGNORED)
-        out += sorted(str((Path(dirpath) / f).relative_to(repo)) for f in filenames)
-    return out
-
-
-def unrecorded(repo: Path, recorded: Iterable[str]) -> list[str]:
-    """What under `repo` the record does not list, relative to `repo`: a model folder none of whose files is
-    recorded is named as the folder ("my_detector/"), other files one by one."""
-    recorded = set(recorded)
-    tops = {Path(r).parts[0] for r in recorded}
-    out: list[str] = []
-    for rel in repository_files(repo):
-        if rel in recorded:
-            continue
-        top = Path(rel).parts[0]
-        name = f"{top}/" if top not in tops and (Path(repo) / top).is_dir() else rel
-        if name not in out:
-            out.append(name)
-    return out
-
-
-def check_repository(repo: Path, files: dict[str, str], own: Iterable[str] = ()) -> None:
-    """Before serving: every file `files` lists ({path relative to repo: sha256}) is in `repo` with that sha256, and
-    nothing else is there but `own` (the caller's own files, which the record cannot hold). ArtifactError naming the
-    first file that differs or is not recorded."""
-    repo = Path(repo).resolve()
-    for rel, sha in files.items():
-        path = (repo / rel).resolve()
-        if not path.is_relative_to(repo) or not path.is_file():
-            raise ArtifactError(f"the model repository {repo} lacks {rel} (or it leads outside): re-run "
-                                "smartedit-export --target triton")
-        if sha256_file_cached(path) != sha:
-            raise ArtifactError(f"{path} does not match the sha256 the export recorded ({sha[:12]}...): the "
-                                "repository was changed after export; re-run smartedit-export --target triton")
-    extra = unrecorded(repo, [*files, *own])
-    if extra:
-        raise ArtifactError(f"the model repository {repo} holds {', '.join(extra[:4])}, which the export did not "
-                            "write: what is served must be what was exported; move it out or re-export")
-
-
 def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_batch: int, queue_delay_ms: float,
                                device: str) -> Path:
     """OUT/triton: a stage model per graph (from the export's entries) and the BLS-orchestrating `smartedit`, every
@@ -233,9 +126,9 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
                 known[f"{graph}/1/{name}"] = e.files[rel]
                 stage_files[name] = e.files[rel]["sha256"]
             if stages == "python":
-                _version_dir(model_dir, "smartedit.serve.stage", f"the {graph} graph in ONNX Runtime")
+                version_dir(model_dir, "smartedit.serve.stage", f"the {graph} graph in ONNX Runtime")
             profile = len(e.profiles) - 1 if stages == "trt" and e.profiles else None
-            _write_config(model_dir, stage_config(e, stages, profile, stage_files))
+            write_config(model_dir, stage_config(e, stages, profile, stage_files))
         src = manifest.source
         source: dict[str, Any]
         if src.get("kind") == "checkpoint":
@@ -243,7 +136,7 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
             source = {"model": "model"}  # relative to the model's version folder
         else:
             source = {"preset": src["preset"], "seed": src["seed"]}
-        _version_dir(tmp / MODEL, "smartedit.serve.model", "the whole SmartEdit edit, graphs through BLS")
+        version_dir(tmp / MODEL, "smartedit.serve.model", "the whole SmartEdit edit, graphs through BLS")
         record = {rel: known.get(rel) or {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
                   for rel in repository_files(tmp)}
         settings = {"runner": "bls", "source": source, "device": device, "dtype": "fp32",
@@ -251,7 +144,7 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
                                for g, e in entries.items()},
                     "max_batch": min(max_batch, entries["llava"].spec.dims["B"].max),
                     "files": {rel: meta["sha256"] for rel, meta in record.items()}}
-        _write_config(tmp / MODEL, orchestrator_config(settings, settings["max_batch"], queue_delay_ms, 1,
+        write_config(tmp / MODEL, orchestrator_config(settings, settings["max_batch"], queue_delay_ms, 1,
                                                        gpu=device.startswith("cuda")))
         own = f"{MODEL}/config.pbtxt"
         record[own] = {"sha256": sha256_file(tmp / own), "bytes": (tmp / own).stat().st_size}
@@ -286,7 +179,7 @@ def repository_problems(manifest: Manifest, name: str = "triton", hashes: bool =
 
 def produce(job: ExportJob) -> None:
     """The ONNX graphs (exported or reused; --triton-stages trt needs OUT/trt built first), then OUT/triton."""
-    _pb()  # tritonclient present: before the export work
+    model_config_pb()  # tritonclient present: before the export work
     stages = job.triton_stages
     if stages != "trt":
         onnx.produce(job)

@@ -11,7 +11,7 @@ from smartedit.config import PRECISIONS, check_device
 from smartedit.engines import registry
 from smartedit.errors import InputError, run_command
 
-from smartedit.export.triton import MAX_QUEUE
+from .repository import MAX_QUEUE
 
 from .server import Endpoints, serve, settings_for
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from smartedit.export.triton import MODEL, REQUEST_INPUTS
+from .repository import MODEL, REQUEST_INPUTS
 
 _NP = {"TYPE_STRING": object, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32, "TYPE_FP32": np.float32}
 _WIRE = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_INT32": "INT32", "TYPE_FP32": "FP32"}

@@ -43,11 +43,11 @@ from typing import Any
 
 from smartedit.arguments import positive
 from smartedit.errors import ArtifactError, InputError, run_command
-from smartedit.export.triton import MODEL
 from smartedit.files import refuse_overwriting_inputs, write_atomic
 from smartedit.graphs.manifest import Manifest
 
 from .admin import ADMIN_KEY_ENV, restricted_flags
+from .repository import MODEL
 
 # NVIDIA's Triton containers (nvcr.io/nvidia/tritonserver:<tag>-py3) and the TensorRT each ships, as their release
 # notes list it (docs/introduction/release_notes.md of triton-inference-server/server at each release): a TensorRT plan

@@ -54,7 +54,7 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
     source = _source(settings, version_dir)
     device, dtype = settings.get("device", "cpu"), dtype_named(settings.get("dtype", "fp32"))
     if settings["runner"] == "bls":
-        from smartedit.export.triton import MODEL, check_repository
+        from .repository import MODEL, check_repository
 
         if not isinstance(settings.get("files"), dict):
             raise ArtifactError("the `smartedit` model's settings record no repository files: re-run "
@@ -146,7 +146,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb
 
-        from smartedit.export.triton import REQUEST_INPUTS
+        from .repository import REQUEST_INPUTS
 
         parsed: list = []
         for r in requests:

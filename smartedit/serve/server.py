@@ -39,9 +39,8 @@ from typing import Any, Callable, Iterator
 
 from smartedit.engines import registry
 from smartedit.errors import InputError, RunError, UnavailableError
-from smartedit.export.triton import MAX_QUEUE, MODEL, write_serving_repository
-
 from .admin import restricted_flags, unload
+from .repository import MAX_QUEUE, MODEL, write_serving_repository
 from smartedit.pipeline import ModelSource
 
 
