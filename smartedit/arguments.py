@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import PRESETS, check_resolution
 from .errors import InputError
-from .pipeline import ModelSource
+from .weights import ModelSource
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 

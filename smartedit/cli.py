@@ -43,8 +43,8 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
          template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0,
          backend: str = "eager", artifacts: str | None = None) -> Path:
     """Run one edit on `backend` and write the image atomically (temp file + rename): a failed run leaves no file."""
-    from .engines import registry
-    from .pipeline import ModelSource
+    from .pipeline import SmartEditPipeline
+    from .weights import ModelSource
 
     out_path = _check_output(Path(out), "--out")
     if out_path.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -55,7 +55,7 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
         raise InputError("--preset builds random weights: add --random-weights to say that is what you want, "
                          "or load a converted checkpoint with --model DIR")
     source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
-    pipe = registry.load(backend, source, device, dtype_named(dtype), artifacts)
+    pipe = SmartEditPipeline.on_backend(backend, source, device, dtype_named(dtype), artifacts)
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                   resolution=resolution, seed=seed, img_token_mode=img_token_mode,
                   template=template if template == "random" else int(template))
@@ -189,13 +189,14 @@ def tensors_cli(argv: list[str] | None = None) -> None:
         from safetensors import SafetensorError
         from safetensors.torch import load_file, save
 
+        from .pipeline import SmartEditPipeline
         from .vae import postprocess
 
         if a.command == "pack":
             out = _check_output(Path(a.out), "--out")
             refuse_overwriting_inputs({"--out": out}, {"--image": a.image, "--model": a.model})
             image = open_image(a.image, "--image")
-            pipe = source.load("cpu", torch.float32, only=[])  # tokenizer, config, null-text embedding: no weights
+            pipe = SmartEditPipeline.from_weights(source.load("cpu", torch.float32, only=[]))  # no stage weights
             tensors = pipe.runtime_inputs([image], [a.instruction], resolution=a.resolution)
             out.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(out, save(tensors))

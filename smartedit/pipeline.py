@@ -1,4 +1,4 @@
-"""SmartEditPipeline: image + instruction -> edited image, through any runtime of the graph contract.
+"""SmartEditPipeline: image + instruction -> edited image, its graphs run by any runner of the graph contract.
 
 Order of work (official test/DS_SmartEdit_test.py and InstructPix2PixSD_SM.py):
     CLIP(224) -> mm_projector -> LLaMA -> 32 <img_i> states -> QFormer -> BIM       graphs llava, qformer_bim
@@ -7,9 +7,10 @@ Order of work (official test/DS_SmartEdit_test.py and InstructPix2PixSD_SM.py):
            EulerAncestral)                                                          graph unet (+ smartedit.scheduler)
     VAE decode                                                                      graph vae_decoder
 
-The graphs run on `pipe.backend`, a GraphRunner (smartedit.graphs): by default the model itself (EagerRunner, the
-reference); smartedit.engines' registry gives the others (CUDA graphs, ONNX Runtime, TensorRT, AOTInductor). The
-pipeline owns everything between the graphs: tokenisation, image pre/post-processing, the sampler and the guidance.
+The graphs run on `pipe.runner`, a GraphRunner (smartedit.graphs): by default the model itself (EagerRunner, the
+reference); each backend of smartedit.engines.registry hands back another (CUDA graphs, ONNX Runtime, TensorRT,
+AOTInductor), and `on_backend` puts it in a pipeline. The pipeline owns everything between the graphs:
+tokenisation, image pre/post-processing, the sampler and the guidance.
 """
 
 from __future__ import annotations
@@ -17,23 +18,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from PIL import Image
-from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
-from .config import PRESETS, SmartEditConfig, check_guidance, check_resolution, precision_of
+from . import weights
+from .config import SmartEditConfig, check_guidance, check_resolution, precision_of
+from .engines import registry
 from .errors import Cancelled, InputError, RunError
-from .files import open_image, sha256_file, sha256_json
+from .files import open_image
 from .graphs import EagerRunner, GraphRunner, LoopRunner
 from .mllm import IMG_MODES, NUM_IMG_TOKENS, PAD_ID, PromptIds, pad_prompts, pick_template, tokenize_prompt
-from .model import STAGE_NAMES, Stages, build_stages, cfg_batch, cfg_combine
+from .model import Stages, cfg_batch, cfg_combine
 from .scheduler import (
     SIGMA,
     AncestralPlan,
@@ -44,9 +45,10 @@ from .scheduler import (
     initial_latents,
     scale_model_input,
 )
-from .tokenizer import add_smartedit_tokens, build_offline_tokenizer
+from .tokenizer import add_smartedit_tokens
 from .vae import postprocess, preprocess_vae
 from .vision import preprocess_clip
+from .weights import ModelSource, Weights
 
 log = logging.getLogger(__name__)
 Guidance = Union[float, Sequence[float]]  # one value for the batch, or one per sample
@@ -56,67 +58,10 @@ def _as_image(x: Image.Image | str | Path) -> Image.Image:
     return x if isinstance(x, Image.Image) else open_image(x, "input image")
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the weights come from: a converted SmartEdit folder, or a preset with random weights (and its seed)."""
-
-    model: Path | None = None
-    preset: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.model is None) == (self.preset is None):
-            raise InputError("give a converted model folder (--model DIR) or a preset with random weights "
-                             "(--preset NAME --random-weights), not both or neither")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise InputError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.model is not None:
-            object.__setattr__(self, "model", Path(self.model))
-
-    def __str__(self) -> str:
-        return str(self.model) if self.model else f"preset {self.preset!r} (random weights, seed {self.seed})"
-
-    def config(self) -> SmartEditConfig:
-        return ckpt.read_config(self.model)[0] if self.model else SmartEditConfig.from_name(self.preset)
-
-    def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-             only: Iterable[str] | None = None) -> "SmartEditPipeline":
-        if self.model is not None:
-            return SmartEditPipeline.from_pretrained(self.model, device=device, dtype=dtype, only=only)
-        return SmartEditPipeline.from_preset(self.preset, seed=self.seed, device=device, dtype=dtype, only=only)
-
-    def describe(self, progress=log.info) -> dict:
-        """The record an export keeps of its source: the checkpoint's file hashes, or the preset and seed."""
-        if self.model is None:
-            src = {"kind": "random", "preset": self.preset, "seed": self.seed}
-            return src | {"sha256": sha256_json(src)}
-        cfg, meta = ckpt.read_config(self.model)
-        progress(f"hashing the checkpoint at {self.model} ...")
-        names = ["config.json", ckpt.NULL_TEXT_FILE] + [f"{s}.safetensors" for s in STAGE_NAMES]
-        hashes = {f: sha256_file(self.model / f) for f in names if (self.model / f).exists()}
-        return {"kind": "checkpoint", "path": str(self.model.resolve()), "files": hashes,
-                "random_weights": bool(meta.get("random_weights")), "sha256": sha256_json(hashes)}
-
-    def mismatch(self, recorded: dict) -> str | None:
-        """Why artifacts exported from the source `recorded` (a manifest's) are not from this one (None: they are).
-        A checkpoint is matched by its config.json hash (the weights are hashed at export, not at every load)."""
-        if self.model is not None:
-            want = recorded.get("files", {}).get("config.json")
-            if recorded.get("kind") == "checkpoint" and want == sha256_file(self.model / "config.json"):
-                return None
-        elif recorded.get("kind") == "random" and (recorded.get("preset"), recorded.get("seed")) == (self.preset,
-                                                                                                       self.seed):
-            return None
-        if recorded.get("kind") == "random":
-            was = f"preset {recorded.get('preset')!r} (random weights, seed {recorded.get('seed')})"
-        else:
-            was = recorded.get("path") or "an unrecorded source"
-        return f"the artifacts were exported from {was}, not from {self}"
-
-
 class SmartEditPipeline:
     def __init__(self, config: SmartEditConfig, tokenizer: PreTrainedTokenizerBase, stages: Stages,
-                 null_text_embeds: torch.Tensor, random_weights: bool = False, backend: GraphRunner | None = None):
+                 null_text_embeds: torch.Tensor, random_weights: bool = False, runner: GraphRunner | None = None,
+                 img_token_mode: str = "forced"):
         if tuple(null_text_embeds.shape) != (1, config.qformer.num_queries, config.qformer.hidden_size):
             raise InputError(f"null_text_embeds must be [1, {config.qformer.num_queries}, "
                              f"{config.qformer.hidden_size}], got {tuple(null_text_embeds.shape)}")
@@ -125,63 +70,37 @@ class SmartEditPipeline:
         self.stages = stages
         self.null_text_embeds = null_text_embeds  # [1, 77, D]: CLIP text embedding of ""
         self.random_weights = random_weights
-        self.backend: GraphRunner = backend or EagerRunner(stages, config)
-        self.img_token_mode = "forced"  # the default of encode_condition / __call__ (`official`: "stepwise")
+        self.runner: GraphRunner = runner or EagerRunner(stages, config)
+        self.img_token_mode = img_token_mode  # the default of encode_condition / __call__ (`official`: "stepwise")
 
     # -- construction -------------------------------------------------------------------------------------------------
 
     @classmethod
+    def from_weights(cls, w: Weights, runner: GraphRunner | None = None, img_token_mode: str = "forced"
+                     ) -> "SmartEditPipeline":
+        """The edit over loaded weights, its graphs run by `runner` (None: the model itself, EagerRunner)."""
+        return cls(w.config, w.tokenizer, w.stages, w.null_text_embeds, w.random_weights, runner, img_token_mode)
+
+    @classmethod
+    def on_backend(cls, name: str, source: ModelSource, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, artifacts: str | Path | None = None) -> "SmartEditPipeline":
+        """The edit on backend `name` (smartedit.engines.registry): it loads what it needs of `source` and hands
+        back its runner. Refuses at once, naming the reason, what cannot run here."""
+        loaded = registry.load(name, source, device, dtype, artifacts)
+        return cls.from_weights(loaded.weights, loaded.runner, registry.get(name).img_token_mode)
+
+    @classmethod
     def from_preset(cls, name: str, seed: int = 0, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, only: Iterable[str] | None = None) -> "SmartEditPipeline":
-        """Random weights with the preset's shapes (for tests and latency work: speed does not depend on values).
-
-        `only` limits which stages get real (random) weights; the others stay on the meta device. The values of a
-        stage do not depend on `only`: every stage draws from its own seeded generator state.
-        """
-        cfg = SmartEditConfig.from_name(name)
-        log.warning("SmartEdit %s with RANDOM weights (seed %d): outputs are noise, shapes and costs are real", name, seed)
-        stages = build_stages(cfg, device, dtype, init=True, only=only, seed=seed)
-        # peft initialises lora_B to zero (a no-op adapter); a trained release's is not, so give it values too
-        if not stages.llm.lm_head.weight.is_meta:
-            torch.manual_seed(seed * 100 + 99)
-            for pname, p in stages.llm.named_parameters():
-                if "lora_B" in pname:
-                    nn.init.normal_(p, std=0.02)
-        g = torch.Generator().manual_seed(seed)
-        null = torch.randn(1, cfg.qformer.num_queries, cfg.qformer.hidden_size, generator=g).to(device, dtype)
-        return cls(cfg, build_offline_tokenizer(), stages, null, random_weights=True)
+        """Random weights with the preset's shapes, run eagerly (smartedit.weights.from_preset)."""
+        return cls.from_weights(weights.from_preset(name, seed, device, dtype, only))
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, only: Iterable[str] | None = None
                         ) -> "SmartEditPipeline":
-        """Load a converted folder; `only` loads just those stages (the others stay on the meta device). Nothing is
-        fetched from any hub: the tokenizer is the folder's own."""
-        model_dir = Path(model_dir)
-        cfg, meta = ckpt.read_config(model_dir)
-        wanted = list(STAGE_NAMES if only is None else only)
-        missing = ckpt.iter_missing([model_dir / f"{n}.safetensors" for n in wanted] + [model_dir / ckpt.NULL_TEXT_FILE])
-        missing += [] if (model_dir / "tokenizer").is_dir() else [model_dir / "tokenizer"]
-        if missing:
-            raise ckpt.CheckpointError(f"{model_dir} is incomplete, missing: {', '.join(str(p) for p in missing)}")
-        shapes = build_stages(cfg, "meta", dtype, init=False, only=[])  # every file's header first: no allocation
-        for name in wanted:
-            ckpt.check_stage_header(getattr(shapes, name), model_dir / f"{name}.safetensors")
-        null = ckpt.load_torch_file(model_dir / ckpt.NULL_TEXT_FILE)
-        if "null_text_embeds" not in null:
-            raise ckpt.CheckpointError(f"{model_dir / ckpt.NULL_TEXT_FILE} has no tensor 'null_text_embeds' "
-                                       f"(it holds {sorted(null)})")
-        ckpt.check_finite(null, str(model_dir / ckpt.NULL_TEXT_FILE))
-        stages = build_stages(cfg, device, dtype, init=False, only=wanted)  # uninitialised, on the target device
-        for name, module in stages.items():
-            if name in wanted:
-                ckpt.load_stage(module, model_dir / f"{name}.safetensors")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer", local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ckpt.CheckpointError(f"cannot load the tokenizer in {model_dir / 'tokenizer'}: {e}") from None
-        return cls(cfg, tokenizer, stages, null["null_text_embeds"].to(device, dtype),
-                   random_weights=bool(meta.get("random_weights", False)))
+        """A converted folder, run eagerly (smartedit.weights.from_pretrained)."""
+        return cls.from_weights(weights.from_pretrained(model_dir, device, dtype, only))
 
     def save_pretrained(self, model_dir: str | Path, overwrite: bool = False, source: dict | None = None) -> Path:
         def write(tmp: Path) -> None:
@@ -231,12 +150,12 @@ class SmartEditPipeline:
                                  f"{self.tokenizer.pad_token_id}")
             prompts = [self._tokenize(text, t) for text, t in zip(instructions, templates)]
             prefix, suffix, _ = pad_prompts(prompts, PAD_ID, self.config.vision.num_patches)
-            out = self.backend.run("llava", {"pixel_values": pixels, "prefix_ids": prefix.to(self.device),
+            out = self.runner.run("llava", {"pixel_values": pixels, "prefix_ids": prefix.to(self.device),
                                              "suffix_ids": suffix.to(self.device)})
             img_hidden, clip_feats = out["img_hidden"], out["clip_feats"]
         else:
             img_hidden, clip_feats = self._decode_img_states(pixels, instructions, templates, mode, temperature, seed)
-        out = self.backend.run("qformer_bim", {"img_hidden": img_hidden, "clip_feats": clip_feats})
+        out = self.runner.run("qformer_bim", {"img_hidden": img_hidden, "clip_feats": clip_feats})
         return out["prompt_embeds"].to(self.dtype), out["bim_residual"].to(self.dtype)
 
     def _tokenize(self, instruction: str, template: int, forced: bool = True) -> PromptIds:
@@ -253,7 +172,7 @@ class SmartEditPipeline:
         s = self.stages
         if s.llm is None or s.vision is None or s.llm.lm_head.weight.is_meta or s.vision.mm_projector.weight.is_meta:
             raise InputError(f"img_token_mode {mode!r} decodes token by token in eager PyTorch, and this pipeline has "
-                             f"no LLM weights loaded (backend {self.backend.name!r} runs the exported forced-mode "
+                             f"no LLM weights loaded (runner {self.runner.name!r} runs the exported forced-mode "
                              "graph)")
         clip_feats, image_embeds = s.vision(pixels.to(next(s.vision.parameters()).dtype))  # [B, 256, Dv], [B, 256, H]
         gen = torch.Generator().manual_seed(seed if seed is not None else 0)
@@ -288,7 +207,7 @@ class SmartEditPipeline:
     def encode_image(self, images: Sequence[Image.Image], resolution: int) -> torch.Tensor:
         """-> image latents [B, 4, R/8, R/8]."""
         x = preprocess_vae(list(images), resolution).to(self.device)
-        return self.backend.run("vae_encoder", {"image": x})["latents"].to(self.dtype)
+        return self.runner.run("vae_encoder", {"image": x})["latents"].to(self.dtype)
 
     def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, row: torch.Tensor,
                    prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, guidance_scale: Guidance,
@@ -298,17 +217,17 @@ class SmartEditPipeline:
         Guidance scales are one value for the batch or one per sample."""
         t, sigma = row[T].reshape(1), row[SIGMA]
         g_text, g_image = _per_sample(guidance_scale, latents), _per_sample(image_guidance_scale, latents)
-        if self.backend.fold_cfg:
+        if self.runner.fold_cfg:
             if not (isinstance(g_text, float) and isinstance(g_image, float)):
                 raise InputError("the --fold-cfg unet graph takes one pair of guidance scales per batch; give "
                                  "every sample the same, or run them apart")
-            return self.backend.run("unet", {
+            return self.runner.run("unet", {
                 "latents": latents, "image_latents": image_latents, "timestep": t, "sigma": sigma.reshape(1),
                 "prompt_embeds": prompt_embeds, "bim_residual": bim_residual,
                 "guidance": torch.tensor([g_text, g_image], device=latents.device)})["eps"].to(self.dtype)
         sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
                                     self.null_text_embeds)
-        eps = self.backend.run("unet", {"sample": sample, "timestep": t, "prompt_embeds": prompts,
+        eps = self.runner.run("unet", {"sample": sample, "timestep": t, "prompt_embeds": prompts,
                                         "bim_residual": bim_residual})["eps"]
         return cfg_combine(eps, g_text, g_image).to(self.dtype)
 
@@ -325,11 +244,11 @@ class SmartEditPipeline:
         if latents is None:
             latents = initial_latents(generator, tuple(image_latents.shape), plan, self.device, self.dtype)
         noise = draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, self.device)
-        if isinstance(self.backend, LoopRunner):  # the whole loop in one program (engines/cudagraph.py)
+        if isinstance(self.runner, LoopRunner):  # the whole loop in one program (engines/cudagraph.py)
             guidance = torch.stack([torch.as_tensor(_per_sample(g, latents), dtype=torch.float32, device=self.device)
                                     .reshape(-1).expand(latents.shape[0]) for g in (guidance_scale,
                                                                                     image_guidance_scale)], 1)
-            return self.backend.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
+            return self.runner.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
                                              bim_residual, plan.table, noise, guidance)  # guidance [B, 2]
         for i in tqdm(range(steps), desc="denoise", disable=not progress):
             if stop is not None and stop():
@@ -343,7 +262,7 @@ class SmartEditPipeline:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.backend.run("vae_decoder", {"latents": latents})["image"]  # [B, 3, H, W]
+        return self.runner.run("vae_decoder", {"latents": latents})["image"]  # [B, 3, H, W]
 
     # -- the edit -----------------------------------------------------------------------------------------------------
 
@@ -409,7 +328,7 @@ class SmartEditPipeline:
         white images that look like answers."""
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:
-            raise RunError(f"sample(s) {bad}: {what} on backend {self.backend.name!r} in "
+            raise RunError(f"sample(s) {bad}: {what} on backend {self.runner.name!r} in "
                            f"{precision_of(self.dtype)}: no image written")
 
 

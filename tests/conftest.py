@@ -159,7 +159,7 @@ def tiny_server():
     """smartedit-serve's Triton server, eager tiny on the CPU, shared by the tests of the server: batches of up to 4
     within 400 ms (long enough that concurrent test requests meet), images up to 1 MP."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install -e '.[test]')")
-    from smartedit.pipeline import ModelSource
+    from smartedit.weights import ModelSource
     from smartedit.serve.server import running, settings_for
 
     settings = settings_for(ModelSource(preset="tiny", seed=0), "eager", None, "cpu", "fp32", max_steps=100,

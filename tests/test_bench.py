@@ -76,22 +76,22 @@ def test_any_exception_of_one_backend_is_recorded_and_the_others_still_run(monke
     from triton.runtime.errors import OutOfResources
 
     from smartedit.engines import registry
-    from smartedit.engines.registry import Backend
+    from smartedit.engines.backend import Backend, Loaded
+    from smartedit.graphs import EagerRunner
 
     def out_of_shared_memory(source, device, dtype, artifacts):
-        pipe = source.load(device, dtype)
-        inner = pipe.backend
+        w = source.load(device, dtype)
+        inner = EagerRunner(w.stages, w.config)
 
         class Runner:  # the BIM's Triton kernel failing to launch, at 128 px only
-            name, fold_cfg = "oom", False
+            name, fold_cfg, specs = "oom", False, {}
 
             def run(self, graph, inputs):
                 if graph == "vae_encoder" and inputs["image"].shape[-1] == 128:
                     raise OutOfResources(425_984, 232_448, "shared memory")
                 return inner.run(graph, inputs)
 
-        pipe.backend = Runner()
-        return pipe
+        return Loaded(w, Runner())
 
     def plain_failure(source, device, dtype, artifacts):
         raise Exception("plain failure while loading")
@@ -127,7 +127,7 @@ def test_cudagraph_backend_matches_eager_fp16(test_image):
 
     eager = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
     fast = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
-    fast.backend = CudaGraphRunner(fast.stages, fast.config)
+    fast.runner = CudaGraphRunner(fast.stages, fast.config)
     a = np.asarray(eager(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
     b = np.asarray(fast(test_image, "make it blue", steps=10, seed=1), dtype=np.float64)
     assert 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12)) >= 35
@@ -164,15 +164,14 @@ def test_rows_say_how_the_loop_was_captured_and_each_resolution_starts_clean(mon
     program uncaptured: the stand-in backend below."""
     from smartedit.engines import registry
     from smartedit.engines.cudagraph import CudaGraphRunner
-    from smartedit.engines.registry import Backend
+    from smartedit.engines.backend import Backend, Loaded
 
     runners = []
 
     def load(source, device, dtype, artifacts):
-        pipe = source.load(device, dtype)
-        pipe.backend = CudaGraphRunner(pipe.stages, pipe.config, capture="none")
-        runners.append(pipe.backend)
-        return pipe
+        w = source.load(device, dtype)
+        runners.append(CudaGraphRunner(w.stages, w.config, capture="none"))
+        return Loaded(w, runners[-1])
 
     monkeypatch.setitem(registry.BACKENDS, "loop-cpu", Backend("loop-cpu", "test", ("cpu",), None,
                                                                lambda device: None, load))

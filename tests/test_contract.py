@@ -20,7 +20,7 @@ from smartedit.graphs import (
 )
 from smartedit.graphs.manifest import MANIFEST_VERSION, Entry, Manifest
 from smartedit.graphs.spec import DimRange, GraphSpec, TensorSpec
-from smartedit.pipeline import ModelSource
+from smartedit.weights import ModelSource
 
 
 def test_each_graph_module_holds_only_the_stages_it_reads(tiny_pipe):

@@ -74,7 +74,7 @@ def test_denoise_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tmp_pa
     got = load_file(tmp_path / "out.safetensors")["latents"]
 
     packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
-                                 random_weights=True, backend=AOTIRunner(Artifacts(aoti_export, "aoti")))
+                                 random_weights=True, runner=AOTIRunner(Artifacts(aoti_export, "aoti")))
     want = packaged.denoise(x["prompt_embeds"], x["bim_residual"], x["image_latents"], steps=5,
                             generator=torch.Generator().manual_seed(9))
     # bit-identical: the same ops in the same dtypes on the same kernels (a reciprocal-multiply in place of the
@@ -131,7 +131,7 @@ def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tes
         return pipe.decode(latents)
 
     packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
-                                 random_weights=True, backend=AOTIRunner(Artifacts(aoti_export, "aoti")))
+                                 random_weights=True, runner=AOTIRunner(Artifacts(aoti_export, "aoti")))
     want = edit(packaged)
     assert torch.equal(got, want), f"C++ edit vs Python edit, same packages: max diff {(got - want).abs().max():.3e}"
     assert_close(got, edit(tiny_pipe), atol=2e-3, rtol=0, msg="C++ edit vs eager PyTorch")

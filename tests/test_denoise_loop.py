@@ -102,7 +102,7 @@ def test_uncaptured_loop_equals_the_pipeline_loop_cpu(tiny_pipe, steps):
     ref = tiny_pipe.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(9))
     fast = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
                              random_weights=True)
-    fast.backend = CudaGraphRunner(fast.stages, fast.config, capture="none")
+    fast.runner = CudaGraphRunner(fast.stages, fast.config, capture="none")
     got = fast.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(9))
     assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"{steps} steps")
     # a second edit with another seed and other guidance reuses the buffers: no state may leak from the first
@@ -112,16 +112,16 @@ def test_uncaptured_loop_equals_the_pipeline_loop_cpu(tiny_pipe, steps):
     assert not torch.allclose(again, got)
     # what a benchmark row records of it, and the release between resolutions
     shape = list(x["image_latents"].shape)
-    assert fast.backend.record == {"capture_asked": "none",
+    assert fast.runner.record == {"capture_asked": "none",
                                    "capture_used": {f"latents {shape}, {steps} steps": "none"}}
-    fast.backend.release()
-    assert not fast.backend._loops and not fast.backend._captured
+    fast.runner.release()
+    assert not fast.runner._loops and not fast.runner._captured
 
 
 def test_whole_edit_through_the_loop_backend_cpu(tiny_pipe, test_image):
     fast = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
                              random_weights=True)
-    fast.backend = CudaGraphRunner(fast.stages, fast.config, capture="none")
+    fast.runner = CudaGraphRunner(fast.stages, fast.config, capture="none")
     a = np.asarray(tiny_pipe(test_image, "make it blue", steps=3, seed=1, resolution=64), dtype=np.int16)
     b = np.asarray(fast(test_image, "make it blue", steps=3, seed=1, resolution=64), dtype=np.int16)
     assert np.abs(a - b).max() <= 1
@@ -152,15 +152,15 @@ def test_captured_loop_equals_uncaptured_cuda(capture):
     pipe = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
     x = _denoise_inputs(pipe)
     plain = SmartEditPipeline(pipe.config, pipe.tokenizer, pipe.stages, pipe.null_text_embeds, random_weights=True)
-    plain.backend = CudaGraphRunner(plain.stages, plain.config, capture="none")
-    pipe.backend = CudaGraphRunner(pipe.stages, pipe.config, capture=capture)
+    plain.runner = CudaGraphRunner(plain.stages, plain.config, capture="none")
+    pipe.runner = CudaGraphRunner(pipe.stages, pipe.config, capture=capture)
     ref = plain.denoise(**x, steps=6, generator=torch.Generator().manual_seed(9))
     for seed in (9, 9, 4):  # capture on the first call, replay on the next ones (and with another seed)
         got = pipe.denoise(**x, steps=6, generator=torch.Generator().manual_seed(seed))
         if seed == 9:
             assert_close(got, ref, atol=1e-3, rtol=1e-3, msg=f"capture={capture} vs the same program uncaptured")
     assert not torch.equal(got, ref)
-    assert list(pipe.backend.record["capture_used"].values()) == [capture]  # no fallback at the tiny shapes
+    assert list(pipe.runner.record["capture_used"].values()) == [capture]  # no fallback at the tiny shapes
     eager = SmartEditPipeline(pipe.config, pipe.tokenizer, pipe.stages, pipe.null_text_embeds, random_weights=True)
     want = eager.denoise(**x, steps=6, generator=torch.Generator().manual_seed(4))
     assert_close(got, want, atol=2e-2, rtol=2e-2, msg=f"capture={capture} vs eager fp16")

@@ -97,12 +97,12 @@ def test_manifest_records_versions_source_specs_and_hashes(exported):
 
 
 def test_edit_through_onnxruntime_matches_eager(exported, test_image):
-    from smartedit.engines import registry
-    from smartedit.pipeline import ModelSource, SmartEditPipeline
+    from smartedit.pipeline import SmartEditPipeline
+    from smartedit.weights import ModelSource
 
     precision, out, _ = exported
     eager = SmartEditPipeline.from_preset("tiny", seed=0)
-    ort = registry.load("onnxruntime", ModelSource(preset="tiny"), artifacts=out)
+    ort = SmartEditPipeline.on_backend("onnxruntime", ModelSource(preset="tiny"), artifacts=out)
     assert ort.stages.unet.unet.conv_in.weight.is_meta  # no stage weights needed in PyTorch
     a = np.asarray(eager(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
     b = np.asarray(ort(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
@@ -119,7 +119,7 @@ def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
     ort = OnnxRuntimeRunner(Artifacts(tmp_path, "onnx"))
     assert ort.fold_cfg
     folded = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
-                               backend=ort)
+                               runner=ort)
     g = torch.Generator().manual_seed(0)
     lat, img = torch.randn(2, 4, 32, 40, generator=g), torch.randn(2, 4, 32, 40, generator=g)
     prompt, res = torch.randn(2, 77, 32, generator=g), torch.randn(2, 32, 16, 16, generator=g)

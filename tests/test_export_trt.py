@@ -147,12 +147,12 @@ def test_verify_reports_what_it_cannot_run_and_catches_damage(built, tmp_path, c
 def test_tensorrt_backend_edit_matches_eager(tmp_path, test_image):
     import numpy as np
 
-    from smartedit.engines import registry
-    from smartedit.pipeline import ModelSource, SmartEditPipeline
+    from smartedit.pipeline import SmartEditPipeline
+    from smartedit.weights import ModelSource
 
     run_export(tmp_path, preset="tiny", precision="fp16", target="trt-rtx", progress=lambda m: None)
     eager = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda")
-    fast = registry.load("trt-rtx", ModelSource(preset="tiny"), "cuda", artifacts=tmp_path)
+    fast = SmartEditPipeline.on_backend("trt-rtx", ModelSource(preset="tiny"), "cuda", artifacts=tmp_path)
     a = np.asarray(eager(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
     b = np.asarray(fast(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)
     assert 10 * np.log10(255**2 / max(((a - b) ** 2).mean(), 1e-12)) >= 35

@@ -306,7 +306,7 @@ def _query(port: int, expr: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def k8s_server():
     """smartedit-serve as a pod would run it, small: batches of up to 2 within 5 ms."""
-    from smartedit.pipeline import ModelSource
+    from smartedit.weights import ModelSource
     from smartedit.serve.server import running, settings_for
 
     settings = settings_for(ModelSource(preset="tiny", seed=0), "eager", None, "cpu", "fp32", max_steps=100,

@@ -43,7 +43,7 @@ from conftest import run_cli  # noqa: E402
 from smartedit.serve.repository import MODEL  # noqa: E402
 from smartedit.serve.client import connect, edit, edit_inputs  # noqa: E402
 from smartedit.serve.server import TritonServer, free_endpoints, running, settings_for  # noqa: E402
-from smartedit.pipeline import ModelSource  # noqa: E402
+from smartedit.weights import ModelSource  # noqa: E402
 
 BAD = pytest.importorskip("tritonclient.utils").InferenceServerException
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -675,7 +675,7 @@ def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_
     from smartedit.errors import RunError
 
     class NaNDecoder:
-        name, fold_cfg = "nan-decoder", False
+        name, fold_cfg, specs = "nan-decoder", False, {}
 
         def __init__(self, inner):
             self.inner = inner
@@ -686,13 +686,13 @@ def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_
                 out = {k: v.clone().fill_(float("nan")) for k, v in out.items()}
             return out
 
-    inner = tiny_pipe.backend
-    tiny_pipe.backend = NaNDecoder(inner)
+    inner = tiny_pipe.runner
+    tiny_pipe.runner = NaNDecoder(inner)
     try:
         with pytest.raises(RunError, match=r"sample\(s\) \[0\]: the decoded image is not finite"):
             tiny_pipe(test_image, "make it blue", steps=1, resolution=64, seed=0)
     finally:
-        tiny_pipe.backend = inner
+        tiny_pipe.runner = inner
 
 
 def test_the_catalogue_has_at_least_40_server_rows():

@@ -34,7 +34,7 @@ from smartedit.export.triton import stage_config  # noqa: E402
 from smartedit.serve.repository import MAX_QUEUE, MODEL, write_serving_repository  # noqa: E402
 from smartedit.serve.client import connect, edit  # noqa: E402
 from smartedit.serve.server import free_endpoints, read_metrics  # noqa: E402
-from smartedit.pipeline import ModelSource  # noqa: E402
+from smartedit.weights import ModelSource  # noqa: E402
 
 TOLERANCE = 1  # grey levels of 255, batched vs alone: see the module doc
 BAD = pytest.importorskip("tritonclient.utils").InferenceServerException
@@ -215,7 +215,7 @@ def test_container_repository_runs_on_the_bundled_server(repository_server, trit
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from smartedit.engines import registry
+    from smartedit.pipeline import SmartEditPipeline
 
     out, said = triton_repository
     assert not any("exporting" in m for m in said), "the ONNX graphs were up to date: reused, not re-exported"
@@ -226,8 +226,8 @@ def test_container_repository_runs_on_the_bundled_server(repository_server, trit
                                                       "vae_encoder"]
     assert os.stat(repo / "unet" / "1" / "model.onnx").st_ino == os.stat(out / "onnx" / "unet.onnx").st_ino
 
-    offline = registry.load("onnxruntime", ModelSource(preset="tiny", seed=0), "cpu", __import__("torch").float32,
-                            out)
+    offline = SmartEditPipeline.on_backend("onnxruntime", ModelSource(preset="tiny", seed=0), "cpu",
+                                           __import__("torch").float32, out)
     want = _png(offline(Image.open(io.BytesIO(image)), "make it blue", steps=2, resolution=256, seed=4))
     png, timings = edit(connect("grpc", repository_server.endpoints.grpc_url, 300), image, "make it blue", seed=4,
                         steps=2, resolution=256)

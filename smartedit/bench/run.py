@@ -29,7 +29,8 @@ from smartedit.config import dtype_named
 from smartedit.engines import registry
 from smartedit.errors import InputError
 from smartedit.files import write_atomic, write_json
-from smartedit.pipeline import ModelSource
+from smartedit.pipeline import SmartEditPipeline
+from smartedit.weights import ModelSource
 
 STAGE_OF = {"llava": "vision+llm", "qformer_bim": "qformer_bim", "vae_encoder": "vae_encode", "unet": "unet",
             "vae_decoder": "vae_decode"}
@@ -161,7 +162,7 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
             t0 = time.perf_counter()
-            pipe = registry.load(backend, source, dev, torch_dtype, artifacts)
+            pipe = SmartEditPipeline.on_backend(backend, source, dev, torch_dtype, artifacts)
             load_s = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001  (any failure of one backend is a result, not the end of the run)
             failed(backend, None, e)
@@ -190,7 +191,7 @@ def _free(dev: torch.device) -> None:
 
 def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats, batch,
                       progress) -> None:
-    release = getattr(pipe.backend, "release", None)  # a runner's captured programs of earlier resolutions
+    release = getattr(pipe.runner, "release", None)  # a runner's captured programs of earlier resolutions
     if release is not None:
         release()
     _free(dev)
@@ -208,14 +209,14 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
         pipe(images, texts, timings=t, **kw)
         e2e.append(t["total"])
         parts.append(t)
-    inner = pipe.backend
+    inner = pipe.runner
     timed = _TimedRunner(inner, dev, count_flops=backend == "eager")
-    pipe.backend = timed
+    pipe.runner = timed
     stage_t: dict[str, float] = {}
     try:
         pipe(images, texts, timings=stage_t, **kw)
     finally:
-        pipe.backend = inner
+        pipe.runner = inner
     stages = {STAGE_OF[g]: statistics.median(v) for g, v in timed.ms.items()}
     if "unet" in timed.ms:
         stages["unet_step"] = stages.pop("unet")

@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 from smartedit.config import dtype_named
-from smartedit.engines import registry
 from smartedit.errors import InputError
 from smartedit.files import write_atomic, write_json
-from smartedit.pipeline import ModelSource
+from smartedit.pipeline import SmartEditPipeline
 from smartedit.serve.client import connect, edit
+from smartedit.weights import ModelSource
 
 from .run import write_figure
 from smartedit.serve.server import read_metrics, running, settings_for
@@ -111,7 +111,7 @@ def run_load_test(model: str | None = None, preset: str | None = "tiny", seed: i
     image = buf.getvalue()
 
     progress(f"offline: {len(DISTINCT)} distinct requests, each alone ({backend}, {device}, {dtype}) ...")
-    pipe = registry.load(backend, source, device, dtype_named(dtype), artifacts)
+    pipe = SmartEditPipeline.on_backend(backend, source, device, dtype_named(dtype), artifacts)
     expected = []
     for s, text, g, gi in DISTINCT:
         out = io.BytesIO()

@@ -15,7 +15,7 @@ import torch
 
 from smartedit.errors import ArtifactError, InputError
 
-from .artifacts import Artifacts, load_exported
+from .artifacts import ArtifactRunner, Artifacts, load_exported
 from .backend import Backend, cuda_unavailable
 
 # What a package says about itself (AOTIModelPackageLoader::get_metadata() in C++). Version 2: the first that carries
@@ -59,31 +59,24 @@ def load_package(path: Path, device: str | torch.device):
     return run
 
 
-class AOTIRunner:
+class AOTIRunner(ArtifactRunner):
     name = "aoti"
+    suffix = ".pt2"
 
     def __init__(self, artifacts: Artifacts, device: str | torch.device = "cpu"):
-        self.arts, self.device = artifacts, torch.device(device)
-        facts = here(self.device)
-        for e in artifacts.entries.values():
-            reason = e.compatible(facts)
-            if reason:
-                raise ArtifactError(reason)
-        self.fold_cfg = artifacts.fold_cfg
-        self._runners: dict[str, object] = {}
+        super().__init__(artifacts)
+        self.device = torch.device(device)
+        artifacts.refuse_incompatible(here(self.device))
 
-    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        entry = self.arts.entry(graph)
-        if graph not in self._runners:
-            self._runners[graph] = load_package(self.arts.file(graph, ".pt2"), self.device)
-        entry.spec.check_inputs(inputs)
+    def open(self, path: Path):
+        return load_package(path, self.device)
+
+    def call(self, opened, entry, inputs):
         # contiguous: the compiled code assumes the traced example's strides and does not check them (a permuted
         # pixel tensor from preprocessing gave silently wrong CLIP features before this)
         args = [inputs[t.name].to(self.device, t.torch_dtype(entry.precision)).contiguous() for t in entry.spec.inputs]
-        caller = next(iter(inputs.values())).device
         with torch.inference_mode():
-            outs = self._runners[graph](*args)
-        return {t.name: o.to(caller) for t, o in zip(entry.spec.outputs, outs)}
+            return opened(*args)
 
 
 def _unavailable(device: torch.device) -> str | None:

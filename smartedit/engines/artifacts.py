@@ -5,8 +5,11 @@ checks are the same for all: the manifest is one this version reads, the target 
 exported from the folder's source (not copied in from another export), every file the manifest names is inside the
 folder and has its recorded size (at once) and sha256 (when the graph is first opened: what runs is what was
 exported and verified; hashed once per process per unchanged file), and each entry is compatible with this machine
-(`Entry.compatible`: TensorRT version and GPU, torch version and device). A failure is an ArtifactError naming the
-file or the difference.
+(`refuse_incompatible`, with what the runner knows of it: TensorRT version and GPU, torch version and device). A
+failure is an ArtifactError naming the file or the difference.
+
+`ArtifactRunner` is what the runners of one file per graph (ONNX Runtime, AOTInductor) share: each graph opened on
+first use, inputs checked against its exported profile, outputs back on the caller's device.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ import torch
 
 from smartedit.errors import ArtifactError
 from smartedit.graphs.manifest import Entry, Manifest
-from smartedit.pipeline import ModelSource, SmartEditPipeline
+from smartedit.graphs.spec import GraphSpec
+from smartedit.weights import ModelSource
+
+from .backend import Loaded
 
 
 class Artifacts:
-    def __init__(self, root: str | Path, target: str, here: dict[str, Any] | None = None):
+    def __init__(self, root: str | Path, target: str):
         self.root = Path(root)
         self.target = target
         self.manifest = Manifest.read(self.root)
@@ -36,10 +42,15 @@ class Artifacts:
             if foreign:
                 raise ArtifactError(foreign)
             self._refuse_damaged(e, hashes=False)  # sizes now; each graph's sha256 when it is first opened
-            reason = e.compatible(here) if here is not None else None
-            if reason:
-                raise ArtifactError(reason)
         self._hashed: set[str] = set()
+
+    def refuse_incompatible(self, here: dict[str, Any], machine: str = "") -> None:
+        """ArtifactError when an entry was built for another machine than `here` describes (its TensorRT version
+        and GPU, its torch version and device); `machine` (a card's name) is added to the message."""
+        for e in self.entries.values():
+            reason = e.compatible(here)
+            if reason:
+                raise ArtifactError(f"{reason} ({machine})" if machine else reason)
 
     def _refuse_damaged(self, e: Entry, hashes: bool) -> None:
         bad = self.manifest.damaged(e, hashes=hashes)
@@ -73,15 +84,42 @@ class Artifacts:
         return "unet" in self.entries and self.entries["unet"].fold_cfg
 
 
+class ArtifactRunner:
+    """A runner of the graphs of an export folder with one file per graph (`suffix`): `open(path)` makes a graph
+    callable once, `call(opened, entry, inputs)` runs it on inputs already checked against its profile and returns
+    its outputs in the spec's order."""
+
+    name: str
+    suffix: str
+
+    def __init__(self, artifacts: Artifacts):
+        self.arts = artifacts
+        self.fold_cfg = artifacts.fold_cfg
+        self.specs: dict[str, GraphSpec] = {g: e.spec for g, e in artifacts.entries.items()}
+        self._opened: dict[str, Any] = {}
+
+    def open(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def call(self, opened: Any, entry: Entry, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        entry = self.arts.entry(graph)
+        if graph not in self._opened:
+            self._opened[graph] = self.open(self.arts.file(graph, self.suffix))
+        entry.spec.check_inputs(inputs)
+        caller = next(iter(inputs.values())).device
+        outs = self.call(self._opened[graph], entry, inputs)
+        return {t.name: o.to(caller) for t, o in zip(entry.spec.outputs, outs)}
+
+
 def load_exported(source: ModelSource, device: torch.device, dtype: torch.dtype, artifacts: Path, target: str,
-                  runner: Callable[[Artifacts, torch.device], object], here: dict[str, Any] | None = None
-                  ) -> SmartEditPipeline:
-    """A pipeline whose graphs run from the artifacts: only the config, tokenizer and null-text embedding are
-    loaded in PyTorch, and the artifacts must come from the same model."""
-    arts = Artifacts(artifacts, target, here)
+                  runner: Callable[[Artifacts, torch.device], object]) -> Loaded:
+    """The weights an exported backend needs (only the config, tokenizer and null-text embedding: the graphs run
+    from the artifacts) and its runner; the artifacts must come from the same model."""
+    arts = Artifacts(artifacts, target)
     reason = source.mismatch(arts.manifest.source)
     if reason:
         raise ArtifactError(reason)
-    pipe = source.load(device, dtype, only=[])
-    pipe.backend = runner(arts, device)
-    return pipe
+    return Loaded(source.load(device, dtype, only=[]), runner(arts, device))

@@ -1,14 +1,21 @@
-"""What a backend is (its entry in registry.BACKENDS), and the check every CUDA backend shares."""
+"""What a backend is (its entry in registry.BACKENDS), what loading one hands back, and the check every CUDA backend
+shares."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from smartedit.pipeline import ModelSource, SmartEditPipeline
+from smartedit.graphs import GraphRunner
+from smartedit.weights import ModelSource, Weights
+
+
+class Loaded(NamedTuple):
+    weights: Weights  # config, tokenizer, null-text embedding, and the stages the runner reads (none: artifacts)
+    runner: GraphRunner
 
 
 @dataclass(frozen=True)
@@ -18,7 +25,8 @@ class Backend:
     devices: tuple[str, ...]  # device types it runs on
     target: str | None  # the smartedit-export target whose artifacts it runs; None: it runs the model itself
     unavailable: Callable[[torch.device], str | None]  # why it cannot run on this machine (None: it can)
-    load: Callable[[ModelSource, torch.device, torch.dtype, Path | None], SmartEditPipeline]
+    load: Callable[[ModelSource, torch.device, torch.dtype, Path | None], Loaded]
+    img_token_mode: str = "forced"  # how the pipeline gets the LLM's <img> states (`official`: "stepwise")
 
 
 def cuda_unavailable(device: torch.device) -> str | None:

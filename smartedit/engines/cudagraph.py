@@ -34,7 +34,7 @@ from smartedit.graphs import EagerRunner
 from smartedit.model import Stages
 from smartedit.scheduler import SIGMA, T, ancestral_step
 
-from .backend import Backend, cuda_unavailable
+from .backend import Backend, Loaded, cuda_unavailable
 
 log = logging.getLogger(__name__)
 CAPTURE_MODES = ("loop", "step", "none")
@@ -205,9 +205,8 @@ class CudaGraphRunner(EagerRunner):
 
 def _loader(torch_compile: bool):
     def load(source, device, dtype, artifacts):
-        pipe = source.load(device, dtype)
-        pipe.backend = CudaGraphRunner(pipe.stages, pipe.config, torch_compile=torch_compile)
-        return pipe
+        w = source.load(device, dtype)
+        return Loaded(w, CudaGraphRunner(w.stages, w.config, torch_compile=torch_compile))
 
     return load
 

@@ -11,23 +11,27 @@ from __future__ import annotations
 
 import torch
 
-from .backend import Backend
+from smartedit.graphs import EagerRunner
+
+from .backend import Backend, Loaded
 
 CONDITION_STAGES = ("vision", "llm", "qformer", "bim")
 
 
 def _load_eager(source, device, dtype, artifacts):
-    return source.load(device, dtype)
+    w = source.load(device, dtype)
+    return Loaded(w, EagerRunner(w.stages, w.config))
 
 
 def _load_official(source, device, dtype, artifacts):
-    pipe = source.load(device, torch.float32)
-    for name, module in pipe.stages.items():
+    w = source.load(device, torch.float32)
+    for name, module in w.stages.items():
         if name not in CONDITION_STAGES:
             module.to(dtype=dtype)
-    pipe.null_text_embeds = pipe.null_text_embeds.to(dtype)
-    pipe.img_token_mode = "stepwise"
-    return pipe
+    w.null_text_embeds = w.null_text_embeds.to(dtype)
+    runner = EagerRunner(w.stages, w.config)
+    runner.name = "official"
+    return Loaded(w, runner)
 
 
 def _always(device) -> None:
@@ -37,4 +41,4 @@ def _always(device) -> None:
 EAGER = Backend("eager", "eager PyTorch, the reference (forced-mode LLM prefill)", ("cpu", "cuda"), None, _always,
                 _load_eager)
 OFFICIAL = Backend("official", "the official script's cost: fp32 LLM decoding token by token, eager UNet loop",
-                   ("cpu", "cuda"), None, _always, _load_official)
+                   ("cpu", "cuda"), None, _always, _load_official, img_token_mode="stepwise")

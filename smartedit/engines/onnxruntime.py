@@ -14,7 +14,7 @@ import torch
 
 from smartedit.errors import ArtifactError
 
-from .artifacts import Artifacts, load_exported
+from .artifacts import ArtifactRunner, Artifacts, load_exported
 from .backend import Backend
 
 _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64}
@@ -37,27 +37,23 @@ def run_file(path: Path, inputs: dict[str, torch.Tensor], providers: list[str] |
     return [torch.from_numpy(o) for o in out]
 
 
-class OnnxRuntimeRunner:
+class OnnxRuntimeRunner(ArtifactRunner):
     name = "onnxruntime"
+    suffix = ".onnx"
 
     def __init__(self, artifacts: Artifacts, providers: list[str] | None = None):
         import onnxruntime  # noqa: F401  (fail here, with the import error, not at the first run)
 
-        self.arts = artifacts
-        self.fold_cfg = artifacts.fold_cfg
+        super().__init__(artifacts)
         self.providers = providers or ["CPUExecutionProvider"]
-        self._sessions: dict[str, object] = {}
 
-    def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        entry = self.arts.entry(graph)
-        if graph not in self._sessions:
-            self._sessions[graph] = session(self.arts.file(graph, ".onnx"), self.providers)
-        entry.spec.check_inputs(inputs)
+    def open(self, path: Path):
+        return session(path, self.providers)
+
+    def call(self, opened, entry, inputs):
         feed = {t.name: inputs[t.name].detach().cpu().numpy().astype(_NP[t.torch_dtype(entry.precision)], copy=False)
                 for t in entry.spec.inputs}
-        device = next(iter(inputs.values())).device
-        outs = self._sessions[graph].run([t.name for t in entry.spec.outputs], feed)
-        return {t.name: torch.from_numpy(o).to(device) for t, o in zip(entry.spec.outputs, outs)}
+        return [torch.from_numpy(o) for o in opened.run([t.name for t in entry.spec.outputs], feed)]
 
 
 def _unavailable(device: torch.device) -> str | None:

@@ -1,8 +1,8 @@
 """Every backend an edit can run on, in one table: its name, what it is, where it can run, and how to load it.
 
-The edit CLI, the benchmark, smartedit-verify and the server find backends here and nowhere else. A backend is one
-file in this package holding its runtime (a smartedit.graphs.GraphRunner) and its `Backend` entry (backend.py);
-adding one is that file and one line in BACKENDS.
+The edit CLI, the benchmark, smartedit-verify and the server find backends here and nowhere else (through
+SmartEditPipeline.on_backend). A backend is one file in this package holding its runner (a
+smartedit.graphs.GraphRunner) and its `Backend` entry (backend.py); adding one is that file and one line in BACKENDS.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ import torch
 
 from smartedit.errors import InputError, UnavailableError
 from smartedit.graphs.manifest import Manifest
-from smartedit.pipeline import ModelSource, SmartEditPipeline
+from smartedit.weights import ModelSource
 
 from . import aoti, cudagraph, eager, onnxruntime, trt
-from .backend import Backend
+from .backend import Backend, Loaded
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     eager.EAGER, eager.OFFICIAL, cudagraph.CUDAGRAPH, cudagraph.COMPILE, onnxruntime.ONNXRUNTIME, trt.TRT,
     trt.TRT_RTX, aoti.AOTI)}
-
-
 
 
 def get(name: str) -> Backend:
@@ -49,8 +47,8 @@ def why_not(name: str, device: str | torch.device, artifacts: str | Path | None 
 
 
 def load(name: str, source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         artifacts: str | Path | None = None) -> SmartEditPipeline:
-    """A pipeline running on backend `name`. Refuses at once, naming the reason, what cannot run here: a device
+         artifacts: str | Path | None = None) -> Loaded:
+    """The weights backend `name` needs of `source`, and its runner. Refuses at once, naming the reason, what cannot run here: a device
     the backend does not run on or missing artifacts (InputError), a missing library or GPU (UnavailableError)."""
     b = get(name)
     try:

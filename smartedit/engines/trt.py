@@ -111,12 +111,10 @@ class TensorRTRunner:
         self.root, self.entries = artifacts.root, artifacts.entries
         if not self.cuda.available():
             raise UnavailableError("the TensorRT backend needs a CUDA GPU and there is none here")
-        here = {"tensorrt": trt.__version__, "compute_capability": self.cuda.capability()}
-        for e in self.entries.values():
-            reason = e.compatible(here)
-            if reason:
-                raise ArtifactError(f"{reason} ({self.cuda.name()})")
+        artifacts.refuse_incompatible({"tensorrt": trt.__version__, "compute_capability": self.cuda.capability()},
+                                      self.cuda.name())
         self.fold_cfg = artifacts.fold_cfg
+        self.specs = {g: e.spec for g, e in self.entries.items()}
         self.cuda_graphs = cuda_graphs
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)

@@ -15,7 +15,8 @@ from smartedit.files import sha256_json, write_json
 from smartedit.graphs import Graph
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import ProfileOptions
-from smartedit.pipeline import ModelSource, SmartEditPipeline
+from smartedit.pipeline import SmartEditPipeline
+from smartedit.weights import ModelSource
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class ExportJob:
         needed = frozenset(s for n in names for s in self.graphs[n].stages)
         if self._pipe is None or not needed <= self._loaded:
             dtype = PRECISIONS["fp32" if self.verify else self.precision]
-            self._pipe = self.source.load("cpu", dtype, only=sorted(needed))
+            self._pipe = SmartEditPipeline.from_weights(self.source.load("cpu", dtype, only=sorted(needed)))
             self._loaded = needed
             if "llm" in needed:
                 self.progress(f"merged the LoRA into {merge_lora(self._pipe.stages.llm)} LLaMA projections")

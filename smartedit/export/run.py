@@ -48,7 +48,7 @@ from smartedit.files import write_json
 from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names
 from smartedit.graphs.manifest import MANIFEST_FILE, Manifest
 from smartedit.graphs.spec import _PIXELS, EXPORT_PRECISIONS, ProfileOptions
-from smartedit.pipeline import ModelSource
+from smartedit.weights import ModelSource
 
 from . import targets
 from .job import ExportJob

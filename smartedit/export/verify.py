@@ -33,7 +33,8 @@ from smartedit.files import write_json
 from smartedit.graphs import GRAPH_NAMES, graph_table, parity
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import ProfileOptions
-from smartedit.pipeline import ModelSource
+from smartedit.pipeline import SmartEditPipeline
+from smartedit.weights import ModelSource
 
 from .aoti import OnDevice
 from .run import lock_output
@@ -100,7 +101,7 @@ class _Reference:
             from .lora import merge_lora
 
             self.progress(f"loading the source model ({self.source}) as the fp32 reference ...")
-            self._pipe = self.source.load()
+            self._pipe = SmartEditPipeline.from_weights(self.source.load())
             merge_lora(self._pipe.stages.llm)
         pipe, opts = self._pipe, e.options
         g = graph_table(pipe.config, ProfileOptions(**opts["profile"]), fold_cfg=opts.get("fold_cfg", False))[e.graph]
@@ -123,7 +124,7 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
     runner = None
     if why is None:
         try:
-            runner = registry.load(backend.name, source, device, torch.float32, out).backend
+            runner = registry.load(backend.name, source, device, torch.float32, out).runner
         except (ArtifactError, UnavailableError) as e:  # built for another torch / GPU / TensorRT
             why = str(e)
     if runner is None:

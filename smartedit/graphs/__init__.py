@@ -1,11 +1,11 @@
-"""The graph contract: the five graphs an edit is made of, as data, as modules, and as the protocol runtimes implement.
+"""The graph contract: the five graphs an edit is made of, as data, as modules, and as the protocol runners implement.
 
 Between the model below (smartedit/model.py: one method per graph) and everything that exports or runs graphs above
 (smartedit.export, smartedit.engines, smartedit.pipeline), this package holds:
 - the specs (spec.py; one file per graph: names, dtypes, shapes, dynamic ranges, profiles),
 - `Graph`: a spec and the Stages method it is; `GraphModule`: that method over the stages it reads, as the
   nn.Module torch.export and torch.onnx take (never a copy of the model's logic),
-- `GraphRunner` / `LoopRunner`: the protocol every runtime implements, and `EagerRunner`, the model itself run as
+- `GraphRunner` / `LoopRunner`: the protocol every runner implements, and `EagerRunner`, the model itself run as
   the contract (the reference every export is checked against),
 - the manifest schema of exported artifacts (manifest.py) and the parity check against PyTorch (parity.py).
 
@@ -86,19 +86,20 @@ class GraphModule(nn.Module):
 
 @runtime_checkable
 class GraphRunner(Protocol):
-    """What a runtime is: it runs the graphs of the contract by name.
+    """What a runner is: it runs the graphs of the contract by name (each backend hands one back).
     run(graph, {input name: tensor}) -> {output name: tensor}, names and shapes as in the specs; inputs may come in
     any float dtype and device (the runner casts to its own precision), outputs come back on the inputs' device."""
 
     name: str
     fold_cfg: bool  # True when its `unet` is the folded graph (latents + sigma + guidance in, guided eps out)
+    specs: dict[str, GraphSpec]  # the graphs whose shapes an exported profile bounds; empty: any shape runs
 
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 @runtime_checkable
 class LoopRunner(GraphRunner, Protocol):
-    """A runtime that runs the whole denoising loop itself (engines/cudagraph.py), from what the pipeline prepared:
+    """A runner that runs the whole denoising loop itself (engines/cudagraph.py), from what the pipeline prepared:
     the starting latents, the schedule table and every step's ancestral noise (smartedit/scheduler.py)."""
 
     def denoise_loop(self, latents: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
@@ -115,6 +116,7 @@ class EagerRunner:
     fold_cfg = False
 
     def __init__(self, stages: Stages, config: SmartEditConfig):
+        self.specs: dict[str, GraphSpec] = {}  # the model runs any shape
         self.stages = stages
         self._graphs = graph_table(config)
 

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from smartedit.config import dtype_named
-from smartedit.engines import registry
 from smartedit.errors import ArtifactError, Cancelled, InputError, RunError, SmartEditError
 from smartedit.graphs.spec import GraphSpec
-from smartedit.pipeline import ModelSource, SmartEditPipeline
+from smartedit.pipeline import SmartEditPipeline
+from smartedit.weights import ModelSource
 
 from .service import EditService, timings_json
 
@@ -60,11 +60,10 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
             raise ArtifactError("the `smartedit` model's settings record no repository files: re-run "
                                 "smartedit-export --target triton")
         check_repository(version_dir.parent.parent, settings["files"], own=[f"{MODEL}/config.pbtxt"])
-        pipe = source.load(device, dtype, only=[])
-        pipe.backend = BLSRunner(settings["graphs"], device)
+        pipe = SmartEditPipeline.from_weights(source.load(device, dtype, only=[]), BLSRunner(settings["graphs"], device))
     else:
         # exported backends open their folder through engines.artifacts.Artifacts: every file against its sha256
-        pipe = registry.load(settings["backend"], source, device, dtype, settings.get("artifacts"))
+        pipe = SmartEditPipeline.on_backend(settings["backend"], source, device, dtype, settings.get("artifacts"))
     limits = EditService.limits_for(pipe, int(settings.get("max_steps", 100)),
                                     float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)))
     service = EditService(pipe, limits)

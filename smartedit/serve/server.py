@@ -41,7 +41,7 @@ from smartedit.engines import registry
 from smartedit.errors import InputError, RunError, UnavailableError
 from .admin import restricted_flags, unload
 from .repository import MAX_QUEUE, MODEL, write_serving_repository
-from smartedit.pipeline import ModelSource
+from smartedit.weights import ModelSource
 
 
 @dataclass(frozen=True)

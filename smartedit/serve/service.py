@@ -83,8 +83,7 @@ class EditService:
     @staticmethod
     def limits_for(pipe: SmartEditPipeline, max_steps: int, max_megapixels: float, max_batch: int) -> Limits:
         """The limits of this pipeline's runner: an exported backend's profiles bound resolution, prompt and batch."""
-        arts = getattr(pipe.backend, "arts", None)  # a runner of exported artifacts: their specs bound the requests
-        specs = getattr(pipe.backend, "specs", None) or ({g: e.spec for g, e in arts.entries.items()} if arts else {})
+        specs = pipe.runner.specs  # an exported backend's: its profiles bound the requests
         lim = Limits(max_steps=max_steps, max_megapixels=max_megapixels, max_batch=max_batch)
         if "unet" in specs:
             r = specs["unet"].dims["h8"]
@@ -150,7 +149,7 @@ class EditService:
         i's client has left: such a request is answered Cancelled without work, and a chunk stops when all of its
         clients have left."""
         gone = gone or [lambda: False] * len(requests)
-        fold = bool(getattr(self.pipe.backend, "fold_cfg", False))
+        fold = self.pipe.runner.fold_cfg
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.batch_key(fold), []).append(i)
@@ -190,7 +189,7 @@ class EditService:
             img.save(buf, format="PNG")
             out.append(EditResult(buf.getvalue(), {
                 "stage_ms": stage_ms, "wall_ms": wall, "batch_size": len(batch), "seed": r.seed, "steps": r.steps,
-                "resolution": r.resolution, "backend": self.pipe.backend.name}))
+                "resolution": r.resolution, "backend": self.pipe.runner.name}))
         return out
 
 
