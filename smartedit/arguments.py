@@ -6,12 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import PRESETS, check_resolution
+from .config import PRESETS, check_resolution, check_seed
 from .errors import InputError
 from .weights import ModelSource
-
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
-
 
 def _int(text: str) -> int:
     try:
@@ -35,10 +32,10 @@ def non_negative(text: str) -> int:
 
 
 def seed(text: str) -> int:
-    v = _int(text)
-    if not 0 <= v <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {v}")
-    return v
+    try:
+        return check_seed(_int(text))
+    except InputError:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {text}") from None
 
 
 def resolution(text: str) -> int:
@@ -77,11 +74,19 @@ def add_model_source(p: argparse.ArgumentParser, required: bool = True, what: st
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights (and of the noise of an edit)")
 
 
+def require_random_weights(preset: str | None, random_weights: bool) -> None:
+    """A preset's weights are random: it is taken only when asked for with --random-weights."""
+    if preset and not random_weights:
+        raise InputError("--preset builds random weights: add --random-weights to say that is what you want, "
+                         "or load a converted checkpoint with --model DIR")
+
+
 def model_source(p: argparse.ArgumentParser, a: argparse.Namespace) -> ModelSource | None:
     """The ModelSource of parsed arguments (None when neither was given and the group is optional)."""
-    if a.preset and not a.random_weights:
-        p.error("--preset builds random weights: add --random-weights to say that is what you want, "
-                "or load a converted checkpoint with --model DIR")
+    try:
+        require_random_weights(a.preset, a.random_weights)
+    except InputError as e:
+        p.error(str(e))
     if a.model:
         return ModelSource(model=Path(a.model))
     return ModelSource(preset=a.preset, seed=a.seed) if a.preset else None

@@ -5,15 +5,23 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .arguments import add_model_source, model_source, non_negative, positive, resolution, seed
-from .config import PRECISIONS, RESOLUTION_STEP, check_device, dtype_named
+from .arguments import add_model_source, model_source, non_negative, positive, require_random_weights, resolution
+from .config import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_RESOLUTION,
+    DEFAULT_STEPS,
+    PRECISIONS,
+    RESOLUTION_STEP,
+    check_device,
+    dtype_named,
+)
 from .errors import InputError, run_command
 from .files import check_writable_parent, open_image, refuse_overwriting_inputs, write_atomic, write_json
 
@@ -38,8 +46,9 @@ def _template(text: str) -> str:
 
 
 def edit(model: str | None, preset: str | None, random_weights: bool, image: str, instruction: str, out: str,
-         steps: int = 100, seed: int = 0, resolution: int = 256, device: str = "cpu", dtype: str = "fp32",
-         guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, img_token_mode: str = "forced",
+         steps: int = DEFAULT_STEPS, seed: int = 0, resolution: int = DEFAULT_RESOLUTION, device: str = "cpu",
+         dtype: str = "fp32", guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+         image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, img_token_mode: str = "forced",
          template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0,
          backend: str = "eager", artifacts: str | None = None) -> Path:
     """Run one edit on `backend` and write the image atomically (temp file + rename): a failed run leaves no file."""
@@ -51,9 +60,7 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
         raise InputError(f"--out must end in {', '.join(OUTPUT_SUFFIXES)}, got {out_path.name!r}")
     refuse_overwriting_inputs({"--out": out_path}, {"--image": image, "--model": model, "--artifacts": artifacts})
     device = check_device(device)
-    if preset and not random_weights:
-        raise InputError("--preset builds random weights: add --random-weights to say that is what you want, "
-                         "or load a converted checkpoint with --model DIR")
+    require_random_weights(preset, random_weights)
     source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
     pipe = SmartEditPipeline.on_backend(backend, source, device, dtype_named(dtype), artifacts)
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
@@ -81,13 +88,14 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--instruction", required=True, help='edit instruction, e.g. "make it blue"')
     p.add_argument("--out", required=True, help="output image (.png/.jpg/.webp)")
-    p.add_argument("--steps", type=positive, default=100, help="denoising steps (official: 100)")
-    p.add_argument("--resolution", type=resolution, default=256,
+    p.add_argument("--steps", type=positive, default=DEFAULT_STEPS, help="denoising steps (official: 100)")
+    p.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION,
                    help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="text CFG scale (official 7.5)")
-    p.add_argument("--image-guidance-scale", type=float, default=1.5, help="image CFG scale (official 1.4/1.5/1.6)")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="text CFG scale (official 7.5)")
+    p.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE,
+                   help="image CFG scale (official 1.4/1.5/1.6)")
     p.add_argument("--img-token-mode", choices=["forced", "generate", "stepwise"], default="forced",
                    help="forced: canonical answer in one pass; generate: decode token by token (official); "
                         "stepwise: the canonical answer fed token by token (the official cost)")
@@ -177,7 +185,7 @@ def tensors_cli(argv: list[str] | None = None) -> None:
     add_model_source(pk, what=": the one the packages were exported from")
     pk.add_argument("--image", required=True, help="input image file")
     pk.add_argument("--instruction", required=True)
-    pk.add_argument("--resolution", type=resolution, default=256, help="output side in px (the edit's resolution)")
+    pk.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION, help="output side in px (the edit's resolution)")
     pk.add_argument("--out", required=True, help="the .safetensors file to write")
     png = sub.add_parser("png", help="smartedit-runtime's image.safetensors -> PNG (one file per batch item)")
     png.add_argument("tensors", help="the .safetensors file smartedit-runtime edit wrote")

@@ -177,6 +177,21 @@ RESOLUTION_STEP = 64
 MAX_RESOLUTION = 4096  # 64 MB of fp32 image; beyond it the VAE's activations run to tens of GB
 
 
+# The edit's defaults, the official test script's: every command, the pipeline and the server take them from here.
+DEFAULT_STEPS = 100
+DEFAULT_RESOLUTION = 256
+DEFAULT_GUIDANCE_SCALE = 7.5  # text
+DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5  # image (the official script sweeps 1.4 / 1.5 / 1.6)
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """A seed of the edit's noise: an integer in 0..MAX_SEED (InputError naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise InputError(f"{name} must be an integer in 0..2^63-1, got {value!r}")
+    return value
+
+
 # Guidance scales: the official edit uses 7.5 (text) and 1.5 (image) and images saturate well before 50; past this
 # bound a step's eps (~1e1 x 1e3 in fp32) gets near fp16's 65504 and the decoded image turns non-finite (3e38 did).
 GUIDANCE_LIMIT = 1000.0

@@ -28,7 +28,16 @@ from transformers import PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
 from . import weights
-from .config import SmartEditConfig, check_guidance, check_resolution, precision_of
+from .config import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_RESOLUTION,
+    DEFAULT_STEPS,
+    SmartEditConfig,
+    check_guidance,
+    check_resolution,
+    precision_of,
+)
 from .engines import registry
 from .errors import Cancelled, InputError, RunError
 from .files import open_image
@@ -41,6 +50,7 @@ from .scheduler import (
     Generators,
     T,
     ancestral_step,
+    check_steps,
     draw_ancestral_noise,
     initial_latents,
     scale_model_input,
@@ -188,7 +198,7 @@ class SmartEditPipeline:
                                                     eos_token_id=self.tokenizer.eos_token_id, answer_ids=answer)[0])
         return torch.cat(states), clip_feats
 
-    def runtime_inputs(self, images: Sequence[Image.Image], instructions: Sequence[str], resolution: int = 256,
+    def runtime_inputs(self, images: Sequence[Image.Image], instructions: Sequence[str], resolution: int = DEFAULT_RESOLUTION,
                        template: int | str = 0, seed: int | None = None) -> dict[str, torch.Tensor]:
         """The tensors the C++ runtime's `Editor` takes (runtime/include/smartedit/editor.h), on the CPU:
         pixel_values [B,3,224,224], prefix_ids [B,Lp] / suffix_ids [B,Ls] int64 (forced mode, padded with 0),
@@ -233,8 +243,8 @@ class SmartEditPipeline:
 
     @torch.inference_mode()
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,
-                steps: int = 100, guidance_scale: Guidance = 7.5, image_guidance_scale: Guidance = 1.5,
-                generator: Generators = None, progress: bool = False,
+                steps: int = DEFAULT_STEPS, guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE,
+                image_guidance_scale: Guidance = DEFAULT_IMAGE_GUIDANCE_SCALE, generator: Generators = None, progress: bool = False,
                 latents: torch.Tensor | None = None, stop: Callable[[], bool] | None = None) -> torch.Tensor:
         """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode). The seed's
         noise is drawn as diffusers draws it: the starting latents, then one tensor per step (one generator for the
@@ -266,8 +276,9 @@ class SmartEditPipeline:
 
     # -- the edit -----------------------------------------------------------------------------------------------------
 
-    def __call__(self, image, instruction: str | Sequence[str] | None = None, steps: int = 100,
-                 guidance_scale: Guidance = 7.5, image_guidance_scale: Guidance = 1.5, resolution: int = 256,
+    def __call__(self, image, instruction: str | Sequence[str] | None = None, steps: int = DEFAULT_STEPS,
+                 guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE,
+                 image_guidance_scale: Guidance = DEFAULT_IMAGE_GUIDANCE_SCALE, resolution: int = DEFAULT_RESOLUTION,
                  seed: int | Sequence[int] | None = None, img_token_mode: str | None = None,
                  template: int | str = 0, temperature: float = 0.0, progress: bool = False,
                  timings: dict[str, float] | None = None, stop: Callable[[], bool] | None = None):
@@ -293,7 +304,7 @@ class SmartEditPipeline:
         if len(images) != len(instructions) or not images:
             raise InputError(f"got {len(images)} images and {len(instructions)} instructions; need the same, >= 1")
         check_resolution(resolution)
-        AncestralPlan.build(steps)  # checks steps before any work
+        check_steps(steps)  # before any work
         for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
             _check_guidance(name, g, len(images))
         pil = [_as_image(x) for x in images]

@@ -30,6 +30,13 @@ Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 MAX_STEPS = 1000  # the schedule's training timesteps: more steps than that repeat timesteps
 
 
+def check_steps(steps: object) -> int:
+    """A number of denoising steps: an integer in 1..MAX_STEPS (InputError naming it otherwise)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+    return steps
+
+
 @dataclass
 class AncestralPlan:
     table: torch.Tensor  # [steps, 4] fp32 on the device: timestep, sigma, sigma_up, dt = sigma_down - sigma
@@ -43,8 +50,7 @@ class AncestralPlan:
     def build(cls, steps: int, device: torch.device | str = "cpu") -> "AncestralPlan":
         """The schedule diffusers computes for `steps` (its timesteps and sigmas), with the per-step ancestral
         constants evaluated by the same tensor expressions diffusers' step evaluates (so the same fp32 values)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise InputError(f"steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        check_steps(steps)
         sched = EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG)
         sched.set_timesteps(steps, device=device)
         sigma_from, sigma_to = sched.sigmas[:-1], sched.sigmas[1:]  # [steps] each; sigmas ends with 0

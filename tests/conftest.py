@@ -133,7 +133,7 @@ def trt_rtx_export(onnx_export, tmp_path_factory):
     shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
     said = []
     run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
-               build=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
+               target_options=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
     return out, said
 
 
@@ -144,13 +144,14 @@ def triton_repository(onnx_export, tmp_path_factory):
     import shutil
 
     from smartedit.export.run import run_export
+    from smartedit.export.triton import TritonOptions
     from smartedit.graphs.spec import ProfileOptions
 
     out = tmp_path_factory.mktemp("triton") / "export"
     shutil.copytree(onnx_export("fp16"), out)
     said = []
     run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
-               triton_stages="python", progress=said.append)
+               target_options=TritonOptions(stages="python"), progress=said.append)
     return out, said
 
 

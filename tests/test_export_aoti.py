@@ -17,6 +17,7 @@ from PIL import Image
 from smartedit.engines.aoti import AOTIRunner
 from smartedit.engines.artifacts import Artifacts
 from smartedit.errors import ArtifactError, InputError
+from smartedit.export.aoti import AotiOptions
 from smartedit.export.run import run_export
 from smartedit.files import sha256_file
 from smartedit.graphs import GRAPH_NAMES
@@ -108,9 +109,11 @@ def test_backend_refuses_what_it_cannot_run(aoti_export, tmp_path):
 def test_export_argument_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="--device cuda: no CUDA GPU here"):
-            run_export(tmp_path, preset="tiny", target="aoti", device="cuda", progress=lambda m: None)
+            run_export(tmp_path, preset="tiny", target="aoti", target_options=AotiOptions(device="cuda"),
+                       progress=lambda m: None)
     with pytest.raises(InputError, match="compiled for cpu or cuda, got --device meta"):
-        run_export(tmp_path, preset="tiny", target="aoti", device="meta", progress=lambda m: None)
+        run_export(tmp_path, preset="tiny", target="aoti", target_options=AotiOptions(device="meta"),
+                   progress=lambda m: None)
     with pytest.raises(InputError, match="unknown export target 'tflite'"):
         run_export(tmp_path, preset="tiny", target="tflite", progress=lambda m: None)
     assert not (tmp_path / "manifest.json").exists()  # refused before any work

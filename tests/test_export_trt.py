@@ -54,7 +54,7 @@ def test_rebuild_is_skipped_when_nothing_changed(built):
     out, _ = built
     said = []
     run_export(out, preset="tiny", precision="fp16", target="trt-rtx", graph_names="qformer_bim,unet",
-               profile=ProfileOptions(**SMALL_PROFILE), build=BuildOptions(compute_capabilities=CAPS),
+               profile=ProfileOptions(**SMALL_PROFILE), target_options=BuildOptions(compute_capabilities=CAPS),
                progress=said.append)
     assert said == ["qformer_bim: up to date, skipped", "unet: up to date, skipped",
                     "qformer_bim: trt-rtx engine up to date, skipped", "unet: trt-rtx engine up to date, skipped"]

@@ -29,11 +29,10 @@ from smartedit.config import dtype_named
 from smartedit.engines import registry
 from smartedit.errors import InputError
 from smartedit.files import write_atomic, write_json
+from smartedit.graphs import GRAPHS
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
-STAGE_OF = {"llava": "vision+llm", "qformer_bim": "qformer_bim", "vae_encoder": "vae_encode", "unet": "unet",
-            "vae_decoder": "vae_decode"}
 
 
 class _TimedRunner:
@@ -217,7 +216,7 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
         pipe(images, texts, timings=stage_t, **kw)
     finally:
         pipe.runner = inner
-    stages = {STAGE_OF[g]: statistics.median(v) for g, v in timed.ms.items()}
+    stages = {GRAPHS[g].label: statistics.median(v) for g, v in timed.ms.items()}
     if "unet" in timed.ms:
         stages["unet_step"] = stages.pop("unet")
         stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
@@ -231,7 +230,7 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
            "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            **getattr(inner, "record", {})}  # e.g. cudagraph: the capture each program got
     if timed.flops:
-        row["stage_tflop"] = {STAGE_OF[g]: f / 1e12 / (len(timed.ms[g]) if g == "unet" else 1)
+        row["stage_tflop"] = {GRAPHS[g].label: f / 1e12 / (len(timed.ms[g]) if GRAPHS[g].per_step else 1)
                               for g, f in timed.flops.items()}
     result["runs"].append(row)
     progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end, spread {spread(row):.0%}"

@@ -31,6 +31,7 @@ import logging
 import torch
 
 from smartedit.errors import ArtifactError, RunError, UnavailableError
+from smartedit.graphs import GRAPHS
 from smartedit.graphs.spec import GraphSpec
 
 from .artifacts import Artifacts, load_exported
@@ -215,7 +216,7 @@ class TensorRTRunner:
         engine = self._engine(graph)
         idx = self._pick_profile(graph, inputs)
         spec = self._profiles[graph][idx]
-        graphed = graph == "unet" and self.cuda_graphs
+        graphed = GRAPHS[graph].per_step and self.cuda_graphs
         if graphed and not self.is_rtx:
             return self._run_graphed(graph, idx, spec, engine, inputs)
         ctx = self._context(graph, idx, rtx_graphs=graphed)  # trt-rtx: its runtime captures and replays

@@ -12,6 +12,7 @@ build leaves no `.pt2` that looks complete.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from smartedit.graphs import parity
 from smartedit.graphs.manifest import Entry
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
-from .job import ExportJob, Target
+from .job import ExportJob, Target, TargetOptions
 from .onnx import dynamic_shapes, export_point
 
 
@@ -81,13 +82,22 @@ class OnDevice(nn.Module):
         return tuple(o.cpu() for o in out) if isinstance(out, (tuple, list)) else out.cpu()
 
 
-def _check(target: str, build, device: str) -> None:
-    device_record(device)  # a device AOTInductor compiles for, present here
+@dataclass(frozen=True)
+class AotiOptions(TargetOptions):
+    FLAGS = {"--device": dict(dest="device", default="cpu",
+                              help="aoti: the device the packages are compiled for and run on (cpu, cuda, cuda:1)")}
+
+    device: str = "cpu"
+
+
+def _check(target: str, options: AotiOptions) -> None:
+    device_record(options.device)  # a device AOTInductor compiles for, present here
 
 
 def produce(job: ExportJob) -> None:
     """One package per graph, skipped when source, spec, options, toolchain and device are unchanged."""
-    where = device_record(job.device)
+    device = job.target_options.device
+    where = device_record(device)
     requires = {"torch": torch.__version__, "device": where}
     todo = job.todo("aoti", "AOTInductor package", device=where, package=PACKAGE_VERSION)
     if not todo:
@@ -96,23 +106,23 @@ def produce(job: ExportJob) -> None:
     failed = []
     for i, n in enumerate(todo, 1):
         g = job.graphs[n]
-        ref, at_precision = job.modules(n, job.device)
-        job.progress(f"[{i}/{len(todo)}] {n}: torch.export + AOTInductor ({job.precision}, {job.device}) ...")
+        ref, at_precision = job.modules(n, device)
+        job.progress(f"[{i}/{len(todo)}] {n}: torch.export + AOTInductor ({job.precision}, {device}) ...")
         job.forget("aoti", n)
         rel = f"aoti/{n}.pt2"
-        info = compile_aoti(at_precision, g.spec, job.out / rel, job.precision, job.device)
+        info = compile_aoti(at_precision, g.spec, job.out / rel, job.precision, device)
         job.progress(f"    exported in {info['export_s']:.1f} s, compiled in {info['compile_s']:.1f} s, "
                      f"{info['bytes'] / 1e6:.1f} MB")
         entry = Entry("aoti", n, job.key(n, device=where, package=PACKAGE_VERSION), g.spec,
-                      {**job.options, "device": job.device}, {rel: job.manifest.file_record(rel)}, requires=requires,
+                      {**job.options, "device": device}, {rel: job.manifest.file_record(rel)}, requires=requires,
                       record={"export_s": info["export_s"], "compile_s": info["compile_s"]})
         report = None
         if job.verify:
             t0 = time.perf_counter()
-            runner = load_package(job.out / rel, job.device)
-            comps = parity.compare(lambda x: runner(*(v.to(job.device) for v in x.values())), g.spec, ref,
+            runner = load_package(job.out / rel, device)
+            comps = parity.compare(lambda x: runner(*(v.to(device) for v in x.values())), g.spec, ref,
                                    job.precision,
-                                   OnDevice(at_precision, job.device) if job.precision != "fp32" else None,
+                                   OnDevice(at_precision, device) if job.precision != "fp32" else None,
                                    parity.verification_points(g.spec))
             entry.verified = all(c.passed for c in comps)
             report = {"passed": entry.verified, "precision": job.precision, "device": where,
@@ -127,4 +137,5 @@ def produce(job: ExportJob) -> None:
         raise ExportError(f"the AOTInductor packages do not match PyTorch for {failed}; see {job.out / 'report.json'}")
 
 
-TARGET = Target("aoti", "AOTInductor .pt2 packages for --device, from torch.export (no ONNX)", produce, _check)
+TARGET = Target("aoti", "AOTInductor .pt2 packages for --device, from torch.export (no ONNX)", produce, AotiOptions,
+                _check, every_dim_dynamic=True)

@@ -8,13 +8,12 @@ import time
 import warnings
 
 from smartedit.arguments import add_model_source, model_source
-from smartedit.errors import InputError, run_command
+from smartedit.errors import run_command
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
 
 from .run import run_export
 from .targets import TARGETS
-from .trt import BuildOptions
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,23 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     add_model_source(p)
     p.add_argument("--target", choices=list(TARGETS), default="onnx",
                    help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
-    p.add_argument("--device", default="cpu",
-                   help="aoti: the device the packages are compiled for and run on (cpu, cuda, cuda:1); triton: the "
-                        "device of the orchestrating model's PyTorch work")
-    p.add_argument("--triton-stages", choices=["onnx", "trt", "python"], default="onnx",
-                   help="triton: the stage models' backend: Triton's onnxruntime, its tensorrt_plan (OUT/trt, built "
-                        "with the container's TensorRT), or Python models running ONNX Runtime (what smartedit's "
-                        "bundled server can run)")
-    p.add_argument("--compute-capability", action="append", default=[], metavar="CC",
-                   help="trt-rtx: GPU to build for, repeatable: 75, 80 (A100), 86, 89, 120, 121")
-    p.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
-    p.add_argument("--workspace-gb", type=float, help="TensorRT workspace limit (default: TensorRT's)")
-    p.add_argument("--static-res", default="256,512",
-                   help="exact TensorRT profiles for unet/VAE at these resolutions, besides the dynamic one "
-                        "('' for none)")
-    p.add_argument("--refit", action="store_true", help="refittable engines (weights swappable without a rebuild)")
-    p.add_argument("--strip-weights", action="store_true",
-                   help="weight-stripped engines, refitted from OUT/onnx at load: small plans, slower load")
+    _add_target_flags(p)
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or an earlier smartedit-export output (a folder holding anything "
                         "else is refused, naming it: there is no override, use an empty folder); locked while the "
@@ -76,25 +59,34 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     def body() -> None:
-        if a.max_prompt < 33:  # the suffix range is 33 (one id + the 32 <img_i>) .. --max-prompt
-            raise InputError(f"--max-prompt must be >= 33 (the forced suffix is at least one id and the 32 <img_i> "
-                             f"tokens), got {a.max_prompt}")
         opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
-        build = None
-        if a.target in ("trt", "trt-rtx"):
-            build = BuildOptions(compute_capabilities=tuple(a.compute_capability), opt_level=a.opt_level,
-                                 workspace_gb=a.workspace_gb, refit=a.refit or a.strip_weights,
-                                 strip_weights=a.strip_weights,
-                                 static_res=tuple(int(r) for r in a.static_res.split(",") if r.strip()))
         run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
-                   build=build, device=a.device, triton_stages=a.triton_stages,
+                   target_options=TARGETS[a.target].options.from_flags(a),
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
 
     run_command("smartedit-export", body)
     print(f"done in {time.perf_counter() - t0:.1f} s: {a.out}")
+
+
+def _add_target_flags(p: argparse.ArgumentParser) -> None:
+    """Each target's own flags (its TargetOptions.FLAGS), once each: a flag several targets take gets their help
+    texts joined."""
+    users: dict[type, list[str]] = {}  # options class -> the targets that take it
+    for t in TARGETS.values():
+        users.setdefault(t.options, []).append(t.name)
+    flags: dict[str, tuple[str, dict]] = {}  # flag -> (the group it is listed in, argparse keywords)
+    for options, names in users.items():
+        for flag, kw in options.FLAGS.items():
+            if flag not in flags:
+                flags[flag] = ("--target " + ", ".join(names), dict(kw))
+            elif kw["help"] not in flags[flag][1]["help"]:
+                flags[flag][1]["help"] += "; " + kw["help"]
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for flag, (title, kw) in flags.items():
+        groups.setdefault(title, p.add_argument_group(title)).add_argument(flag, **kw)
 
 
 if __name__ == "__main__":

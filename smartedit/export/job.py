@@ -1,7 +1,9 @@
-"""What an export target is (its entry in targets.TARGETS), and the job every target's producer works from."""
+"""What an export target is (its entry in targets.TARGETS), its options, and the job every target's producer works
+from."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,14 +21,35 @@ from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
 
+class TargetOptions:
+    """The options of one target, as a frozen dataclass whose fields are its flags' values. `FLAGS`: each flag's
+    argparse keywords (its `dest` is the field; a flag several targets take, --device, is added once with their help
+    texts joined); `from_flags` builds the options from the parsed flags."""
+
+    FLAGS: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_flags(cls, a: argparse.Namespace) -> "TargetOptions":
+        return cls(**{kw["dest"]: getattr(a, kw["dest"]) for kw in cls.FLAGS.values()})
+
+
+@dataclass(frozen=True)
+class NoOptions(TargetOptions):
+    pass
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
     summary: str  # one line, for --help
     produce: Callable[["ExportJob"], None]  # writes and records the artifacts of job.names, skipping up-to-date ones
-    # (target, build options, device) -> build options: refuses at once what cannot be built here
-    check: Callable[[str, Any, str], Any] = lambda target, build, device: build
+    options: type[TargetOptions] = NoOptions  # its options (job.target_options); their defaults when none are given
+    # (target, options) -> None: refuses at once, before any model is loaded, what cannot be built here
+    check: Callable[[str, Any], None] = lambda target, options: None
     runtime: str | None = None  # where its artifacts run when no engines/ backend does (the Triton server)
+    every_dim_dynamic: bool = False  # its artifacts keep every named dim dynamic: a one-value range is refused
+    side_files: tuple[str, ...] = ()  # what it writes in OUT/<target>/ besides the <graph>.* files
+    whole_folder: bool = False  # OUT/<target> is replaced whole and its files recorded in manifest.repositories
 
 
 @dataclass
@@ -47,9 +70,7 @@ class ExportJob:
     fold_cfg: bool
     verify: bool
     progress: Callable[[str], None]
-    build: Any = None  # trt / trt-rtx: export.trt.BuildOptions
-    device: str = "cpu"  # aoti: the device the packages are compiled for; triton: the orchestrator's device
-    triton_stages: str = "onnx"  # triton: the stage models' backend (export/triton.py)
+    target_options: Any = None  # the target's TargetOptions (trt: BuildOptions, aoti: AotiOptions, ...)
     _pipe: SmartEditPipeline | None = field(default=None, repr=False)
     _loaded: frozenset = frozenset()
 

@@ -47,11 +47,11 @@ from smartedit.errors import InputError, RunError
 from smartedit.files import write_json
 from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names
 from smartedit.graphs.manifest import MANIFEST_FILE, Manifest
-from smartedit.graphs.spec import _PIXELS, EXPORT_PRECISIONS, ProfileOptions
+from smartedit.graphs.spec import DIM_MEANINGS, EXPORT_PRECISIONS, ProfileOptions
 from smartedit.weights import ModelSource
 
 from . import targets
-from .job import ExportJob
+from .job import ExportJob, Target
 from .onnx import NoExamplePoint, export_point
 
 LOCK_FILE = ".smartedit-export.lock"
@@ -75,11 +75,14 @@ def toolchain() -> dict[str, str | None]:
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
                target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
-               build=None, device: str = "cpu", triton_stages: str = "onnx",
-               progress: Callable[[str], None] = print) -> Manifest:
+               target_options=None, progress: Callable[[str], None] = print) -> Manifest:
     """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
-    `out`; see targets.TARGETS. Argument problems are refused before any model is loaded."""
+    `out`; see targets.TARGETS. `target_options`: the target's TargetOptions (its defaults when None). Argument
+    problems are refused before any model is loaded."""
     t = targets.get(target)
+    target_options = t.options() if target_options is None else target_options
+    if not isinstance(target_options, t.options):
+        raise InputError(f"--target {target} takes {t.options.__name__}, got {type(target_options).__name__}")
     if precision not in EXPORT_PRECISIONS:
         raise InputError(f"precision must be one of {list(EXPORT_PRECISIONS)}, got {precision!r}")
     if opset < 18:
@@ -91,8 +94,8 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
             raise InputError(f"the checkpoint at {model} (config {cfg.name!r}) does not match preset {preset!r}")
     names = parse_graph_names(graph_names)
     profile = profile or ProfileOptions()
-    _check_traceable(cfg, profile, fold_cfg, names, target)
-    build = t.check(target, build, device)  # e.g. TensorRT missing, no GPU to compile for: before any work
+    _check_traceable(cfg, profile, fold_cfg, names, t)
+    t.check(target, target_options)  # e.g. TensorRT missing, no GPU to compile for: before any work
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder")
@@ -121,7 +124,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
         job = ExportJob(target=target, out=out, source=source, cfg=cfg,
                         graphs=graph_table(cfg, profile, fold_cfg=fold_cfg), names=names, manifest=manifest,
                         report=report, precision=precision, opset=opset, profile=profile, fold_cfg=fold_cfg,
-                        verify=verify, progress=progress, build=build, device=device, triton_stages=triton_stages)
+                        verify=verify, progress=progress, target_options=target_options)
         t.produce(job)
     return manifest
 
@@ -146,12 +149,13 @@ def _check_writable(out: Path) -> None:
         raise InputError(f"cannot write to output folder {out}: {e.strerror or e}") from e
 
 
-def _traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: str) -> tuple[str, set] | None:
+def _traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: Target
+               ) -> tuple[str, set] | None:
     """(graph, the dims at fault) of the first graph that cannot be exported at `profile`, or None."""
     graphs = graph_table(cfg, profile, fold_cfg=fold_cfg)
     for n in names:
         spec = graphs[n].spec
-        if target == "aoti":  # its packages are checked to keep every named dim dynamic: a one-value range is not
+        if target.every_dim_dynamic:  # its artifacts are checked to keep every named dim dynamic: one value is not
             fixed = {d for d, r in spec.dims.items() if r.min == r.max}
             if fixed:
                 return n, fixed
@@ -162,7 +166,7 @@ def _traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], t
     return None
 
 
-def _check_traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: str) -> None:
+def _check_traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[str], target: Target) -> None:
     """Refuse, before any model is loaded, a profile that torch.export cannot trace with its dims dynamic (a narrow
     range whose every size collides with a fixed size of the graph, e.g. --min-res 256 --max-res 320 for the
     unet), naming the flags and a profile that works."""
@@ -171,19 +175,19 @@ def _check_traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[s
         return
     graph, dims = bad
     groups: list[tuple[str, list[list[tuple[str, ProfileOptions | None]]]]] = []  # (flags, [kinds of fix])
-    if dims & set(_PIXELS):
+    if any(DIM_MEANINGS[d].px for d in dims if d in DIM_MEANINGS):
         r = profile.opt_res
         widen = [(f"--max-res {profile.max_res + 64 * k}", _replace(profile, max_res=profile.max_res + 64 * k))
                  for k in range(1, 5)]
         one = [(f"one size --min-res {r} --opt-res {r} --max-res {r}",
-                _replace(profile, min_res=r, opt_res=r, max_res=r))] if target != "aoti" else []
+                _replace(profile, min_res=r, opt_res=r, max_res=r))] if not target.every_dim_dynamic else []
         groups.append((f"--min-res {profile.min_res} --opt-res {profile.opt_res} --max-res {profile.max_res}",
                        [widen, one]))
     if "B" in dims:
         more = [(f"--max-batch {b}", _replace(profile, max_batch=b)) for b in range(profile.max_batch + 1,
                                                                                    profile.max_batch + 4)]
-        one = [("--max-batch 1", _replace(profile, max_batch=1, opt_batch=1, min_batch=1))] if target != "aoti" \
-            else []
+        one = [("--max-batch 1", _replace(profile, max_batch=1, opt_batch=1, min_batch=1))] \
+            if not target.every_dim_dynamic else []
         groups.append((f"--max-batch {profile.max_batch}", [more, one]))
     named, works = [], []
     for flags, kinds in groups:
@@ -194,8 +198,8 @@ def _check_traceable(cfg, profile: ProfileOptions, fold_cfg: bool, names: list[s
             named.append(flags)
             works += fixes
     named = named or [flags for flags, _ in groups] or [", ".join(sorted(dims))]
-    why = ("--target aoti keeps every named dim dynamic, and this profile fixes "
-           f"{sorted(dims)} to one value" if target == "aoti" else
+    why = (f"--target {target.name} keeps every named dim dynamic, and this profile fixes "
+           f"{sorted(dims)} to one value" if target.every_dim_dynamic else
            "torch.export cannot keep its dims dynamic: every size in the range collides with a fixed size of the "
            "graph or with another dim")
     raise InputError(f"{', '.join(named)}: the {graph} graph cannot be exported at this profile ({why}); "
@@ -233,12 +237,13 @@ def _listed_top_names(path: Path) -> set[str]:
 def _looks_ours(folder: Path) -> list[str]:
     """Without a manifest of ours: the entries of a target subfolder that no export writes (an export's files are
     named after a graph: <graph>.onnx, <graph>.plan, <graph>.pt2, triton/<graph>/; and staging leftovers)."""
+    t = targets.TARGETS[folder.name]
     ours = tuple(f"{g}." for g in GRAPH_NAMES)
     bad = []
     for p in sorted(folder.iterdir()):
         name = p.name
-        if STAGING.match(name) or name == "timing.cache" or name.startswith(ours) or (
-                folder.name == "triton" and name in (*GRAPH_NAMES, "smartedit")):
+        if STAGING.match(name) or name in t.side_files or name.startswith(ours) or (
+                t.whole_folder and name in GRAPH_NAMES):  # a repository's <graph>/ model folders
             continue
         bad.append(f"{folder.name}/{name}")
     return bad
@@ -250,7 +255,7 @@ def _foreign_in_repository(manifest: Path, repo: Path) -> list[str]:
     from smartedit.serve.repository import unrecorded
 
     try:
-        files = json.loads(manifest.read_text()).get("repositories", {}).get("triton", {}).get("files")
+        files = json.loads(manifest.read_text()).get("repositories", {}).get(repo.name, {}).get("files")
     except (OSError, ValueError, AttributeError):
         files = None
     if not isinstance(files, dict):
@@ -277,7 +282,7 @@ def foreign_entries(out: Path) -> list[str]:
         elif name in (REPORT_FILE, VERIFY_FILE, LOCK_FILE, WRITE_PROBE) or STAGING.match(name) or name in listed:
             continue
         elif name in targets.TARGETS and p.is_dir() and not p.is_symlink():
-            if name == "triton" and ours_manifest:  # replaced whole by the next export: all of it must be ours
+            if targets.TARGETS[name].whole_folder and ours_manifest:  # replaced whole: all of it must be ours
                 bad += _foreign_in_repository(manifest, p)
             elif not ours_manifest:
                 bad += _looks_ours(p)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
 from . import onnx
-from .job import ExportJob, Target
+from .job import ExportJob, Target, TargetOptions
 
 STAGE_KINDS = ("onnx", "trt", "python")
 _TRITON_DTYPE = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}
@@ -142,7 +143,7 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
         settings = {"runner": "bls", "source": source, "device": device, "dtype": "fp32",
                     "graphs": {g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg}
                                for g, e in entries.items()},
-                    "max_batch": min(max_batch, entries["llava"].spec.dims["B"].max),
+                    "max_batch": min([max_batch] + [e.spec.dims["B"].max for e in entries.values()]),
                     "files": {rel: meta["sha256"] for rel, meta in record.items()}}
         write_config(tmp / MODEL, orchestrator_config(settings, settings["max_batch"], queue_delay_ms, 1,
                                                        gpu=device.startswith("cuda")))
@@ -177,18 +178,33 @@ def repository_problems(manifest: Manifest, name: str = "triton", hashes: bool =
     return bad
 
 
+@dataclass(frozen=True)
+class TritonOptions(TargetOptions):
+    FLAGS = {
+        "--triton-stages": dict(dest="stages", choices=list(STAGE_KINDS), default="onnx",
+                                help="triton: the stage models' backend: Triton's onnxruntime, its tensorrt_plan "
+                                     "(OUT/trt, built with the container's TensorRT), or Python models running ONNX "
+                                     "Runtime (what smartedit's bundled server can run)"),
+        "--device": dict(dest="device", default="cpu",
+                         help="triton: the device of the orchestrating model's PyTorch work"),
+    }
+
+    stages: str = "onnx"
+    device: str = "cpu"
+
+
 def produce(job: ExportJob) -> None:
     """The ONNX graphs (exported or reused; --triton-stages trt needs OUT/trt built first), then OUT/triton."""
     model_config_pb()  # tritonclient present: before the export work
-    stages = job.triton_stages
+    stages, device = job.target_options.stages, job.target_options.device
     if stages != "trt":
         onnx.produce(job)
     repo = job.out / "triton"
     job.progress(f"writing the Triton model repository {repo} ({stages} stage models) ...")
-    write_container_repository(job.manifest, repo, stages, job.profile.max_batch, 5.0, job.device)
+    write_container_repository(job.manifest, repo, stages, job.profile.max_batch, 5.0, device)
     job.progress(f"    {repo}: {', '.join(sorted(p.name for p in repo.iterdir()))}")
 
 
 TARGET = Target("triton", "a Triton Inference Server model repository (stage models + the BLS-orchestrating "
-                "`smartedit` Python model) in OUT/triton", produce,
-                runtime="NVIDIA Triton Inference Server (tritonserver, or smartedit-serve for --triton-stages python)")
+                "`smartedit` Python model) in OUT/triton", produce, TritonOptions,
+                side_files=("smartedit",), whole_folder=True, runtime="NVIDIA Triton Inference Server (tritonserver, or smartedit-serve for --triton-stages python)")

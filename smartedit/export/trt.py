@@ -24,11 +24,7 @@ from smartedit.graphs.manifest import Entry
 from smartedit.graphs.spec import DimRange, GraphSpec
 
 from . import onnx
-from .job import ExportJob, Target
-
-# the spatial dims of the graphs that get exact-resolution profiles: (height dim, width dim, pixels per unit)
-SPATIAL_DIMS = {"unet": ("h8", "w8", RESOLUTION_STEP), "vae_encoder": ("h", "w", 8), "vae_decoder": ("h", "w", 8)}
-
+from .job import ExportJob, Target, TargetOptions
 
 class TensorRTError(ExportError):
     """TensorRT could not parse or build a graph."""
@@ -44,7 +40,24 @@ def cuda_available() -> bool:
 
 
 @dataclass(frozen=True)
-class BuildOptions:
+class BuildOptions(TargetOptions):
+    """The options of --target trt and trt-rtx (one set: the two differ only in what `Flavor` says)."""
+
+    FLAGS = {
+        "--compute-capability": dict(dest="compute_capability", action="append", default=[], metavar="CC",
+                                     help="GPU to build for, repeatable: 75, 80 (A100), 86, 89, 120, 121 (trt-rtx)"),
+        "--opt-level": dict(dest="opt_level", type=int, default=3, help="TensorRT builder optimization level 0-5"),
+        "--workspace-gb": dict(dest="workspace_gb", type=float, help="TensorRT workspace limit (default: TensorRT's)"),
+        "--static-res": dict(dest="static_res", default="256,512",
+                             help="exact TensorRT profiles for unet/VAE at these resolutions, besides the dynamic "
+                                  "one ('' for none)"),
+        "--refit": dict(dest="refit", action="store_true",
+                        help="refittable engines (weights swappable without a rebuild)"),
+        "--strip-weights": dict(dest="strip_weights", action="store_true",
+                                help="weight-stripped engines, refitted from OUT/onnx at load: small plans, slower "
+                                     "load"),
+    }
+
     compute_capabilities: tuple[str, ...] = ()  # trt-rtx only: "75", "80", "86", "89", "120", "121"
     opt_level: int = 3  # builder optimization level 0..5 (5: slowest build, widest tactic search)
     workspace_gb: float | None = None  # workspace memory pool limit; None: TensorRT's default (the device memory)
@@ -60,6 +73,16 @@ class BuildOptions:
         for r in self.static_res:
             if r % RESOLUTION_STEP:
                 raise InputError(f"static resolution {r} is not a multiple of {RESOLUTION_STEP}")
+
+    @classmethod
+    def from_flags(cls, a) -> "BuildOptions":
+        try:
+            static = tuple(int(r) for r in a.static_res.split(",") if r.strip())
+        except ValueError:
+            raise InputError(f"--static-res must be comma-separated integers, got {a.static_res!r}") from None
+        return cls(compute_capabilities=tuple(a.compute_capability), opt_level=a.opt_level,
+                   workspace_gb=a.workspace_gb, refit=a.refit or a.strip_weights, strip_weights=a.strip_weights,
+                   static_res=static)
 
 
 class Flavor:
@@ -138,8 +161,8 @@ def engine_profiles(spec: GraphSpec, opts: BuildOptions) -> list[tuple[str, Grap
     """[(name, spec restricted to the profile)]: exact resolutions first (the runtime picks the first profile that
     holds a shape), then the full dynamic range."""
     out: list[tuple[str, GraphSpec]] = []
-    if spec.name in SPATIAL_DIMS and opts.static_res:
-        hdim, wdim, px = SPATIAL_DIMS[spec.name]
+    if spec.image_dims() and opts.static_res:  # the graphs with an image side: unet and the VAE
+        hdim, wdim, px = spec.image_dims()
         rng = spec.dims[hdim]
         for res in opts.static_res:
             v = res // px
@@ -249,11 +272,9 @@ def _layer_information(flavor: Flavor, plan: bytes, plan_path: Path, logger) -> 
         return f"not written: {type(e).__name__}: {e}"
 
 
-def _check(target: str, build: BuildOptions | None, device: str) -> BuildOptions:
+def _check(target: str, build: BuildOptions) -> None:
     """Before the (long) ONNX export: TensorRT is here and targets something."""
-    build = build or BuildOptions()
     Flavor(import_tensorrt(target), target).resolve_targets(build.compute_capabilities)
-    return build
 
 
 def produce(job: ExportJob) -> None:
@@ -261,7 +282,7 @@ def produce(job: ExportJob) -> None:
     ONNX file, the profiles, the options and TensorRT are unchanged."""
     onnx.produce(job)
     flavor = Flavor(import_tensorrt(job.target), job.target)
-    build = job.build or BuildOptions()
+    build = job.target_options
     folder = job.out / flavor.target
     folder.mkdir(parents=True, exist_ok=True)
     for i, n in enumerate(job.names, 1):
@@ -290,5 +311,7 @@ def produce(job: ExportJob) -> None:
                      f"{entry.files[rel]['bytes'] / 1e6:.1f} MB, profiles {[p['name'] for p in entry.profiles]}")
 
 
-TARGET = Target("trt", "TensorRT engines for this machine's GPU (needs `tensorrt` and a GPU)", produce, _check)
-TARGET_RTX = Target("trt-rtx", "TensorRT-RTX engines built ahead of time, on a CPU too (no SM90)", produce, _check)
+TARGET = Target("trt", "TensorRT engines for this machine's GPU (needs `tensorrt` and a GPU)", produce, BuildOptions,
+                _check, side_files=("timing.cache",))
+TARGET_RTX = Target("trt-rtx", "TensorRT-RTX engines built ahead of time, on a CPU too (no SM90)", produce,
+                    BuildOptions, _check)

@@ -9,13 +9,13 @@ Between the model below (smartedit/model.py: one method per graph) and everythin
   the contract (the reference every export is checked against),
 - the manifest schema of exported artifacts (manifest.py) and the parity check against PyTorch (parity.py).
 
-Adding a graph: its method in smartedit/model.py, its spec file here, its line in `graph_table`.
+Adding a graph: its method in smartedit/model.py, its spec file here, its line in `GRAPHS`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -27,7 +27,31 @@ from smartedit.model import Stages
 from . import llava, qformer_bim, unet, vae
 from .spec import GraphSpec, ProfileOptions
 
-GRAPH_NAMES = ("llava", "qformer_bim", "unet", "vae_encoder", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What is known of a graph before any config: everything other code would otherwise look up by its name."""
+
+    spec: Callable[[SmartEditConfig, ProfileOptions, bool], GraphSpec]  # (config, profile, fold_cfg) -> its spec
+    method: Callable[[bool], str]  # fold_cfg -> the Stages method (smartedit/model.py) it is
+    stages: tuple[str, ...]  # the stages whose weights it reads
+    label: str  # what the benchmarks call its time
+    per_step: bool = False  # called once per denoising step: the graph a runner captures as a CUDA graph
+
+
+# the graphs in dataflow order; adding one: its method in smartedit/model.py, its spec file here, its line here
+GRAPHS: dict[str, GraphFacts] = {
+    "llava": GraphFacts(lambda c, o, f: llava.spec(c, o), lambda f: llava.METHOD, llava.STAGES, "vision+llm"),
+    "qformer_bim": GraphFacts(lambda c, o, f: qformer_bim.spec(c, o), lambda f: qformer_bim.METHOD,
+                              qformer_bim.STAGES, "qformer_bim"),
+    "unet": GraphFacts(unet.spec, unet.method, unet.STAGES, "unet", per_step=True),
+    "vae_encoder": GraphFacts(lambda c, o, f: vae.encoder_spec(c, o), lambda f: vae.ENCODE, vae.STAGES,
+                              "vae_encode"),
+    "vae_decoder": GraphFacts(lambda c, o, f: vae.decoder_spec(c, o), lambda f: vae.DECODE, vae.STAGES,
+                              "vae_decode"),
+}
+GRAPH_NAMES = tuple(GRAPHS)
 
 
 @dataclass(frozen=True)
@@ -35,6 +59,8 @@ class Graph:
     spec: GraphSpec
     method: str  # the Stages method (smartedit/model.py) this graph is
     stages: tuple[str, ...]  # the stages whose weights it reads
+    label: str = ""  # what the benchmarks call its time (GraphFacts.label)
+    per_step: bool = False  # GraphFacts.per_step
 
     @property
     def takes_null_text(self) -> bool:  # the folded unet: the null-text embedding is a constant of the graph
@@ -47,13 +73,8 @@ class Graph:
 def graph_table(cfg: SmartEditConfig, opts: ProfileOptions | None = None, fold_cfg: bool = False
                 ) -> dict[str, Graph]:
     opts = opts or ProfileOptions()
-    return {
-        "llava": Graph(llava.spec(cfg, opts), llava.METHOD, llava.STAGES),
-        "qformer_bim": Graph(qformer_bim.spec(cfg, opts), qformer_bim.METHOD, qformer_bim.STAGES),
-        "unet": Graph(unet.spec(cfg, opts, fold_cfg), unet.method(fold_cfg), unet.STAGES),
-        "vae_encoder": Graph(vae.encoder_spec(cfg, opts), vae.ENCODE, vae.STAGES),
-        "vae_decoder": Graph(vae.decoder_spec(cfg, opts), vae.DECODE, vae.STAGES),
-    }
+    return {n: Graph(f.spec(cfg, opts, fold_cfg), f.method(fold_cfg), f.stages, f.label, f.per_step)
+            for n, f in GRAPHS.items()}
 
 
 def parse_graph_names(text: str | list[str] | None) -> list[str]:

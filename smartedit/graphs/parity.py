@@ -24,7 +24,9 @@ from torch import nn
 
 from smartedit.errors import ExportError, InputError
 
-from .spec import GraphSpec
+from smartedit.config import RESOLUTION_STEP
+
+from .spec import DIM_MEANINGS, GraphSpec
 
 
 @dataclass
@@ -39,8 +41,8 @@ class Comparison:
     passed: bool
 
 
-# spatial dims in latent units per 64 px step: h8/w8 (px / 64) move by 1, h/w (px / 8) by 8
-_STEP = {"h8": 1, "w8": 1, "h": 8, "w": 8}
+# image-side dims in their units per 64 px step: h8/w8 (px / 64) move by 1, h/w (px / 8) by 8
+_STEP = {n: RESOLUTION_STEP // m.px for n, m in DIM_MEANINGS.items() if m.px}
 
 
 def verification_points(spec: GraphSpec) -> list[dict[str, int]]:
@@ -48,11 +50,12 @@ def verification_points(spec: GraphSpec) -> list[dict[str, int]]:
     another batch), the image side one 64 px step above opt (below at the top of the range), the width one step
     further than the height (non-square); a prompt length at the middle of its range."""
     opt = spec.point("opt")
+    height, width, _ = spec.image_dims() or (None, None, 0)
     alt: dict[str, int] = {}
     for n, r in spec.dims.items():
-        other = {"w8": alt.get("h8"), "w": alt.get("h")}.get(n)  # keep the second point non-square
+        other = alt.get(height) if n == width else None  # keep the second point non-square
         if n in _STEP:
-            s, near = _STEP[n], (2 if n in ("w8", "w") else 1)
+            s, near = _STEP[n], (2 if n == width else 1)
             prefs = [opt[n] + near * s, opt[n] - near * s, opt[n] + s, opt[n] - s, opt[n] + 2 * s, opt[n] - 2 * s]
             prefs += sorted(range(r.min + (opt[n] - r.min) % s, r.max + 1, s), key=lambda v: (abs(v - opt[n]), v))
         else:

@@ -14,12 +14,21 @@ from typing import Any
 
 import torch
 
-from smartedit.config import PRECISIONS, RESOLUTION_STEP
+from smartedit.config import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_RESOLUTION,
+    IMG_START_ID,
+    NUM_IMG_TOKENS,
+    PRECISIONS,
+    RESOLUTION_STEP,
+)
 from smartedit.errors import InputError
 
 # dtype tags: "float" follows the graph's precision (fp16 / fp32 / bf16); the others are fixed
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
 EXPORT_PRECISIONS = ("fp16", "fp32")  # what the exporters build (bf16: eager only)
+MIN_SUFFIX = NUM_IMG_TOKENS + 1  # a forced-mode suffix: at least one id, then <img_0>..<img_31>
 
 
 @dataclass(frozen=True)
@@ -136,31 +145,51 @@ class GraphSpec:
                 raise InputError(f"{self.name}: {_describe(name, v, r)}")
         return point
 
+    def image_dims(self) -> tuple[str, str, int] | None:
+        """(height dim, width dim, pixels per unit) of a graph with an image side (unet, VAE), else None."""
+        sides = {DIM_MEANINGS[n].what: n for n in self.dims if n in DIM_MEANINGS and DIM_MEANINGS[n].px}
+        if "image height" not in sides:
+            return None
+        h, w = sides["image height"], sides["image width"]
+        return h, w, DIM_MEANINGS[h].px
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "inputs": [asdict(t) for t in self.inputs],
                 "outputs": [asdict(t) for t in self.outputs],
                 "dims": {k: asdict(v) for k, v in self.dims.items()}, "profile": self.profile()}
 
 
-# named dims in image pixels: latent h/w (pixels / 8) and h8/w8 (pixels / 64)
-_PIXELS = {"h": 8, "w": 8, "h8": RESOLUTION_STEP, "w8": RESOLUTION_STEP}
-_FLAGS = {"B": "--max-batch", "Lp": "--max-prompt", "Ls": "--max-prompt"}
+@dataclass(frozen=True)
+class DimMeaning:
+    what: str  # "batch", "image height", ...
+    flag: str  # the smartedit-export flag(s) that set its range
+    px: int = 0  # image pixels per unit of the dim (0: not an image side)
+
+
+# What each named dim of the specs means, written once: the input checks, the verification points, TensorRT's
+# exact-resolution profiles and the server's limits read it here. Latent h/w are pixels / 8, h8/w8 pixels / 64.
+DIM_MEANINGS = {
+    "B": DimMeaning("batch", "--max-batch"),
+    "h8": DimMeaning("image height", "--min-res / --max-res", RESOLUTION_STEP),
+    "w8": DimMeaning("image width", "--min-res / --max-res", RESOLUTION_STEP),
+    "h": DimMeaning("image height", "--min-res / --max-res", 8),
+    "w": DimMeaning("image width", "--min-res / --max-res", 8),
+    "Lp": DimMeaning("prompt tokens before the image", "--max-prompt"),
+    "Ls": DimMeaning("prompt tokens after the image", "--max-prompt"),
+}
 
 
 def _describe(name: str, v: int, r: DimRange) -> str:
-    if name in _PIXELS:
-        px = _PIXELS[name]
-        side = "height" if name.startswith("h") else "width"
-        return (f"image {side} {v * px} px is outside the exported range {r.min * px}-{r.max * px} px "
-                "(re-export with --min-res / --max-res)")
-    flag = _FLAGS.get(name)
+    m = DIM_MEANINGS.get(name)
+    if m and m.px:
+        px = m.px
+        return (f"{m.what} {v * px} px is outside the exported range {r.min * px}-{r.max * px} px "
+                f"(re-export with {m.flag})")
     return (f"dimension {name} = {v} is outside the exported profile [{r.min}, {r.max}]"
-            + (f" (re-export with {flag})" if flag else ""))
+            + (f" (re-export with {m.flag})" if m else ""))
 
 
 def _draw(kind: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    from smartedit.config import IMG_START_ID, NUM_IMG_TOKENS
-
     if kind == "randn":
         return torch.randn(shape, generator=g)
     if kind == "image":  # [-1, 1]
@@ -176,7 +205,7 @@ def _draw(kind: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor
     if kind == "sigma":  # an EulerAncestral sigma (0.03 .. 14.6 for SD-1.5)
         return torch.rand(shape, generator=g) * 14 + 0.03
     if kind == "guidance":  # (text, image) guidance scales around the official 7.5 / 1.5
-        return torch.tensor([7.5, 1.5]).expand(shape).clone()
+        return torch.tensor([DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE]).expand(shape).clone()
     raise InputError(f"unknown sample kind {kind!r}")
 
 
@@ -194,12 +223,12 @@ class ProfileOptions:
     opt_batch: int = 1
     max_batch: int = 4
     min_res: int = 256
-    opt_res: int = 256  # the official resolution
+    opt_res: int = DEFAULT_RESOLUTION  # the official resolution
     max_res: int = 768
     min_prefix: int = 1
     opt_prefix: int = 96
     max_prefix: int = 512  # prompt lengths: the official templates give ~80-100 ids with the Vicuna tokenizer
-    min_suffix: int = 33  # at least one id and the 32 <img_i>
+    min_suffix: int = MIN_SUFFIX
     opt_suffix: int = 96
     max_suffix: int = 512
 
@@ -219,9 +248,9 @@ class ProfileOptions:
                 raise InputError(f"{flag(name)} must be an integer >= 1, got {v!r}")
         for name in ("max_suffix", "min_suffix", "opt_suffix"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 33:
-                raise InputError(f"{flag(name)} must be >= 33 (the forced suffix is at least one id and the 32 "
-                                 f"<img_i> tokens), got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < MIN_SUFFIX:
+                raise InputError(f"{flag(name)} must be >= {MIN_SUFFIX} (the forced suffix is at least one id and "
+                                 f"the {NUM_IMG_TOKENS} <img_i> tokens), got {v!r}")
         for what in ("res", "batch", "prefix", "suffix"):
             lo, mid, hi = (f"{w}_{what}" for w in ("min", "opt", "max"))
             for a, b in ((lo, mid), (mid, hi), (lo, hi)):

@@ -27,13 +27,23 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from smartedit.config import RESOLUTION_STEP, check_guidance
+from smartedit.config import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_RESOLUTION,
+    DEFAULT_STEPS,
+    RESOLUTION_STEP,
+    check_guidance,
+    check_resolution,
+    check_seed,
+)
 from smartedit.errors import Cancelled, InputError, SmartEditError
 from smartedit.files import open_image
 from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
 from smartedit.pipeline import SmartEditPipeline
 
-DEFAULTS = {"steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5, "resolution": 256}
+DEFAULTS = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE,
+            "image_guidance_scale": DEFAULT_IMAGE_GUIDANCE_SCALE, "resolution": DEFAULT_RESOLUTION}
 STOP_POLL_S = 0.1  # how often a running batch asks whether its clients are still there (each ask is an IPC call)
 
 
@@ -83,16 +93,16 @@ class EditService:
     @staticmethod
     def limits_for(pipe: SmartEditPipeline, max_steps: int, max_megapixels: float, max_batch: int) -> Limits:
         """The limits of this pipeline's runner: an exported backend's profiles bound resolution, prompt and batch."""
-        specs = pipe.runner.specs  # an exported backend's: its profiles bound the requests
         lim = Limits(max_steps=max_steps, max_megapixels=max_megapixels, max_batch=max_batch)
-        if "unet" in specs:
-            r = specs["unet"].dims["h8"]
-            lim = _replace(lim, min_resolution=r.min * RESOLUTION_STEP, max_resolution=r.max * RESOLUTION_STEP,
-                           max_batch=min(max_batch, specs["unet"].dims["B"].max))
-        if "llava" in specs:
-            d = specs["llava"].dims
-            lim = _replace(lim, max_prefix=d["Lp"].max, max_suffix=d["Ls"].max)
-        return lim
+        specs = pipe.runner.specs.values()  # an exported backend's: every graph's profile bounds the requests
+        sides = [(s.dims[hw[0]], hw[2]) for s in specs if (hw := s.image_dims())]  # (image height range, px/unit)
+        if sides:
+            lim = _replace(lim, min_resolution=max(r.min * px for r, px in sides),
+                           max_resolution=min(r.max * px for r, px in sides))
+        ranges = {n: min(s.dims[n].max for s in specs if n in s.dims) for n in ("B", "Lp", "Ls")
+                  if any(n in s.dims for s in specs)}
+        return _replace(lim, max_batch=min(max_batch, ranges.get("B", max_batch)),
+                        max_prefix=ranges.get("Lp", lim.max_prefix), max_suffix=ranges.get("Ls", lim.max_suffix))
 
     # -- one request ------------------------------------------------------------------------------------------------
 
@@ -120,14 +130,12 @@ class EditService:
         steps = _integer("steps", get["steps"])
         if not 1 <= steps <= lim.max_steps:
             raise InputError(f"steps must be from 1 to {lim.max_steps}, got {steps}")
-        resolution = _integer("resolution", get["resolution"])
-        if resolution % RESOLUTION_STEP or not lim.min_resolution <= resolution <= lim.max_resolution:
+        resolution = check_resolution(_integer("resolution", get["resolution"]))
+        if not lim.min_resolution <= resolution <= lim.max_resolution:
             raise InputError(f"resolution must be a multiple of {RESOLUTION_STEP} from {lim.min_resolution} to "
                              f"{lim.max_resolution} px, got {resolution}")
         seed = values.get("seed")
-        seed = random.randrange(2**31) if seed is None else _integer("seed", seed)
-        if not 0 <= seed < 2**63:
-            raise InputError(f"seed must be from 0 to 2^63 - 1, got {seed}")
+        seed = random.randrange(2**31) if seed is None else check_seed(_integer("seed", seed))
         g, gi = (check_guidance(k, get[k]) for k in ("guidance_scale", "image_guidance_scale"))
         return EditRequest(image, instruction, seed, steps, g, gi, resolution)
 
