@@ -11,7 +11,7 @@ Official: model/DS_SmartEdit_model.py:234-246 (definition), :441-459 (inference_
 
 The official code resizes the image to the latent size first and applies the 1x1 conv after; a 1x1 conv and a
 bilinear resize commute (both linear, the resize weights sum to 1), so the residual leaves here at 16x16, 320 channels
-instead of 1024, and the UNet stage resizes it (DESIGN §4).
+instead of 1024, and the UNet stage resizes it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Our layout (written by `save_pretrained` and `smartedit-convert`):
     DIR/<stage>.safetensors      vision, llm (LoRA unmerged), qformer, bim, unet, vae
     DIR/null_text.safetensors    {"null_text_embeds": [1, 77, 768]}: CLIP text embedding of "" (IP2P's text encoder)
 
-Official release (HF TencentARC/SmartEdit-7B / -13B; shared/reference/smartedit-official-implementation.md §3):
+Official release (HF TencentARC/SmartEdit-7B / -13B):
     LLM-<step>/adapter_model.bin                             whole PEFT-wrapped LLaMA (base + lora_A/B + embed_tokens)
     embeddings_qformer/checkpoint-<step>_embeddings_qformer.bin   sd_query_tokens, sd_qformer.*, mm_projector.*, lm_head
     modulate-<step>/adapter_model.bin                        BIM (our attribute names)

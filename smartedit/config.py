@@ -1,7 +1,7 @@
 """Configs for every SmartEdit stage, with the presets "7b", "13b" (official dimensions) and "tiny" (CPU tests).
 
-Official dimensions: DESIGN.md §2 and shared/reference/smartedit-official-implementation.md §1. The "tiny" preset is
-fixed by the project (issue 2) so that tests and outside tools can build tiny checkpoints in the official layout.
+The 7b and 13b dimensions are the official release's (its config files and the official code's constructors). The
+"tiny" preset is fixed, so that tests and outside tools can build tiny checkpoints in the official layout.
 """
 
 from __future__ import annotations

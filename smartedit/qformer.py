@@ -2,7 +2,7 @@
 
 The release's QFormer is a copy of LAVIS's BLIP-2 Q-Former (model/LLMSD_QFormerv01.py), randomly initialised from the
 bert-base-uncased config: 6 layers, cross-attention in layers 0/2/4 with k/v Linear(H_llm -> 768), the query FFN only.
-transformers' Blip2QFormerModel is the same network (DESIGN §9: equal to ~6e-8 in fp32), so it is used as is.
+transformers' Blip2QFormerModel is the same network (equal to ~6e-8 in fp32), so it is used as is.
 
 Official checkpoint keys (embeddings_qformer/checkpoint-<step>_embeddings_qformer.bin) -> ours:
     sd_query_tokens                                   -> query_tokens

@@ -3,7 +3,7 @@
 diffusers' EulerAncestralDiscreteScheduler.step keeps a Python step index, reads sigmas by it and draws the ancestral
 noise from the seed's generator inside each step. Here the schedule is a table [steps, 4] = (timestep, sigma,
 sigma_up, dt) on the device and the noise for every step is drawn once, in the order diffusers draws it, into
-[steps, B, 4, h, w]; step i reads row i of both. The eager pipeline loops over it in Python; the CUDA-graph runtime
+[steps, B, 4, h, w]; step i reads row i of both. The eager pipeline loops over it in Python; the CUDA-graph runner
 reads the row through a device counter, so one captured step serves every step; the C++ runtime
 (runtime/src/euler_ancestral.cpp) builds the same table.
 

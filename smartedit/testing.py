@@ -1,6 +1,6 @@
 """Write a release in the official SmartEdit layout from a pipeline's weights (tests and outside tools).
 
-The inverse of `checkpoint.convert_official`, written from the official key names (reference §3), so a tiny random
+The inverse of `checkpoint.convert_official`, written from the official key names, so a tiny random
 model can be saved as the real release is laid out, converted back, and compared exactly. It also writes the pieces
 that come from elsewhere: a LLaVA-1.1 folder (32003-row embed_tokens/lm_head + a 32000-id tokenizer), a CLIP folder
 (with the vision layers after the selected one, which conversion must drop) and an InstructPix2Pix folder (VAE, a

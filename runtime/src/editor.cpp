@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <stdexcept>
+#include <vector>
 
 #include "smartedit/checks.h"
 
@@ -13,11 +14,13 @@ Editor::Editor(const std::string& artifacts, const c10::Device& device)
   if (unet.fold_cfg)
     throw std::runtime_error(unet.file + " is the --fold-cfg unet graph; the C++ loop runs the plain one (its own "
                              "CFG batch and combine): re-export without --fold-cfg");
-  // every file against its sha256 before any package reaches libtorch's loader: a damaged folder is refused before
-  // the (slow) loads, not half way through them
-  for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder", "unet"}) manifest_.open(graph);
-  for (const char* graph : {"llava", "qformer_bim", "vae_encoder", "vae_decoder"})
-    graphs_[graph] = std::make_unique<Package>(manifest_.open(graph).file, device);
+  // the graphs this edit calls, as the Python pipeline does; the unet runs inside the Denoiser's loop. Every file is
+  // checked against its sha256 before any package reaches libtorch's loader: a damaged folder is refused before the
+  // (slow) loads, not half way through them
+  const std::vector<std::string> called = {"llava", "qformer_bim", "vae_encoder", "vae_decoder"};
+  for (const auto& graph : called) manifest_.open(graph);
+  manifest_.open("unet");
+  for (const auto& graph : called) graphs_[graph] = std::make_unique<Package>(manifest_.open(graph).file, device);
   denoiser_ = std::make_unique<Denoiser>(manifest_.open("unet").file, device);
 }
 

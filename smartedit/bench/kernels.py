@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# (name, Nq, Nk, head dim) of one 7b BIM forward (dim 1024, 8 heads; cross-attention at dim 512): DESIGN §2
+# (name, Nq, Nk, head dim) of one 7b BIM forward (dim 1024, 8 heads; cross-attention at dim 512)
 SHAPES = [("token self-attn", 77, 77, 128), ("token->image", 77, 256, 64), ("image->token", 256, 77, 64)]
 HEADS = 8
 

@@ -1,8 +1,8 @@
 """AOTInductor backend: runs the `.pt2` packages of an `smartedit-export --target aoti` folder.
 
 A package is bound to the device type (and, for CUDA, the GPU architecture) and the torch version it was compiled
-with; the manifest records both (`requires`) and loading refuses others, naming both, instead of failing inside the
-runtime. Each package also carries its graph and input dtypes in its own metadata (export/aoti.py), which the C++
+with; the manifest records both (`requires`) and loading refuses others, naming both, instead of failing inside
+torch's loader. Each package also carries its graph and input dtypes in its own metadata (export/aoti.py), which the C++
 runtime reads. Inputs are checked against the graph's exported profile, cast to the package's precision and made
 contiguous (the compiled code trusts the traced strides); outputs come back on the caller's device.
 """

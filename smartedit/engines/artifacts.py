@@ -1,6 +1,6 @@
-"""An export folder's artifacts of one target, checked before any runtime loads them.
+"""An export folder's artifacts of one target, checked before any runner loads them.
 
-Every runtime of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
+Every runner of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
 checks are the same for all: the manifest is one this version reads, the target was exported, every entry was
 exported from the folder's source (not copied in from another export), every file the manifest names is inside the
 folder and has its recorded size (at once) and sha256 (when the graph is first opened: what runs is what was
@@ -61,7 +61,7 @@ class Artifacts:
                                 "re-run the export")
 
     def entry(self, graph: str) -> Entry:
-        """The graph's entry; its files are checked against their sha256 the first time (runtimes open a graph's
+        """The graph's entry; its files are checked against their sha256 the first time (runners open a graph's
         files only after asking for its entry)."""
         if graph not in self.entries:
             raise ArtifactError(f"graph {graph!r} has no {self.target} artifact in {self.root} "

@@ -1,9 +1,9 @@
 """TensorRT backend: runs the plans of `smartedit-export --target trt | trt-rtx` behind the stage interface.
 
 Written against TensorRT 10's documented Python API (ICudaEngine / IExecutionContext, name-based tensors,
-execute_async_v3) and TensorRT-RTX's (the same calls, plus IRuntimeConfig). NOT RUN on a GPU yet: CI has no GPU, and the
-lent GPU machine has no TensorRT (and TensorRT-RTX has no SM90 target). tests/test_export_trt.py drives this code on
-the CPU against a stand-in TensorRT runtime and CUDA layer (what is bound, captured, replayed, shared, copied).
+execute_async_v3) and TensorRT-RTX's (the same calls, plus IRuntimeConfig). `trt` and `cuda` can be stand-ins (the
+CPU tests drive this code against a stand-in TensorRT runtime and CUDA layer: what is bound, captured, replayed,
+shared, copied).
 
 - Refuses a plan built by another TensorRT version or for another GPU, naming both.
 - I/O are torch CUDA tensors bound by address: no host round trips; one CUDA stream (torch's current stream).

@@ -21,7 +21,6 @@ from torch import nn
 from smartedit.engines.aoti import PACKAGE_VERSION, device_record, load_package
 from smartedit.errors import ExportError
 from smartedit.files import move_into_place, scratch_folder
-from smartedit.graphs import parity
 from smartedit.graphs.manifest import Entry
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
@@ -116,21 +115,12 @@ def produce(job: ExportJob) -> None:
         entry = Entry("aoti", n, job.key(n, device=where, package=PACKAGE_VERSION), g.spec,
                       {**job.options, "device": device}, {rel: job.manifest.file_record(rel)}, requires=requires,
                       record={"export_s": info["export_s"], "compile_s": info["compile_s"]})
-        report = None
-        if job.verify:
-            t0 = time.perf_counter()
-            runner = load_package(job.out / rel, device)
-            comps = parity.compare(lambda x: runner(*(v.to(device) for v in x.values())), g.spec, ref,
-                                   job.precision,
-                                   OnDevice(at_precision, device) if job.precision != "fp32" else None,
-                                   parity.verification_points(g.spec))
-            entry.verified = all(c.passed for c in comps)
-            report = {"passed": entry.verified, "precision": job.precision, "device": where,
-                      "comparisons": parity.as_dicts(comps)}
-            job.progress(parity.summary("package", comps, time.perf_counter() - t0))
-            if not entry.verified:
-                failed.append(n)
-            del runner
+        package = load_package(job.out / rel, device) if job.verify else None
+        report = job.check(entry, "the package", lambda x: package(*(v.to(device) for v in x.values())), ref,
+                           OnDevice(at_precision, device), device=where)
+        if entry.verified is False:
+            failed.append(n)
+        package = None  # the package's memory goes before the next graph compiles
         job.record(entry, report)
         del ref, at_precision
     if failed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from torch import nn
 
 from smartedit.config import PRECISIONS, SmartEditConfig
 from smartedit.files import sha256_json, write_json
-from smartedit.graphs import Graph
+from smartedit.graphs import Graph, parity
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import ProfileOptions
 from smartedit.pipeline import SmartEditPipeline
@@ -120,6 +121,27 @@ class ExportJob:
         if self.verify and (self.precision != "fp32" or torch.device(device).type != "cpu"):
             return ref, copy.deepcopy(ref).to(device=device, dtype=PRECISIONS[self.precision])
         return ref, ref.to(device=device)
+
+    def check(self, entry: Entry, what: str, run: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]],
+              ref: nn.Module, at_precision: nn.Module, **report: Any) -> dict[str, Any] | None:
+        """With verification on: the artifact (`run`, inputs -> outputs, run by `what`) against fp32 PyTorch at the
+        spec's verification points (and PyTorch at the export precision, the bound's scale); sets entry.verified
+        and returns its report (`report`: more fields for it). None when verification is off."""
+        if not self.verify:
+            return None
+        spec = self.graphs[entry.graph].spec
+        points = parity.verification_points(spec)
+        t0 = time.perf_counter()
+        self.progress(f"    checking in {what} at {len(points)} shapes ...")
+        comps = parity.compare(run, spec, ref, self.precision, at_precision if self.precision != "fp32" else None,
+                               points)
+        entry.verified = all(c.passed for c in comps)
+        report = {"passed": entry.verified, "precision": self.precision, **report,
+                  "comparisons": parity.as_dicts(comps)}
+        if parity.max_point_note(spec):
+            report["not_checked"] = [parity.max_point_note(spec)]
+        self.progress(parity.summary(what, comps, time.perf_counter() - t0))
+        return report
 
     def forget(self, target: str, graph: str) -> None:
         """Remove an entry from the manifest on disk before its file is replaced."""

@@ -18,7 +18,6 @@ from torch import nn
 from smartedit.engines.onnxruntime import run_file
 from smartedit.errors import ExportError
 from smartedit.files import move_into_place, scratch_folder
-from smartedit.graphs import parity
 from smartedit.graphs.manifest import Entry
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
@@ -153,20 +152,9 @@ def produce(job: ExportJob) -> None:
                       record={"export_s": info["export_s"], "external_data": info["external_data"]})
         job.progress(f"    exported in {info['export_s']:.1f} s, "
                      f"{sum(f['bytes'] for f in entry.files.values()) / 1e6:.1f} MB")
-        report = None
-        if job.verify:
-            t0 = time.perf_counter()
-            job.progress(f"    checking in ONNX Runtime at {len(parity.verification_points(g.spec))} shapes ...")
-            comps = parity.compare(lambda x: run_file(path, x), g.spec, ref, job.precision,
-                                   at_precision if job.precision != "fp32" else None,
-                                   parity.verification_points(g.spec))
-            entry.verified = all(c.passed for c in comps)
-            report = {"passed": entry.verified, "precision": job.precision, "comparisons": parity.as_dicts(comps)}
-            if parity.max_point_note(g.spec):
-                report["not_checked"] = [parity.max_point_note(g.spec)]
-            job.progress(parity.summary("ONNX Runtime", comps, time.perf_counter() - t0))
-            if not entry.verified:
-                failed.append(n)
+        report = job.check(entry, "ONNX Runtime", lambda x: run_file(path, x), ref, at_precision)
+        if entry.verified is False:
+            failed.append(n)
         job.record(entry, report)
         del ref, at_precision
     if failed:

@@ -2,7 +2,7 @@
 
 OUT/manifest.json  the schema of smartedit/graphs/manifest.py: the source (checkpoint hashes or random preset +
                    seed), toolchain versions, and per target and graph one entry (spec, options, files with sha256,
-                   what a runtime must match, profiles, whether it was verified)
+                   what a runner must match, profiles, whether it was verified)
 OUT/report.json    per target, graph and shape point: error against fp32 PyTorch, cosine, the bound, pass/fail
 OUT/onnx/<graph>.onnx (+ .onnx.data over 2 GB)   OUT/<trt|trt-rtx>/<graph>.plan   OUT/aoti/<graph>.pt2
 

@@ -1,7 +1,8 @@
 """The export targets, in one table.
 
-A target is one file in this package (its producer and its `Target` entry, job.py) plus its runtime in
-smartedit.engines; adding one is those two files and a line each in TARGETS below and in the engines' registry.
+A target is one file in this package: its producer, its options (a TargetOptions: its own flags, parsed and checked
+there) and its `Target` entry (job.py), plus the backend that runs its artifacts in smartedit.engines, if any; adding
+one is those two files and a line each in TARGETS below and in the engines' registry.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from smartedit.serve.repository import (
     version_dir,
     write_config,
 )
+from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
@@ -108,7 +109,7 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
         raise InputError(f"--triton-stages must be one of {list(STAGE_KINDS)}, got {stages!r}")
     target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}[stages]
     entries = manifest.entries(target)
-    missing = [g for g in ("llava", "qformer_bim", "unet", "vae_encoder", "vae_decoder") if g not in entries]
+    missing = [g for g in GRAPH_NAMES if g not in entries]
     if missing:
         raise ExportError(f"the {target} export lacks {missing}: export every graph first")
     if manifest.repositories.pop("triton", None) is not None:  # the record goes before the files are replaced

@@ -139,7 +139,7 @@ class Flavor:
         if not (refit or strip):
             return
         if self.is_rtx and not cuda_available():
-            # checked on 2026-11-28 (DESIGN §9): its Myelin compiler needs CUDA for REFIT / STRIP_PLAN
+            # TensorRT-RTX 1.7's Myelin compiler needs CUDA for REFIT / STRIP_PLAN (refused without a GPU)
             raise TensorRTError("TensorRT-RTX cannot build refittable or weight-stripped engines without a GPU; "
                                 "build them on a GPU machine, or drop --refit / --strip-weights")
         flags = self.trt.BuilderFlag
@@ -158,7 +158,7 @@ def _this_gpu() -> str:
 
 
 def engine_profiles(spec: GraphSpec, opts: BuildOptions) -> list[tuple[str, GraphSpec]]:
-    """[(name, spec restricted to the profile)]: exact resolutions first (the runtime picks the first profile that
+    """[(name, spec restricted to the profile)]: exact resolutions first (the runner picks the first profile that
     holds a shape), then the full dynamic range."""
     out: list[tuple[str, GraphSpec]] = []
     if spec.image_dims() and opts.static_res:  # the graphs with an image side: unet and the VAE

@@ -9,13 +9,13 @@
 Every entry has the same fields:
     target, graph, key       the target, the graph, the hash of everything that went into it (a rerun compares it)
     source                   the sha256 of the source it was exported from: an entry copied in from another export
-                             (another source) is refused by every runtime and by smartedit-verify
+                             (another source) is refused by every runner and by smartedit-verify
     spec                     the graph spec (smartedit.graphs.spec), with its full dynamic range
     options                  precision, fold_cfg, profile, and the target's own options
     files                    {path relative to OUT: {"sha256", "bytes"}}
-    requires                 what a runtime must match to run it: {"tensorrt": "10.7.0", "compute_capability":
+    requires                 what a runner must match to run it: {"tensorrt": "10.7.0", "compute_capability":
                              ["86", "80"]} or {"torch": "2.13.0", "device": {"type": "cuda", "capability": "9.0"}}
-    profiles                 the runtime profiles: [{"name", "dims"}] (TensorRT's exact ones first); [] = the spec's
+    profiles                 the optimisation profiles: [{"name", "dims"}] (TensorRT's exact ones first); [] = the spec's
     verified                 true / false / null (not checked) against PyTorch at export
     record                   what happened (timings, sizes, logs): informative, never required
 
@@ -64,7 +64,7 @@ class Entry:
         return bool(self.options.get("fold_cfg", False))
 
     def profile_specs(self) -> list[GraphSpec]:
-        """The spec restricted to each runtime profile, in order (the last: the widest)."""
+        """The spec restricted to each optimisation profile, in order (the last: the widest)."""
         if not self.profiles:
             return [self.spec]
         return [replace(self.spec, dims={k: DimRange(**v) for k, v in p["dims"].items()}) for p in self.profiles]
@@ -109,7 +109,7 @@ MAX_TENSOR_ELEMENTS = 1 << 32  # 16 GiB in fp32: above any tensor of the 7b grap
 
 
 def _check_bounded(spec: GraphSpec, where: str) -> None:
-    """A manifest is read, not trusted: a profile widened by hand would make verify or a runtime allocate its max
+    """A manifest is read, not trusted: a profile widened by hand would make verify or a runner allocate its max
     shapes (7.6 TB was seen). Every tensor at the profile's max must stay under MAX_TENSOR_ELEMENTS."""
     top = {n: r.max for n, r in spec.dims.items()}
     for t in (*spec.inputs, *spec.outputs):

@@ -2,14 +2,14 @@
 
     fp32: |got - torch| <= 1e-4 * max(1, max|ref|)  (different kernels, same precision).
     fp16: |got - ref32| <= k * |torch16 - ref32| + 1e-3 * max|ref|: bounded by PyTorch's own fp16 error
-    (flash-attention's rule), not by a hand-picked atol; other runtimes' fp16 kernels accumulate differently.
+    (flash-attention's rule), not by a hand-picked atol; other backends' fp16 kernels accumulate differently.
 
 Each graph is checked at its spec's opt point and at a second point that differs from it in every dimension the
 range allows (batch 2, the image side one 64 px step from opt, width != height), which catches shape bugs a single
 traced shape would hide. The second point stays near opt on purpose, not at the profile's max: the check runs fp32
 PyTorch and the exported graph side by side on the CPU, and self-attention memory grows with the square of the image
 area (768 x 768 px is 9216 latent tokens, a 9216^2 score matrix per head and batch item). The old mid/max point
-(batch 2, 512 x 768 px) peaked at 15.9 GB RSS for the tiny preset's unet; the max shapes are the runtime's to
+(batch 2, 512 x 768 px) peaked at 15.9 GB RSS for the tiny preset's unet; the max shapes are the runner's to
 honour (TensorRT builds for them), and `max_point_note` says in the report that they were not run.
 """
 
@@ -70,7 +70,7 @@ def max_point_note(spec: GraphSpec) -> str | None:
     top = spec.point("max")
     if top in verification_points(spec):
         return None
-    return (f"the profile's max {top} is not checked: fp32 PyTorch and the runtime side by side there can need tens "
+    return (f"the profile's max {top} is not checked: fp32 PyTorch and the runner side by side there can need tens "
             "of GB (attention memory grows with the square of the image area); checked at opt and a point near it")
 
 

@@ -2,7 +2,7 @@
 
 A GraphSpec names its inputs and outputs, their dtypes, and their shapes as tuples of ints and dimension expressions
 ("B", "3*B", "8*h8"). Every named dimension has a min/opt/max range. The one spec drives the ONNX export (dynamic
-shapes), TensorRT profiles, AOTInductor's dynamic shapes, every runtime's input check, the manifest and the
+shapes), TensorRT profiles, AOTInductor's dynamic shapes, every runner's input check, the manifest and the
 C++ runtime's input check (which reads it from the manifest).
 """
 

@@ -1,6 +1,6 @@
 """Fused attention for the BIM's short sequences: Triton kernel, PyTorch reference, custom op, dispatcher.
 
-The 7b BIM runs seven attentions per forward, all short (DESIGN §2, issue 5):
+The 7b BIM runs seven attentions per forward, all short:
     token self-attention      Nq = Nk = 77,          8 heads x 128
     token -> image            Nq = 77,  Nk = 256,    8 heads x 64   (x3: two blocks + the final one)
     image -> token            Nq = 256, Nk = 77,     8 heads x 64   (x2)
