@@ -68,7 +68,7 @@ class AOTIRunner(ArtifactRunner):
         self.device = torch.device(device)
         artifacts.refuse_incompatible(here(self.device))
 
-    def open(self, path: Path):
+    def open(self, path: Path, entry):
         return load_package(path, self.device)
 
     def call(self, opened, entry, inputs):

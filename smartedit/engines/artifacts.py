@@ -72,9 +72,11 @@ class Artifacts:
         return self.entries[graph]
 
     def file(self, graph: str, suffix: str) -> Path:
-        """The path of the graph's file ending in `suffix` (.onnx, .plan, .pt2), inside the folder."""
+        """The path of the graph's file ending in `suffix` (.onnx, .plan, .pt2), inside the folder: <graph><suffix>
+        where the entry lists it (a quantized unet also lists the fp16 graph it came from)."""
         e = self.entry(graph)
-        rel = next((r for r in e.files if r.endswith(suffix)), None)
+        main = f"{self.target}/{graph}{suffix}"
+        rel = main if main in e.files else next((r for r in e.files if r.endswith(suffix)), None)
         if rel is None:
             raise ArtifactError(f"the manifest lists no {suffix} file for {graph} ({self.target})")
         return self.manifest.file(rel)
@@ -86,7 +88,7 @@ class Artifacts:
 
 class ArtifactRunner:
     """A runner of the graphs of an export folder with one file per graph (`suffix`): `open(path)` makes a graph
-    callable once, `call(opened, entry, inputs)` runs it on inputs already checked against its profile and returns
+    callable once (`entry`: its manifest entry), `call(opened, entry, inputs)` runs it on inputs already checked against its profile and returns
     its outputs in the spec's order."""
 
     name: str
@@ -98,7 +100,7 @@ class ArtifactRunner:
         self.specs: dict[str, GraphSpec] = {g: e.spec for g, e in artifacts.entries.items()}
         self._opened: dict[str, Any] = {}
 
-    def open(self, path: Path) -> Any:
+    def open(self, path: Path, entry: Entry) -> Any:
         raise NotImplementedError
 
     def call(self, opened: Any, entry: Entry, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -107,7 +109,7 @@ class ArtifactRunner:
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         entry = self.arts.entry(graph)
         if graph not in self._opened:
-            self._opened[graph] = self.open(self.arts.file(graph, self.suffix))
+            self._opened[graph] = self.open(self.arts.file(graph, self.suffix), entry)
         entry.spec.check_inputs(inputs)
         caller = next(iter(inputs.values())).device
         outs = self.call(self._opened[graph], entry, inputs)

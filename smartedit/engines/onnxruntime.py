@@ -20,13 +20,17 @@ from .backend import Backend
 _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64}
 
 
-def session(path: Path, providers: list[str] | None = None):
+def session(path: Path, providers: list[str] | None = None, basic: bool = False):
     """An ONNX Runtime session; a file it cannot load (garbage whose hash an edited manifest matches, a graph for
-    another opset) is an ArtifactError naming the file, not ONNX Runtime's own exception."""
+    another opset) is an ArtifactError naming the file, not ONNX Runtime's own exception. `basic`: graph
+    optimisations up to BASIC only (ONNX Runtime 1.31's extended fusions reject FP8 Q/DQ graphs)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if basic:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        return ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's pybind errors (InvalidProtobuf, Fail, ...) share no useful base
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
@@ -47,8 +51,9 @@ class OnnxRuntimeRunner(ArtifactRunner):
         super().__init__(artifacts)
         self.providers = providers or ["CPUExecutionProvider"]
 
-    def open(self, path: Path):
-        return session(path, self.providers)
+    def open(self, path: Path, entry):
+        fp8 = entry.options.get("quantization", {}).get("mode") == "fp8"
+        return session(path, self.providers, basic=fp8)
 
     def call(self, opened, entry, inputs):
         feed = {t.name: inputs[t.name].detach().cpu().numpy().astype(_NP[t.torch_dtype(entry.precision)], copy=False)

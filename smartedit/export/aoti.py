@@ -89,7 +89,7 @@ class AotiOptions(TargetOptions):
     device: str = "cpu"
 
 
-def _check(target: str, options: AotiOptions) -> None:
+def _check(target: str, options: AotiOptions, quantize) -> None:
     device_record(options.device)  # a device AOTInductor compiles for, present here
 
 
@@ -128,4 +128,4 @@ def produce(job: ExportJob) -> None:
 
 
 TARGET = Target("aoti", "AOTInductor .pt2 packages for --device, from torch.export (no ONNX)", produce, AotiOptions,
-                _check, every_dim_dynamic=True)
+                _check, every_dim_dynamic=True, quantized=False)

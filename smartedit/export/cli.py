@@ -13,6 +13,8 @@ from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
 
 from .run import run_export
+from .quantize import MODES as QUANTIZED
+from .quantize import QuantizeOptions
 from .targets import TARGETS
 
 
@@ -30,12 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", choices=list(TARGETS), default="onnx",
                    help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
     _add_target_flags(p)
+    q = p.add_argument_group("--precision int8, fp8")
+    for flag, kw in QuantizeOptions.FLAGS.items():
+        q.add_argument(flag, **kw)
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or an earlier smartedit-export output (a folder holding anything "
                         "else is refused, naming it: there is no override, use an empty folder); locked while the "
                         "export runs, so a second export into it fails at once")
-    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
-                   help="fp16 (default; what TensorRT builds strongly typed) or fp32 for debugging")
+    p.add_argument("--precision", choices=["fp16", "fp32", *QUANTIZED], default="fp16",
+                   help="fp16 (default; what TensorRT builds strongly typed), fp32 for debugging, or int8 / fp8: the "
+                        "UNet quantized (Q/DQ, calibrated on edits, with a quality report), the other graphs fp16")
     p.add_argument("--graphs", default="all", help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--fold-cfg", action="store_true",
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
                    target_options=TARGETS[a.target].options.from_flags(a),
+                   quantize=QuantizeOptions.from_flags(a.precision, a) if a.precision in QUANTIZED else None,
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
 
     run_command("smartedit-export", body)

@@ -45,12 +45,14 @@ class Target:
     summary: str  # one line, for --help
     produce: Callable[["ExportJob"], None]  # writes and records the artifacts of job.names, skipping up-to-date ones
     options: type[TargetOptions] = NoOptions  # its options (job.target_options); their defaults when none are given
-    # (target, options) -> None: refuses at once, before any model is loaded, what cannot be built here
-    check: Callable[[str, Any], None] = lambda target, options: None
+    # (target, options, quantize.QuantizeOptions or None) -> None: refuses at once, before any model is loaded, what
+    # cannot be built here
+    check: Callable[[str, Any, Any], None] = lambda target, options, quantize: None
     runtime: str | None = None  # where its artifacts run when no engines/ backend does (the Triton server)
     every_dim_dynamic: bool = False  # its artifacts keep every named dim dynamic: a one-value range is refused
     side_files: tuple[str, ...] = ()  # what it writes in OUT/<target>/ besides the <graph>.* files
     whole_folder: bool = False  # OUT/<target> is replaced whole and its files recorded in manifest.repositories
+    quantized: bool = True  # it takes --precision int8 / fp8 (its artifacts come from the quantized ONNX UNet)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ExportJob:
     verify: bool
     progress: Callable[[str], None]
     target_options: Any = None  # the target's TargetOptions (trt: BuildOptions, aoti: AotiOptions, ...)
+    quantize: Any = None  # --precision int8 / fp8: quantize.QuantizeOptions of the per-step graph (the unet)
     _pipe: SmartEditPipeline | None = field(default=None, repr=False)
     _loaded: frozenset = frozenset()
 
@@ -81,8 +84,14 @@ class ExportJob:
         return {"precision": self.precision, "opset": self.opset, "fold_cfg": self.fold_cfg,
                 "profile": asdict(self.profile)}
 
+    def quantizes(self, graph: str) -> bool:
+        """Whether this export quantizes `graph` (--precision int8 / fp8 quantizes the per-step graph only)."""
+        return self.quantize is not None and self.graphs[graph].per_step
+
     def key(self, graph: str, **extra) -> str:
         """The hash of everything that goes into an artifact: a rerun rebuilds exactly when it changed."""
+        if self.quantizes(graph):
+            extra = {**extra, "quantization": self.quantize.record}
         return sha256_json({"source": self.manifest.source["sha256"], "spec": self.graphs[graph].spec.to_dict(),
                             "options": self.options, "toolchain": self.manifest.toolchain, **extra})
 

@@ -147,7 +147,9 @@ def produce(job: ExportJob) -> None:
         job.forget("onnx", n)  # the entry goes before its file is replaced: nothing stale passes for current
         path = job.out / "onnx" / f"{n}.onnx"
         info = export_onnx(at_precision, g.spec, path, job.precision, job.opset)
-        entry = Entry("onnx", n, job.key(n), g.spec, job.options,
+        # the graph to quantize is recorded as fp16 first, under a key no rerun matches: quantize.produce replaces it
+        key = f"fp16 before quantizing: {job.key(n)}" if job.quantizes(n) else job.key(n)
+        entry = Entry("onnx", n, key, g.spec, job.options,
                       {f"onnx/{f}": job.manifest.file_record(f"onnx/{f}") for f in info["files"]},
                       record={"export_s": info["export_s"], "external_data": info["external_data"]})
         job.progress(f"    exported in {info['export_s']:.1f} s, "
@@ -159,6 +161,10 @@ def produce(job: ExportJob) -> None:
         del ref, at_precision
     if failed:
         raise ExportError(f"ONNX Runtime does not match PyTorch for {failed}; see {job.out / 'report.json'}")
+    if any(job.quantizes(n) for n in todo):
+        from .quantize import produce as quantize
+
+        quantize(job, job.quantize)
 
 
 TARGET = Target("onnx", "ONNX graphs (opset >= 18), checked in ONNX Runtime", produce)

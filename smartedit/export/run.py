@@ -52,6 +52,8 @@ from smartedit.weights import ModelSource
 
 from . import targets
 from .job import ExportJob, Target
+from .quantize import MODES as QUANTIZED
+from .quantize import QuantizeOptions
 from .onnx import NoExamplePoint, export_point
 
 LOCK_FILE = ".smartedit-export.lock"
@@ -75,7 +77,7 @@ def toolchain() -> dict[str, str | None]:
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
                target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
-               target_options=None, progress: Callable[[str], None] = print) -> Manifest:
+               target_options=None, quantize=None, progress: Callable[[str], None] = print) -> Manifest:
     """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
     `out`; see targets.TARGETS. `target_options`: the target's TargetOptions (its defaults when None). Argument
     problems are refused before any model is loaded."""
@@ -83,8 +85,18 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     target_options = t.options() if target_options is None else target_options
     if not isinstance(target_options, t.options):
         raise InputError(f"--target {target} takes {t.options.__name__}, got {type(target_options).__name__}")
-    if precision not in EXPORT_PRECISIONS:
-        raise InputError(f"precision must be one of {list(EXPORT_PRECISIONS)}, got {precision!r}")
+    if precision in QUANTIZED:  # the unet quantized, the other graphs (and the unet's inputs and outputs) fp16
+        quantize = quantize or QuantizeOptions(mode=precision)
+        if quantize.mode != precision:
+            raise InputError(f"--precision {precision} with quantization options for {quantize.mode}")
+        if not t.quantized:
+            raise InputError(f"--target {target} takes --precision {' or '.join(EXPORT_PRECISIONS)}; int8 and fp8 "
+                             "quantize the ONNX UNet (targets onnx, trt, trt-rtx, triton)")
+        precision = "fp16"
+    elif precision not in EXPORT_PRECISIONS:
+        raise InputError(f"precision must be one of {list(EXPORT_PRECISIONS) + list(QUANTIZED)}, got {precision!r}")
+    else:
+        quantize = None
     if opset < 18:
         raise InputError(f"opset must be >= 18 (the dynamo exporter's minimum), got {opset}")
     source = ModelSource(model=model) if model is not None else ModelSource(preset=preset, seed=seed)
@@ -95,7 +107,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     names = parse_graph_names(graph_names)
     profile = profile or ProfileOptions()
     _check_traceable(cfg, profile, fold_cfg, names, t)
-    t.check(target, target_options)  # e.g. TensorRT missing, no GPU to compile for: before any work
+    t.check(target, target_options, quantize)  # e.g. TensorRT missing, no GPU to compile for: before any work
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder")
@@ -124,7 +136,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
         job = ExportJob(target=target, out=out, source=source, cfg=cfg,
                         graphs=graph_table(cfg, profile, fold_cfg=fold_cfg), names=names, manifest=manifest,
                         report=report, precision=precision, opset=opset, profile=profile, fold_cfg=fold_cfg,
-                        verify=verify, progress=progress, target_options=target_options)
+                        verify=verify, progress=progress, target_options=target_options, quantize=quantize)
         t.produce(job)
     return manifest
 

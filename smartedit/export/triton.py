@@ -57,6 +57,13 @@ def _dims(t, spec: GraphSpec) -> list[int]:
     return [-1 if parse_dim(d)[1] is not None else int(d) for d in t.shape]
 
 
+def served_name(graph: str, rel: str) -> str:
+    """The name of an entry's file in its stage model's version folder: the graph itself is model.onnx / model.plan;
+    its other files (external data, which the .onnx names; a quantized unet's fp16 source) keep their names."""
+    name = Path(rel).name
+    return {f"{graph}.onnx": "model.onnx", f"{graph}.plan": "model.plan"}.get(name, name)
+
+
 def stage_config(entry: Entry, kind: str, profile: int | None = None, files: dict[str, str] | None = None):
     """One graph as a Triton model: its inputs and outputs from the spec (named dims -1: dynamic), batch dims
     explicit (max_batch_size 0: the unet's 3B is not a plain batch). A Python stage model also gets the spec (it
@@ -122,8 +129,7 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
             stage_files = {}
             for rel in e.files:
                 src = manifest.file(rel)
-                main = rel.endswith((".onnx", ".plan"))
-                name = ("model.onnx" if rel.endswith(".onnx") else "model.plan") if main else src.name
+                name = served_name(graph, rel)
                 _link(src, version / name)  # external data keeps its name: the .onnx refers to it by name
                 known[f"{graph}/1/{name}"] = e.files[rel]
                 stage_files[name] = e.files[rel]["sha256"]
@@ -171,9 +177,7 @@ def repository_problems(manifest: Manifest, name: str = "triton", hashes: bool =
     target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}.get(repo.get("stages"), "?")
     for graph, e in manifest.entries(target).items():
         for rel, meta in e.files.items():
-            main = rel.endswith((".onnx", ".plan"))
-            served = f"{name}/{graph}/1/" + (("model.onnx" if rel.endswith(".onnx") else "model.plan") if main
-                                             else Path(rel).name)
+            served = f"{name}/{graph}/1/{served_name(graph, rel)}"
             if files.get(served, {}).get("sha256") != meta["sha256"]:
                 bad.append(f"{served}: not the current {rel} (re-run smartedit-export --target triton)")
     return bad

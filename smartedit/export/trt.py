@@ -272,9 +272,18 @@ def _layer_information(flavor: Flavor, plan: bytes, plan_path: Path, logger) -> 
         return f"not written: {type(e).__name__}: {e}"
 
 
-def _check(target: str, build: BuildOptions) -> None:
-    """Before the (long) ONNX export: TensorRT is here and targets something."""
-    Flavor(import_tensorrt(target), target).resolve_targets(build.compute_capabilities)
+# the GPUs with FP8 tensor cores (Ada SM89, Hopper SM90, Blackwell SM100/SM120...): TensorRT builds FP8 Q/DQ nowhere else
+FP8_MIN_CAPABILITY = 89
+
+
+def _check(target: str, build: BuildOptions, quantize) -> None:
+    """Before the (long) ONNX export: TensorRT is here, targets something, and each GPU has the quantized type."""
+    caps = Flavor(import_tensorrt(target), target).resolve_targets(build.compute_capabilities)
+    if quantize is not None and quantize.mode == "fp8":
+        no_fp8 = [c for c in caps if int(c) < FP8_MIN_CAPABILITY]
+        if no_fp8:
+            raise InputError(f"--precision fp8 needs a GPU with FP8 (compute capability {FP8_MIN_CAPABILITY} or "
+                             f"newer); SM{', SM'.join(no_fp8)} has none: build those with --precision int8 or fp16")
 
 
 def produce(job: ExportJob) -> None:
@@ -302,7 +311,8 @@ def produce(job: ExportJob) -> None:
         record = build_engine(flavor, job.manifest.file(f"onnx/{n}.onnx"), spec, plan, build,
                               timing_cache=None if flavor.target == "trt-rtx" else folder / "timing.cache")
         rel = f"{flavor.target}/{plan.name}"
-        entry = Entry(flavor.target, n, key, spec, {**job.options, **dataclasses.asdict(build)},
+        quantized = {"quantization": onnx_entry.options["quantization"]} if "quantization" in onnx_entry.options else {}
+        entry = Entry(flavor.target, n, key, spec, {**job.options, **dataclasses.asdict(build), **quantized},
                       {rel: job.manifest.file_record(rel)},
                       requires={"tensorrt": flavor.version, "compute_capability": record.pop("compute_capabilities")},
                       profiles=record.pop("profiles"), record=record)

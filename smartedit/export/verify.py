@@ -37,6 +37,7 @@ from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
 from .aoti import OnDevice
+from .quantize import verify_quality
 from .run import lock_output
 from .triton import repository_problems
 
@@ -131,6 +132,9 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
         result["not_run"].append(f"{target} ({', '.join(entries)}) vs PyTorch: {why}")
         return
     for g, e in entries.items():
+        if e.options.get("quantization"):  # judged by its quality report, not by fp16's bound
+            _verify_quantized(out, target, g, e, source, result, progress)
+            continue
         ref, at = reference.modules(e, device)
         points = parity.verification_points(e.spec)
         progress(f"{target}/{g}: {backend.name} on {device} vs PyTorch at {len(points)} shapes ...")
@@ -146,6 +150,21 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
         result["parity"].setdefault(target, {})[g] = {"passed": ok, "backend": backend.name, "device": device,
                                                       "comparisons": parity.as_dicts(comps)}
         progress(parity.summary(f"{target}/{g} {backend.name}", comps, time.perf_counter() - t0))
+
+
+def _verify_quantized(out: Path, target: str, g: str, e: Entry, source: ModelSource, result: dict,
+                      progress) -> None:
+    mode = e.options["quantization"]["mode"]
+    if target != "onnx":
+        result["not_run"].append(f"{target}/{g} ({mode}) vs the fp16 graph: built from the quantized onnx/{g}.onnx, "
+                                 "whose quality report smartedit-verify runs in ONNX Runtime")
+        return
+    progress(f"{target}/{g}: {mode} quality report again (its edits against the fp16 graph's) ...")
+    report = verify_quality(out, source, e, progress)
+    result["parity"].setdefault(target, {})[g] = {"passed": report["passed"], "backend": "onnxruntime",
+                                                  "quantization": report}
+    progress(f"    {target}/{g}: worst PSNR {report['worst_psnr_db']} dB (--min-psnr {report['min_psnr_db']:g}): "
+             + ("PASS" if report["passed"] else "FAIL"))
 
 
 def failed(result: dict) -> list[str]:
