@@ -140,3 +140,30 @@ def test_bad_quantization_options_are_one_line_before_any_work(argv, message, tm
 def test_options_refuse_a_mode_they_do_not_know():
     with pytest.raises(InputError, match="quantization mode must be one of"):
         QuantizeOptions(mode="int4")
+
+
+def test_int8_engine_builds_for_sm86_from_the_quantized_graph(int8):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed (pip install -e '.[test]')")
+    from smartedit.export.trt import BuildOptions
+
+    out, _ = int8
+    said = []
+    run_export(out, preset="tiny", precision="int8", target="trt-rtx", graph_names="unet",
+               profile=ProfileOptions(**SMALL_PROFILE), quantize=QuantizeOptions(mode="int8", **SMALL),
+               target_options=BuildOptions(compute_capabilities=("86",), static_res=()), progress=said.append)
+    assert "unet: up to date, skipped" in said  # the quantized ONNX is reused, not quantized again
+    plan = Manifest.read(out).entries("trt-rtx")["unet"]
+    assert plan.options["quantization"]["mode"] == "int8" and plan.requires["compute_capability"] == ["86"]
+
+
+def test_calibration_edits_take_the_users_images_in_name_order(tmp_path):
+    from PIL import Image
+
+    from smartedit.export.quantize import CALIBRATION_INSTRUCTIONS, edit_set
+
+    for name, colour in (("b.png", (0, 0, 255)), ("a.jpg", (255, 0, 0))):
+        Image.new("RGB", (64, 48), colour).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    pairs = edit_set(QuantizeOptions(calibration_images=str(tmp_path)), 3, CALIBRATION_INSTRUCTIONS, 0)
+    assert [p[0].getpixel((0, 0))[0] > 200 for p in pairs] == [True, False, True]  # a.jpg (red), b.png, a.jpg
+    assert [p[1] for p in pairs] == list(CALIBRATION_INSTRUCTIONS[:3])
