@@ -242,15 +242,16 @@ class ProfileOptions:
             if isinstance(v, bool) or not isinstance(v, int) or v < RESOLUTION_STEP or v % RESOLUTION_STEP:
                 raise InputError(f"{flag(name)} must be a multiple of {RESOLUTION_STEP} (UNet latents are "
                                  f"multiples of 8) and at least {RESOLUTION_STEP}, got {v!r}")
-        for name in ("max_batch", "min_batch", "opt_batch", "max_prefix", "min_prefix", "opt_prefix"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{flag(name)} must be an integer >= 1, got {v!r}")
+        # the suffix first: --max-prompt sets both, and its rule is the suffix's (>= 33, not >= 1)
         for name in ("max_suffix", "min_suffix", "opt_suffix"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < MIN_SUFFIX:
                 raise InputError(f"{flag(name)} must be >= {MIN_SUFFIX} (the forced suffix is at least one id and "
                                  f"the {NUM_IMG_TOKENS} <img_i> tokens), got {v!r}")
+        for name in ("max_batch", "min_batch", "opt_batch", "max_prefix", "min_prefix", "opt_prefix"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{flag(name)} must be an integer >= 1, got {v!r}")
         for what in ("res", "batch", "prefix", "suffix"):
             lo, mid, hi = (f"{w}_{what}" for w in ("min", "opt", "max"))
             for a, b in ((lo, mid), (mid, hi), (lo, hi)):
