@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import sys
+import time
 import types
 
 import numpy as np
@@ -153,6 +154,23 @@ def triton_repository(onnx_export, tmp_path_factory):
     run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
                target_options=TritonOptions(stages="python"), progress=said.append)
     return out, said
+
+
+def settled(e, timeout_s: float = 120.0) -> dict[str, float]:
+    """The server's counters once nothing is queued or running: the shared server may still be finishing a request
+    an earlier test left behind (a burst past the queue bound, a client that stopped waiting)."""
+    from smartedit.serve.server import read_metrics
+
+    deadline = time.monotonic() + timeout_s
+    last = read_metrics(e)
+    while True:
+        time.sleep(1.0)
+        now = read_metrics(e)
+        done = ("nv_inference_count", "nv_inference_request_failure", "nv_inference_request_success")
+        if now.get("nv_inference_pending_request_count", 0) == 0 and all(now.get(k) == last.get(k) for k in done):
+            return now
+        assert time.monotonic() < deadline, f"the server did not settle in {timeout_s:.0f} s: {now}"
+        last = now
 
 
 @pytest.fixture(scope="session")

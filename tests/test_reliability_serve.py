@@ -39,7 +39,7 @@ from PIL import Image
 pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install -e '.[test]')")
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
-from conftest import run_cli  # noqa: E402
+from conftest import run_cli, settled  # noqa: E402
 from smartedit.serve.repository import MODEL  # noqa: E402
 from smartedit.serve.client import connect, edit, edit_inputs  # noqa: E402
 from smartedit.serve.server import TritonServer, free_endpoints, running, settings_for  # noqa: E402
@@ -266,6 +266,7 @@ def test_refusals_and_answers_are_counted_apart(tiny_server):
     nv_inference_request_success counts every answered request; see the README)."""
     e = tiny_server.endpoints
     client = connect("http", e.http_url, 120)
+    settled(e)  # nothing an earlier test left is still being answered
     before = _outcomes(e)
     edit(client, IMAGE, "make it blue", steps=1, resolution=64)
     for bad in (dict(steps=0), dict(resolution=100), dict(guidance_scale=float("inf"))):

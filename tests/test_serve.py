@@ -29,7 +29,7 @@ from PIL import Image
 pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install -e '.[test]')")
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
-from conftest import readme_block  # noqa: E402
+from conftest import readme_block, settled  # noqa: E402
 from smartedit.export.triton import stage_config  # noqa: E402
 from smartedit.serve.repository import MAX_QUEUE, MODEL, write_serving_repository  # noqa: E402
 from smartedit.serve.client import connect, edit  # noqa: E402
@@ -98,7 +98,7 @@ def test_requests_batch_together_and_each_gets_its_own_image(server, tiny_pipe, 
     e = server.endpoints
     reqs = [dict(seed=1, text="make it blue", g=7.5, gi=1.5), dict(seed=2, text="add a red hat to the small cat", g=5.0,
                                                                   gi=1.2), dict(seed=3, text="make it blue", g=9.0, gi=2.0)]
-    before = read_metrics(e)
+    before = settled(e)
     odd = lambda: edit(connect("grpc", e.grpc_url, 120), image, "make it blue", seed=1, steps=2,  # noqa: E731
                        resolution=128)
     calls = [lambda r=r: edit(connect("grpc", e.grpc_url, 120), image, r["text"], seed=r["seed"], steps=2,
