@@ -167,3 +167,39 @@ def test_calibration_edits_take_the_users_images_in_name_order(tmp_path):
     pairs = edit_set(QuantizeOptions(calibration_images=str(tmp_path)), 3, CALIBRATION_INSTRUCTIONS, 0)
     assert [p[0].getpixel((0, 0))[0] > 200 for p in pairs] == [True, False, True]  # a.jpg (red), b.png, a.jpg
     assert [p[1] for p in pairs] == list(CALIBRATION_INSTRUCTIONS[:3])
+
+
+def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path):
+    """--target triton on the FP8 export: Triton's onnxruntime stage asks for BASIC optimisations (level -1), and the
+    Python stage model (what the bundled server runs), given the config Triton would pass it, opens and runs the FP8
+    graph (ONNX Runtime's default optimisations refuse it)."""
+    from google.protobuf import json_format
+
+    from smartedit.export.triton import TritonOptions, stage_config
+    from smartedit.serve.stage import TritonPythonModel
+
+    out = tmp_path / "export"
+    shutil.copytree(fp8_rtx[0], out, ignore=shutil.ignore_patterns("trt-rtx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"].pop("trt-rtx")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    said = []
+    run_export(out, preset="tiny", precision="fp8", target="triton", profile=ProfileOptions(**SMALL_PROFILE),
+               quantize=QuantizeOptions(mode="fp8", **SMALL), target_options=TritonOptions(stages="python"),
+               progress=said.append)
+    assert "unet: up to date, skipped" in said
+    entry = Manifest.read(out).entries("onnx")["unet"]
+    assert stage_config(entry, "onnx").optimization.graph.level == -1
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    written = text_format.Parse((out / "triton" / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
+    config = json_format.MessageToDict(written, preserving_proto_field_name=True)  # as Triton hands it over
+    assert config["parameters"]["basic_optimizations"]["string_value"] == "1"
+    stage = TritonPythonModel()
+    stage.initialize({"model_config": json.dumps(config), "model_repository": str(out / "triton" / "unet"),
+                      "model_version": "1"})
+    feed = {t.name: v.numpy() for t, v in zip(entry.spec.inputs, entry.spec.sample_inputs(
+        entry.spec.point("opt"), "fp16").values())}
+    (eps,) = stage.session.run(None, feed)
+    assert np.isfinite(eps).all() and eps.dtype == np.float16

@@ -42,7 +42,10 @@ class TritonPythonModel:
             if not path.is_file() or sha256_file_cached(path) != sha:
                 raise RuntimeError(f"smartedit: ArtifactError: {path} is missing or does not match the sha256 the "
                                    f"export recorded ({sha[:12]}...): re-run smartedit-export --target triton")
-        self.session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if params.get("basic_optimizations", {}).get("string_value") == "1":  # an FP8 Q/DQ graph (export/triton.py)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        self.session = ort.InferenceSession(str(version / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb
