@@ -174,15 +174,14 @@ class _Recorder:
 
 
 class _Swapped:
-    """A runner whose `graph` runs from another ONNX file (the fp16 or the quantized UNet), the rest as `inner`; with
-    `other`, each call of `graph` also runs there on the same inputs and the relative L2 error of `other`'s output
-    is kept (the per-step eps error of the quantized UNet on the fp16 edit's own inputs)."""
+    """A runner whose `graph` runs in `main` (an ONNX Runtime session of the fp16 or the quantized UNet), the rest as
+    `inner`; with `other`, each call of `graph` also runs there on the same inputs and the relative L2 error of
+    `other`'s output is kept (the per-step eps error of the quantized UNet on the fp16 edit's own inputs)."""
 
-    def __init__(self, inner: OnnxRuntimeRunner, graph: str, path: Path, other: Path | None = None, fp8: bool = False):
+    def __init__(self, inner: OnnxRuntimeRunner, graph: str, main, other=None):
         self.inner, self.graph = inner, graph
         self.name, self.fold_cfg, self.specs = inner.name, inner.fold_cfg, inner.specs
-        self._session = session(path, basic=fp8 and other is None)
-        self._other = session(other, basic=fp8) if other is not None else None
+        self._session, self._other = main, other
         self.step_errors: list[float] = []
         self.finite = True
 
@@ -244,16 +243,17 @@ def quality(pipe: SmartEditPipeline, base: OnnxRuntimeRunner, graph: str, fp16: 
     """The quantized graph's edits against the fp16 graph's at fixed seeds, prompts and images (see the module)."""
     from skimage.metrics import structural_similarity
 
+    fp16_graph, quantized_graph = session(fp16), session(quantized, basic=fp8)  # opened once for every edit
     edits, per_step = [], []
     report_set = [(drawn_image(10_000 + i), REPORT_INSTRUCTIONS[i % len(REPORT_INSTRUCTIONS)])
                   for i in range(opts.report_edits)]  # drawn, never the user's: smartedit-verify redraws them
     for i, (image, text) in enumerate(report_set):
         kw = dict(steps=opts.calibration_steps, resolution=resolution, seed=i)
-        pipe.runner = _Swapped(base, graph, fp16, other=quantized, fp8=fp8)
+        pipe.runner = _Swapped(base, graph, fp16_graph, other=quantized_graph)
         want = np.asarray(pipe(image, text, **kw))
         per_step.append(pipe.runner.step_errors)
         finite = pipe.runner.finite
-        pipe.runner = _Swapped(base, graph, quantized, fp8=fp8)
+        pipe.runner = _Swapped(base, graph, quantized_graph)
         try:
             got = np.asarray(pipe(image, text, **kw))
         except RunError:  # non-finite latents or image: refused as everywhere
