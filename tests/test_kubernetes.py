@@ -688,11 +688,13 @@ def test_bad_options_are_one_line(triton_repository, manifests, tmp_path, capsys
 
 
 def test_a_rerun_over_its_own_output_replaces_it(manifests, triton_repository, tmp_path, capsys):
-    """An earlier output of smartedit-k8s (as it wrote it) is replaced: every file written again, none kept that
-    the record does not list, the staging names gone."""
+    """An earlier output of smartedit-k8s (as it wrote it, and what a killed run left) is replaced: every file
+    written again, none kept that the record does not list, the leftovers gone."""
     out, _ = triton_repository
     dst = tmp_path / "k8s"
     shutil.copytree(manifests, dst)
+    (dst / "plain" / ".hpa.yaml.tmp-k1ll3d").mkdir()  # what a killed write leaves (smartedit.files' staging)
+    (dst / "plain" / ".hpa.yaml.tmp-k1ll3d" / "hpa.yaml").write_text("kind: Horizontal")
     code, said, err = run_cli(k8s_main, [out, "--image", IMAGE, "--storage-uri", "s3://models/smartedit/triton",
                                          "--out", dst, "--max-replicas", "3"], capsys)
     assert code == 0, err

@@ -28,7 +28,7 @@ Both forms: pods that meet Kubernetes' "restricted" Pod Security Standard (non-r
 escalation, every capability dropped, the RuntimeDefault seccomp profile, a read-only root filesystem with /tmp an
 emptyDir, no host namespaces, ports or paths, no service-account token); one `nvidia.com/gpu` per pod, scheduled
 (GPU Feature Discovery's node labels) on the compute capabilities the TensorRT plans were built for; every emptyDir
-with a sizeLimit and the pod's ephemeral storage sized from the repository's recorded bytes; liveness
+with a sizeLimit and the pod's ephemeral storage sized from the repository's bytes; liveness
 /v2/health/live, readiness /v2/health/ready and a startup probe that allows the repository's load and hash check;
 /dev/shm as a memory volume (the Python backend passes tensors through it). The container runs
 `python3 -m smartedit.serve.launch --record-sha256 SHA -- <tritonserver flags>`: the launcher checks the repository
@@ -53,6 +53,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -630,13 +631,18 @@ def foreign_files(out: Path) -> list[str]:
     bad = []
     for p in sorted(out.rglob("*")):
         rel = str(p.relative_to(out))
-        if p.is_dir() and not p.is_symlink() or rel == RECORD_FILE or STAGING.match(p.name):
+        if p.is_dir() and not p.is_symlink() or rel == RECORD_FILE or _staging(p.relative_to(out)):
             continue
         if rel not in record:
             bad.append(rel)
         elif p.is_symlink() or not p.is_file() or sha256_file(p) not in record[rel]:
             bad.append(f"{rel} (changed)")
     return bad
+
+
+def _staging(rel: Path) -> bool:
+    """A leftover of a killed write (smartedit.files' staging names), or something inside one."""
+    return any(STAGING.match(part) for part in rel.parts)
 
 
 def _write_record(out: Path, files: dict[str, list[str]]) -> None:
@@ -666,6 +672,9 @@ def write_manifests(export: str | Path, out: str | Path, opts: DeployOptions) ->
         for name, doc in make(opts, facts).items():
             files[f"{form}/{name}"] = _yaml(doc)
     old = _read_record(out)
+    for p in sorted(out.rglob(".*.tmp-*")) if out.is_dir() else []:  # leftovers of a killed run
+        if STAGING.match(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
     new = {rel: [hashlib.sha256(text.encode()).hexdigest()] for rel, text in files.items()}
     # while the files are replaced, a file may hold its old or its new bytes: the record accepts both until done
     _write_record(out, {rel: sorted(set(old.get(rel, [])) | set(new.get(rel, []))) for rel in {*old, *new}})
