@@ -615,6 +615,7 @@ BAD = [
     ("window-under-two-slow-scrapes", ["--metric-window", "1m", "--scrape-interval", "45s"], None,
      "--metric-window 1m holds fewer than two scrapes at --scrape-interval 45s"),
     ("scrape-interval-zero", ["--scrape-interval", "0s"], None, "--scrape-interval '0s'"),
+    ("scrape-interval-units-out-of-order", ["--scrape-interval", "1s1m"], None, "got '1s1m'"),
     ("edit-timeout-past-a-day", ["--edit-timeout-s", "100000000"], None, "--edit-timeout-s"),
     ("load-timeout-past-a-day", ["--load-timeout-s", "100000000"], None, "--load-timeout-s"),
     ("memory-not-a-quantity", ["--memory", "32 GB"], None, "--memory '32 GB'"),
