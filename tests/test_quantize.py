@@ -7,6 +7,8 @@ a small calibration (2 edits x 4 steps) and a one-edit report, so the file costs
 
 import json
 import shutil
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -16,8 +18,8 @@ pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt is not
 
 from conftest import SMALL_PROFILE, run_cli  # noqa: E402
 
-from smartedit.errors import InputError  # noqa: E402
-from smartedit.export.quantize import KEPT_HIGH, QuantizeOptions, verify_quality  # noqa: E402
+from smartedit.errors import InputError, RunError  # noqa: E402
+from smartedit.export.quantize import KEPT_HIGH, QuantizeOptions, calibration_images, verify_quality  # noqa: E402
 from smartedit.export.run import run_export  # noqa: E402
 from smartedit.graphs.manifest import Manifest  # noqa: E402
 from smartedit.graphs.spec import ProfileOptions  # noqa: E402
@@ -121,22 +123,6 @@ def test_fp8_exports_and_builds_for_sm89_with_tensorrt_rtx(fp8_rtx):
     assert (out / "trt-rtx" / "unet.plan").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--precision", "fp8", "--target", "trt-rtx", "--compute-capability", "86"],
-     "--precision fp8 needs a GPU with FP8 (compute capability 89 or newer); SM86 has none"),
-    (["--precision", "int8", "--target", "aoti"], "--target aoti takes --precision fp16 or fp32"),
-    (["--precision", "int8", "--calibration-edits", "0"], "--calibration-edits must be an integer from 1 to 10000"),
-    (["--precision", "int8", "--calibration-images", "/nonexistent"], "--calibration-images /nonexistent: not a"),
-    (["--precision", "int8", "--min-psnr", "nan"], "--min-psnr must be a finite number"),
-])
-def test_bad_quantization_options_are_one_line_before_any_work(argv, message, tmp_path, capsys):
-    from smartedit.export.cli import main
-
-    code, _, err = run_cli(main, ["--preset", "tiny", "--random-weights", "--out", tmp_path / "o", *argv], capsys)
-    assert (code, err.count("error:")) == (2, 1) and message in err, err
-    assert not (tmp_path / "o").exists()
-
-
 def test_options_refuse_a_mode_they_do_not_know():
     with pytest.raises(InputError, match="quantization mode must be one of"):
         QuantizeOptions(mode="int4")
@@ -156,20 +142,27 @@ def test_int8_engine_builds_for_sm86_from_the_quantized_graph(int8):
     assert plan.options["quantization"]["mode"] == "int8" and plan.requires["compute_capability"] == ["86"]
 
 
-def test_calibration_edits_take_the_users_images_in_name_order(tmp_path):
+def test_calibration_edits_take_the_users_images_in_name_order_decoded_once_and_downscaled(tmp_path):
+    """Each image the edits use is decoded once and kept at the side the edit reads (here 256 px): an 80-megapixel
+    photo costs its decode, then 196 KB, whatever the number of edits."""
     from PIL import Image
 
     from smartedit.export.quantize import CALIBRATION_INSTRUCTIONS, edit_set
 
-    for name, colour in (("b.png", (0, 0, 255)), ("a.jpg", (255, 0, 0))):
-        Image.new("RGB", (64, 48), colour).save(tmp_path / name)
-    (tmp_path / "notes.txt").write_text("not an image")
-    pairs = edit_set(QuantizeOptions(calibration_images=str(tmp_path)), 3, CALIBRATION_INSTRUCTIONS, 0)
+    Image.new("RGB", (64, 48), (0, 0, 255)).save(tmp_path / "b.png")
+    Image.new("RGB", (2000, 1500), (255, 0, 0)).save(tmp_path / "a.jpg")
+    opts = QuantizeOptions(calibration_images=str(tmp_path), calibration_edits=3)
+    with pytest.raises(RunError, match="quantize.prepare comes first"):
+        edit_set(opts, 3, CALIBRATION_INSTRUCTIONS, 0)
+    loaded = replace(opts, images=calibration_images(opts, 256))
+    assert [im.size for im in loaded.images] == [(256, 256), (256, 256)]  # two files, each kept once, downscaled
+    pairs = edit_set(loaded, 3, CALIBRATION_INSTRUCTIONS, 0)
     assert [p[0].getpixel((0, 0))[0] > 200 for p in pairs] == [True, False, True]  # a.jpg (red), b.png, a.jpg
+    assert pairs[0][0] is pairs[2][0]  # cycled, not decoded again
     assert [p[1] for p in pairs] == list(CALIBRATION_INSTRUCTIONS[:3])
 
 
-def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path):
+def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path, monkeypatch):
     """--target triton on the FP8 export: Triton's onnxruntime stage asks for BASIC optimisations (level -1), and the
     Python stage model (what the bundled server runs), given the config Triton would pass it, opens and runs the FP8
     graph (ONNX Runtime's default optimisations refuse it)."""
@@ -196,6 +189,7 @@ def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path):
     written = text_format.Parse((out / "triton" / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
     config = json_format.MessageToDict(written, preserving_proto_field_name=True)  # as Triton hands it over
     assert config["parameters"]["basic_optimizations"]["string_value"] == "1"
+    monkeypatch.setenv("SMARTEDIT_STAGE_KEY", "a key the launcher would draw")  # a stage model answers to it
     stage = TritonPythonModel()
     stage.initialize({"model_config": json.dumps(config), "model_repository": str(out / "triton" / "unet"),
                       "model_version": "1"})
@@ -203,3 +197,200 @@ def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path):
         entry.spec.point("opt"), "fp16").values())}
     (eps,) = stage.session.run(None, feed)
     assert np.isfinite(eps).all() and eps.dtype == np.float16
+
+
+# -- every quantization option refused before any work ---------------------------------------------------------------
+
+PROFILE_FLAGS = ["--max-batch", str(SMALL_PROFILE["max_batch"]), "--max-res", str(SMALL_PROFILE["max_res"]),
+                 "--max-prompt", str(SMALL_PROFILE["max_prefix"])]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (a decompression bomb's header: nothing past it is decodable)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def _images(*files: tuple[str, object]):
+    """A setup making an images folder under the row's folder: (name, PIL image | bytes | None for a folder)."""
+    def make(d):
+        folder = d / "images"
+        folder.mkdir()
+        for name, what in files:
+            if what is None:
+                (folder / name).mkdir()
+            elif isinstance(what, bytes):
+                (folder / name).write_bytes(what)
+            else:
+                what.save(folder / name)
+        return folder
+    return make
+
+
+def _ok(size=(64, 48)):
+    from PIL import Image
+
+    return Image.new("RGB", size, (10, 200, 30))
+
+
+def _truncated_jpeg() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]  # the header whole, the scan cut
+
+
+def _tiff() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _ok().save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def _manifest_edit(change):
+    def make(d, out):
+        m = json.loads((out / "manifest.json").read_text())
+        change(m["artifacts"]["onnx"])
+        (out / "manifest.json").write_text(json.dumps(m))
+    return make
+
+
+@dataclass
+class Refusal:
+    id: str
+    argv: list  # after the tiny preset, the profile and --out; {images} is the folder `images` made
+    code: int
+    says: list[str]  # in the one stderr line
+    images: Callable | None = None  # (row folder) -> the images folder
+    out: Callable | None = None  # (row folder, out) -> None: changes to the export folder (a copy of the fp16 one)
+    fresh_out: bool = False  # --out is a new folder, not the fp16 export
+    when: bool = True
+
+
+def _no_cuda_provider() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" not in onnxruntime.get_available_providers()
+
+
+INT8 = ["--precision", "int8"]
+REFUSALS = [
+    Refusal("calibration-steps-5000", [*INT8, "--calibration-steps", "5000"], 2,
+            ["--calibration-steps must be an integer from 1 to 1000, got 5000"]),
+    Refusal("calibration-steps-0", [*INT8, "--calibration-steps", "0"], 2, ["--calibration-steps", "got 0"]),
+    Refusal("calibration-edits-0", [*INT8, "--calibration-edits", "0"], 2,
+            ["--calibration-edits must be an integer from 1 to 1000, got 0"]),
+    Refusal("calibration-edits-1001", [*INT8, "--calibration-edits", "1001"], 2, ["--calibration-edits", "got 1001"]),
+    Refusal("calibration-memory", [*INT8, "--calibration-edits", "1000", "--calibration-steps", "1000"], 2,
+            ["--calibration-edits 1000 x --calibration-steps 1000 keeps 1000000 UNet calls", "over the 4 GiB bound",
+             "at most"]),
+    Refusal("report-edits-0", [*INT8, "--report-edits", "0"], 2, ["--report-edits must be an integer from 1 to 100"]),
+    Refusal("report-edits-101", [*INT8, "--report-edits", "101"], 2, ["--report-edits", "got 101"]),
+    Refusal("min-psnr-nan", [*INT8, "--min-psnr", "nan"], 2, ["--min-psnr must be a number of dB from 0 to 100",
+                                                              "got nan"]),
+    Refusal("min-psnr-inf", [*INT8, "--min-psnr", "inf"], 2, ["--min-psnr", "got inf"]),
+    Refusal("min-psnr-negative", [*INT8, "--min-psnr=-1"], 2, ["--min-psnr", "got -1.0"]),
+    Refusal("min-psnr-101", [*INT8, "--min-psnr", "101"], 2, ["--min-psnr", "got 101.0"]),
+    Refusal("calibration-seed-negative", [*INT8, "--calibration-seed=-1"], 2,
+            ["--calibration-seed must be an integer in 0..2^63-1, got -1"]),
+    Refusal("calibration-seed-overflows", [*INT8, "--calibration-seed", str(2**63 - 1)], 2,
+            [f"--calibration-seed {2**63 - 1} + 8 edits passes 2^63-1"]),
+    Refusal("fp8-entropy", ["--precision", "fp8", "--calibrator", "entropy"], 2,
+            ["--calibrator entropy: --precision fp8 calibrates with max only"]),
+    Refusal("option-without-quantizing", ["--calibration-edits", "4", "--min-psnr", "30"], 2,
+            ["--calibration-edits, --min-psnr: for --precision int8 or fp8", "--precision fp16"]),
+    Refusal("device-tpu", [*INT8, "--device", "tpu"], 2, ["--device 'tpu': quantization calibrates on cpu, cuda"]),
+    Refusal("device-cuda-without-the-provider", [*INT8, "--device", "cuda"], 1,
+            ["--device cuda: this onnxruntime", "has no CUDA provider", "--device cpu"], when=_no_cuda_provider()),
+    Refusal("images-no-such-folder", [*INT8, "--calibration-images", "/nonexistent/photos"], 2,
+            ["--calibration-images /nonexistent/photos: no such folder"]),
+    Refusal("images-a-file", [*INT8, "--calibration-images", "{images}/a.png"], 2, ["a.png: not a folder"],
+            images=_images(("a.png", _ok()))),
+    Refusal("images-empty-folder", [*INT8, "--calibration-images", "{images}"], 2, ["images: not a folder holding",
+                                                                                    "it is empty"],
+            images=_images()),
+    Refusal("images-a-text-file", [*INT8, "--calibration-images", "{images}"], 2,
+            ["notes.txt is not a PNG, JPEG or WebP image file"],
+            images=_images(("a.png", _ok()), ("notes.txt", b"not an image"))),
+    Refusal("images-a-subfolder", [*INT8, "--calibration-images", "{images}"], 2,
+            ["more is not a PNG, JPEG or WebP image file"], images=_images(("a.png", _ok()), ("more", None))),
+    Refusal("images-undecodable", [*INT8, "--calibration-images", "{images}"], 2,
+            ["b.png cannot be decoded: not a PNG, JPEG or WebP image"],
+            images=_images(("a.png", _ok()), ("b.png", b"\x89PNG garbage" * 10))),
+    Refusal("images-truncated-jpeg", [*INT8, "--calibration-images", "{images}"], 2,
+            ["cut.jpg cannot be decoded: a damaged image"], images=_images(("cut.jpg", _truncated_jpeg()))),
+    Refusal("images-tiff-named-png", [*INT8, "--calibration-images", "{images}"], 2,
+            ["t.png cannot be decoded: not a PNG, JPEG or WebP image"], images=_images(("t.png", _tiff()))),
+    Refusal("images-decompression-bomb", [*INT8, "--calibration-images", "{images}"], 2,
+            ["bomb.png is too large to decode"], images=_images(("bomb.png", _png_header(30000, 30000)))),
+    Refusal("images-bad-one-past-the-edits-used", [*INT8, "--calibration-edits", "1", "--calibration-images",
+                                                   "{images}"], 2, ["z.png cannot be decoded"],
+            images=_images(("a.png", _ok()), ("z.png", b"garbage"))),
+    Refusal("graphs-unet-alone-into-an-empty-folder", [*INT8, "--graphs", "unet"], 2,
+            ["calibrates on whole edits", "has no onnx ['llava', 'qformer_bim', 'vae_encoder', 'vae_decoder']",
+             "--graphs all"], fresh_out=True),
+    Refusal("graphs-unet-beside-a-failed-graph", [*INT8, "--graphs", "unet"], 2,
+            ["leaves vae_decoder (onnx/vae_decoder failed its check at export"],
+            out=_manifest_edit(lambda a: a["vae_decoder"].__setitem__("verified", False))),
+    Refusal("graphs-unet-beside-an-fp32-graph", [*INT8, "--graphs", "unet"], 2,
+            ["leaves vae_encoder (precision fp32)"],
+            out=_manifest_edit(lambda a: a["vae_encoder"]["options"].__setitem__("precision", "fp32"))),
+]
+
+
+def test_the_refusal_table_has_every_option():
+    for flag in QuantizeOptions.FLAGS:
+        assert any(a.split("=")[0] == flag for r in REFUSALS for a in r.argv), flag
+    assert len({r.id for r in REFUSALS}) == len(REFUSALS) >= 30
+
+
+@pytest.mark.parametrize("row", REFUSALS, ids=[r.id for r in REFUSALS])
+def test_bad_quantization_input_is_refused_before_any_work(row, onnx_export, tmp_path, capsys, monkeypatch):
+    """One stderr line naming the value, the exit status, no traceback, the export folder byte for byte as it was
+    (not even a lock file), and no model loaded: nothing was exported, calibrated or quantized."""
+    if not row.when:
+        pytest.skip("this machine does not show it")
+    from smartedit.export.cli import main
+    from smartedit.weights import ModelSource
+
+    out = tmp_path / "out"
+    if not row.fresh_out:
+        shutil.copytree(onnx_export("fp16"), out)
+        if row.out:
+            row.out(tmp_path, out)
+    images = row.images(tmp_path) if row.images else None
+    before = _snapshot(out)
+
+    def loaded(*a, **k):
+        raise AssertionError(f"{row.id}: the model was loaded: work started before the refusal")
+
+    monkeypatch.setattr(ModelSource, "load", loaded)
+    argv = [a.format(images=images) for a in row.argv]
+    code, stdout, err = run_cli(main, ["--preset", "tiny", "--random-weights", *PROFILE_FLAGS, "--out", out, *argv],
+                                capsys)
+    lines = err.strip().splitlines()
+    assert (code, len(lines)) == (row.code, 1), (code, err[-2000:])
+    assert lines[0].startswith("smartedit-export: error: ") and "Traceback" not in err
+    for s in row.says:
+        assert s in lines[0], (s, lines[0])
+    assert "exporting" not in stdout and "Model Optimizer" not in stdout
+    assert _snapshot(out) == before
+
+
+def _snapshot(path) -> dict:
+    import hashlib
+
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*"))}

@@ -276,3 +276,215 @@ def test_export_output_folder(case: Case, tmp_path, capsys, monkeypatch, request
     if out.is_dir():
         assert staging_left(out) == []
     case.after(out, ctx)
+
+
+# -- what an export folder's JSON may hold, and what its check found wrong, before any runner ---------------------------
+#
+# Every reader of manifest.json (smartedit-verify, the runners the edit, the benchmark and the server load, the export
+# itself) reads it within bounds: at most 64 MB, nested at most 64 levels (the C++ reader's limits, its rows in
+# test_reliability_cpp.py). An entry whose check failed at export (verified: false) is refused by every runner, by
+# name; one the export did not check (verified: null, --no-verify) runs, and the runner says so.
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _deep_manifest(out: Path) -> None:
+    text = json.dumps({**json.loads((out / "manifest.json").read_text()), "artifacts": "@"})
+    (out / "manifest.json").write_text(text.replace('"@"', DEEP))
+
+
+def _deep_record(out: Path) -> None:  # valid at the top, 100000 deep inside an entry's informative record
+    m = json.loads((out / "manifest.json").read_text())
+    m["artifacts"]["onnx"]["unet"]["record"] = {"log": "@"}
+    (out / "manifest.json").write_text(json.dumps(m).replace('"@"', DEEP))
+
+
+def _big_manifest(out: Path) -> None:
+    (out / "manifest.json").write_text((out / "manifest.json").read_text() + " " * (65 << 20))
+
+
+def _verified(graph: str, value, target: str = "onnx"):
+    def change(out: Path) -> None:
+        m = json.loads((out / "manifest.json").read_text())
+        m["artifacts"][target][graph]["verified"] = value
+        (out / "manifest.json").write_text(json.dumps(m))
+    return change
+
+
+def _all_unchecked(out: Path) -> None:
+    m = json.loads((out / "manifest.json").read_text())
+    for e in m["artifacts"]["onnx"].values():
+        e["verified"] = None  # what smartedit-export --no-verify records
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+def _as_trt_rtx(out: Path) -> None:
+    """The onnx entries also recorded as trt-rtx plans (the files are not plans: the refusal comes before any is
+    read), the unet's failed."""
+    m = json.loads((out / "manifest.json").read_text())
+    m["artifacts"]["trt-rtx"] = {g: {**e, "target": "trt-rtx", "verified": g != "unet"}
+                                 for g, e in m["artifacts"]["onnx"].items()}
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+def _edit(out: Path, w: Path, backend: str = "onnxruntime") -> tuple:
+    from PIL import Image
+
+    from smartedit.cli import edit_cli
+
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(w / "in.png")
+    return edit_cli, [*TINY, "--backend", backend, "--artifacts", out, "--image", w / "in.png", "--instruction",
+                      "make it blue", "--steps", 1, "--out", w / "edited.png"]
+
+
+def _verify(out: Path, w: Path) -> tuple:
+    return verify_main, [out, *TINY]
+
+
+def _serve(out: Path, w: Path) -> tuple:
+    from smartedit.serve.cli import main as serve_main
+    from smartedit.serve.server import free_endpoints
+
+    e = free_endpoints()
+    return serve_main, [*TINY, "--backend", "onnxruntime", "--artifacts", out, "--http-port", e.http,
+                        "--grpc-port", e.grpc, "--metrics-port", e.metrics]
+
+
+def _bench(out: Path, w: Path) -> tuple:
+    from smartedit.bench.cli import main as bench_main
+
+    return bench_main, [*TINY, "--backends", "onnxruntime", "--artifacts", out, "--steps", 1, "--repeats", 1,
+                        "--warmup", 0, "--out", w / "bench"]
+
+
+def _export_again(out: Path, w: Path) -> tuple:
+    return export_main, [*TINY, "--max-batch", 3, "--max-res", 512, "--max-prompt", 400, "--graphs", "vae_decoder",
+                         "--out", out]
+
+
+def _triton_build(out: Path, w: Path) -> tuple:
+    """--target triton over the export, only vae_decoder (re)exported: the repository would pack the others as they
+    are, the unet's failed entry among them."""
+    return export_main, [*TINY, "--max-batch", 3, "--max-res", 512, "--max-prompt", 400, "--graphs", "vae_decoder",
+                         "--target", "triton", "--triton-stages", "python", "--out", out]
+
+
+def _backend_load(backend: str, target: str):
+    """A backend's own loader, as the registry calls it once the machine has what it needs (TensorRT needs a GPU
+    this machine lacks: the artifacts are refused before the runner is made)."""
+    def run(out: Path, w: Path) -> tuple:
+        import torch
+
+        from smartedit.engines import registry
+        from smartedit.errors import run_command
+        from smartedit.weights import ModelSource
+
+        def main(argv) -> None:
+            b = registry.get(backend)
+            run_command(f"load {backend}", lambda: b.load(ModelSource(preset="tiny"), torch.device("cuda"),
+                                                           torch.float32, out))
+        return main, []
+    return run
+
+
+@dataclass
+class Unrun:
+    id: str
+    change: Callable[[Path], None]  # what is done to a copy of the session's export
+    run: Callable[[Path, Path], tuple]  # (export folder, work folder) -> (main, argv)
+    code: int
+    says: list[str]  # in the one stderr line (code != 0), or on stderr (code 0)
+    export: str = "onnx"  # the session's fp16 onnx export, or its aoti one
+    ran: Callable[[Path, str, str], None] | None = None  # code 0: (work folder, stdout, stderr) -> further checks
+
+
+def _edited(work: Path, stdout: str, err: str) -> None:
+    assert (work / "edited.png").is_file()
+
+
+def _skipped_by_the_bench(work: Path, stdout: str, err: str) -> None:
+    """The benchmark's rule for a backend that cannot run here: listed as skipped with the reason, never timed."""
+    result = json.loads(next((work / "bench").glob("*.json")).read_text())
+    assert "failed its check at export" in result["skipped"]["onnxruntime"]
+    assert not [r for r in result["runs"] if r.get("backend") == "onnxruntime"]
+
+
+UNRUN = [
+    Unrun("verify-manifest-100k-deep", _deep_manifest, _verify, 2, ["manifest.json is nested deeper than 64 levels"]),
+    Unrun("verify-record-100k-deep", _deep_record, _verify, 2, ["nested deeper than 64 levels"]),
+    Unrun("verify-manifest-over-64-mb", _big_manifest, _verify, 2, ["manifest.json is over 64 MB"]),
+    Unrun("edit-manifest-100k-deep", _deep_manifest, _edit, 2, ["nested deeper than 64 levels"]),
+    Unrun("serve-manifest-100k-deep", _deep_manifest, _serve, 2, ["--backend onnxruntime", "nested deeper than 64"]),
+    Unrun("export-into-a-manifest-100k-deep", _deep_manifest, _export_again, 2,
+          ["manifest.json (not an smartedit-export manifest)"]),
+    Unrun("verify-verified-not-a-boolean", _verified("unet", "yes"), _verify, 2,
+          ["[onnx][unet]: malformed manifest entry", "verified must be true, false or null, got 'yes'"]),
+    Unrun("edit-unet-failed-its-check", _verified("unet", False), _edit, 2,
+          ["onnx/unet failed its check at export (it did not match PyTorch; verified: false"]),
+    Unrun("edit-aoti-failed-its-check", _verified("vae_decoder", False, "aoti"), lambda o, w: _edit(o, w, "aoti"), 2,
+          ["aoti/vae_decoder failed its check at export"], export="aoti"),
+    Unrun("serve-unet-failed-its-check", _verified("unet", False), _serve, 2,
+          ["--backend onnxruntime", "onnx/unet failed its check at export"]),
+    Unrun("bench-skips-a-failed-unet", _verified("unet", False), _bench, 0,
+          ["onnxruntime: skipped (", "onnx/unet failed its check at export"], ran=_skipped_by_the_bench),
+    Unrun("onnxruntime-backend-unet-failed", _verified("unet", False), _backend_load("onnxruntime", "onnx"), 2,
+          ["onnx/unet failed its check at export"]),
+    Unrun("tensorrt-backend-unet-failed", _as_trt_rtx, _backend_load("trt-rtx", "trt-rtx"), 2,
+          ["trt-rtx/unet failed its check at export"]),
+    Unrun("triton-build-beside-a-failed-unet", _verified("unet", False), _triton_build, 2,
+          ["onnx/unet failed its check at export"]),
+    Unrun("verify-reports-a-failed-entry-failed", _verified("vae_encoder", False), _verify, 1,
+          ["FAILED: onnx/vae_encoder"]),
+    Unrun("edit-unchecked-entries-run-and-say-so", _all_unchecked, _edit, 0,
+          ["onnx/llava, onnx/qformer_bim, onnx/unet, onnx/vae_encoder, onnx/vae_decoder were not checked at export"],
+          ran=_edited),
+]
+
+
+@pytest.mark.parametrize("row", UNRUN, ids=[r.id for r in UNRUN])
+def test_runners_read_the_manifest_within_bounds_and_never_run_a_failed_entry(row, onnx_export, tmp_path, capsys,
+                                                                              caplog, request, monkeypatch):
+    """The status, one stderr line naming the value and no traceback; the export folder and everything else as it
+    was (no image, no verify.json, no repository, no lock left held); nothing a refused entry holds was opened."""
+    from smartedit.engines import onnxruntime as ort_backend
+
+    source = request.getfixturevalue("aoti_export") if row.export == "aoti" else onnx_export("fp16")
+    out, work = tmp_path / "out", tmp_path / "work"
+    shutil.copytree(source, out)
+    work.mkdir()
+    row.change(out)
+    main, argv = row.run(out, work)
+    before = snapshot(out)
+    opened = []
+    if row.code != 0:  # a refused folder: no graph is opened
+        real = ort_backend.session
+        monkeypatch.setattr(ort_backend, "session", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    code, stdout, err = run_cli(main, argv, capsys)
+    assert code == row.code, (code, err[-2000:])
+    assert "Traceback" not in err
+    if code != 0:
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1, err[-2000:]
+        for s in row.says:
+            assert s in lines[0], (s, lines[0])
+        assert opened == [] and not (work / "edited.png").exists()
+        after = snapshot(out)
+        if row.id.startswith("verify-reports"):  # verify writes its report, and only that
+            assert {k for k in after if after[k] != before.get(k)} == {"verify.json", LOCK_FILE}  # its report, its lock
+            result = json.loads((out / "verify.json").read_text())
+            assert result["parity"]["onnx"]["vae_encoder"] == {"passed": False, "error": result["parity"]["onnx"][
+                "vae_encoder"]["error"]} and "failed its check at export" in result["parity"]["onnx"]["vae_encoder"][
+                "error"]
+            assert any("no runner opens a target holding an entry that failed" in n for n in result["not_run"])
+        else:
+            if row.run is _triton_build:  # refused under the export's lock: the lock file records its last holder
+                after.pop(LOCK_FILE), before.pop(LOCK_FILE)
+            assert after == before, [k for k in after if after[k] != before.get(k)]
+    else:
+        said = stdout + err + caplog.text  # a runner's warning is logged (stderr outside pytest)
+        for s in row.says:
+            assert s in said, (s, said[-2000:])
+        assert snapshot(out) == before
+        row.ran(work, stdout, err)
+    if (out / LOCK_FILE).exists():
+        assert lock_is_free(out)

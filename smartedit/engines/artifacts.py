@@ -2,7 +2,9 @@
 
 Every runner of exported graphs (ONNX Runtime, TensorRT, AOTInductor) opens its folder through `Artifacts`, so the
 checks are the same for all: the manifest is one this version reads, the target was exported, every entry was
-exported from the folder's source (not copied in from another export), every file the manifest names is inside the
+exported from the folder's source (not copied in from another export), no entry failed its check at export
+(`Entry.refused`: a graph the export found wrong is not run, not even once; one it did not check is run, and a
+warning says so), every file the manifest names is inside the
 folder and has its recorded size (at once) and sha256 (when the graph is first opened: what runs is what was
 exported and verified; hashed once per process per unchanged file), and each entry is compatible with this machine
 (`refuse_incompatible`, with what the runner knows of it: TensorRT version and GPU, torch version and device). A
@@ -14,6 +16,7 @@ first use, inputs checked against its exported profile, outputs back on the call
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +28,8 @@ from smartedit.graphs.spec import GraphSpec
 from smartedit.weights import ModelSource
 
 from .backend import Loaded
+
+log = logging.getLogger(__name__)
 
 
 class Artifacts:
@@ -41,7 +46,15 @@ class Artifacts:
             foreign = self.manifest.foreign(e)  # an entry and its file copied in from another export
             if foreign:
                 raise ArtifactError(foreign)
+            refused = e.refused()  # the export checked it and it failed
+            if refused:
+                raise ArtifactError(f"{self.root}: {refused}")
             self._refuse_damaged(e, hashes=False)  # sizes now; each graph's sha256 when it is first opened
+        unchecked = [g for g, e in self.entries.items() if e.verified is None]
+        if unchecked:
+            log.warning("%s: %s %s not checked at export (smartedit-export --no-verify, or plans built where they "
+                        "cannot run): smartedit-verify checks them where they run", self.root,
+                        ", ".join(f"{target}/{g}" for g in unchecked), "was" if len(unchecked) == 1 else "were")
         self._hashed: set[str] = set()
 
     def refuse_incompatible(self, here: dict[str, Any], machine: str = "") -> None:

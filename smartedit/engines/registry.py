@@ -39,10 +39,14 @@ def why_not(name: str, device: str | torch.device, artifacts: str | Path | None 
         if not artifacts:
             return f"runs exported graphs: pass --artifacts OUT (smartedit-export --target {b.target})"
         try:
-            if not Manifest.read(artifacts).entries(b.target):
-                return f"no {b.target} artifacts in {artifacts} (smartedit-export --target {b.target})"
+            entries = Manifest.read(artifacts).entries(b.target)
         except InputError as e:
             return str(e)
+        if not entries:
+            return f"no {b.target} artifacts in {artifacts} (smartedit-export --target {b.target})"
+        refused = next((e.refused() for e in entries.values() if e.refused()), None)
+        if refused:  # failed its check at export: not run, not even once
+            return f"{artifacts}: {refused}"
     return b.unavailable(device)
 
 

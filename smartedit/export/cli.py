@@ -8,7 +8,7 @@ import time
 import warnings
 
 from smartedit.arguments import add_model_source, model_source
-from smartedit.errors import run_command
+from smartedit.errors import InputError, run_command
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
 
@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
     _add_target_flags(p)
     q = p.add_argument_group("--precision int8, fp8")
-    for flag, kw in QuantizeOptions.FLAGS.items():
-        q.add_argument(flag, **kw)
+    for flag, kw in QuantizeOptions.FLAGS.items():  # absent when not given: refused without --precision int8 / fp8
+        default = kw["default"]
+        q.add_argument(flag, **{**kw, "default": argparse.SUPPRESS,
+                                "help": kw["help"] + (f" (default: {default})" if default is not None else "")})
+    device = next(a for a in p._actions if "--device" in a.option_strings)
+    device.help += ("; int8/fp8: where the calibration and report edits and Model Optimizer's calibration run "
+                    "(cuda: ONNX Runtime's CUDA provider, onnxruntime-gpu)")
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or an earlier smartedit-export output (a folder holding anything "
                         "else is refused, naming it: there is no override, use an empty folder); locked while the "
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     def body() -> None:
+        given = [flag for flag, kw in QuantizeOptions.FLAGS.items() if hasattr(a, kw["dest"])]
+        if given and a.precision not in QUANTIZED:
+            raise InputError(f"{', '.join(given)}: for --precision int8 or fp8 (this export is --precision "
+                             f"{a.precision}, which does not quantize)")
         opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))

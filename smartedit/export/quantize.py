@@ -1,47 +1,65 @@
 """`--precision int8 | fp8`: the UNet as a Q/DQ ONNX graph, calibrated on real edits, with a quality report.
 
-The UNet runs `steps` x 3 CFG branches per edit, so it is the graph quantized; the others stay fp16. After the fp16
-ONNX export of every graph:
+The UNet runs `steps` x 3 CFG branches per edit, so it is the graph quantized; the others stay fp16. Before any
+work (`prepare`, called by run_export before the output folder is touched): every option in range, the calibration
+inputs' memory bounded (MAX_CALIBRATION_BYTES), every calibration image's header read and the images an edit uses
+decoded once and downscaled to what the edit reads (the profile's opt resolution, at least the vision tower's side),
+the device's ONNX Runtime provider and Model Optimizer present. Then, after the fp16 ONNX export of every graph:
 
-1. calibration: `edits` whole edits through the fp16 ONNX graphs (ONNX Runtime, `steps` steps each, at the profile's
-   opt resolution, batch 1), every UNet call's inputs kept: every timestep of the schedule, the three CFG branches
-   (the CFG batch is one UNet input) and the BIM residual of each edit;
-2. NVIDIA Model Optimizer's ONNX quantizer (`modelopt.onnx.quantization.quantize`, calibrated in ONNX Runtime on the
-   CPU) writes the Q/DQ graph: Conv and MatMul weights per channel, activations per tensor, INT8 (entropy or max
-   calibrator) or FP8 E4M3; the non-quantized parts fp16, inputs and outputs fp16 as before. Kept in fp16 by name
-   (`KEPT_HIGH`): the time embedding, `conv_in` (which the BIM residual is added to), the first resnet conv the sum
-   feeds, `conv_out` and the shortcut convs;
+1. calibration: `edits` whole edits through the fp16 ONNX graphs (ONNX Runtime on the export's --device, `steps`
+   steps each, at the profile's opt resolution, batch 1), every UNet call's inputs kept: every timestep of the
+   schedule, the three CFG branches (the CFG batch is one UNet input) and the BIM residual of each edit;
+2. NVIDIA Model Optimizer's ONNX quantizer (`modelopt.onnx.quantization.quantize`, calibrating in ONNX Runtime on the
+   same device) writes the Q/DQ graph: Conv and MatMul weights per channel, activations per tensor, INT8 (entropy or
+   max calibrator) or FP8 E4M3 (max); the non-quantized parts fp16, inputs and outputs fp16 as before; external data
+   when the fp16 graph has it or the graph passes protobuf's 2 GB. Kept in fp16 by name (`KEPT_HIGH`): the time
+   embedding, `conv_in` (which the BIM residual is added to), the first resnet conv the sum feeds, `conv_out` and
+   the shortcut convs. It runs in a process of its own (quantizer.py), in a scratch folder
+   beside OUT/onnx/unet.onnx with its temporary files there too: its phases and each calibration call come back
+   over a pipe as progress lines (a heartbeat when it is silent), and Ctrl-C or any failure kills it and removes the
+   folder, so nothing it half-wrote is left, and the fp16 entry stays as it was until the quantized graph is done;
 3. the quality report: `report_edits` fixed edits (fixed seeds, prompts and drawn images, none from the calibration
-   set)
-   with the fp16 UNet and with the quantized one, the other graphs the same: PSNR and SSIM of the final images, and
-   each step's eps error of the quantized UNet on the fp16 edit's own inputs. Below `min_psnr` the export fails.
+   set) with the fp16 UNet and with the quantized one, the other graphs the same: PSNR and SSIM of the final images,
+   and each step's eps error of the quantized UNet on the fp16 edit's own inputs. Below `min_psnr` the export fails
+   and the entry is recorded as failed (verified false), which no runner runs.
 
 OUT/onnx/unet.onnx is the quantized graph; the fp16 graph it came from stays as OUT/onnx/unet.fp16.onnx (both in
-the entry, hashed), so smartedit-verify can run the quality report again. The entry's precision stays "fp16" (its
-inputs' and outputs' dtype); `options.quantization` records the mode, the calibration and the layers kept in fp16.
+the entry, hashed, with their external data files), so smartedit-verify can run the quality report again. The
+entry's precision stays "fp16" (its inputs' and outputs' dtype); `options.quantization` records the mode, the
+calibration and the layers kept in fp16.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
+import os
 import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
+from smartedit.config import MAX_SEED, check_seed
 from smartedit.engines.artifacts import Artifacts
 from smartedit.engines.onnxruntime import OnnxRuntimeRunner, session
-from smartedit.errors import ExportError, InputError, RunError
-from smartedit.files import move_into_place, open_image, scratch_folder
+from smartedit.errors import ExportError, InputError, RunError, UnavailableError
+from smartedit.files import IMAGE_FORMATS, move_into_place, open_image, scratch_folder
 from smartedit.graphs import GRAPH_NAMES, GRAPHS, GraphRunner
 from smartedit.graphs.manifest import Entry
+from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import SmartEditPipeline
+from smartedit.scheduler import MAX_STEPS
+from smartedit.vision import to_rgb
 
 MODES = ("int8", "fp8")
 CALIBRATORS = ("entropy", "max")  # what modelopt's ONNX path has for INT8 (no SmoothQuant, no percentile)
@@ -50,6 +68,15 @@ MODELOPT_VERSION = "0.47.0"
 KEPT_HIGH = re.compile(r"\.(time_embedding|conv_in|conv_out|time_emb_proj|conv_shortcut)\.|"
                        r"\.down_blocks\.0\.resnets\.0\.conv1\.")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_CALIBRATION_EDITS = 1000
+MAX_REPORT_EDITS = 100
+MAX_PSNR_DB = 100.0  # 8-bit images that differ by one level in one pixel of 256x256 score 101 dB
+# The calibration inputs are kept in host memory and written once for the quantizer's process: a 7b UNet call at
+# 256 px is 0.57 MB (1.6 MB at 512 px), so the defaults keep 46 MB; this bound refuses what would not fit.
+MAX_CALIBRATION_BYTES = 4 << 30
+EXTERNAL_DATA_BYTES = int(0.9 * (1 << 31))  # protobuf's 2 GB limit, with the headroom the ONNX export uses
+HEARTBEAT_S = 30.0  # the longest the quantizer's step stays silent
+CALL_PROGRESS_S = 10.0  # calibration calls are reported at most this often (and the first and the last)
 
 # Calibration instructions (edits of the kinds SmartEdit is trained on: colour, object, style, count, position) and
 # the quality report's own, disjoint from them.
@@ -69,68 +96,181 @@ REPORT_INSTRUCTIONS = ("make the door red", "add a cloud above the building", "r
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    """How the UNet is quantized, calibrated and judged (smartedit-export's --calibration-* / --min-psnr flags)."""
+    """How the UNet is quantized, calibrated and judged (smartedit-export's --calibration-* / --min-psnr flags, and
+    its --device); every value checked at construction, the images and the machine by `prepare`."""
 
     FLAGS = {
-        "--calibration-edits": dict(dest="calibration_edits", type=int, default=32,
+        "--calibration-edits": dict(dest="calibration_edits", type=int, default=8,
                                     help="int8/fp8: calibration edits run through the fp16 graphs (every step's UNet "
-                                         "inputs are kept)"),
-        "--calibration-steps": dict(dest="calibration_steps", type=int, default=20,
-                                    help="int8/fp8: denoising steps of each calibration and report edit"),
+                                         f"inputs are kept), 1 to {MAX_CALIBRATION_EDITS}"),
+        "--calibration-steps": dict(dest="calibration_steps", type=int, default=10,
+                                    help="int8/fp8: denoising steps of each calibration and report edit, 1 to "
+                                         f"{MAX_STEPS}"),
         "--calibration-seed": dict(dest="calibration_seed", type=int, default=0,
                                    help="int8/fp8: seed of the calibration edits (noise, template, drawn images)"),
         "--calibration-images": dict(dest="calibration_images", default=None, metavar="DIR",
-                                     help="int8/fp8: PNG/JPEG/WebP images to edit (default: images drawn from the "
-                                          "seed; real photos calibrate a trained model better)"),
-        "--calibrator": dict(dest="calibrator", choices=list(CALIBRATORS), default="entropy",
-                             help="int8: Model Optimizer's activation calibrator (fp8 uses max)"),
+                                     help="int8/fp8: a folder of PNG/JPEG/WebP images only, used in name order "
+                                          "(default: images drawn from the seed; real photos calibrate a trained "
+                                          "model better)"),
+        "--calibrator": dict(dest="calibrator", choices=list(CALIBRATORS), default=None,
+                             help="int8: Model Optimizer's activation calibrator (default entropy); fp8 takes max "
+                                  "only"),
         "--min-psnr": dict(dest="min_psnr", type=float, default=20.0, metavar="DB",
                            help="int8/fp8: the export fails when a report edit's PSNR against the fp16 edit is "
-                                "below this (20 dB catches a broken graph: black or noise images score 5-12 dB; "
-                                "raise it for a trained model once its report says what it reaches)"),
+                                "below this, 0 to 100 (20 dB catches a broken graph: black or noise images score "
+                                "5-12 dB; raise it for a trained model once its report says what it reaches)"),
         "--report-edits": dict(dest="report_edits", type=int, default=4,
-                               help="int8/fp8: fixed edits of the quality report (seeds 0..N-1)"),
+                               help=f"int8/fp8: fixed edits of the quality report (seeds 0..N-1), 1 to "
+                                    f"{MAX_REPORT_EDITS}"),
     }
 
     mode: str = "int8"
-    calibration_edits: int = 32
-    calibration_steps: int = 20
+    calibration_edits: int = 8
+    calibration_steps: int = 10
     calibration_seed: int = 0
     calibration_images: str | None = None
-    calibrator: str = "entropy"
+    calibrator: str | None = None  # None: entropy for int8, max for fp8
     min_psnr: float = 20.0
     report_edits: int = 4
+    device: str = "cpu"  # the export's --device: the calibration and report edits and Model Optimizer's calibration
+    images: tuple = field(default=(), compare=False, repr=False)  # `prepare`: the calibration images, downscaled
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InputError(f"quantization mode must be one of {list(MODES)}, got {self.mode!r}")
-        for flag, v in (("--calibration-edits", self.calibration_edits), ("--calibration-steps", self.calibration_steps),
-                        ("--report-edits", self.report_edits)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000:
-                raise InputError(f"{flag} must be an integer from 1 to 10000, got {v!r}")
-        if self.calibrator not in CALIBRATORS:
+        for flag, v, top in (("--calibration-edits", self.calibration_edits, MAX_CALIBRATION_EDITS),
+                             ("--calibration-steps", self.calibration_steps, MAX_STEPS),
+                             ("--report-edits", self.report_edits, MAX_REPORT_EDITS)):
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise InputError(f"{flag} must be an integer from 1 to {top}, got {v!r}")
+        check_seed(self.calibration_seed, "--calibration-seed")
+        if self.calibration_seed > MAX_SEED - self.calibration_edits:  # edit i is seeded calibration_seed + i
+            raise InputError(f"--calibration-seed {self.calibration_seed} + {self.calibration_edits} edits passes "
+                             "2^63-1 (edit i takes seed + i): use a smaller seed")
+        calibrator = self.calibrator or ("entropy" if self.mode == "int8" else "max")
+        if calibrator not in CALIBRATORS:
             raise InputError(f"--calibrator must be one of {list(CALIBRATORS)}, got {self.calibrator!r}")
-        if not math.isfinite(self.min_psnr):
-            raise InputError(f"--min-psnr must be a finite number of dB, got {self.min_psnr!r}")
+        if self.mode == "fp8" and calibrator != "max":
+            raise InputError(f"--calibrator {calibrator}: --precision fp8 calibrates with max only")
+        object.__setattr__(self, "calibrator", calibrator)
+        m = self.min_psnr
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= MAX_PSNR_DB:  # NaN fails too
+            raise InputError(f"--min-psnr must be a number of dB from 0 to {MAX_PSNR_DB:g}, got {m!r}")
+        try:
+            kind = torch.device(self.device).type
+        except (RuntimeError, TypeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise InputError(f"--device {self.device!r}: quantization calibrates on cpu, cuda or cuda:N")
         if self.calibration_images is not None:
-            folder = Path(self.calibration_images)
-            if not folder.is_dir() or not _image_files(folder):
-                raise InputError(f"--calibration-images {folder}: not a folder holding PNG, JPEG or WebP images")
+            _image_files(Path(self.calibration_images))  # the folder's listing now; its images in `prepare`
 
     @classmethod
     def from_flags(cls, mode: str, a) -> "QuantizeOptions":
-        return cls(mode=mode, **{kw["dest"]: getattr(a, kw["dest"]) for kw in cls.FLAGS.values()})
+        """The options of parsed flags; a flag left at None takes the default here."""
+        given = {kw["dest"]: getattr(a, kw["dest"]) for kw in cls.FLAGS.values()
+                 if getattr(a, kw["dest"], None) is not None}
+        return cls(mode=mode, device=getattr(a, "device", None) or "cpu", **given)
 
     @property
     def record(self) -> dict[str, Any]:
-        """What the manifest keeps (and the entry's key hashes): the images folder by name, not by path."""
-        d = asdict(self)
+        """What the manifest keeps (and the entry's key hashes): the images folder by name, not by path; not the
+        device (it changes how fast, not what)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("images", "device")}
         d["calibration_images"] = Path(self.calibration_images).name if self.calibration_images else None
         return d
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """The images of a --calibration-images folder in name order; InputError naming the folder, or the first entry
+    that is not a PNG/JPEG/WebP file by its name (hidden files are skipped)."""
+    flag = "--calibration-images"
+    if not folder.is_dir():
+        raise InputError(f"{flag} {folder}: " + ("not a folder" if folder.exists() else "no such folder"))
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    other = [p for p in entries if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)]
+    if other:
+        raise InputError(f"{flag} {folder}: {other[0].name} is not a PNG, JPEG or WebP image file (the folder holds "
+                         "only the images to calibrate on)")
+    if not entries:
+        raise InputError(f"{flag} {folder}: not a folder holding PNG, JPEG or WebP images (it is empty)")
+    return entries
+
+
+def _check_header(path: Path) -> None:
+    """The image's header (format and size, within PIL's decompression-bomb limit), without decoding it."""
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
+            img.size  # noqa: B018  (the header is read by open)
+    except Image.DecompressionBombError as e:
+        raise InputError(f"--calibration-images {path} is too large to decode ({e})") from None
+    except Exception:  # PIL raises many types for data it cannot identify
+        raise InputError(f"--calibration-images {path} cannot be decoded: not a PNG, JPEG or WebP image") from None
+
+
+def calibration_images(opts: QuantizeOptions, side: int) -> tuple[Image.Image, ...]:
+    """The images the calibration edits read: every file's header checked, the first `calibration_edits` in name
+    order decoded once each (within PIL's decompression-bomb limit, as the edit command), turned upright and RGB,
+    and resized to side x side (what the edit resizes to anyway): only those small copies are kept."""
+    if opts.calibration_images is None:
+        return ()
+    files = _image_files(Path(opts.calibration_images))
+    for f in files:
+        _check_header(f)
+    kept = []
+    for f in files[:opts.calibration_edits]:
+        img = open_image(f, "--calibration-images")
+        small = to_rgb(ImageOps.exif_transpose(img)).resize((side, side), Image.Resampling.BICUBIC)
+        img.close()
+        kept.append(small)
+    return tuple(kept)
+
+
+def calibration_point(spec: GraphSpec) -> dict[str, int]:
+    """The unet's dims in a calibration call: the profile's opt size, one image (its three CFG branches)."""
+    return {**spec.point("opt"), **({"B": 1} if "B" in spec.dims else {})}
+
+
+def call_bytes(spec: GraphSpec) -> int:
+    """The bytes of one UNet call's inputs as calibration keeps them (fp16 floats)."""
+    point = calibration_point(spec)
+    return sum(math.prod(spec.shape(t, point)) * torch.empty((), dtype=t.torch_dtype("fp16")).element_size()
+               for t in spec.inputs)
+
+
+def providers(device: str) -> list:
+    """ONNX Runtime's providers for `device`: cuda needs onnxruntime's CUDA provider (UnavailableError naming it
+    otherwise: calibrating a 7b UNet on a GPU machine's CPU would take hours)."""
+    d = torch.device(device)
+    if d.type == "cpu":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UnavailableError(f"--device {device}: this onnxruntime ({ort.__version__}) has no CUDA provider "
+                               f"(it has {ort.get_available_providers()}): install onnxruntime-gpu, or calibrate on "
+                               "--device cpu")
+    return [("CUDAExecutionProvider", {"device_id": d.index or 0}), "CPUExecutionProvider"]
+
+
+def prepare(opts: QuantizeOptions, spec: GraphSpec, resolution: int, vision_side: int) -> QuantizeOptions:
+    """Everything checked before any work, and the calibration images loaded: Model Optimizer present, the device's
+    provider, the calibration inputs within MAX_CALIBRATION_BYTES, every image readable. `spec`: the unet's;
+    `resolution`: the edits' (the profile's opt); `vision_side`: the vision tower's input side."""
+    try:
+        import modelopt.onnx.quantization  # noqa: F401
+    except ImportError as e:
+        raise UnavailableError(f"--precision {opts.mode} needs NVIDIA Model Optimizer's ONNX quantizer ({e}): "
+                               "pip install -e '.[quantize]'") from None
+    providers(opts.device)
+    calls = opts.calibration_edits * opts.calibration_steps
+    need = calls * call_bytes(spec)
+    if need > MAX_CALIBRATION_BYTES:
+        most = MAX_CALIBRATION_BYTES // call_bytes(spec)
+        raise InputError(f"--calibration-edits {opts.calibration_edits} x --calibration-steps "
+                         f"{opts.calibration_steps} keeps {calls} UNet calls, {need / 2**30:.1f} GiB at the profile's "
+                         f"opt size, over the {MAX_CALIBRATION_BYTES >> 30} GiB bound: at most {most} calls here")
+    return replace(opts, images=calibration_images(opts, max(resolution, vision_side)))
 
 
 def drawn_image(seed: int, size: int = 256) -> Image.Image:
@@ -148,13 +288,12 @@ def drawn_image(seed: int, size: int = 256) -> Image.Image:
 
 
 def edit_set(opts: QuantizeOptions, n: int, instructions: tuple[str, ...], seed: int) -> list[tuple[Image.Image, str]]:
-    """n (image, instruction) pairs: the user's images in name order (cycled), or pictures drawn from the seed."""
-    files = _image_files(Path(opts.calibration_images)) if opts.calibration_images else []
-    pairs = []
-    for i in range(n):
-        image = open_image(files[i % len(files)], "--calibration-images") if files else drawn_image(seed + i)
-        pairs.append((image, instructions[i % len(instructions)]))
-    return pairs
+    """n (image, instruction) pairs: the calibration images `prepare` loaded (cycled), or pictures drawn from the
+    seed."""
+    if opts.calibration_images and not opts.images:
+        raise RunError("the calibration images were not loaded: quantize.prepare comes first")
+    return [(opts.images[i % len(opts.images)] if opts.images else drawn_image(seed + i),
+             instructions[i % len(instructions)]) for i in range(n)]
 
 
 class _Recorder:
@@ -212,25 +351,107 @@ def kept_high(onnx_path: Path) -> list[str]:
             if n.op_type in ("Conv", "Gemm", "MatMul") and any(KEPT_HIGH.search(i) for i in n.input)]
 
 
-def _modelopt_quantize(src: Path, dst: Path, mode: str, calib: dict[str, np.ndarray], shapes: str,
-                       exclude: list[str], calibrator: str, log: Path) -> None:
-    """modelopt's quantizer, its printed output (calibration progress bars) into `log`."""
-    try:
-        from modelopt.onnx.quantization import quantize
-    except ImportError as e:
-        raise ExportError(f"--precision {mode} needs NVIDIA Model Optimizer's ONNX quantizer ({e}): "
-                          "pip install -e '.[quantize]'") from None
-    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+def _external_files(src: Path) -> list[Path]:
+    """The external data files an ONNX file refers to (beside it)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    names = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+             for e in t.external_data if e.key == "location"}
+    return [src.parent / n for n in sorted(names)]
+
+
+def modelopt_quantize(src: Path, work: Path, mode: str, calib: dict[str, np.ndarray], shapes: str,
+                      exclude: list[str], calibrator: str, device: str, log: Path,
+                      progress: Callable[[str], None], external: bool | None = None) -> Path:
+    """Model Optimizer's quantizer on `src` in a process of its own, everything it writes inside the folder `work`
+    (its input copy, its temporary files, the output); its printed output into `log`. -> the quantized .onnx (its
+    external data beside it, `<name>_data`). Its phases and calibration calls come back as progress lines, with a
+    heartbeat every HEARTBEAT_S; an exception here (Ctrl-C included) kills the process at once. `external`: external
+    data for the output (default: when `src` has it or is over EXTERNAL_DATA_BYTES)."""
+    inp, out, tmp = work / "in", work / "out", work / "tmp"
+    for d in (inp, out, tmp):
+        d.mkdir()
+    shutil.copyfile(src, inp / src.name)  # a copy: modelopt rewrites its input in place (shape inference)
+    data = _external_files(src)
+    for f in data:  # read only: linked, not copied
         try:
-            quantize(onnx_path=str(src), quantize_mode=mode, calibration_data=calib, calibration_shapes=shapes,
-                     calibration_method=calibrator if mode == "int8" else "max", calibration_eps=["cpu"],
-                     nodes_to_exclude=[f"^{re.escape(n)}$" for n in exclude], high_precision_dtype="fp16",
-                     output_path=str(dst), log_level="WARNING")
-        except Exception as e:  # noqa: BLE001  (modelopt and ONNX Runtime raise many kinds)
-            raise ExportError(f"Model Optimizer could not quantize {src.name} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else ''}); its log: {log}") from None
-    if not dst.is_file():
-        raise ExportError(f"Model Optimizer wrote no {dst.name}; its log: {log}")
+            os.link(f, inp / f.name)
+        except OSError:
+            shutil.copyfile(f, inp / f.name)
+    if external is None:
+        external = bool(data) or src.stat().st_size > EXTERNAL_DATA_BYTES
+    arrays = {}
+    for i, (name, value) in enumerate(calib.items()):
+        np.save(work / f"calib-{i}.npy", value)
+        arrays[name] = str(work / f"calib-{i}.npy")
+    job = {"src": str(inp / src.name), "dst": str(out / src.name), "mode": mode, "arrays": arrays,
+           "calls": int(next(iter(calib.values())).shape[0]), "shapes": shapes,
+           "exclude": [f"^{re.escape(n)}$" for n in exclude], "calibrator": calibrator,
+           "eps": ["cpu"] if torch.device(device).type == "cpu" else [f"cuda:{torch.device(device).index or 0}"],
+           "external": external}
+    (work / "job.json").write_text(json.dumps(job))
+    read, write = os.pipe()
+    try:
+        with open(log, "wb") as printed:
+            proc = subprocess.Popen([sys.executable, "-m", "smartedit.export.quantizer", str(work / "job.json"),
+                                     str(write)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=printed,
+                                    stderr=subprocess.STDOUT, pass_fds=(write,), start_new_session=True,
+                                    env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
+        os.close(write)
+        write = -1
+        try:
+            error = _follow(proc, read, progress)
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) or a failure here: the process goes at once
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    if proc.returncode != 0:
+        why = error or (f"its process was killed by signal {-proc.returncode} (out of memory?)"
+                        if proc.returncode < 0 else f"its process exited with status {proc.returncode}")
+        raise ExportError(f"Model Optimizer could not quantize {src.name} ({why}); its log: {log}")
+    if not (out / src.name).is_file():
+        raise ExportError(f"Model Optimizer wrote no {src.name}; its log: {log}")
+    return out / src.name
+
+
+def _follow(proc: subprocess.Popen, read: int, progress: Callable[[str], None]) -> str | None:
+    """Print the quantizer's progress lines until it closes the pipe and exits; -> its error line, if it sent one."""
+    t0 = last = time.monotonic()
+    phase, error, pending = "starting", None, b""
+    progress(f"    Model Optimizer: {phase} (process {proc.pid}) ...")
+    while True:
+        ready, _, _ = select.select([read], [], [], max(0.0, HEARTBEAT_S - (time.monotonic() - last)))
+        now = time.monotonic()
+        if not ready:
+            progress(f"    Model Optimizer: still {phase} ({now - t0:.0f} s in this step)")
+            last = now
+            continue
+        chunk = os.read(read, 1 << 16)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if "error" in msg:
+                error = msg["error"]
+            elif "phase" in msg:
+                phase = msg["phase"]
+                progress(f"    Model Optimizer: {phase} ({now - t0:.0f} s)")
+                last = now
+            elif "call" in msg:
+                done, total = msg["call"], msg["calls"]
+                phase = f"calibrating (call {done}/{total}{', pass ' + str(msg['pass']) if msg['pass'] > 1 else ''})"
+                if done in (1, total) or now - last >= CALL_PROGRESS_S:
+                    progress(f"    Model Optimizer: calibration call {done}/{total}"
+                             f"{' (pass ' + str(msg['pass']) + ')' if msg['pass'] > 1 else ''} ({now - t0:.0f} s)")
+                    last = now
+    proc.wait()
+    return error
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -243,7 +464,8 @@ def quality(pipe: SmartEditPipeline, base: OnnxRuntimeRunner, graph: str, fp16: 
     """The quantized graph's edits against the fp16 graph's at fixed seeds, prompts and images (see the module)."""
     from skimage.metrics import structural_similarity
 
-    fp16_graph, quantized_graph = session(fp16), session(quantized, basic=fp8)  # opened once for every edit
+    fp16_graph = session(fp16, base.providers)  # both opened once for every edit
+    quantized_graph = session(quantized, base.providers, basic=fp8)
     edits, per_step = [], []
     report_set = [(drawn_image(10_000 + i), REPORT_INSTRUCTIONS[i % len(REPORT_INSTRUCTIONS)])
                   for i in range(opts.report_edits)]  # drawn, never the user's: smartedit-verify redraws them
@@ -281,7 +503,9 @@ def options_of(entry: Entry) -> QuantizeOptions | None:
     q = entry.options.get("quantization")
     if not q:
         return None
-    fields = {k: q[k] for k in QuantizeOptions.__dataclass_fields__ if k in q}
+    fields = {k: q[k] for k in QuantizeOptions.__dataclass_fields__ if k in q and k not in ("images", "device")}
+    if fields.get("mode") == "fp8":
+        fields.pop("calibrator", None)  # fp8 calibrates with max whatever an older export recorded
     return QuantizeOptions(**{**fields, "calibration_images": None})
 
 
@@ -300,50 +524,62 @@ def verify_quality(out: Path, source, entry: Entry, progress: Callable[[str], No
 
 
 def produce(job, opts: QuantizeOptions) -> None:
-    """Quantize the graph the export marks (the per-step UNet) after every fp16 ONNX graph is there; see the module."""
+    """Quantize the graph the export marks (the per-step UNet) after every fp16 ONNX graph is there; see the module.
+    `opts` come from `prepare` (run_export calls it before any work)."""
     graph = next(n for n in GRAPH_NAMES if GRAPHS[n].per_step)
     entries = job.manifest.entries("onnx")
     missing = [g for g in GRAPH_NAMES if g not in entries]
-    if missing:
-        raise InputError(f"--precision {opts.mode} calibrates on whole edits: the onnx export lacks {missing} "
-                         "(export every graph: --graphs all)")
+    if missing:  # run_export refuses this before any work; here it would be a bug
+        raise ExportError(f"--precision {opts.mode} calibrates on whole edits: the onnx export lacks {missing}")
     fp16_entry = entries[graph]
     folder = job.out / "onnx"
-    main, source = folder / f"{graph}.onnx", folder / f"{graph}.fp16.onnx"
+    main, kept = folder / f"{graph}.onnx", folder / f"{graph}.fp16.onnx"
     t0 = time.perf_counter()
     pipe = SmartEditPipeline.from_weights(job.source.load("cpu", torch.float32, only=[]))
-    base = OnnxRuntimeRunner(Artifacts(job.out, "onnx"))
+    base = OnnxRuntimeRunner(Artifacts(job.out, "onnx"), providers(opts.device))
     resolution = job.profile.opt_res
     job.progress(f"[{graph}] {opts.mode}: {opts.calibration_edits} calibration edits through the fp16 graphs "
-                 f"({opts.calibration_steps} steps, {resolution} px) ...")
+                 f"({opts.calibration_steps} steps, {resolution} px, ONNX Runtime on {opts.device}) ...")
     recorder = _Recorder(base, graph, fp16_entry.precision)
     pipe.runner = recorder
     for i, (image, text) in enumerate(edit_set(opts, opts.calibration_edits, CALIBRATION_INSTRUCTIONS,
                                                opts.calibration_seed)):
         pipe(image, text, steps=opts.calibration_steps, resolution=resolution, seed=opts.calibration_seed + i)
-    calib = {k: np.concatenate([c[k] if c[k].ndim else c[k].reshape(1) for c in recorder.calls])
-             for k in recorder.calls[0]}
-    first = recorder.calls[0]
-    shapes = ",".join(f"{k}:{'x'.join(str(d) for d in v.shape)}" for k, v in first.items())
-    job.progress(f"    {len(recorder.calls)} UNet calls kept ({sum(v.nbytes for v in calib.values()) / 1e6:.0f} MB) "
+    calls = recorder.calls
+    shapes = ",".join(f"{k}:{'x'.join(str(d) for d in v.shape)}" for k, v in calls[0].items())
+    calib = {}
+    for k in list(calls[0]):  # one input at a time: the calls' memory is not held twice
+        calib[k] = np.stack([c.pop(k) for c in calls])
+    job.progress(f"    {len(calls)} UNet calls kept ({sum(v.nbytes for v in calib.values()) / 1e6:.0f} MB) "
                  f"in {time.perf_counter() - t0:.1f} s")
     exclude = kept_high(main)
-    job.forget("onnx", graph)
-    with scratch_folder(main) as tmp:
+    calibrator = opts.calibrator
+    with scratch_folder(main) as work:
         t1 = time.perf_counter()
-        job.progress(f"    Model Optimizer {opts.mode} ({'fp8 max' if opts.mode == 'fp8' else opts.calibrator} "
-                     f"calibrator), {len(exclude)} layers kept in fp16 ...")
-        _modelopt_quantize(main, tmp / main.name, opts.mode, calib, shapes, exclude, opts.calibrator,
-                           main.with_name(f"{graph}.quantize.log"))
-        move_into_place(main, source)
-        move_into_place(tmp / main.name, main)
-    quantize_s = time.perf_counter() - t1
-    job.progress(f"    quantized in {quantize_s:.1f} s; quality report: {opts.report_edits} fixed edits ...")
-    report = quality(pipe, base, graph, source, main, opts.mode == "fp8", opts, resolution, job.progress)
-    rels = [f"onnx/{main.name}", f"onnx/{source.name}"]
+        job.progress(f"    Model Optimizer {opts.mode} ({calibrator} calibrator, {len(calls)} calls on {opts.device}), "
+                     f"{len(exclude)} layers kept in fp16 ...")
+        log = work / f"{graph}.quantize.log"
+        try:
+            quantized = modelopt_quantize(main, work, opts.mode, calib, shapes, exclude, calibrator, opts.device,
+                                          log, job.progress)
+        except ExportError:
+            move_into_place(log, folder / log.name)  # the message names it
+            raise
+        del calib
+        quantize_s = time.perf_counter() - t1
+        job.progress(f"    quantized in {quantize_s:.1f} s; quality report: {opts.report_edits} fixed edits ...")
+        report = quality(pipe, base, graph, main, quantized, opts.mode == "fp8", opts, resolution, job.progress)
+        # the fp16 entry goes only now, and the files move in: nothing runs an entry whose files are moving
+        job.forget("onnx", graph)
+        fp16_files = _keep_fp16(main, kept, work)
+        for f in sorted(quantized.parent.iterdir(), key=lambda p: p.suffix == ".onnx"):  # data first, .onnx last
+            move_into_place(f, folder / f.name)
+        move_into_place(log, folder / log.name)
+    rels = [f"onnx/{main.name}", *(f"onnx/{f.name}" for f in _external_files(main)), *fp16_files]
     settings = {"mode": opts.mode, **opts.record, "kept_fp16": exclude, "kept_fp16_modules": KEPT_HIGH.pattern,
                 "tool": f"nvidia-modelopt {MODELOPT_VERSION} (modelopt.onnx.quantization)",
-                "calibration_calls": len(recorder.calls), "calibration_resolution": resolution}
+                "calibration_calls": len(calls), "calibration_resolution": resolution,
+                "calibration_device": opts.device}
     entry = Entry("onnx", graph, job.key(graph), fp16_entry.spec, {**fp16_entry.options, "quantization": settings},
                   {rel: job.manifest.file_record(rel) for rel in rels},
                   record={**fp16_entry.record, "quantize_s": quantize_s})
@@ -354,4 +590,30 @@ def produce(job, opts: QuantizeOptions) -> None:
                  f"{opts.min_psnr:g})")
     if not report["passed"]:
         raise ExportError(f"the {opts.mode} UNet's edits fall below --min-psnr {opts.min_psnr:g} dB against the fp16 "
-                          f"edits (worst {report['worst_psnr_db']}); see {job.out / 'report.json'}")
+                          f"edits (worst {report['worst_psnr_db']}): recorded as failed, which no runner runs; see "
+                          f"{job.out / 'report.json'}")
+
+
+def _keep_fp16(main: Path, kept: Path, work: Path) -> list[str]:
+    """Move the fp16 graph `main` to `kept` (unet.onnx -> unet.fp16.onnx), its external data renamed with it
+    (<kept>.data, the graph's references rewritten). -> the moved files, relative to OUT."""
+    import onnx
+
+    data = _external_files(main)
+    if not data:
+        move_into_place(main, kept)
+        return [f"onnx/{kept.name}"]
+    model = onnx.load(str(main), load_external_data=False)
+    new = f"{kept.name}.data"
+    if len(data) > 1:
+        raise ExportError(f"{main} keeps its weights in {len(data)} files; the ONNX export writes one")
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = new
+    onnx.save(model, str(work / kept.name))  # the graph only: its data stays where it is
+    move_into_place(data[0], kept.with_name(new))
+    move_into_place(work / kept.name, kept)
+    main.unlink()
+    return [f"onnx/{new}", f"onnx/{kept.name}"]
+

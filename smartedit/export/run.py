@@ -46,7 +46,7 @@ from smartedit.config import SmartEditConfig
 from smartedit.errors import InputError, RunError
 from smartedit.files import write_json
 from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names
-from smartedit.graphs.manifest import MANIFEST_FILE, Manifest
+from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, load_json, loads_json
 from smartedit.graphs.spec import DIM_MEANINGS, EXPORT_PRECISIONS, ProfileOptions
 from smartedit.weights import ModelSource
 
@@ -54,6 +54,7 @@ from . import targets
 from .job import ExportJob, Target
 from .quantize import MODES as QUANTIZED
 from .quantize import QuantizeOptions
+from .quantize import prepare as prepare_quantize
 from .onnx import NoExamplePoint, export_point
 
 LOCK_FILE = ".smartedit-export.lock"
@@ -108,10 +109,16 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     profile = profile or ProfileOptions()
     _check_traceable(cfg, profile, fold_cfg, names, t)
     t.check(target, target_options, quantize)  # e.g. TensorRT missing, no GPU to compile for: before any work
+    graphs = graph_table(cfg, profile, fold_cfg=fold_cfg)
+    if quantize is not None:  # Model Optimizer, the device, the calibration's memory, every image: before any work
+        unet = next(g for g in graphs.values() if g.per_step)
+        quantize = prepare_quantize(quantize, unet.spec, profile.opt_res, cfg.vision.image_size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"output path {out} exists and is not a folder")
     _check_owned(out)
+    if quantize is not None:  # again under the lock, once the manifest is known to be this model's
+        _check_calibration_graphs(_manifest_or_none(out) or Manifest(out, {}, {}), names, precision)
     _check_writable(out)
     with lock_output(out):
         removed = remove_leftovers(out)
@@ -126,6 +133,8 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
                 manifest, fresh = Manifest(out, recorded, tools), True  # another model: nothing in OUT is reused
         except InputError:  # no manifest yet (or one this version cannot read): start afresh
             manifest, fresh = Manifest(out, recorded, tools), True
+        if quantize is not None:
+            _check_calibration_graphs(manifest, names, precision)
         manifest.source, manifest.toolchain = recorded, tools
         report = _read_report(out)
         if fresh:  # on disk before any file is replaced: no entry of the old model outlives its file
@@ -133,21 +142,40 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
             if report:
                 report = {}
                 write_json(out / REPORT_FILE, report)
-        job = ExportJob(target=target, out=out, source=source, cfg=cfg,
-                        graphs=graph_table(cfg, profile, fold_cfg=fold_cfg), names=names, manifest=manifest,
+        job = ExportJob(target=target, out=out, source=source, cfg=cfg, graphs=graphs, names=names, manifest=manifest,
                         report=report, precision=precision, opset=opset, profile=profile, fold_cfg=fold_cfg,
                         verify=verify, progress=progress, target_options=target_options, quantize=quantize)
         t.produce(job)
     return manifest
 
 
-def _read_report(out: Path) -> dict:
-    import json
+def _check_calibration_graphs(manifest: Manifest, names: list[str], precision: str) -> None:
+    """Quantization calibrates on whole edits through the onnx graphs: those this export does not write must be in
+    the manifest already, at the export's precision, and not failed (InputError naming them, before any work)."""
+    entries = manifest.entries("onnx")
+    missing = [g for g in GRAPH_NAMES if g not in names and g not in entries]
+    if missing:
+        raise InputError(f"--precision int8/fp8 calibrates on whole edits: {manifest.root} has no onnx {missing} "
+                         f"and --graphs {','.join(names)} does not export them (export every graph: --graphs all)")
+    bad = [f"{g} ({entries[g].refused() or 'precision ' + entries[g].precision})" for g in GRAPH_NAMES
+           if g not in names and (entries[g].refused() or entries[g].precision != precision)]
+    if bad:
+        raise InputError(f"--precision int8/fp8 calibrates on whole edits through the onnx graphs, and --graphs "
+                         f"{','.join(names)} leaves {', '.join(bad)} as they are: export them too (--graphs all)")
 
+
+def _manifest_or_none(out: Path) -> Manifest | None:
     try:
-        report = json.loads((out / "report.json").read_text())
-        return report if isinstance(report, dict) else {}
-    except (OSError, ValueError):
+        return Manifest.read(out)
+    except InputError:
+        return None
+
+
+def _read_report(out: Path) -> dict:
+    """OUT/report.json, or {} when it is missing or unreadable (malformed, nested too deeply): it is rewritten."""
+    try:
+        return load_json(out / REPORT_FILE)
+    except (OSError, ValueError):  # ArtifactError is a ValueError
         return {}
 
 
@@ -230,16 +258,16 @@ def _replace(profile: ProfileOptions, **changes) -> ProfileOptions | None:
 def _is_our_manifest(path: Path) -> bool:
     """An smartedit-export manifest (of any version): a JSON object with manifest_version and artifacts."""
     try:
-        d = json.loads(path.read_text())
+        d = load_json(path)
     except (OSError, ValueError):
         return False
-    return isinstance(d, dict) and "manifest_version" in d and isinstance(d.get("artifacts"), dict)
+    return "manifest_version" in d and isinstance(d.get("artifacts"), dict)
 
 
 def _listed_top_names(path: Path) -> set[str]:
     """The first path component of every file our manifest at `path` lists."""
     try:
-        arts = json.loads(path.read_text()).get("artifacts", {})
+        arts = load_json(path).get("artifacts", {})
         return {Path(rel).parts[0] for gs in arts.values() if isinstance(gs, dict) for e in gs.values()
                 if isinstance(e, dict) for rel in (e.get("files") or {}) if Path(rel).parts}
     except (OSError, ValueError, AttributeError, TypeError):
@@ -267,7 +295,7 @@ def _foreign_in_repository(manifest: Path, repo: Path) -> list[str]:
     from smartedit.serve.repository import unrecorded
 
     try:
-        files = json.loads(manifest.read_text()).get("repositories", {}).get(repo.name, {}).get("files")
+        files = load_json(manifest).get("repositories", {}).get(repo.name, {}).get("files")
     except (OSError, ValueError, AttributeError):
         files = None
     if not isinstance(files, dict):
@@ -340,7 +368,7 @@ def lock_output(out: Path, holder: str = "smartedit-export") -> Iterator[Path]:
 def _holder(fd: int) -> str:
     for _ in range(20):  # the holder writes its pid just after it locks: give it a moment
         try:
-            d = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+            d = loads_json(os.pread(fd, 4096, 0) or b"null", str(Path(LOCK_FILE)))
         except (OSError, ValueError):
             d = None
         if isinstance(d, dict) and "pid" in d:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smartedit.errors import ExportError, InputError
+from smartedit.errors import ArtifactError, ExportError, InputError
 from smartedit.files import sha256_file, staged
 from smartedit.serve.repository import (
     MODEL,
@@ -123,6 +123,9 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
     missing = [g for g in GRAPH_NAMES if g not in entries]
     if missing:
         raise ExportError(f"the {target} export lacks {missing}: export every graph first")
+    refused = [e.refused() for e in entries.values() if e.refused()]
+    if refused:  # a graph the export found wrong is not served
+        raise ArtifactError(f"{manifest.root}: {refused[0]}")
     if manifest.repositories.pop("triton", None) is not None:  # the record goes before the files are replaced
         manifest.write()
     with staged(repo, folder=True) as tmp:

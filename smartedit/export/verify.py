@@ -5,7 +5,8 @@
    the backend of the registry that runs that target (ONNX Runtime, AOTInductor, TensorRT), on this machine where it
    can, and is compared with fp32 PyTorch at the two shapes the export checked, with the export's bound (PyTorch's
    own fp16 error, smartedit.graphs.parity). A target that cannot run here (no GPU, no TensorRT, built for another
-   torch) is listed with the reason, not failed.
+   torch) is listed with the reason, not failed. An entry whose check failed at export (verified: false) is reported
+   failed and not run.
 Writes OUT/verify.json. Exit status 1 if anything checked failed.
 """
 
@@ -76,6 +77,11 @@ def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[
         progress(f"{name} repository: {len(manifest.repositories[name]['files'])} files "
                  + ("intact, serving the graphs above" if not bad else f"DAMAGED: {bad[:4]}")
                  + f" ({time.perf_counter() - t0:.1f} s)")
+    for target, entries in intact.items():  # failed at export: reported failed, with or without a source
+        for g, e in entries.items():
+            if e.refused():
+                result["parity"].setdefault(target, {})[g] = {"passed": False, "error": e.refused()}
+                progress(f"{target}/{g}: FAILED: {e.refused()}")
     if source is None:
         result["not_run"].append("parity with PyTorch: no source model given (--model DIR or --preset P "
                                  "--random-weights)")
@@ -115,6 +121,13 @@ class _Reference:
 
 def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: ModelSource, reference: _Reference,
                    result: dict, progress) -> None:
+    refused = [g for g, e in entries.items() if e.refused()]
+    if refused:  # reported failed by _verify; no runner opens the target
+        rest = [g for g in entries if g not in refused]
+        if rest:
+            result["not_run"].append(f"{target} ({', '.join(rest)}) vs PyTorch: no runner opens a target holding an "
+                                     f"entry that failed its check at export ({', '.join(refused)})")
+        return
     backend = next((b for b in registry.BACKENDS.values() if b.target == target), None)
     if backend is None:
         result["not_run"].append(f"{target}: no backend runs this target")

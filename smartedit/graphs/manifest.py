@@ -16,7 +16,10 @@ Every entry has the same fields:
     requires                 what a runner must match to run it: {"tensorrt": "10.7.0", "compute_capability":
                              ["86", "80"]} or {"torch": "2.13.0", "device": {"type": "cuda", "capability": "9.0"}}
     profiles                 the optimisation profiles: [{"name", "dims"}] (TensorRT's exact ones first); [] = the spec's
-    verified                 true / false / null (not checked) against PyTorch at export
+    verified                 the export's check of the artifact (against fp32 PyTorch; a quantized graph: its quality
+                             report against the fp16 graph): true passed; false failed: no runner runs the entry
+                             (`Entry.refused`), smartedit-verify reports it failed; null not checked (smartedit-export
+                             --no-verify, or a TensorRT plan built where it cannot run): runners run it and say so
     record                   what happened (timings, sizes, logs): informative, never required
 
 A repository records {"source", "stages", "files": {path relative to OUT: {"sha256", "bytes"}}}: every file a
@@ -24,21 +27,63 @@ server loads from it, so that what is served is what was exported and verified.
 
 `Entry.compatible(here)` returns why an entry cannot run on a machine described by `here` (the same keys as
 `requires`), or None. Paths from a manifest are resolved inside OUT or refused.
+
+A manifest is read, not trusted: at most MAX_MANIFEST_BYTES, JSON nested at most MAX_JSON_DEPTH levels (the C++
+reader's limit too; a manifest is about 8 deep), every entry's fields typed. `load_json` is the one reader of
+manifest.json and the other JSON files of an export folder.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from smartedit.errors import ArtifactError
-from smartedit.files import read_json, sha256_file, sha256_file_cached, write_json
+from smartedit.files import sha256_file, sha256_file_cached, write_json
 
 from .spec import DimRange, GraphSpec, parse_dim
 
 MANIFEST_VERSION = 3
 MANIFEST_FILE = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # the C++ reader's limit (runtime/src/manifest.cpp); a 7b export's is ~100 KB
+MAX_JSON_DEPTH = 64  # the C++ reader's kMaxDepth (runtime/include/smartedit/json.h)
+
+
+def loads_json(text: str | bytes, where: str) -> Any:
+    """The JSON value of `text`, nested at most MAX_JSON_DEPTH levels; ArtifactError naming `where` otherwise (a
+    file nested deeper than Python's recursion limit is a RecursionError inside json, caught here)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ArtifactError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels: not a file smartedit-export "
+                            "writes") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where} is not valid JSON: {e}") from None
+    level, todo = -1, [value]  # the root is level 0, as in the C++ reader
+    while todo:  # breadth first, one level per pass: no recursion on a hostile file
+        level += 1
+        if level > MAX_JSON_DEPTH:
+            raise ArtifactError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels: not a file smartedit-export "
+                                "writes")
+        todo = [c for v in todo for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+                if isinstance(c, (dict, list))]
+    return value
+
+
+def load_json(path: str | Path, want: type = dict) -> Any:
+    """The JSON value (of type `want`) of an export folder's file: at most MAX_MANIFEST_BYTES, nested at most
+    MAX_JSON_DEPTH levels. ArtifactError naming the file otherwise; OSError when it cannot be read."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MB: not a file smartedit-export writes")
+    value = loads_json(data, str(path))
+    if not isinstance(value, want):
+        raise ArtifactError(f"{path} holds a JSON {type(value).__name__}, not a {want.__name__}")
+    return value
 
 
 @dataclass
@@ -68,6 +113,16 @@ class Entry:
         if not self.profiles:
             return [self.spec]
         return [replace(self.spec, dims={k: DimRange(**v) for k, v in p["dims"].items()}) for p in self.profiles]
+
+    def refused(self) -> str | None:
+        """Why no runner runs this entry (its check at export failed), or None. An entry that was not checked
+        (verified null) is not refused: runners warn that it was not checked."""
+        if self.verified is not False:
+            return None
+        check = ("its quality report fell below --min-psnr against the fp16 graph"
+                 if self.options.get("quantization") else "it did not match PyTorch")
+        return (f"{self.target}/{self.graph} failed its check at export ({check}; verified: false in the manifest, "
+                f"see report.json): it is not run; re-run smartedit-export --target {self.target}")
 
     def compatible(self, here: dict[str, Any]) -> str | None:
         """Why this entry cannot run where `here` describes (None: it can). A list in `requires` is the set of
@@ -99,6 +154,8 @@ class Entry:
                         verified=d.get("verified"), record=dict(d.get("record", {})), source=d["source"])
             if not isinstance(entry.source, str):
                 raise TypeError(f"source must be a sha256 string, got {entry.source!r}")
+            if not any(entry.verified is v for v in (True, False, None)):  # not 1 or 0
+                raise TypeError(f"verified must be true, false or null, got {entry.verified!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest entry ({type(e).__name__}: {e})") from None
         _check_bounded(entry.spec, where)
@@ -145,7 +202,7 @@ class Manifest:
         path = root / MANIFEST_FILE
         if not path.is_file():
             raise ArtifactError(f"{path} not found: {root} is not an smartedit-export output folder")
-        d = read_json(path, ArtifactError)
+        d = load_json(path)
         if d.get("manifest_version") != MANIFEST_VERSION:
             raise ArtifactError(f"{path} is manifest version {d.get('manifest_version')!r}, this smartedit reads "
                                 f"version {MANIFEST_VERSION}: re-run smartedit-export into {root}")
