@@ -214,6 +214,33 @@ def _entry_from_another_source(c: Ctx):
     return c.edit(c.ok_edit())
 
 
+def _manifest_nested_100k_deep(c: Ctx):
+    """A manifest whose artifacts are 100000 nested arrays: refused by the parser's depth bound, not a stack overflow
+    (the reader recursed once per level)."""
+    manifest = _copied_artifacts(c) / "manifest.json"
+    m = json.loads(manifest.read_text())
+    text = json.dumps({**m, "artifacts": "@"})
+    manifest.write_text(text.replace('"@"', "[" * 100_000 + "]" * 100_000))
+    return c.edit(c.ok_edit())
+
+
+def _manifest_over_64_mb(c: Ctx):
+    manifest = _copied_artifacts(c) / "manifest.json"
+    manifest.write_text(manifest.read_text() + " " * (65 << 20))
+    return c.edit(c.ok_edit())
+
+
+def _entry_verified(value):
+    """The unet's entry as the export records a check that failed (false), or hand-edited to a non-boolean."""
+    def make(c: Ctx):
+        manifest = _copied_artifacts(c) / "manifest.json"
+        m = json.loads(manifest.read_text())
+        m["artifacts"]["aoti"]["unet"]["verified"] = value
+        manifest.write_text(json.dumps(m))
+        return c.edit(c.ok_edit())
+    return make
+
+
 def _unet_symlink_out_of_the_folder(c: Ctx):
     """The unet package a symlink to the same bytes outside the folder: the path resolves outside and is refused
     (the manifest's paths are checked after resolving links, not just by their spelling)."""
@@ -285,6 +312,12 @@ ROWS = [
     Row("manifest_sha256_edited", _manifest_sha256_edited, 2,
         "aoti/vae_decoder.pt2 does not match its manifest entry (sha256 "),
     Row("unet_symlink_out_of_the_folder", _unet_symlink_out_of_the_folder, 2, "names 'aoti/unet.pt2', outside"),
+    # what the export's check found wrong never runs; a manifest is parsed within bounds
+    Row("entry_failed_its_check_at_export", _entry_verified(False), 2,
+        "aoti/unet failed its check at export (verified: false in "),
+    Row("entry_verified_not_a_boolean", _entry_verified("yes"), 2, "[aoti][unet]: 'verified' must be true, false"),
+    Row("manifest_nested_100k_deep", _manifest_nested_100k_deep, 2, "nested deeper than 64 levels"),
+    Row("manifest_over_64_mb", _manifest_over_64_mb, 2, "manifest.json is over 64 MB"),
     # torch's own error (c10::Error) escaping to main: its first line, without the C++ backtrace
     Row("device_cuda_absent", lambda c: c.denoise(c.ok_denoise(), None, "--device", "cuda"), 1, "cuda",
         when=not torch.cuda.is_available()),

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -150,11 +151,20 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
   m.dir_ = artifacts_dir;
   m.target_ = target;
   const fs::path root_dir = fs::weakly_canonical(dir);
+  std::vector<std::string> unchecked;
   for (const auto& [graph, e] : entries->object) {
     const std::string w = where + " [" + target + "][" + graph + "]";
     if (e.at("source", Json::Kind::kString, w).string != source)
       throw std::runtime_error(w + " was exported from another source than this folder's (copied in from another "
                                "export?): re-run smartedit-export --target " + target + " --out " + artifacts_dir);
+    // the export's check of the entry (smartedit/graphs/manifest.py): false = failed, never run; null = not checked
+    const Json* verified = e.find("verified");
+    if (verified && verified->kind != Json::Kind::kBool && verified->kind != Json::Kind::kNull)
+      throw std::runtime_error(w + ": 'verified' must be true, false or null");
+    if (verified && verified->kind == Json::Kind::kBool && !verified->boolean)
+      throw std::runtime_error(target + "/" + graph + " failed its check at export (verified: false in " + where +
+                               ", see report.json): it is not run; re-run smartedit-export --target " + target);
+    if (!verified || verified->kind == Json::Kind::kNull) unchecked.push_back(target + "/" + graph);
     GraphArtifact g;
     g.graph = graph;
     const Json& options = e.at("options", Json::Kind::kObject, w);
@@ -195,6 +205,12 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
     }
     if (g.file.empty()) throw std::runtime_error(w + ": no .pt2 file listed");
     m.graphs_[graph] = std::move(g);
+  }
+  if (!unchecked.empty()) {  // run, and said once: the export did not check them (smartedit-export --no-verify)
+    std::string names;
+    for (const std::string& n : unchecked) names += (names.empty() ? "" : ", ") + n;
+    std::cerr << "warning: " << names << " not checked at export (smartedit-export --no-verify): smartedit-verify "
+              << "checks them where they run\n";
   }
   return m;
 }
