@@ -189,7 +189,8 @@ def tensors_cli(argv: list[str] | None = None) -> None:
     pk.add_argument("--out", required=True, help="the .safetensors file to write")
     png = sub.add_parser("png", help="smartedit-runtime's image.safetensors -> PNG (one file per batch item)")
     png.add_argument("tensors", help="the .safetensors file smartedit-runtime edit wrote")
-    png.add_argument("out", help="output .png (batch item i > 0: NAME-i.png)")
+    png.add_argument("out", help="output .png (batch item i > 0: NAME-i.png, refused where such a file exists)")
+    png.add_argument("--overwrite", action="store_true", help="replace existing NAME-i.png files of batch items i > 0")
     a = p.parse_args(argv)
     source = model_source(pk, a) if a.command == "pack" else None
 
@@ -220,10 +221,18 @@ def tensors_cli(argv: list[str] | None = None) -> None:
                              "smartedit-runtime edit)")
         if not torch.isfinite(image).all():
             raise InputError(f"{a.tensors}: 'image' holds non-finite values")
+        if image.shape[0] == 0:
+            raise InputError(f"{a.tensors}: 'image' holds a batch of 0 images: nothing to write")
         out = Path(a.out)
-        for i, img in enumerate(postprocess(image)):
-            path = out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, image.shape[0])]
+        for path in paths:  # every output checked before the first is written
             _check_output(path, "out")
+        refuse_overwriting_inputs({str(q): q for q in paths}, {"tensors": a.tensors})
+        taken = [str(q) for q in paths[1:] if q.exists() or q.is_symlink()]
+        if taken and not a.overwrite:
+            raise InputError(f"{taken[0]} exists (batch item {paths.index(Path(taken[0]))} of {len(paths)} would "
+                             "replace it): choose another out name, or add --overwrite")
+        for path, img in zip(paths, postprocess(image)):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             path.parent.mkdir(parents=True, exist_ok=True)

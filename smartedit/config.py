@@ -185,6 +185,12 @@ DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5  # image (the official script sweeps 1.4 / 1.
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
+def derived_seed(seed: int, stream: int) -> int:
+    """The seed of a preset's stream `stream` (0..99: a stage's random weights) drawn from `seed`: seed * 100 + stream,
+    wrapped into 0..MAX_SEED so that every seed check_seed accepts draws."""
+    return (seed * 100 + stream) % (MAX_SEED + 1)
+
+
 def check_seed(value: object, name: str = "seed") -> int:
     """A seed of the edit's noise: an integer in 0..MAX_SEED (InputError naming it otherwise)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:

@@ -19,6 +19,7 @@ depends only on the tokens before it.
 from __future__ import annotations
 
 import random
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -138,13 +139,28 @@ class PromptIds:
 MAX_INSTRUCTION_BYTES = 8 * 2048
 
 
+# Characters that draw nothing: Unicode's format, control, separator, surrogate, private-use and unassigned
+# categories (zero-width space, BOM, direction marks, ...), and the letters and symbols fonts draw blank.
+_INVISIBLE_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp")
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(text: str) -> bool:
+    """Whether `text` has a character that draws something."""
+    return any(not c.isspace() and c not in _BLANK_GLYPHS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES
+               for c in text)
+
+
 def check_instruction(tokenizer: PreTrainedTokenizerBase, instruction: str) -> None:
-    """An instruction is text: non-empty, valid Unicode, at most MAX_INSTRUCTION_BYTES, and free of the
-    tokenizer's control strings (`</s>`, `<unk>`, `<img_3>`, ...), which the tokenizer would read as control ids,
-    not as the characters typed."""
+    """An instruction is text: with a visible character (one made only of zero-width spaces, BOMs or direction
+    marks says nothing), valid Unicode, at most MAX_INSTRUCTION_BYTES, and free of the tokenizer's control strings
+    (`</s>`, `<unk>`, `<img_3>`, ...), which the tokenizer would read as control ids, not as the characters typed."""
     if not isinstance(instruction, str) or not instruction.strip():
         raise InputError(f"instruction must be a non-empty string, got {instruction[:40]!r}" if isinstance(
             instruction, str) else f"instruction must be a non-empty string, got {type(instruction).__name__}")
+    if len(instruction) <= MAX_INSTRUCTION_BYTES and not visible(instruction):
+        shown = " ".join(f"U+{ord(c):04X}" for c in instruction[:8]) + (" ..." if len(instruction) > 8 else "")
+        raise InputError(f"instruction has no visible character ({shown}): say what to change")
     if len(instruction) > MAX_INSTRUCTION_BYTES:  # characters <= bytes: refused before encoding a huge string
         raise InputError(f"instruction is {len(instruction)} characters, over the {MAX_INSTRUCTION_BYTES}-byte limit")
     try:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .bim import BIM
-from .config import SmartEditConfig
+from .config import SmartEditConfig, derived_seed
 from .errors import InputError
 from .mllm import PAD_ID, SmartEditLLM
 from .qformer import QFormer
@@ -149,7 +149,7 @@ def build_stages(cfg: SmartEditConfig, device: torch.device | str = "cpu", dtype
     for i, name in enumerate(STAGE_NAMES):
         where, do_init = (device, init) if name in wanted else ("meta", False)
         if seed is not None:
-            torch.manual_seed(seed * 100 + i)
+            torch.manual_seed(derived_seed(seed, i))
         with _construction(where, dtype, do_init):
             modules[name] = builders[name]()
         modules[name].eval().requires_grad_(False)

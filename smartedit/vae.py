@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from .config import VAEConfig
@@ -14,10 +14,11 @@ from .vision import to_rgb
 
 
 def preprocess_vae(images: list[Image.Image], resolution: int) -> torch.Tensor:
-    """PIL images -> [B, 3, R, R] in [-1, 1]. Official: exif transpose, RGB, bicubic resize to a square (is_resize)."""
+    """PIL images -> [B, 3, R, R] in [-1, 1]. Official: exif transpose (in to_rgb), RGB, bicubic resize to a square
+    (is_resize)."""
     arrays = []
     for img in images:
-        img = to_rgb(ImageOps.exif_transpose(img)).resize((resolution, resolution), Image.Resampling.BICUBIC)
+        img = to_rgb(img).resize((resolution, resolution), Image.Resampling.BICUBIC)
         arrays.append(np.asarray(img, dtype=np.float32) / 127.5 - 1.0)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 

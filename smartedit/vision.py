@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -20,8 +20,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image -> 8-bit RGB by its meaning, not its raw values: PIL's convert("RGB") clips a 16-bit
-    greyscale PNG (mode I;16 / I, 0..65535) to white; here it is scaled by 255/65535 first. Alpha is dropped."""
+    """Any PIL image -> 8-bit RGB by its meaning, not its raw values: upright as its EXIF orientation says (a phone's
+    JPEG is stored sideways; every stage sees it upright, as the official VAE input does); PIL's convert("RGB") clips
+    a 16-bit greyscale PNG (mode I;16 / I, 0..65535) to white, here it is scaled by 255/65535 first. Alpha is
+    dropped."""
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0

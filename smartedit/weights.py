@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
-from .config import PRESETS, SmartEditConfig
+from .config import PRESETS, SmartEditConfig, derived_seed
 from .errors import InputError
 from .files import sha256_file, sha256_json
 from .model import STAGE_NAMES, Stages, build_stages
@@ -47,7 +47,7 @@ def from_preset(name: str, seed: int = 0, device: torch.device | str = "cpu", dt
     stages = build_stages(cfg, device, dtype, init=True, only=only, seed=seed)
     # peft initialises lora_B to zero (a no-op adapter); a trained release's is not, so give it values too
     if not stages.llm.lm_head.weight.is_meta:
-        torch.manual_seed(seed * 100 + 99)
+        torch.manual_seed(derived_seed(seed, 99))
         for pname, p in stages.llm.named_parameters():
             if "lora_B" in pname:
                 nn.init.normal_(p, std=0.02)

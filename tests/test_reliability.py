@@ -321,6 +321,32 @@ CASES = [
     ("tensors-pack-image-garbage", 5, lambda w: (w.image.write_bytes(b"nope"), ("tensors", [
         "pack", "--model", w.model, "--image", w.image, "--instruction", "x", "--out", w.out / "t.safetensors"]))[1],
      2, "in.png"),
+    # 9: inputs mean what they say (round 2): an instruction that draws nothing, a batch of no images
+    ("edit-instruction-invisible", 9, lambda w: ("edit", w.edit("--instruction", "\u200b\ufeff\u200e")), 2,
+     "U+200B U+FEFF U+200E"),
+    ("edit-instruction-blank-glyphs", 9, lambda w: ("edit", w.edit("--instruction", "\u3164 \u2800")), 2,
+     "no visible character"),
+    ("tensors-png-batch-of-0", 9, lambda w: (save_file({"image": torch.zeros(0, 3, 8, 8)}, w.root / "e.safetensors"),
+                                             ("tensors", ["png", w.root / "e.safetensors", w.out / "x.png"]))[1],
+     2, "a batch of 0 images"),
+    # 1: outputs never destroy files nobody named (NAME-i.png of batch item i)
+    ("tensors-png-item-1-exists", 1, lambda w: (_existing(w, "x-1.png"), save_file(
+        {"image": torch.zeros(3, 3, 8, 8)}, w.root / "three.safetensors"),
+        ("tensors", ["png", w.root / "three.safetensors", w.root / "x.png"]))[2], 2, "x-1.png exists"),
+    ("tensors-png-item-2-exists", 1, lambda w: (_existing(w, "x-2.png"), save_file(
+        {"image": torch.zeros(3, 3, 8, 8)}, w.root / "three.safetensors"),
+        ("tensors", ["png", w.root / "three.safetensors", w.root / "x.png"]))[2], 2, "--overwrite"),
+    # 5 and 10: a value the parser accepts works or is refused before work
+    ("bench-serve-two-backends", 10, lambda w: ("bench", _bench(w, "--serve", "--backends", "eager,onnxruntime")), 2,
+     "one backend at one resolution"),
+    ("bench-serve-two-resolutions", 10, lambda w: ("bench", _bench(w, "--serve", "--resolution", "64,128")), 2,
+     "--resolution 64,128"),
+    ("bench-serve-queue-delay-inf", 5, lambda w: ("bench", _bench(w, "--serve", "--max-queue-delay-ms", "inf")), 2,
+     "--max-queue-delay-ms"),
+    ("bench-serve-queue-delay-1e20", 5, lambda w: ("bench", _bench(w, "--serve", "--max-queue-delay-ms", "1e20")),
+     2, "1e+20"),
+    ("bench-serve-queue-delay-negative", 5, lambda w: ("bench", _bench(w, "--serve", "--max-queue-delay-ms=-1")), 2,
+     "-1"),
     # 10: the benchmark refuses what it cannot measure, before it measures
     ("bench-steps-zero", 10, lambda w: ("bench", _bench(w, "--steps", "0")), 2, "--steps"),
     ("bench-repeats-zero", 10, lambda w: ("bench", _bench(w, "--repeats", "0")), 2, "--repeats"),
@@ -350,6 +376,13 @@ def _aoti(w: W) -> Path:
     """A copy of the tiny preset's AOTInductor export (fp32, CPU) in this row's workspace."""
     w.inputs.append(_copy(w.pristine_aoti, w.root / "aoti"))
     return w.root / "aoti"
+
+
+def _existing(w: W, name: str) -> Path:
+    """A file of the user's beside the output, which no flag names."""
+    (w.root / name).write_bytes(b"the user's own picture")
+    w.inputs.append(w.root / name)
+    return w.root / name
 
 
 def _retarget(m: dict, path: str, data: bytes | None = None, target: str = "onnx") -> None:
@@ -545,3 +578,34 @@ def test_outputs_honour_the_umask(tmp_path):
     assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "model").rglob("*") if p.is_file()} == {0o644}
+
+
+def test_every_seed_the_parser_takes_draws_a_preset(tmp_path, capsys):
+    """5: --seed 2^63-1 is accepted by the parser, so the preset's weights must draw from it (its stage streams
+    overflowed torch's signed 64-bit seed before); seeds up to 2^56 draw the weights they always did."""
+    from smartedit.cli import edit_cli
+    from smartedit.config import MAX_SEED, derived_seed
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "in.png")
+    code, out, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--seed", MAX_SEED, "--image",
+                                        tmp_path / "in.png", "--instruction", "make it blue", "--steps", "1",
+                                        "--resolution", "64", "--out", tmp_path / "o.png", "--quiet"], capsys)
+    assert code == 0 and (tmp_path / "o.png").is_file(), err
+    assert [derived_seed(s, i) for s, i in ((0, 0), (7, 99), (2**56, 5))] == [0, 799, 2**56 * 100 + 5]
+
+
+def test_an_exif_rotated_photo_is_upright_for_every_stage(tmp_path):
+    """9: a JPEG stored sideways with an EXIF orientation (as phones write them) is seen upright by the CLIP and the
+    VAE preprocessing alike: both equal the same picture stored upright."""
+    from smartedit.vae import preprocess_vae
+    from smartedit.vision import preprocess_clip
+
+    upright = Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8))
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+    a, b = Image.open(tmp_path / "upright.png"), Image.open(tmp_path / "sideways.png")
+    assert b.size == (64, 96)
+    assert torch.equal(preprocess_clip([b]), preprocess_clip([a]))
+    assert torch.equal(preprocess_vae([b], 64), preprocess_vae([a], 64))

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results", help="folder for <device>-<model>.{json,md,png}")
     s = p.add_argument_group("load test of smartedit-serve (--serve)")
     s.add_argument("--serve", action="store_true", help="instead: start smartedit-serve (Triton Inference Server) "
-                   "on free loopback ports with the first of --backends and --resolution, and load it over HTTP and "
-                   "gRPC; writes serve-<device>-<model>-<backend>.{json,md,png}")
+                   "on free loopback ports with one backend (--backends) at one --resolution, and load it over HTTP "
+                   "and gRPC; writes serve-<device>-<model>-<backend>.{json,md,png}")
     s.add_argument("--concurrency", type=counts, default=(1, 2, 4, 8), help="requests in flight, per level")
     s.add_argument("--requests", type=positive, default=16, help="requests per level (bounded)")
     s.add_argument("--max-batch", type=positive, default=8, help="the server's dynamic batch limit")
@@ -52,9 +52,16 @@ def main(argv: list[str] | None = None) -> None:
         return a.dtype or ("fp32" if a.device == "cpu" else "fp16")
 
     def serve_body() -> None:
+        from smartedit.serve.repository import check_queue_delay_ms
+
         from . import serve
 
-        backend = a.backends.split(",")[0].strip()
+        backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+        if len(backends) != 1 or len(a.resolution) != 1:
+            raise InputError(f"--serve load-tests one backend at one resolution, got --backends {a.backends} and "
+                             f"--resolution {','.join(map(str, a.resolution))}: run it once per pair")
+        check_queue_delay_ms(a.max_queue_delay_ms)
+        backend = backends[0]
         res = serve.run_load_test(a.model, a.preset, a.seed, backend=backend, artifacts=a.artifacts, device=a.device,
                                   dtype=dtype(), concurrency=a.concurrency,
                                   protocols=tuple(x.strip() for x in a.protocols.split(",") if x.strip()),
