@@ -3,6 +3,7 @@ import os
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,13 +188,100 @@ def tiny_server():
         yield s
 
 
+class Launched:
+    """A `python -m smartedit.serve.launch` process (a container's command) and its endpoints; its output is read
+    into `lines` as it comes (a full pipe would stop the server)."""
+
+    def __init__(self, args: list[str], endpoints, timeout_s: float = 300):
+        import collections
+        import subprocess
+        import threading
+
+        self.endpoints = endpoints
+        self.lines: collections.deque = collections.deque(maxlen=2000)
+        self.proc = subprocess.Popen([sys.executable, "-m", "smartedit.serve.launch", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.ready = threading.Event()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("smartedit-launch: ready"):
+                    self.ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.wait(0.5):
+            assert self.proc.poll() is None, "the launcher exited: " + "".join(list(self.lines)[-20:])
+            assert time.monotonic() < deadline, "the launcher was not ready: " + "".join(list(self.lines)[-20:])
+
+    def server_env(self) -> dict[str, str]:
+        """The environment of the tritonserver under the launcher (root or the same user may read it)."""
+        from pathlib import Path
+
+        kids = [int(c) for t in Path(f"/proc/{self.proc.pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+        env = Path(f"/proc/{kids[0]}/environ").read_bytes().split(b"\0")
+        return dict(kv.decode().split("=", 1) for kv in env if b"=" in kv)
+
+    def stop(self) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def launch_args(repo, endpoints, record_sha256: str | None = None) -> list[str]:
+    own = ["--record-sha256", record_sha256] if record_sha256 else []
+    return [*own, "--", f"--model-repository={repo}", f"--http-address={endpoints.host}",
+            f"--grpc-address={endpoints.host}", f"--metrics-address={endpoints.host}", f"--http-port={endpoints.http}",
+            f"--grpc-port={endpoints.grpc}", f"--metrics-port={endpoints.metrics}", "--exit-timeout-secs=30"]
+
+
+def record_sha256(export) -> str:
+    """The sha256 the export's manifest records for its repository's `smartedit` config (what a pod is given)."""
+    import json
+    from pathlib import Path
+
+    m = json.loads((Path(export) / "manifest.json").read_text())
+    return m["repositories"]["triton"]["files"]["triton/smartedit/config.pbtxt"]["sha256"]
+
+
 @pytest.fixture(scope="session")
-def repository_server(triton_repository, tmp_path_factory):
-    """The bundled tritonserver on the shared `--target triton --triton-stages python` repository (its BLS
-    orchestrator and five Python stage models), started once per session."""
-    from smartedit.serve.server import TritonServer, free_endpoints
+def repository_server(triton_repository):
+    """The shared `--target triton --triton-stages python` repository (its BLS orchestrator and five Python stage
+    models) on the bundled tritonserver, started as a container starts it (python -m smartedit.serve.launch with the
+    record's sha256), once per session."""
+    from smartedit.serve.server import free_endpoints
 
     out, _ = triton_repository
-    with TritonServer(out / "triton", free_endpoints(), tmp_path_factory.mktemp("repository_server")) as s:
-        s.wait_ready(300)
-        yield s
+    e = free_endpoints()
+    server = Launched(launch_args(out / "triton", e, record_sha256(out)), e)
+    yield server
+    server.stop()  # a drain; under a loaded CPU the five stage stubs may outlast Triton's exit timeout (exit 1)
+
+
+TRAINED_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-shapes"  # tools/train_tiny.py's output
+# examples/demo.sh's PROFILE: the trained model's 64 px pictures, batches of up to 4
+TRAINED_PROFILE = dict(max_batch=4, min_res=64, opt_res=64, max_res=256, max_prefix=400, max_suffix=400)
+
+
+@pytest.fixture(scope="session")
+def trained_export(tmp_path_factory):
+    """The shipped trained model exported for the CPU backends once per session: ONNX and AOTInductor, fp32, in one
+    folder with examples/demo.sh's profile, as the demo's two exports leave it (the README test's demo reuses it)."""
+    from smartedit.export.run import run_export
+    from smartedit.graphs.spec import ProfileOptions
+
+    out = tmp_path_factory.mktemp("trained_export")
+    for target in ("onnx", "aoti"):
+        run_export(out, model=TRAINED_MODEL, target=target, precision="fp32",
+                   profile=ProfileOptions(**TRAINED_PROFILE), progress=lambda m: None)
+    return out

@@ -147,7 +147,7 @@ def test_http_serves_inference_and_nothing_else(tiny_server, what, method, path,
     before = _outcomes(e)
     status, text = _load_with_code(e) if method is None else _http(e, method, path, body)
     assert status == 403, (what, status, text)
-    assert "restricted" in text and "smartedit-admin-key" in text, text
+    assert "restricted" in text and "smartedit-closed-api" in text, text
     _one_line(text)
     assert not MARKER.exists(), "uploaded code ran"
     assert _http(e, "GET", f"/v2/models/{MODEL}/ready")[0] == 200  # still loaded, for everyone
@@ -178,6 +178,146 @@ def test_grpc_serves_inference_and_nothing_else(tiny_server, what, call):
     assert not MARKER.exists()
     assert client.is_model_ready(MODEL)
     _serves(e)
+
+
+def _server_pid(server) -> int:
+    return server.proc.pid
+
+
+def test_a_largest_request_that_does_not_fit_stops_the_start(monkeypatch):
+    """2: with --warm-up max (the default on a GPU) the largest request the server admits runs before it is ready:
+    one that does not fit (ONNX Runtime's unfused UNet attention at 768 px asked 32 GiB for one MatMul here) stops the
+    start with one line naming the batch and resolution, instead of the first such request stopping the service."""
+    from smartedit.errors import RunError
+    from smartedit.serve.model import _warm_up
+    from smartedit.serve.service import Limits
+
+    calls = []
+
+    def pipe(images, instructions, steps, resolution, seed):
+        calls.append((len(images), resolution))
+        if resolution > 256:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul "
+                               "node.\n Status Message: Failed to allocate memory for requested buffer of size 34359738368")
+
+    limits = Limits(max_resolution=768, max_batch=4)
+    _warm_up(pipe, limits, "min")
+    with pytest.raises(RunError) as err:
+        _warm_up(pipe, limits, "max")
+    assert calls == [(1, 64), (4, 768)]
+    assert "the largest request this server admits (4 x 768 px) failed at warm-up" in str(err.value), str(err.value)
+    assert "34359738368" in str(err.value) and "--max-batch" in str(err.value)
+    _one_line(str(err.value))
+
+
+def test_no_key_in_the_command_line_and_no_model_control(tiny_server):
+    """1: what a local user reads in /proc/PID/cmdline opens nothing: every restricted API is closed by a value that
+    holds a line feed (no HTTP or gRPC client can send one), and the server runs without model control."""
+    argv = Path(f"/proc/{_server_pid(tiny_server)}/cmdline").read_bytes().decode().split("\0")
+    restricted = [a for a in argv if a.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
+    assert len(restricted) == 2 and all("\n" in a for a in restricted), restricted
+    assert not any(a.startswith(("--model-control-mode", "--load-model")) for a in argv), argv
+
+
+CLOSED_VALUES = [
+    # (id, the header line a client sends, built from what /proc shows)
+    ("value-as-shown", b"smartedit-closed-api: closed\nto every client"),
+    ("value-with-crlf", b"smartedit-closed-api: closed\r\nto every client"),
+    ("value-folded", b"smartedit-closed-api: closed\r\n to every client"),
+    ("value-first-line", b"smartedit-closed-api: closed"),
+]
+
+
+@pytest.mark.parametrize("what,header", CLOSED_VALUES, ids=[r[0] for r in CLOSED_VALUES])
+def test_the_closed_apis_open_to_no_header(tiny_server, what, header):
+    """1: a raw HTTP request carrying the closing value the ways a client could try: never answered 200 (refused
+    403, or the connection dropped as malformed); the model is still loaded and serving."""
+    e = tiny_server.endpoints
+    with socket.create_connection((e.host, e.http), timeout=30) as c:
+        c.sendall(b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\n" + header + b"\r\nContent-Length: 0\r\n\r\n")
+        answer = c.recv(200)
+    assert not answer.startswith(b"HTTP/1.1 200"), answer
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+    _serves(e)
+
+
+def test_the_closed_apis_open_to_no_grpc_metadata(tiny_server):
+    """1: the same value as gRPC metadata cannot even be sent."""
+    client = tritonclient.InferenceServerClient(tiny_server.endpoints.grpc_url)
+    for value in ("closed\nto every client", "closed"):
+        with pytest.raises(BAD) as err:
+            client.get_model_repository_index(headers={"triton-grpc-protocol-smartedit-closed-api": value})
+        assert err.value.status() in ("StatusCode.UNAVAILABLE", "StatusCode.INTERNAL"), str(err.value)
+    assert client.is_model_ready(MODEL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private /dev/shm needs root (a mount namespace)")
+def test_request_tensors_are_not_in_the_machines_dev_shm(tiny_server):
+    """1: run as root, the server's /dev/shm is its own (mode 0700): Triton's Python backend makes its regions,
+    which carry every request's tensors, mode 644, so in the machine's /dev/shm any local user could read them."""
+    pid = _server_pid(tiny_server)
+    _serves(tiny_server.endpoints)
+    theirs = set(os.listdir(f"/proc/{pid}/root/dev/shm"))
+    assert theirs and not theirs & set(os.listdir("/dev/shm")), theirs
+    assert (os.stat(f"/proc/{pid}/root/dev/shm").st_mode & 0o777) == 0o700
+
+
+CLASSIFICATION = [
+    # (id, protocol, output): Triton Inference Server 2.51 died (SIGFPE) classifying a BYTES output
+    ("edited-http", "http", "edited"), ("timings-http", "http", "timings"), ("edited-grpc", "grpc", "edited"),
+]
+
+
+@pytest.mark.parametrize("what,protocol,output", CLASSIFICATION, ids=[r[0] for r in CLASSIFICATION])
+def test_a_classification_request_does_not_stop_the_server(tiny_server, what, protocol, output):
+    """2: the classification extension on an output: answered (the outputs are UINT8, whose class indices are
+    harmless), and the server still serves."""
+    e = tiny_server.endpoints
+    module = __import__(f"tritonclient.{protocol}", fromlist=["x"])
+    client = connect(protocol, e.http_url if protocol == "http" else e.grpc_url, 120)
+    r = client.infer(MODEL, edit_inputs(module, IMAGE, "make it blue", steps=1, resolution=64, seed=0),
+                     outputs=[module.InferRequestedOutput(output, class_count=2)])
+    assert r.as_numpy(output).shape == (1, 2)
+    _serves(e)
+
+
+def test_json_integers_are_not_narrowed(tiny_server):
+    """9: a JSON request's steps of 2^32 + 1 reach the model as they were sent (INT64 inputs; Triton narrowed an
+    INT32 input to 1 step) and are refused naming the value; an old client's INT32 steps are refused by Triton's
+    datatype check, before the model."""
+    e = tiny_server.endpoints
+    def request(steps_value, dtype="INT64"):
+        head = json.dumps({"inputs": [
+            {"name": "image", "shape": [1, 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(IMAGE) + 4}},
+            {"name": "instruction", "shape": [1, 1], "datatype": "BYTES", "data": ["make it blue"]},
+            {"name": "steps", "shape": [1, 1], "datatype": dtype, "data": [steps_value]},
+            {"name": "resolution", "shape": [1, 1], "datatype": "INT64", "data": [64]}]}).encode()
+        body = head + len(IMAGE).to_bytes(4, "little") + IMAGE
+        return _http(e, "POST", f"/v2/models/{MODEL}/infer", body,
+                     {"Inference-Header-Content-Length": str(len(head))})
+
+    before = _outcomes(e)
+    status, text = request(2**32 + 1)
+    assert status == 400 and "steps must be from 1 to 100, got 4294967297" in text, (status, text)
+    status, text = request(1, "INT32")
+    assert status == 400 and "steps" in text and "INT64" in text, (status, text)
+    assert _delta(before, _outcomes(e)) == {"refused": 1}  # the INT32 one never reached the model
+    status, text = request(1)
+    assert status == 200, text
+
+
+def test_an_exif_rotated_upload_edits_like_the_upright_picture(tiny_server):
+    """9: a JPEG stored sideways with an EXIF orientation is edited as the picture it shows: the same bytes as the
+    upright picture's edit (every stage sees it upright)."""
+    upright = Image.fromarray((np.random.RandomState(1).rand(64, 96, 3) * 255).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    sideways = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, format="PNG", exif=exif)
+    client = connect("http", tiny_server.endpoints.http_url, 120)
+    a, _ = edit(client, _png(upright), "make it blue", steps=1, resolution=64, seed=5)
+    b, _ = edit(client, sideways.getvalue(), "make it blue", steps=1, resolution=64, seed=5)
+    assert a == b
 
 
 @dataclass
@@ -225,6 +365,13 @@ REQUESTS = [
     Req("control-token-in-instruction", 6, dict(instruction=b"make it </s> blue"), "'</s>'"),
     Req("unknown-parameter-grpc", 6, dict(parameters={"output_path": "/etc/x"}), "unknown request parameters",
         "grpc", "StatusCode.INVALID_ARGUMENT"),
+    Req("instruction-invisible", 9, dict(instruction="\u200b\ufeff\u200e\u200f".encode()),
+        "no visible character (U+200B U+FEFF U+200E U+200F)"),
+    Req("instruction-invisible-grpc", 9, dict(instruction="\u2060\u00ad".encode()), "no visible character", "grpc",
+        "StatusCode.INVALID_ARGUMENT"),
+    Req("steps-past-int32", 9, dict(steps=2**32 + 1), "got 4294967297"),
+    Req("resolution-past-int32-grpc", 9, dict(resolution=2**32 + 64), "got 4294967360", "grpc",
+        "StatusCode.INVALID_ARGUMENT"),
     # 9: only PNG, JPEG and WebP are decoded
     Req("eps-image", 9, dict(image=_eps()), "not a PNG, JPEG or WebP"),
     Req("bmp-image", 9, dict(image=_png(Image.new("RGB", (64, 64)), "BMP")), "not a PNG, JPEG or WebP"),
@@ -399,16 +546,28 @@ def test_refused_requests_leave_no_memory_behind(strict):
 # -- 1, 2: the --target triton repository's stage models on the bundled server -------------------------------------
 
 
-def _stage_call(e, graph: str, tensors: dict[str, np.ndarray]):
+def _stage_call(e, graph: str, tensors: dict[str, np.ndarray], key: str | None = None, protocol: str = "http"):
+    """A direct call to a stage model; `key`: the server's stage key (what the `smartedit` model's BLS calls carry)."""
+    import tritonclient.grpc as grpc
     import tritonclient.http as http
 
+    from smartedit.serve.admin import STAGE_KEY
+
+    module = http if protocol == "http" else grpc
     inputs = []
     for name, x in tensors.items():
-        i = http.InferInput(name, list(x.shape), {np.float16: "FP16", np.float32: "FP32",
-                                                  np.int64: "INT64"}[x.dtype.type])
+        i = module.InferInput(name, list(x.shape), {np.float16: "FP16", np.float32: "FP32",
+                                                    np.int64: "INT64"}[x.dtype.type])
         i.set_data_from_numpy(x)
         inputs.append(i)
-    return connect("http", e.http_url, 120).infer(graph, inputs)
+    url = e.http_url if protocol == "http" else e.grpc_url
+    return connect(protocol, url, 120).infer(graph, inputs, parameters={STAGE_KEY: key} if key is not None else None)
+
+
+def _stage_key(server) -> str:
+    from smartedit.serve.admin import STAGE_KEY_ENV
+
+    return server.server_env()[STAGE_KEY_ENV]
 
 
 STAGES = [
@@ -434,17 +593,64 @@ STAGES = [
 
 @pytest.mark.parametrize("what,graph,inputs,says", STAGES, ids=[r[0] for r in STAGES])
 def test_a_stage_model_refuses_shapes_outside_its_profile_before_work(repository_server, what, graph, inputs, says):
+    """3: even a call with the stage key (as the `smartedit` model's are) is checked against the profile first."""
     e = repository_server.endpoints
+    key = _stage_key(repository_server)
     before = _rss_kb(repository_server.proc.pid)
     with pytest.raises(BAD) as err:
-        _stage_call(e, graph, inputs())
+        _stage_call(e, graph, inputs(), key)
     assert err.value.status() == "400" and says in str(err.value), (what, str(err.value)[:300])
     _one_line(str(err.value))
     grown_mb = (_rss_kb(repository_server.proc.pid) - before) / 1024
     assert grown_mb < 300, f"{what}: the server grew by {grown_mb:.0f} MB for a refused call"  # 200x200: +13.6 GB
     assert _http(e, "POST", "/v2/repository/models/llava/unload", b"{}")[0] == 403  # 1: no model control either
-    ok = _stage_call(e, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)})
+    ok = _stage_call(e, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)}, key)
     assert ok.as_numpy("image").shape == (1, 3, 256, 256)
+
+
+CALLERS = [
+    # (id, protocol, the key sent: None = no parameter)
+    ("no-key-http", "http", None), ("no-key-grpc", "grpc", None), ("wrong-key-http", "http", "guess"),
+    ("empty-key-grpc", "grpc", ""),
+]
+
+
+@pytest.mark.parametrize("what,protocol,key", CALLERS, ids=[r[0] for r in CALLERS])
+def test_a_stage_model_answers_only_the_smartedit_model(repository_server, what, protocol, key):
+    """4: a client calling a stage model directly (Triton Inference Server restricts by API, not by model) is
+    refused before its tensors are read, even with a valid shape."""
+    with pytest.raises(BAD) as err:
+        _stage_call(repository_server.endpoints, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)},
+                    key, protocol)
+    assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT"), str(err.value)
+    assert "answers only the `smartedit` model" in str(err.value), str(err.value)
+    _one_line(str(err.value))
+
+
+def test_a_flood_of_direct_stage_calls_costs_the_edit_nothing(repository_server, image_bytes=IMAGE):
+    """4: 40 direct calls to the unet stage model at once, with an edit among them: every direct call is refused
+    before its tensors are read (80 such calls were all computed before, holding an edit 32 s), and the edit is
+    answered."""
+    e = repository_server.endpoints
+    tensors = {"sample": np.zeros((3, 8, 32, 32), np.float16), "timestep": np.zeros((1,), np.float32),
+               "prompt_embeds": np.zeros((3, 77, 32), np.float16),
+               "bim_residual": np.zeros((1, 32, 16, 16), np.float16)}
+    results: list = [None] * 40
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _catch(
+        lambda: _stage_call(e, "unet", tensors)))) for i in range(40)]
+    edited: dict = {}
+    for t in threads[:20]:
+        t.start()
+    editor = threading.Thread(target=lambda: edited.update(r=edit(connect("grpc", e.grpc_url, 300), image_bytes,
+                                                                  "make it blue", seed=1, steps=1, resolution=256)))
+    editor.start()
+    for t in threads[20:]:
+        t.start()
+    for t in [*threads, editor]:
+        t.join(timeout=300)
+    assert all(isinstance(r, BAD) and "answers only the `smartedit` model" in str(r) for r in results), \
+        [str(r)[:100] for r in results if not isinstance(r, BAD)]
+    assert Image.open(io.BytesIO(edited["r"][0])).size == (256, 256)
 
 
 def _copy_export(triton_repository, dst: Path) -> Path:
@@ -474,38 +680,129 @@ def _edited_stage_config(out: Path) -> str:
     return "vae_decoder/config.pbtxt"
 
 
+RAN = Path("/tmp/smartedit-repository-code-ran")
+
+
+def _changed_model_py(out: Path) -> str:
+    """A stage model's model.py that runs code of its own when Triton imports it."""
+    f = out / "triton" / "llava" / "1" / "model.py"
+    f.write_text(f"open({str(RAN)!r}, 'w').write('ran')\n" + f.read_text())
+    return "llava/1/model.py"
+
+
+def _planted_bytecode(out: Path) -> str:
+    """A compiled model.py that Python would run in place of the source beside it (its header matches the source)."""
+    import importlib.util
+    import py_compile
+
+    src = out / "triton" / MODEL / "1" / "model.py"
+    evil = out / "evil.py"
+    evil.write_text(f"open({str(RAN)!r}, 'w').write('ran')\n")
+    pyc = Path(importlib.util.cache_from_source(str(src)))
+    py_compile.compile(str(evil), cfile=str(pyc), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    evil.unlink()
+    return str(pyc.relative_to(out / "triton"))
+
+
 SERVED = [("another-graph-as-the-unet", _swap_unet_for_another_graph),
           ("a-model-the-export-did-not-write", _foreign_model),
-          ("a-stage-config-edited", _edited_stage_config)]
+          ("a-stage-config-edited", _edited_stage_config),
+          ("a-stage-model-py-changed", _changed_model_py),
+          ("a-planted-pycache", _planted_bytecode)]
 
 
 @pytest.mark.parametrize("what,change", SERVED, ids=[r[0] for r in SERVED])
 def test_what_is_served_is_what_was_exported(triton_repository, tmp_path, capsys, what, change):
-    """2: a repository changed after export is refused by smartedit-verify (exit 1, naming the file) and by the
-    server itself (it does not start, one line naming the file): the first row on the real server, the others
-    through the check the `smartedit` model runs before serving."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    from smartedit.errors import ArtifactError, InputError
-    from smartedit.serve.repository import check_repository
+    """2, 3: a repository changed after export is refused by smartedit-verify (exit 1, naming the file) and by the
+    server before tritonserver starts: none of the repository's code runs, not even once (one line naming the
+    file)."""
+    from smartedit.errors import InputError
     from smartedit.export.verify import main as verify_main
 
+    RAN.unlink(missing_ok=True)
     out = _copy_export(triton_repository, tmp_path / "export")
     names = change(out)
     code, text, err = run_cli(verify_main, [out], capsys)
     assert code == 1 and f"triton/{names}" in text + err and "Traceback" not in err, (code, text[-2000:], err)
-    if what == "another-graph-as-the-unet":
-        with TritonServer(out / "triton", free_endpoints(), tmp_path) as s:
-            with pytest.raises(InputError) as refused:  # a bad repository: exit 2 from smartedit's commands
-                s.wait_ready(300)
-        assert "unet/1/model.onnx" in str(refused.value) and "sha256" in str(refused.value), str(refused.value)
-        _one_line(str(refused.value))
-        return
-    config = text_format.Parse((out / "triton" / MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    settings = json.loads(config.parameters["settings"].string_value)
-    with pytest.raises(ArtifactError, match=names.rstrip("/")):
-        check_repository(out / "triton", settings["files"], own=[f"{MODEL}/config.pbtxt"])
+    from smartedit.serve.repository import clear_bytecode
+    from smartedit.serve.server import check_before_start
+
+    with pytest.raises(InputError) as refused:  # a bad repository: exit 2 from smartedit's commands
+        check_before_start(out / "triton")
+    assert names.rstrip("/") in str(refused.value), str(refused.value)
+    _one_line(str(refused.value))
+    if what == "a-planted-pycache":  # a server's start removes every __pycache__ before its check: never run
+        clear_bytecode(out / "triton")
+        check_before_start(out / "triton")
+    else:
+        server = TritonServer(out / "triton", free_endpoints(), tmp_path)
+        with pytest.raises(InputError):
+            server.start()
+        assert server.proc is None, "tritonserver was started on a repository that is not what was exported"
+    assert not RAN.exists(), "the repository's code ran"
+
+
+LAUNCH = [
+    # (id, how the repository or the flags differ, what the line names)
+    ("record-rewritten-with-its-files", "record", "the repository's record was changed"),
+    ("model-control-mode-explicit", "--model-control-mode=explicit", "--model-control-mode is the launcher's"),
+    ("restricted-api-with-a-key", "--http-restricted-api=model-repository:k=v", "--http-restricted-api"),
+    ("load-model", "--load-model=llava", "--load-model"),
+    ("port-not-a-number", "--grpc-port=80a", "got '80a'"),
+    ("port-given-twice", "+--http-port=1", "--http-port is given twice"),
+    ("flag-without-a-value", "--strict-readiness", "--name=value"),
+    ("record-sha256-not-hex", "sha:xyz", "64 lowercase hex digits"),
+    ("repository-missing", "repo:/nonexistent/models", "/nonexistent/models"),
+]
+
+
+@pytest.mark.parametrize("what,change,says", LAUNCH, ids=[r[0] for r in LAUNCH])
+def test_the_launcher_refuses_before_anything_starts(triton_repository, tmp_path, what, change, says):
+    """2, 3, 6: a container's launcher (python -m smartedit.serve.launch) refuses a repository whose record was
+    rewritten along with its files (the pod's spec holds the record's sha256), and the flags it decides, before
+    tritonserver starts: exit 2, one line."""
+    from conftest import launch_args, record_sha256
+
+    out = _copy_export(triton_repository, tmp_path / "export")
+    e = free_endpoints()
+    repo, record, extra = out / "triton", record_sha256(out), []
+    if change == "record":  # the attacker rewrites a stage config and the record that lists its sha256
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        from smartedit.files import sha256_file
+        from smartedit.serve.server import check_before_start
+
+        _edited_stage_config(out)
+        cfg = repo / MODEL / "config.pbtxt"
+        c = text_format.Parse(cfg.read_text(), model_config_pb2.ModelConfig())
+        settings = json.loads(c.parameters["settings"].string_value)
+        settings["files"]["vae_decoder/config.pbtxt"] = sha256_file(repo / "vae_decoder" / "config.pbtxt")
+        c.parameters["settings"].string_value = json.dumps(settings)
+        cfg.write_text(text_format.MessageToString(c))
+        check_before_start(repo)  # the repository agrees with its (rewritten) record: only the pod's sha256 knows
+    elif change.startswith("sha:"):
+        record = change[4:]
+    elif change.startswith("repo:"):
+        repo = Path(change[5:])
+    elif change.startswith("+"):
+        extra = [change[1:]]
+    else:
+        extra = [change]
+    args = launch_args(repo, e, record)
+    if extra and "=" in extra[0] and not change.startswith("+"):  # a flag launch_args gives: this value instead
+        args = [a for a in args if a.split("=", 1)[0] != extra[0].split("=", 1)[0]]
+    r = subprocess.run([sys.executable, "-m", "smartedit.serve.launch", *args, *extra], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and says in r.stderr, (what, r.returncode, r.stderr[-1500:])
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "ready" not in r.stdout
+    assert not any(_listening(port) for port in (e.http, e.grpc, e.metrics))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_an_entry_from_another_export_is_refused(onnx_export, tmp_path, capsys):
@@ -560,6 +857,10 @@ FLAGS = [
     ("metrics-port-taken", lambda e: _ports(e), "metrics", "--metrics-port"),
     ("max-queue-0", lambda e: [*_ports(e), "--max-queue", 0], None, "--max-queue"),
     ("host-not-an-address", lambda e: [*_ports(e), "--host", "no.such.host.invalid"], None, "--host"),
+    ("queue-delay-inf", lambda e: [*_ports(e), "--max-queue-delay-ms", "inf"], None, "--max-queue-delay-ms"),
+    ("queue-delay-1e20", lambda e: [*_ports(e), "--max-queue-delay-ms", "1e20"], None, "got 1e+20"),
+    ("queue-delay-nan", lambda e: [*_ports(e), "--max-queue-delay-ms", "nan"], None, "got nan"),
+    ("max-steps-past-the-sampler", lambda e: [*_ports(e), "--max-steps", "5000"], None, "the sampler's 1000, got 5000"),
 ]
 
 
@@ -607,6 +908,59 @@ def test_ctrl_c_during_start_up_is_an_interruption(tmp_path):
     assert "Traceback" not in err
     _wait_until(lambda: subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True).returncode != 0,
                 "the server's process group is gone", 60)
+
+
+def _ready_serve(tmp_path: Path) -> tuple[subprocess.Popen, object]:
+    e = free_endpoints()
+    p = _serve(_ports(e), tmp_path)
+    deadline = time.monotonic() + 300
+    while "ready:" not in (line := p.stdout.readline()):
+        assert line or p.poll() is None, p.stderr.read()
+        assert time.monotonic() < deadline, "not ready"
+    return p, e
+
+
+def _own_temporaries(tmp_path: Path) -> list[str]:
+    """What a run leaves in its TMPDIR besides the server's log (which outlives the run, by design)."""
+    return sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".log") and p.name != "torchinductor_root")
+
+
+def test_sighup_stops_the_server_cleanly(tmp_path):
+    """4 (round 2): SIGHUP (the terminal closing) drains like SIGTERM: exit 0, the temporary repository removed."""
+    p, e = _ready_serve(tmp_path)
+    try:
+        p.send_signal(signal.SIGHUP)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0 and "stopped (status 0)" in out and "Traceback" not in err, (p.returncode, err[-1500:])
+    assert _own_temporaries(tmp_path) == [], _own_temporaries(tmp_path)
+    assert not any(_listening(port) for port in (e.http, e.grpc, e.metrics))
+
+
+def test_a_model_process_that_dies_stops_the_server(tmp_path):
+    """2: the `smartedit` model's process killed (what an out-of-memory kill does): the server stops at once with one
+    line naming the model and exit 1, so that its supervisor starts a fresh one, rather than stay "ready" while
+    every edit answers 500; nothing left behind."""
+    from smartedit.serve.server import model_processes
+
+    p, e = _ready_serve(tmp_path)
+    try:
+        (server,) = [int(c) for t in Path(f"/proc/{p.pid}/task").iterdir()
+                     for c in (t / "children").read_text().split()]  # tritonserver, in a session of its own
+        (stub, model), = model_processes(server).items()
+        assert model == MODEL
+        os.kill(stub, signal.SIGKILL)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert p.returncode == 1 and len(lines) == 1 and f"the process of model `{MODEL}` died" in lines[0], err[-1500:]
+    assert "Traceback" not in err
+    assert _own_temporaries(tmp_path) == [], _own_temporaries(tmp_path)
+    assert not any(_listening(port) for port in (e.http, e.grpc, e.metrics))
 
 
 # -- 8: outputs never destroy, change or alias inputs ---------------------------------------------------------------
@@ -696,8 +1050,9 @@ def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_
         tiny_pipe.runner = inner
 
 
-def test_the_catalogue_has_at_least_40_server_rows():
+def test_the_catalogue_has_at_least_80_server_rows():
     rows = (len(HTTP_RESTRICTED) + len(GRPC_RESTRICTED) + len(REQUESTS) + len(STAGES) + len(SERVED) + len(FLAGS)
-            + 10)  # + webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, second
-    #        server, re-export
-    assert rows >= 40, rows
+            + len(CALLERS) + len(CLOSED_VALUES) + len(CLASSIFICATION) + len(LAUNCH)
+            + 19)  # + max warm-up, webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, second
+    #        server, re-export, no key, gRPC metadata, /dev/shm, JSON integers, EXIF, flood, SIGHUP, dead process
+    assert rows >= 80, rows

@@ -1,34 +1,50 @@
-"""Triton's administrative APIs, closed to clients: which API groups need the key, the header that carries it, and
-the one call this project makes with it (unloading a model to drain). Imports nothing heavy: the pre-stop hook of a
-pod (python -m smartedit.serve.drain) loads only this."""
+"""Triton Inference Server's administrative APIs, closed to everyone, and the drain flag that replaces the one call
+this project made with them. Imports nothing heavy: a pod's launcher (serve/launch.py) loads it before anything else.
+
+Nothing here holds a key. Every API group but health, metadata and inference is restricted to requests carrying a
+header value that no HTTP or gRPC client can send (it holds a line feed: HTTP/1.1 ends a header line there, HTTP/2
+and gRPC refuse it in metadata), so reading the server's command line in /proc gives a local user nothing: the
+model repository cannot be loaded or unloaded (the server also runs without model control), shared memory cannot
+be registered, settings, statistics, trace and logging cannot be read or changed, by any client.
+
+Draining needs no API either: the server's environment names a flag file (DRAIN_ENV, in a folder only the server's
+user can write); once it exists, the `smartedit` model answers every request it has not started with UNAVAILABLE
+(retryable: nothing was computed), while the edits it is running finish; then SIGTERM stops Triton Inference
+Server, which waits for them. Triton's own SIGTERM alone is not a drain: its HTTP frontend stops taking
+connections, but its gRPC frontend still queues and computes new requests until the running ones are done.
+"""
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
+import os
+from pathlib import Path
 
-# API groups only the server's own process may call (with ADMIN_HEADER); health, metadata and inference stay open
+# API groups closed to every client; health, metadata and inference stay open
 RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics", "trace", "logging")
-ADMIN_HEADER = "smartedit-admin-key"  # gRPC clients would send it as triton-grpc-protocol-smartedit-admin-key
-ADMIN_KEY_ENV = "SMARTEDIT_ADMIN_KEY"  # where a Kubernetes pod finds the key (from a Secret)
+CLOSED_HEADER = "smartedit-closed-api"
+_UNSENDABLE = "closed\nto every client"  # a line feed: no HTTP/1.1 header and no HTTP/2 / gRPC metadata value holds one
+DRAIN_ENV = "SMARTEDIT_DRAIN_FILE"  # the flag file's path, in the server's environment (its Python models inherit it)
+# Triton Inference Server restricts by API, not by model: a client may call a stage model (`llava`, `unet`, ...) of a
+# BLS repository directly. Its Python stage models answer only calls carrying this parameter with the key that the
+# server's environment holds (drawn at each start; an environment is readable by its own user and root only).
+STAGE_KEY = "smartedit-stage-key"
+STAGE_KEY_ENV = "SMARTEDIT_STAGE_KEY"
 
 
-def restricted_flags(key: str) -> list[str]:
-    """tritonserver's flags that restrict every RESTRICTED group, on HTTP and gRPC, to requests carrying `key`; the
-    SageMaker and Vertex AI frontends off (they would ignore the restriction)."""
-    value = f"{','.join(RESTRICTED)}:{ADMIN_HEADER}={key}"
+def restricted_flags() -> list[str]:
+    """tritonserver's flags that close every RESTRICTED group on HTTP and gRPC; the SageMaker and Vertex AI frontends
+    off (they would ignore the restriction)."""
+    value = f"{','.join(RESTRICTED)}:{CLOSED_HEADER}={_UNSENDABLE}"
     return [f"--http-restricted-api={value}", f"--grpc-restricted-protocol={value}", "--allow-sagemaker=false",
             "--allow-vertex-ai=false"]
 
 
-def unload(http_url: str, models: tuple[str, ...], admin_key: str, timeout_s: float) -> None:
-    """Unload `models` through the restricted model-repository API: Triton lets their in-flight requests finish and
-    refuses new ones on every endpoint. Errors are ignored (a server already going: its SIGTERM does the rest). The
-    drain of smartedit-serve, and the pre-stop hook of a Kubernetes pod."""
-    for m in models:
-        req = urllib.request.Request(f"http://{http_url}/v2/repository/models/{m}/unload", data=b"{}",
-                                     method="POST", headers={ADMIN_HEADER: admin_key})
-        try:
-            urllib.request.urlopen(req, timeout=timeout_s).close()
-        except (urllib.error.URLError, OSError):
-            pass
+def draining() -> bool:
+    """Whether the flag file that this process's environment names exists (about 2 us: one stat)."""
+    path = os.environ.get(DRAIN_ENV)
+    return bool(path) and os.path.exists(path)
+
+
+def start_drain(path: str | Path) -> None:
+    """Raise the flag: the `smartedit` model refuses what it has not started."""
+    Path(path).touch()

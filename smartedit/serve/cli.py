@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from smartedit.arguments import add_model_source, model_source, positive
 from smartedit.config import PRECISIONS, check_device
 from smartedit.engines import registry
 from smartedit.errors import InputError, run_command
 
-from .repository import MAX_QUEUE
+from smartedit.scheduler import MAX_STEPS
 
-from .server import Endpoints, serve, settings_for
+from .repository import MAX_QUEUE, check_queue_delay_ms
+from .server import WARM_UPS, Endpoints, TritonServer, serve, settings_for, shares_dev_shm
 
 EXAMPLE = """example:
   smartedit-serve --preset tiny --random-weights            # eager PyTorch on the CPU, http :8000 grpc :8001
@@ -52,22 +52,34 @@ def main(argv: list[str] | None = None) -> None:
                    "model (default 1)")
     p.add_argument("--max-steps", type=positive, default=100, help="largest `steps` a request may ask for (default 100)")
     p.add_argument("--max-megapixels", type=float, default=16.0, help="largest input image (default 16 MP)")
+    p.add_argument("--warm-up", choices=WARM_UPS, default=None, help="the one-step edit before the server is ready: "
+                   "at the smallest request, or at the largest it admits (--max-batch images at the profile's largest "
+                   "resolution), so that one too large for the device's memory stops the start, not the service "
+                   "(default: max on a GPU, min on the CPU)")
     a = p.parse_args(argv)
     source = model_source(p, a)
 
     def body() -> None:
-        if not (a.max_queue_delay_ms >= 0 and a.max_megapixels > 0 and math.isfinite(a.max_megapixels)):
-            raise InputError("--max-queue-delay-ms must be >= 0 and --max-megapixels a finite number > 0, got "
-                             f"{a.max_queue_delay_ms} and {a.max_megapixels}")
+        check_queue_delay_ms(a.max_queue_delay_ms)
+        if not (a.max_megapixels > 0 and math.isfinite(a.max_megapixels)):
+            raise InputError(f"--max-megapixels must be a finite number > 0, got {a.max_megapixels}")
+        if a.max_steps > MAX_STEPS:
+            raise InputError(f"--max-steps must be from 1 to the sampler's {MAX_STEPS}, got {a.max_steps}")
         check_device(a.device)
         endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
         endpoints.check()  # before the model is loaded
         settings = settings_for(source, a.backend, a.artifacts, a.device, a.dtype, a.max_steps, a.max_megapixels,
-                                a.max_batch)
+                                a.max_batch, a.warm_up)
 
-        def ready(e: Endpoints, log: Path) -> None:
+        def ready(server: TritonServer) -> None:
+            e = server.endpoints
             print(f"smartedit-serve: ready: model `smartedit` ({a.backend}, {a.device}, {a.dtype}) on "
-                  f"http://{e.http_url} and grpc {e.grpc_url}, metrics {e.metrics_url}; server log {log}", flush=True)
+                  f"http://{e.http_url} and grpc {e.grpc_url}, metrics {e.metrics_url}; server log {server.log}",
+                  flush=True)
+            if shares_dev_shm(server.proc.pid):
+                print("smartedit-serve: note: the server shares this machine's /dev/shm, where Triton's Python backend "
+                      "keeps each request's tensors readable by every local user (mode 644); run it as root (it then "
+                      "gets a /dev/shm of its own) or in a container", flush=True)
 
         print(f"smartedit-serve: starting Triton Inference Server ({source}, backend {a.backend}) ...", flush=True)
         code = serve(settings, endpoints, a.max_batch, a.max_queue_delay_ms, a.instances,

@@ -68,4 +68,4 @@ def edit(client, image: bytes, instruction: str | bytes, parameters: dict | None
     kw = {"client_timeout": timeout} if timeout is not None else {}
     r = client.infer(MODEL, edit_inputs(protocol_of(client), image, instruction, **params), parameters=parameters,
                      **kw)
-    return bytes(r.as_numpy("edited").reshape(-1)[0]), json.loads(r.as_numpy("timings").reshape(-1)[0])
+    return r.as_numpy("edited").tobytes(), json.loads(r.as_numpy("timings").tobytes())  # UINT8 rows [1, N]

@@ -14,14 +14,16 @@ models first; BLS calls are not allowed while loading, so there is no warm-up ed
 one line naming the cause, and tritonserver exits non-zero.
 
 Answers: a bad request is the client's error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT), an edit whose clients
-all left is CANCELLED, anything else INTERNAL (HTTP 500). An error keeps only its message: its traceback would hold
-the request's tensors for as long as the error lives.
+all left is CANCELLED, a request that arrives once the server drains is UNAVAILABLE (HTTP 503: nothing was computed,
+send it again), anything else INTERNAL (HTTP 500). An error keeps only its message: its traceback would hold the
+request's tensors for as long as the error lives.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,9 +37,11 @@ from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
+from .admin import STAGE_KEY, STAGE_KEY_ENV, draining
 from .service import EditService, timings_json
 
 log = logging.getLogger(__name__)
+OUTCOMES = ("ok", "refused", "cancelled", "unavailable", "failed")
 _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64, torch.bfloat16: np.float32}
 
 
@@ -59,7 +63,9 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
         if not isinstance(settings.get("files"), dict):
             raise ArtifactError("the `smartedit` model's settings record no repository files: re-run "
                                 "smartedit-export --target triton")
-        check_repository(version_dir.parent.parent, settings["files"], own=[f"{MODEL}/config.pbtxt"])
+        # __pycache__ aside: Triton imports the stage models' model.py (which writes it) while this one loads; the
+        # launcher removed every __pycache__ and checked the whole repository before the server started
+        check_repository(version_dir.parent.parent, settings["files"], own=[f"{MODEL}/config.pbtxt"], bytecode=False)
         pipe = SmartEditPipeline.from_weights(source.load(device, dtype, only=[]), BLSRunner(settings["graphs"], device))
     else:
         # exported backends open their folder through engines.artifacts.Artifacts: every file against its sha256
@@ -68,16 +74,26 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
                                     float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)))
     service = EditService(pipe, limits)
     if settings["runner"] != "bls":  # BLS calls are allowed only in execute; Triton loads the stage models itself
-        _warm_up(pipe, limits)
+        _warm_up(pipe, limits, settings.get("warm_up", "min"))
     return service
 
 
-def _warm_up(pipe: SmartEditPipeline, limits) -> None:
-    """One edit of one step at the smallest resolution: every graph loads (sessions, packages, engines) now."""
+def _warm_up(pipe: SmartEditPipeline, limits, at: str = "min") -> None:
+    """One edit of one step: every graph loads (sessions, packages, engines) now. At "max", a batch of the largest
+    size at the largest resolution the server admits, so a request that would not fit the device's memory (the
+    attention of an exported UNet grows with the square of its latent pixels) stops the start with one line rather
+    than the first such request the service."""
     from PIL import Image
 
-    img = Image.new("RGB", (limits.min_resolution, limits.min_resolution), (128, 128, 128))
-    pipe(img, "warm up", steps=1, resolution=limits.min_resolution, seed=0)
+    side, n = (limits.max_resolution, limits.max_batch) if at == "max" else (limits.min_resolution, 1)
+    img = Image.new("RGB", (side, side), (128, 128, 128))
+    try:
+        pipe([img] * n, ["warm up"] * n, steps=1, resolution=side, seed=list(range(n)))
+    except (RuntimeError, MemoryError) as e:  # out of memory: torch and ONNX Runtime raise RuntimeError kinds
+        if isinstance(e, SmartEditError):
+            raise
+        raise RunError(f"the largest request this server admits ({n} x {side} px) failed at warm-up: "
+                       f"{' '.join(str(e).split())[:300]}; lower --max-batch or the export's --max-res") from None
 
 
 class BLSRunner:
@@ -91,6 +107,7 @@ class BLSRunner:
         self.precision = {g: v["precision"] for g, v in graphs.items()}
         self.fold_cfg = bool(graphs.get("unet", {}).get("fold_cfg", False))
         self.device = torch.device(device)
+        self.key = {STAGE_KEY: os.environ.get(STAGE_KEY_ENV, "")}  # the Python stage models answer only these calls
 
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import triton_python_backend_utils as pb
@@ -105,7 +122,7 @@ class BLSRunner:
             else:
                 tensors.append(pb.Tensor(t.name, x.numpy()))
         response = pb.InferenceRequest(model_name=graph, requested_output_names=[o.name for o in spec.outputs],
-                                       inputs=tensors).exec()
+                                       inputs=tensors, parameters=self.key).exec()
         if response.has_error():
             raise RunError(f"stage model {graph}: {response.error().message()}")
         out = {}
@@ -147,6 +164,11 @@ class TritonPythonModel:
 
         from .repository import REQUEST_INPUTS
 
+        if draining():  # nothing is started once the server stops: the client may send it again, elsewhere
+            self.outcomes["unavailable"].increment(len(requests))
+            return [pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
+                "Unavailable: the server is stopping; nothing was computed: send the request again",
+                pb.TritonError.UNAVAILABLE)) for _ in requests]
         parsed: list = []
         for r in requests:
             try:
@@ -166,9 +188,9 @@ class TritonPythonModel:
             if isinstance(p, tuple):
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(p[1], p[0])))
             else:
-                responses.append(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor("edited", np.array([[p.png]], dtype=object)),
-                    pb.Tensor("timings", np.array([[timings_json(p)]], dtype=object))]))
+                responses.append(pb.InferenceResponse(output_tensors=[  # UINT8 rows: see REQUEST_OUTPUTS
+                    pb.Tensor("edited", np.frombuffer(p.png, np.uint8).reshape(1, -1)),
+                    pb.Tensor("timings", np.frombuffer(timings_json(p), np.uint8).reshape(1, -1))]))
         return responses
 
 
@@ -182,15 +204,16 @@ def _gone(request) -> Callable[[], bool]:
 
 
 def _outcome_counters(model: str) -> tuple[Any, dict]:
-    """smartedit_requests_total{model, outcome}: ok, refused (the client's error), cancelled, failed. Triton's own
-    nv_inference_request_success counts every request a Python model answered, refusals included (the Python
-    backend reports an error response as a success); these counters, on the same metrics port, tell them apart."""
+    """smartedit_requests_total{model, outcome}: ok, refused (the client's error), cancelled, unavailable (the server
+    was stopping), failed. Triton Inference Server's own nv_inference_request_success counts every request a Python
+    model answered, refusals included (its Python backend reports an error response as a success, and a raised
+    exception as neither); these counters, on the same metrics port, tell them apart."""
     import triton_python_backend_utils as pb
 
     family = pb.MetricFamily(name="smartedit_requests_total", description="SmartEdit requests by outcome: ok, "
-                             "refused (a bad request), cancelled (the client left), failed", kind=pb.MetricFamily.COUNTER)
-    return family, {o: family.Metric(labels={"model": model, "outcome": o})
-                    for o in ("ok", "refused", "cancelled", "failed")}
+                             "refused (a bad request), cancelled (the client left), unavailable (the server was "
+                             "stopping), failed", kind=pb.MetricFamily.COUNTER)
+    return family, {o: family.Metric(labels={"model": model, "outcome": o}) for o in OUTCOMES}
 
 
 def _error(e: SmartEditError) -> tuple[int, str, str]:

@@ -1,24 +1,31 @@
-"""Run NVIDIA Triton Inference Server on a model repository smartedit writes: `smartedit-serve`.
+"""Run NVIDIA Triton Inference Server on a model repository smartedit writes: `smartedit-serve`, and the launcher of
+a container (serve/launch.py).
 
-The server is the real `tritonserver` (the build PyTriton ships on PyPI, with Triton's Python backend): its HTTP and
-gRPC endpoints speak the KServe v2 protocol, its dynamic batcher groups requests, its metrics endpoint serves
-Prometheus text. This module only prepares what it runs on: the Python backend with the stub of this interpreter's
-version, a library path that puts this interpreter's libpython first (under a non-system interpreter, pyenv here,
-the stub otherwise loads the system's and fails with '_thread.RLock' object has no attribute '_recursion_count'),
-and the repository; then it starts the server, waits until it is ready, and passes SIGTERM / SIGINT on (Triton then
-finishes the requests in flight, refuses new ones, and exits 0).
-
-What the server exposes: its HTTP and gRPC ports serve health, metadata and inference; every other API group
-(model-repository: load and unload, model-config, shared-memory, statistics, trace, logging) is restricted to
-requests carrying a key this process draws at start and never prints (serve/admin.py): a client cannot
-load code into the server (a load request may carry a model.py), unload the model, register shared memory or read
-the settings. Only the drain on SIGTERM uses the key. The metrics port serves Prometheus text. The ports are
-checked before start (in range, distinct, free on the host) and the server is called ready only once its own
-process holds all three.
+The server is the real `tritonserver` (the build PyTriton ships on PyPI, with Triton's Python backend; in NVIDIA's
+container, its own): its HTTP and gRPC endpoints speak the KServe v2 protocol, its dynamic batcher groups requests,
+its metrics endpoint serves Prometheus text. This module prepares what it runs on and supervises it:
+- before any of the repository's code runs, every file of a recorded repository is checked against its record
+  (and the record against the sha256 the caller expects), so a changed model.py or a planted __pycache__ is refused
+  before Python could import it; the server writes no bytecode (PYTHONDONTWRITEBYTECODE);
+- the Python backend with the stub of this interpreter's version, and a library path that puts this interpreter's
+  libpython first (under a non-system interpreter, pyenv here, the stub otherwise loads the system's and fails with
+  '_thread.RLock' object has no attribute '_recursion_count');
+- the server's files are private (umask 077); run as root, it gets a /dev/shm of its own (a mount namespace with a
+  private tmpfs), since Triton's Python backend makes its shared-memory regions, which carry every request's
+  tensors, readable by every local user (mode 644, whatever the umask);
+- every administrative API is closed to every client, and the server runs without model control (serve/admin.py);
+- SIGTERM, SIGINT and SIGHUP drain: the `smartedit` model refuses what it has not started, the running edits
+  finish, Triton exits 0 (serve/admin.py says why Triton's own SIGTERM is not enough);
+- a model process (a Python backend stub) that dies stops the server with one line naming it: Triton Inference
+  Server would otherwise stay "ready" while that model answers every request with an error, so the process exits
+  and its supervisor (Kubernetes, systemd) starts a fresh one.
+The ports are checked before start (in range, distinct, free on the host) and the server is called ready only once
+its own process holds all three.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import shutil
@@ -38,9 +45,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from smartedit.engines import registry
-from smartedit.errors import InputError, RunError, UnavailableError
-from .admin import restricted_flags, unload
-from .repository import MAX_QUEUE, MODEL, write_serving_repository
+from smartedit.errors import ArtifactError, InputError, RunError, UnavailableError
+from smartedit.files import sha256_file
+from .admin import DRAIN_ENV, STAGE_KEY_ENV, restricted_flags, start_drain
+from .repository import (MAX_QUEUE, MODEL, check_repository, clear_bytecode, recorded_files,
+                         write_serving_repository)
 from smartedit.weights import ModelSource
 
 
@@ -90,17 +99,25 @@ class Endpoints:
                     raise InputError(f"{flag} {port} cannot be used on {self.host}: {why}") from None
 
 
+WARM_UPS = ("min", "max")
+
+
 def settings_for(source: ModelSource, backend: str, artifacts: str | None, device: str, dtype: str, max_steps: int,
-                 max_megapixels: float, max_batch: int) -> dict:
-    """The `smartedit` model's settings; refuses at once what the registry says cannot run here."""
+                 max_megapixels: float, max_batch: int, warm_up: str | None = None) -> dict:
+    """The `smartedit` model's settings; refuses at once what the registry says cannot run here. warm_up: the
+    one-step edit run before the server is ready, at the smallest request ("min") or at the largest it admits
+    ("max": every request then fits the device's memory; default on a GPU, where it costs well under a second)."""
     reason = registry.why_not(backend, device, artifacts)
     if reason:
         raise InputError(f"--backend {backend}: {reason}")
+    warm_up = warm_up or ("max" if device.startswith("cuda") else "min")
+    if warm_up not in WARM_UPS:
+        raise InputError(f"--warm-up must be one of {list(WARM_UPS)}, got {warm_up!r}")
     src = {"model": str(Path(source.model).resolve())} if source.model else {"preset": source.preset,
                                                                                "seed": source.seed}
     return {"runner": "registry", "backend": backend, "source": src,
             "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "device": device, "dtype": dtype,
-            "max_steps": max_steps, "max_megapixels": max_megapixels, "max_batch": max_batch}
+            "max_steps": max_steps, "max_megapixels": max_megapixels, "max_batch": max_batch, "warm_up": warm_up}
 
 
 def free_endpoints(host: str = "127.0.0.1") -> Endpoints:
@@ -137,18 +154,23 @@ TRITONSERVER_ENV = "SMARTEDIT_TRITONSERVER"  # another tritonserver install to u
 
 
 def bundled() -> Path:
-    """The folder of the tritonserver to run (bin/, backends/, and python_backend_stubs/ in PyTriton's build): the one
-    PyTriton ships, or the install that $SMARTEDIT_TRITONSERVER names (e.g. /opt/tritonserver in NVIDIA's container,
-    or an unpacked copy on a machine without pip access: bench/device/fetch_wheels.sh --serve)."""
+    """The folder of the tritonserver to run (bin/, backends/, and python_backend_stubs/ in PyTriton's build): the
+    install that $SMARTEDIT_TRITONSERVER names (e.g. an unpacked copy on a machine without pip access:
+    bench/device/fetch_wheels.sh --serve), the one PyTriton ships, or the one on PATH (/opt/tritonserver in NVIDIA's
+    container)."""
     if os.environ.get(TRITONSERVER_ENV):
         root = Path(os.environ[TRITONSERVER_ENV])
     else:
         try:
             import pytriton
+
+            root = Path(pytriton.__file__).parent / "tritonserver"
         except ImportError as e:
-            raise UnavailableError("the Triton server comes with nvidia-pytriton: pip install -e '.[serve]' "
-                                   f"({e})") from None
-        root = Path(pytriton.__file__).parent / "tritonserver"
+            on_path = shutil.which("tritonserver")
+            if not on_path:
+                raise UnavailableError("the Triton server comes with nvidia-pytriton: pip install -e '.[serve]' "
+                                       f"({e}), or put tritonserver on PATH") from None
+            root = Path(on_path).resolve().parent.parent
     if not (root / "bin" / "tritonserver").is_file():
         raise UnavailableError(f"no tritonserver binary in {root / 'bin'}")
     return root
@@ -175,15 +197,45 @@ def prepare_backends(dst: Path) -> Path:
     return dst
 
 
-def server_env() -> dict[str, str]:
-    """This interpreter's libpython first (see the module doc), then the server's own libraries."""
+def server_env(drain_file: Path) -> dict[str, str]:
+    """This interpreter's libpython first (see the module doc), then the server's own libraries; no bytecode written
+    (a repository holds exactly the files its record lists, so a __pycache__ in it is refused, never read); the
+    drain flag's path; a stage key drawn for this start (serve/admin.py)."""
     root = bundled()
     libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "lib")]
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = ":".join([p for p in libs if p and Path(p).is_dir()] +
                                       [p for p in [env.get("LD_LIBRARY_PATH")] if p])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env[DRAIN_ENV] = str(drain_file)
+    env[STAGE_KEY_ENV] = secrets.token_urlsafe(32)
     return env
+
+
+def check_before_start(repo: Path, record_sha256: str | None = None) -> None:
+    """A repository that records its files (the `smartedit` model of `--target triton`: every other file's sha256 in
+    its settings) is checked whole before tritonserver starts, so none of its code runs unchecked (a __pycache__
+    included: TritonServer.start removes those first, see clear_bytecode); `record_sha256`,
+    when given, is what the record itself must hash to (the export's manifest says it, outside the repository).
+    ArtifactError naming the first file that differs or is not recorded."""
+    config = Path(repo) / MODEL / "config.pbtxt"
+    if record_sha256 is not None:
+        if not config.is_file():
+            raise ArtifactError(f"{config} is missing: the repository is not one smartedit-export --target triton "
+                                "wrote")
+        got = sha256_file(config)
+        if got != record_sha256:
+            raise ArtifactError(f"{config} has sha256 {got[:12]}..., the export recorded {record_sha256[:12]}...: "
+                                "the repository's record was changed; deploy the repository as exported")
+    files = recorded_files(repo)
+    if files is not None:
+        check_repository(repo, files, own=[f"{MODEL}/config.pbtxt"])
+
+
+def recorded(repo: Path) -> bool:
+    """Whether `repo` is a recorded (`--target triton`) repository."""
+    return (Path(repo) / MODEL / "config.pbtxt").is_file() and recorded_files(repo) is not None
 
 
 def listening_ports(pid: int) -> set[int] | None:
@@ -206,6 +258,28 @@ def listening_ports(pid: int) -> set[int] | None:
         return None
 
 
+STUB = "triton_python_backend_stub"
+
+
+def model_processes(pid: int) -> dict[int, str]:
+    """The Python backend stubs under process `pid`: {pid: the model's name} (the stub's first argument is the
+    model's model.py, MODEL/VERSION/model.py)."""
+    out = {}
+    try:
+        children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+    except OSError:
+        return out
+    for child in children:
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(STUB.encode()) and len(argv) > 1:
+            out[child] = Path(argv[1].decode(errors="replace")).parent.parent.name
+    return out
+
+
 def _ready(endpoints: Endpoints) -> bool:
     try:
         with urllib.request.urlopen(f"http://{endpoints.http_url}/v2/health/ready", timeout=2) as r:
@@ -214,9 +288,9 @@ def _ready(endpoints: Endpoints) -> bool:
         return False
 
 
-def _load_error(log: Path) -> str | None:
+def _load_error(log: Path | None) -> str | None:
     """The model's own error line in the server log (build_service's one line), else Triton's."""
-    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    lines = log.read_text(errors="replace").splitlines() if log and log.is_file() else []
     for marker in ("smartedit: ", "failed to load", "error:"):
         hit = next((ln for ln in lines if marker in ln), None)
         if hit:  # the log escapes the message's own newlines: what follows the first (the stub's "At:" frames) goes
@@ -225,51 +299,78 @@ def _load_error(log: Path) -> str | None:
     return None
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
-    killed smartedit-serve or load test leaves no server holding its ports."""
-    import ctypes
+_CLONE_NEWNS, _MS_REC, _MS_PRIVATE, _MS_NOSUID, _MS_NODEV = 0x20000, 0x4000, 1 << 18, 2, 4
 
+
+def _child_setup(private_shm: bool) -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, even by SIGKILL, so a
+    killed smartedit-serve leaves no server holding its ports; files private to its user; and, where allowed (root),
+    a mount namespace whose /dev/shm is a fresh tmpfs only this user reads. A step the system refuses is skipped
+    (the parent reports a shared /dev/shm)."""
+    os.umask(0o077)
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+        if private_shm and libc.unshare(_CLONE_NEWNS) == 0:
+            libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
+            libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"mode=0700")
     except (OSError, AttributeError):
         pass
 
 
+def shares_dev_shm(pid: int) -> bool:
+    """Whether process `pid` sees the same /dev/shm as this one (same mount namespace), or /proc cannot tell."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return True
+
+
 class TritonServer:
-    """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit."""
+    """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit.
+
+    log: a file for the server's output (None: this process's own stdout and stderr, as in a container);
+    args: more tritonserver flags (the launcher's); record_sha256: what the repository's record must hash to."""
 
     def __init__(self, repo: Path, endpoints: Endpoints, workdir: Path, exit_timeout_s: int = 60,
-                 log: Path | None = None, models: tuple[str, ...] = ()):
-        """models: load only these, under explicit model control, so that drain() can unload them (None: Triton
-        loads the whole repository, and nothing can load or unload models)."""
-        self.models = models
+                 log: Path | None | bool = True, args: tuple[str, ...] = (), record_sha256: str | None = None):
         self.repo, self.endpoints, self.workdir = Path(repo), endpoints, Path(workdir)
-        self.log = Path(log) if log else self.workdir / "tritonserver.log"
+        self.log = self.workdir / "tritonserver.log" if log is True else (Path(log) if log else None)
         self.exit_timeout_s = exit_timeout_s
+        self.args, self.record_sha256 = tuple(args), record_sha256
+        self.drain_file = self.workdir / "drain"
         self.proc: subprocess.Popen | None = None
-        self._admin_key = secrets.token_urlsafe(32)  # the restricted APIs' header value: this process's only
+        self.models: dict[int, str] = {}  # the model processes seen once ready: {pid: model}
+        self.recorded = False  # a `--target triton` repository, whose __pycache__ is cleared at start and stop
+        self.stopping = False
 
     def start(self) -> "TritonServer":
         e = self.endpoints
         e.check()
+        self.recorded = self.record_sha256 is not None or recorded(self.repo)
+        if self.recorded:
+            clear_bytecode(self.repo)  # Python's cache of an earlier run's imports (or a planted one): never run
+        check_before_start(self.repo, self.record_sha256)
         backends = prepare_backends(self.workdir / "backends")
         cmd = [str(bundled() / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                f"--backend-directory={backends}", f"--http-address={e.host}", f"--http-port={e.http}",
                f"--grpc-address={e.host}", f"--grpc-port={e.grpc}", f"--metrics-address={e.host}",
                f"--metrics-port={e.metrics}", "--allow-metrics=true", "--exit-on-error=true",
                "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0",
-               *restricted_flags(self._admin_key)]
-        if self.models:
-            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server_env(),
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+               *self.args, *restricted_flags()]
+        out = open(self.log, "wb") if self.log else None
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                         env=server_env(self.drain_file), start_new_session=True,
+                                         preexec_fn=lambda: _child_setup(os.geteuid() == 0))
+        finally:
+            if out:
+                out.close()
         return self
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        """Until the model is loaded and ready, answering on ports this server's process holds; the model's load
-        error, as one line, if the server exits first."""
+        """Until the models are loaded and ready, answering on ports this server's process holds; the model's load
+        error, as one line, if the server exits first. Records the model processes it then has."""
         deadline = time.monotonic() + timeout_s
         answered_at = None
         want = set(self.endpoints.ports().values())
@@ -278,25 +379,34 @@ class TritonServer:
                 line = _load_error(self.log) or f"tritonserver exited with status {self.proc.returncode}"
                 kind = InputError if any(k in line for k in ("InputError", "ArtifactError",
                                                               "CheckpointError")) else RunError
-                raise kind(f"the server did not start: {line} (log: {self.log})")
+                raise kind(f"the server did not start: {line}" + (f" (log: {self.log})" if self.log else ""))
             if _ready(self.endpoints):
                 held = listening_ports(self.proc.pid)
                 if held is None or want <= held:
+                    self.models = model_processes(self.proc.pid)
                     return
                 answered_at = answered_at or time.monotonic()
                 if time.monotonic() - answered_at > 10:  # a ready answer from a port it does not hold
                     self.stop()
                     raise RunError(f"another program answers on {self.endpoints.host} port(s) {sorted(want - held)}: "
-                                   f"tritonserver does not hold them (log: {self.log})")
+                                   f"tritonserver does not hold them" + (f" (log: {self.log})" if self.log else ""))
             time.sleep(0.25)
         self.stop()
-        raise RunError(f"the server was not ready after {timeout_s:.0f} s (log: {self.log})")
+        raise RunError(f"the server was not ready after {timeout_s:.0f} s" + (f" (log: {self.log})" if self.log else ""))
+
+    def dead_model(self) -> str | None:
+        """The name of a model whose process has died since the server was ready (None while all live or while the
+        server stops)."""
+        if self.stopping or self.proc is None or self.proc.poll() is not None:
+            return None
+        alive = model_processes(self.proc.pid)
+        return next((m for pid, m in self.models.items() if pid not in alive), None)
 
     def drain(self) -> None:
-        """Graceful stop: unload the models first (Triton lets their in-flight requests finish and refuses new ones
-        on every endpoint, HTTP and gRPC alike), then SIGTERM. A bare SIGTERM stops new HTTP connections, but this
-        Triton build's gRPC endpoint still takes requests while HTTP connections drain."""
-        unload(self.endpoints.http_url, self.models, self._admin_key, self.exit_timeout_s)
+        """Graceful stop: the `smartedit` model refuses what it has not started (the flag), the running edits finish
+        (Triton waits for them up to its exit timeout), then Triton exits."""
+        self.stopping = True
+        start_drain(self.drain_file)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
@@ -304,6 +414,7 @@ class TritonServer:
         """Signal the server and wait for it to exit: its exit timeout (plus 30 s) by default, at most `grace_s` if
         given (an idle keep-alive HTTP connection alone holds tritonserver for its whole exit timeout); then
         SIGKILL."""
+        self.stopping = True
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -311,13 +422,64 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.recorded:
+            clear_bytecode(self.repo)  # what this run's imports wrote: the repository is again what was exported
         return self.proc.returncode if self.proc is not None else 0
 
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop(grace_s=5)  # the block is over: nothing waits for answers (serve() drains instead)
+        self.stop(grace_s=5)  # the block is over: nothing waits for answers (supervise() drains instead)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+WATCH_S = 1.0  # how often a ready server's model processes are looked at
+
+
+def supervise(server: TritonServer, ready_timeout_s: float = 600,
+              on_ready: Callable[[TritonServer], None] = lambda s: None) -> int:
+    """Start `server`, wait until it is ready, then until it exits: SIGTERM, SIGINT or SIGHUP drain it (Triton exits
+    0); a model process that dies stops it. Returns its exit status after a drain; raises KeyboardInterrupt when
+    stopped before it was ready, InputError / RunError with the load error if it never became ready, RunError
+    naming the model whose process died, or with Triton's status if it exited by itself."""
+    stopping: list[int] = []
+
+    def forward(signum, frame):
+        if not stopping:
+            threading.Thread(target=server.drain, daemon=True).start()
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
+    try:
+        server.start()
+        try:
+            server.wait_ready(ready_timeout_s)
+        except (InputError, RunError):
+            if stopping:  # a stop signal during start-up: an interruption, not a failed start
+                raise KeyboardInterrupt from None
+            raise
+        if stopping:
+            raise KeyboardInterrupt
+        on_ready(server)
+        while True:
+            try:
+                code = server.proc.wait(timeout=WATCH_S)
+                break
+            except subprocess.TimeoutExpired:
+                dead = server.dead_model()
+                if dead:
+                    server.stop(grace_s=10)
+                    raise RunError(f"the process of model `{dead}` died (see the server log"
+                                   + (f" {server.log}" if server.log else "") + "): the server stopped so that its "
+                                   "supervisor starts a fresh one") from None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server.stop()
+    if code != 0 and not stopping:
+        raise RunError(f"tritonserver exited with status {code}: {_load_error(server.log) or 'see its log'}")
+    return code
 
 
 @contextmanager
@@ -330,7 +492,7 @@ def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_ba
     with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
         repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
                                         max_queue)
-        server = TritonServer(repo, endpoints, Path(work), models=(MODEL,)).start()
+        server = TritonServer(repo, endpoints, Path(work)).start()
         try:
             server.wait_ready(ready_timeout_s)
             yield server
@@ -340,43 +502,16 @@ def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_ba
 
 def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batch: int = 4,
           queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
-          on_ready: Callable[[Endpoints, Path], None] = lambda e, log: None, workdir: str | Path | None = None,
+          on_ready: Callable[[TritonServer], None] = lambda s: None, workdir: str | Path | None = None,
           ready_timeout_s: float = 600, max_queue: int = MAX_QUEUE) -> int:
-    """Write the repository, run the server until SIGTERM / SIGINT, return its exit status (0 after a graceful
-    stop). Raises InputError / RunError with the model's load error if it never becomes ready, KeyboardInterrupt
-    when stopped before it was. The server's log outlives the run (a file in the temporary folder, named to on_ready
-    and in errors)."""
+    """Write the repository, run the server until SIGTERM / SIGINT / SIGHUP (see supervise()), return its exit
+    status (0 after a graceful stop). The repository is removed on every way out; the server's log outlives the run
+    (a file in the temporary folder, on_ready's server.log and named in errors)."""
     endpoints.check()  # before the log file and the repository are made
     fd, log = tempfile.mkstemp(prefix="smartedit-serve-", suffix=".log", dir=workdir)
     os.close(fd)
     with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
-        work = Path(work)
-        repo = write_serving_repository(work / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
+        repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
                                         max_queue)
-        server = TritonServer(repo, endpoints, work, log=Path(log), models=(MODEL,)).start()
-        stopping = []
-
-        def forward(signum, frame):  # the requests in flight finish, new ones are refused, Triton exits 0
-            if not stopping:
-                threading.Thread(target=server.drain, daemon=True).start()
-            stopping.append(signum)
-
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            try:
-                server.wait_ready(ready_timeout_s)
-            except (InputError, RunError):
-                if stopping:  # Ctrl-C / SIGTERM during start-up: an interruption, not a failed start
-                    raise KeyboardInterrupt from None
-                raise
-            if stopping:
-                raise KeyboardInterrupt
-            on_ready(endpoints, server.log)
-            code = server.proc.wait()
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-            server.stop()
-        if code != 0 and not stopping:
-            raise RunError(f"tritonserver exited with status {code}: {_load_error(server.log) or 'see its log'}")
-        return code
+        server = TritonServer(repo, endpoints, Path(work), log=Path(log))
+        return supervise(server, ready_timeout_s, on_ready)

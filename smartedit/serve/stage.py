@@ -5,14 +5,18 @@ the BLS-orchestrated repository runs end to end here. In NVIDIA's container the 
 onnxruntime or tensorrt_plan backends instead.
 
 A stage model is as reachable from outside as the `smartedit` model (Triton restricts by API, not by model), so it
-trusts no request: its files are checked against the sha256 the export recorded before ONNX Runtime opens them, and
-every request's shapes against the graph's exported profile before any work (a 200x200-latent vae_decoder call
-took the server from 3.4 to 17 GB). A bad request is the client's error (INVALID_ARG).
+trusts no request: it answers only calls that carry the stage key of the server's environment (serve/admin.py),
+which the `smartedit` model's BLS calls do, and refuses every other call before reading it (80 direct calls once
+held an edit 32 s behind them); its files are checked against the sha256 the export recorded before ONNX Runtime
+opens them, and every request's shapes against the graph's exported profile before any work (a 200x200-latent
+vae_decoder call took the server from 3.4 to 17 GB). A refused call is the client's error (INVALID_ARG).
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,8 @@ import numpy as np
 from smartedit.errors import ArtifactError, InputError
 from smartedit.files import sha256_file_cached
 from smartedit.graphs.spec import GraphSpec
+
+from .admin import STAGE_KEY, STAGE_KEY_ENV
 
 _NP = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
 
@@ -30,6 +36,10 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         params = config["parameters"]
+        self.key = os.environ.get(STAGE_KEY_ENV, "")
+        if not self.key:
+            raise RuntimeError(f"smartedit: InputError: ${STAGE_KEY_ENV} is not set: start the repository with "
+                               "python -m smartedit.serve.launch, which draws the key its stage models answer to")
         self.spec = GraphSpec.from_dict(json.loads(params["spec"]["string_value"]))
         self.precision = params["precision"]["string_value"]
         version = Path(args["model_repository"]) / args["model_version"]
@@ -53,6 +63,7 @@ class TritonPythonModel:
         responses = []
         for r in requests:
             try:
+                self._check_caller(r)
                 feed = self._feed(r)
             except (InputError, ArtifactError) as e:
                 responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
@@ -67,6 +78,16 @@ class TritonPythonModel:
             responses.append(pb.InferenceResponse(
                 output_tensors=[pb.Tensor(t.name, o) for t, o in zip(self.spec.outputs, outs)]))
         return responses
+
+    def _check_caller(self, request) -> None:
+        """InputError unless the call carries the server's stage key (the `smartedit` model's BLS calls do)."""
+        try:
+            key = json.loads(request.parameters() or "{}").get(STAGE_KEY, "")
+        except (ValueError, AttributeError):
+            key = ""
+        if not (isinstance(key, str) and hmac.compare_digest(key.encode(), self.key.encode())):
+            raise InputError("this stage model answers only the `smartedit` model: send edits to "
+                             "/v2/models/smartedit")
 
     def _feed(self, request) -> dict[str, np.ndarray]:
         """The request's inputs in the graph's dtypes, refused (InputError) outside the exported profile."""
