@@ -210,6 +210,20 @@ def test_a_largest_request_that_does_not_fit_stops_the_start(monkeypatch):
     _one_line(str(err.value))
 
 
+def test_a_server_that_can_bound_request_sizes_is_told_to(tmp_path, monkeypatch):
+    """4: a tritonserver that has --http-max-input-size (NVIDIA's containers from 25.06) gets the request bound
+    (40 MB: the 32 MB image and the rest); the bundled 2.51 has none, and gets no flag it would refuse."""
+    from smartedit.serve.server import MAX_REQUEST_BYTES, TRITONSERVER_ENV, bundled, size_flags
+
+    assert size_flags(bundled() / "bin" / "tritonserver") == []  # the bundled 2.51
+    newer = tmp_path / "tritonserver"
+    (newer / "bin").mkdir(parents=True)
+    (newer / "bin" / "tritonserver").write_text("#!/bin/sh\necho '  --http-max-input-size <integer>'\n")
+    (newer / "bin" / "tritonserver").chmod(0o755)
+    monkeypatch.setenv(TRITONSERVER_ENV, str(newer))
+    assert size_flags(newer / "bin" / "tritonserver") == [f"--http-max-input-size={MAX_REQUEST_BYTES}"]
+
+
 def test_no_key_in_the_command_line_and_no_model_control(tiny_server):
     """1: what a local user reads in /proc/PID/cmdline opens nothing: every restricted API is closed by a value that
     holds a line feed (no HTTP or gRPC client can send one), and the server runs without model control."""
@@ -1053,6 +1067,6 @@ def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_
 def test_the_catalogue_has_at_least_80_server_rows():
     rows = (len(HTTP_RESTRICTED) + len(GRPC_RESTRICTED) + len(REQUESTS) + len(STAGES) + len(SERVED) + len(FLAGS)
             + len(CALLERS) + len(CLOSED_VALUES) + len(CLASSIFICATION) + len(LAUNCH)
-            + 19)  # + max warm-up, webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, second
+            + 20)  # + max warm-up, size bound, webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, second
     #        server, re-export, no key, gRPC metadata, /dev/shm, JSON integers, EXIF, flood, SIGHUP, dead process
     assert rows >= 80, rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from smartedit.arguments import add_model_source, model_source, positive
 from smartedit.config import PRECISIONS, check_device
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"smartedit-serve: ready: model `smartedit` ({a.backend}, {a.device}, {a.dtype}) on "
                   f"http://{e.http_url} and grpc {e.grpc_url}, metrics {e.metrics_url}; server log {server.log}",
                   flush=True)
+            if os.geteuid() == 0:
+                print("smartedit-serve: note: running as root, so the server's model code runs as root: start it as "
+                      "a user of its own", flush=True)
             if shares_dev_shm(server.proc.pid):
                 print("smartedit-serve: note: the server shares this machine's /dev/shm, where Triton's Python backend "
                       "keeps each request's tensors readable by every local user (mode 644); run it as root (it then "

@@ -213,6 +213,22 @@ def server_env(drain_file: Path) -> dict[str, str]:
     return env
 
 
+# the largest request body: the 32 MB image bound, the instruction's 16 KB and the JSON around them
+MAX_REQUEST_BYTES = 40 << 20
+
+
+def size_flags(binary: Path) -> list[str]:
+    """The flag that bounds a request's size before the server reads it, where this tritonserver has it
+    (`--http-max-input-size`, NVIDIA's containers from 25.06; not the bundled 2.51, which reads a whole request
+    first)."""
+    try:
+        text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60,
+                              env=server_env(Path(os.devnull))).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [f"--http-max-input-size={MAX_REQUEST_BYTES}"] if "--http-max-input-size" in text else []
+
+
 def check_before_start(repo: Path, record_sha256: str | None = None) -> None:
     """A repository that records its files (the `smartedit` model of `--target triton`: every other file's sha256 in
     its settings) is checked whole before tritonserver starts, so none of its code runs unchecked (a __pycache__
@@ -352,12 +368,13 @@ class TritonServer:
             clear_bytecode(self.repo)  # Python's cache of an earlier run's imports (or a planted one): never run
         check_before_start(self.repo, self.record_sha256)
         backends = prepare_backends(self.workdir / "backends")
-        cmd = [str(bundled() / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+        binary = bundled() / "bin" / "tritonserver"
+        cmd = [str(binary), f"--model-repository={self.repo}",
                f"--backend-directory={backends}", f"--http-address={e.host}", f"--http-port={e.http}",
                f"--grpc-address={e.host}", f"--grpc-port={e.grpc}", f"--metrics-address={e.host}",
                f"--metrics-port={e.metrics}", "--allow-metrics=true", "--exit-on-error=true",
                "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0",
-               *self.args, *restricted_flags()]
+               *size_flags(binary), *self.args, *restricted_flags()]
         out = open(self.log, "wb") if self.log else None
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
