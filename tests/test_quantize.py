@@ -394,3 +394,121 @@ def _snapshot(path) -> dict:
         return {}
     return {str(p.relative_to(path)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(path.rglob("*"))}
+
+
+# -- Ctrl-C inside Model Optimizer's step, a report that fails, external data ---------------------------------------
+
+def test_ctrl_c_inside_model_optimizer_exits_130_and_keeps_the_fp16_entry(onnx_export, tmp_path):
+    """A real SIGINT to smartedit-export while Model Optimizer calibrates (inside ONNX Runtime's C++ calls, where it
+    once ended in "terminate called" and 134): exit 130, one line, no traceback; the quantizer's process gone; the
+    fp16 unet entry intact and loadable; no staging folder, log or temporary file left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from smartedit.engines.artifacts import Artifacts
+
+    out = tmp_path / "out"
+    shutil.copytree(onnx_export("fp16"), out)
+    tmp = tmp_path / "tmp"  # the export's TMPDIR: temporary graphs left outside OUT would show here
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartedit.export.cli", "--preset", "tiny", "--random-weights", *PROFILE_FLAGS,
+         "--precision", "int8", "--calibration-edits", "1", "--calibration-steps", "2", "--report-edits", "1",
+         "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp)})
+    worker, said = None, []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        said.append(line)
+        if "Model Optimizer: starting (process " in line:
+            worker = int(line.split("(process ")[1].split(")")[0])
+        if "Model Optimizer: calibration call 1/" in line:  # inside ONNX Runtime's calibration
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(said)[-3000:]
+    else:
+        pytest.fail("the export ended before Model Optimizer calibrated:\n" + "".join(said)[-3000:])
+    rest, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert err.strip().splitlines()[-1:] == ["smartedit-export: error: interrupted"], err[-3000:]
+    assert [line for line in err.splitlines() if "error" in line.lower()] == ["smartedit-export: error: interrupted"]
+    assert "Traceback" not in err and "terminate called" not in err
+    assert worker is not None
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+    entry = Artifacts(out, "onnx").entry("unet")  # the fp16 entry as the fp16 export recorded it, its hash checked
+    assert entry.verified is True and "quantization" not in entry.options
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == sorted(
+        p.name for p in (onnx_export("fp16") / "onnx").iterdir())
+    assert not list(out.rglob(".*.tmp-*"))
+    assert [p.name for p in tmp.iterdir() if p.is_dir() or ".onnx" in p.name] == []  # modelopt's and ORT's own temps
+
+
+@pytest.fixture(scope="module")
+def failed_external(onnx_export, tmp_path_factory):
+    """An INT8 export whose fp16 unet and quantized unet are both written with external data (the ONNX export's 2 GB
+    rule forced down to 0 bytes), and whose quality report fails (--min-psnr 100: no quantized edit reaches it): -> (folder,
+    progress, the error)."""
+    import smartedit.export.onnx as onnx_export_module
+    from smartedit.errors import ExportError
+
+    out = tmp_path_factory.mktemp("failed_external") / "export"
+    shutil.copytree(onnx_export("fp16"), out)
+    said = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export_module, "TWO_GB", 0)  # the quantized graph takes external data from its source
+        with pytest.raises(ExportError) as failed:
+            run_export(out, preset="tiny", precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
+                       quantize=QuantizeOptions(mode="int8", calibration_edits=1, calibration_steps=2,
+                                                report_edits=1, min_psnr=100.0), progress=said.append)
+    return out, said, str(failed.value)
+
+
+def test_external_data_moves_with_both_graphs_and_both_run(failed_external):
+    """The quantizer reads an fp16 graph with external data and writes the quantized one with it; the fp16 data is
+    renamed with its graph (unet.fp16.onnx.data, the graph's references rewritten); every file is in the entry with
+    its hash, and both graphs load and run in ONNX Runtime from where they landed."""
+    import onnx
+
+    from smartedit.engines.onnxruntime import session
+
+    out, said, _ = failed_external
+    m = Manifest.read(out)
+    e = m.entries("onnx")["unet"]
+    assert sorted(e.files) == ["onnx/unet.fp16.onnx", "onnx/unet.fp16.onnx.data", "onnx/unet.onnx",
+                               "onnx/unet.onnx_data"]
+    assert m.damaged(e) == [] and not (out / "onnx" / "unet.onnx.data").exists()
+    for name, data in (("unet.onnx", "unet.onnx_data"), ("unet.fp16.onnx", "unet.fp16.onnx.data")):
+        graph = onnx.load(str(out / "onnx" / name), load_external_data=False)
+        locations = {x.value for t in graph.graph.initializer for x in t.external_data if x.key == "location"}
+        assert locations == {data}, (name, locations)
+        feed = {t.name: v.numpy() for t, v in zip(e.spec.inputs, e.spec.sample_inputs(
+            {**e.spec.point("opt"), "B": 1}, "fp16").values())}
+        (eps,) = session(out / "onnx" / name).run(None, feed)
+        assert np.isfinite(eps).all()
+    assert not list(out.rglob(".*.tmp-*"))
+
+
+def test_a_failed_report_is_recorded_failed_and_never_run(failed_external, test_image, tmp_path, capsys):
+    """--min-psnr no edit reaches: the export fails (the message says the entry is recorded as failed), the entry is
+    verified false with its report, and smartedit-edit refuses it by name before any graph is opened."""
+    from smartedit.cli import edit_cli
+
+    out, said, error = failed_external
+    assert "fall below --min-psnr 100 dB" in error and "recorded as failed, which no runner runs" in error
+    e = Manifest.read(out).entries("onnx")["unet"]
+    assert e.verified is False and e.options["quantization"]["min_psnr"] == 100.0
+    report = json.loads((out / "report.json").read_text())["onnx"]["unet"]["quantization"]
+    assert report["passed"] is False and 0 < report["worst_psnr_db"] < 100
+    test_image.save(tmp_path / "in.png")
+    code, _, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--backend", "onnxruntime",
+                                      "--artifacts", out, "--image", tmp_path / "in.png", "--instruction",
+                                      "make it blue", "--steps", 1, "--out", tmp_path / "o.png"], capsys)
+    lines = err.strip().splitlines()
+    assert (code, len(lines)) == (2, 1) and "Traceback" not in err, err[-2000:]
+    assert "onnx/unet failed its check at export (its quality report fell below --min-psnr" in lines[0]
+    assert not (tmp_path / "o.png").exists()

@@ -365,37 +365,38 @@ def modelopt_quantize(src: Path, work: Path, mode: str, calib: dict[str, np.ndar
                       exclude: list[str], calibrator: str, device: str, log: Path,
                       progress: Callable[[str], None], external: bool | None = None) -> Path:
     """Model Optimizer's quantizer on `src` in a process of its own, everything it writes inside the folder `work`
-    (its input copy, its temporary files, the output); its printed output into `log`. -> the quantized .onnx (its
-    external data beside it, `<name>_data`). Its phases and calibration calls come back as progress lines, with a
-    heartbeat every HEARTBEAT_S; an exception here (Ctrl-C included) kills the process at once. `external`: external
-    data for the output (default: when `src` has it or is over EXTERNAL_DATA_BYTES)."""
+    (its input copy, its temporary files, the output); its printed output into `log`, which is written in `work`
+    and moved to `log` once the process has ended (not when it is killed). -> the quantized .onnx (its external
+    data beside it, `<name>_data`). Its phases and calibration calls come back as progress lines, with a heartbeat
+    every HEARTBEAT_S; an exception here (Ctrl-C included) kills the process at once. `external`: external data for
+    the output (default: when `src` has it or is over EXTERNAL_DATA_BYTES)."""
     inp, out, tmp = work / "in", work / "out", work / "tmp"
     for d in (inp, out, tmp):
         d.mkdir()
     shutil.copyfile(src, inp / src.name)  # a copy: modelopt rewrites its input in place (shape inference)
     data = _external_files(src)
-    for f in data:  # read only: linked, not copied
-        try:
-            os.link(f, inp / f.name)
-        except OSError:
-            shutil.copyfile(f, inp / f.name)
+    for f in data:  # copied too: onnx refuses external data with several hard links
+        shutil.copyfile(f, inp / f.name)
     if external is None:
         external = bool(data) or src.stat().st_size > EXTERNAL_DATA_BYTES
     arrays = {}
     for i, (name, value) in enumerate(calib.items()):
         np.save(work / f"calib-{i}.npy", value)
         arrays[name] = str(work / f"calib-{i}.npy")
-    job = {"src": str(inp / src.name), "dst": str(out / src.name), "mode": mode, "arrays": arrays,
+    # WAR: modelopt names its intermediate graphs path.replace(".onnx", "_named.onnx") on the whole path, so the
+    # graphs are named relative to `work` (its working folder), where only the file name holds ".onnx"
+    job = {"src": f"in/{src.name}", "dst": f"out/{src.name}", "mode": mode, "arrays": arrays,
            "calls": int(next(iter(calib.values())).shape[0]), "shapes": shapes,
            "exclude": [f"^{re.escape(n)}$" for n in exclude], "calibrator": calibrator,
            "eps": ["cpu"] if torch.device(device).type == "cpu" else [f"cuda:{torch.device(device).index or 0}"],
            "external": external}
     (work / "job.json").write_text(json.dumps(job))
     read, write = os.pipe()
+    printing = work / log.name
     try:
-        with open(log, "wb") as printed:
+        with open(printing, "wb") as printed:
             proc = subprocess.Popen([sys.executable, "-m", "smartedit.export.quantizer", str(work / "job.json"),
-                                     str(write)], cwd=tmp, stdin=subprocess.DEVNULL, stdout=printed,
+                                     str(write)], cwd=work, stdin=subprocess.DEVNULL, stdout=printed,
                                     stderr=subprocess.STDOUT, pass_fds=(write,), start_new_session=True,
                                     env={**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
         os.close(write)
@@ -410,6 +411,7 @@ def modelopt_quantize(src: Path, work: Path, mode: str, calib: dict[str, np.ndar
         os.close(read)
         if write >= 0:
             os.close(write)
+    move_into_place(printing, log)
     if proc.returncode != 0:
         why = error or (f"its process was killed by signal {-proc.returncode} (out of memory?)"
                         if proc.returncode < 0 else f"its process exited with status {proc.returncode}")
@@ -554,17 +556,12 @@ def produce(job, opts: QuantizeOptions) -> None:
                  f"in {time.perf_counter() - t0:.1f} s")
     exclude = kept_high(main)
     calibrator = opts.calibrator
-    with scratch_folder(main) as work:
+    with scratch_folder(folder / graph) as work:  # .unet.tmp-*: no ".onnx" in the quantizer's paths (see above)
         t1 = time.perf_counter()
         job.progress(f"    Model Optimizer {opts.mode} ({calibrator} calibrator, {len(calls)} calls on {opts.device}), "
                      f"{len(exclude)} layers kept in fp16 ...")
-        log = work / f"{graph}.quantize.log"
-        try:
-            quantized = modelopt_quantize(main, work, opts.mode, calib, shapes, exclude, calibrator, opts.device,
-                                          log, job.progress)
-        except ExportError:
-            move_into_place(log, folder / log.name)  # the message names it
-            raise
+        quantized = modelopt_quantize(main, work, opts.mode, calib, shapes, exclude, calibrator, opts.device,
+                                      folder / f"{graph}.quantize.log", job.progress)
         del calib
         quantize_s = time.perf_counter() - t1
         job.progress(f"    quantized in {quantize_s:.1f} s; quality report: {opts.report_edits} fixed edits ...")
@@ -572,9 +569,8 @@ def produce(job, opts: QuantizeOptions) -> None:
         # the fp16 entry goes only now, and the files move in: nothing runs an entry whose files are moving
         job.forget("onnx", graph)
         fp16_files = _keep_fp16(main, kept, work)
-        for f in sorted(quantized.parent.iterdir(), key=lambda p: p.suffix == ".onnx"):  # data first, .onnx last
+        for f in [*_external_files(quantized), quantized]:  # data first, the graph last
             move_into_place(f, folder / f.name)
-        move_into_place(log, folder / log.name)
     rels = [f"onnx/{main.name}", *(f"onnx/{f.name}" for f in _external_files(main)), *fp16_files]
     settings = {"mode": opts.mode, **opts.record, "kept_fp16": exclude, "kept_fp16_modules": KEPT_HIGH.pattern,
                 "tool": f"nvidia-modelopt {MODELOPT_VERSION} (modelopt.onnx.quantization)",
