@@ -512,3 +512,39 @@ def test_a_failed_report_is_recorded_failed_and_never_run(failed_external, test_
     assert (code, len(lines)) == (2, 1) and "Traceback" not in err, err[-2000:]
     assert "onnx/unet failed its check at export (its quality report fell below --min-psnr" in lines[0]
     assert not (tmp_path / "o.png").exists()
+
+
+def test_the_quantizer_step_says_its_phase_and_calls_and_a_heartbeat_when_silent(monkeypatch):
+    """What the quantizer's process sends (its protocol: one JSON object a line) becomes progress lines: each phase,
+    the first and last calibration call (and others at most every CALL_PROGRESS_S), and while it is silent a
+    heartbeat naming where it is; its error line is handed back."""
+    import os
+    import subprocess
+    import sys
+
+    import smartedit.export.quantize as q
+
+    monkeypatch.setattr(q, "HEARTBEAT_S", 0.3)
+    read, write = os.pipe()
+    script = ("import json, os, sys, time\n"
+              "out = os.fdopen(int(sys.argv[1]), 'w', buffering=1)\n"
+              "for m in ({'phase': 'calibrating'}, {'call': 1, 'calls': 3, 'pass': 1}):\n"
+              "    out.write(json.dumps(m) + '\\n')\n"
+              "time.sleep(1.2)\n"
+              "for m in ({'call': 2, 'calls': 3, 'pass': 1}, {'call': 3, 'calls': 3, 'pass': 1}, {'error': 'X: y'}):\n"
+              "    out.write(json.dumps(m) + '\\n')\n"
+              "sys.exit(1)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(write)], pass_fds=(write,))
+    os.close(write)
+    said = []
+    try:
+        error = q._follow(proc, read, said.append)
+    finally:
+        os.close(read)
+    assert error == "X: y" and proc.returncode == 1
+    assert said[0].startswith(f"    Model Optimizer: starting (process {proc.pid})")
+    assert any("Model Optimizer: calibrating (" in m for m in said)
+    assert any("Model Optimizer: calibration call 1/3" in m for m in said)
+    assert any("Model Optimizer: still calibrating (call 1/3) (" in m and "s in this step)" in m for m in said)
+    assert any("Model Optimizer: calibration call 3/3" in m for m in said)
+    assert not any("call 2/3" in m and "calibration call" in m for m in said)  # within CALL_PROGRESS_S of call 1

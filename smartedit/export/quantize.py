@@ -204,6 +204,8 @@ def _check_header(path: Path) -> None:
             img.size  # noqa: B018  (the header is read by open)
     except Image.DecompressionBombError as e:
         raise InputError(f"--calibration-images {path} is too large to decode ({e})") from None
+    except (PermissionError, IsADirectoryError) as e:
+        raise InputError(f"--calibration-images {path} cannot be read ({e.strerror})") from None
     except Exception:  # PIL raises many types for data it cannot identify
         raise InputError(f"--calibration-images {path} cannot be decoded: not a PNG, JPEG or WebP image") from None
 
