@@ -5,6 +5,7 @@ Our layout (written by `save_pretrained` and `smartedit-convert`):
     DIR/tokenizer/               LLaMA tokenizer with the 35 SmartEdit tokens
     DIR/<stage>.safetensors      vision, llm (LoRA unmerged), qformer, bim, unet, vae
     DIR/null_text.safetensors    {"null_text_embeds": [1, 77, 768]}: CLIP text embedding of "" (IP2P's text encoder)
+    DIR/sampler.json             the sampler and its diffusers config (smartedit.scheduler); absent: EulerAncestral
 
 Official release (HF TencentARC/SmartEdit-7B / -13B):
     LLM-<step>/adapter_model.bin                             whole PEFT-wrapped LLaMA (base + lora_A/B + embed_tokens)
@@ -31,10 +32,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import BASE_VOCAB_SIZE, SmartEditConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .files import read_json, refuse_overwriting_inputs, staged, write_json
 from .model import STAGE_NAMES, build_stages
 from .qformer import official_qformer_key
+from .scheduler import DEFAULT_SAMPLER, Sampler, sampler_from_record
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ FORMAT = "smartedit"
 FORMAT_VERSION = 1
 STAGE_FILES = STAGE_NAMES  # <stage>.safetensors
 NULL_TEXT_FILE = "null_text.safetensors"
+SAMPLER_FILE = "sampler.json"  # outside the files an export hashes: changing the sampler changes no graph
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,6 +208,23 @@ def write_config(path: Path, cfg: SmartEditConfig, random_weights: bool, source:
     d = {"format": FORMAT, "format_version": FORMAT_VERSION, "random_weights": random_weights, "source": source,
          **cfg.to_dict()}
     write_json(path, d)
+
+
+def write_sampler(model_dir: Path, sampler: Sampler) -> None:
+    write_json(Path(model_dir) / SAMPLER_FILE, sampler.record())
+
+
+def read_sampler(model_dir: Path) -> str:
+    """The sampler a model folder records (its name); a folder without the file runs the official EulerAncestral."""
+    path = Path(model_dir) / SAMPLER_FILE
+    if not path.exists():
+        return DEFAULT_SAMPLER
+    try:
+        return sampler_from_record(read_json(path, CheckpointError), str(path)).name
+    except CheckpointError:
+        raise
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_config(model_dir: Path) -> tuple[SmartEditConfig, dict[str, Any]]:

@@ -6,15 +6,16 @@ reference computes:
 
     llava(pixel_values, prefix_ids, suffix_ids)         -> img_hidden [B,32,H], clip_feats [B,256,Dv]
     qformer_bim(img_hidden, clip_feats)                 -> prompt_embeds [B,77,D], bim_residual [B,C0,16,16]
-    unet_eps(sample, timestep, prompt_embeds, residual) -> eps [3B,4,h,w]           (one 3-way CFG batch)
+    unet_eps(sample, timestep, prompt_embeds, residual) -> eps [nB,4,h,w]           (one CFG batch of n branches)
     guided_eps(latents, image_latents, timestep, sigma,
                prompt_embeds, bim_residual, guidance,
-               null_text_embeds)                        -> guided eps [B,4,h,w]   (scaling, CFG batch and combine)
+               null_text_embeds, branches=3)            -> guided eps [B,4,h,w]   (scaling, CFG batch and combine)
     vae_encode(image) / vae_decode(latents)
 
 and the classifier-free guidance of InstructPix2Pix, written once: the 3-way batch [cond; null+img; null+zero-img]
 (`cfg_batch`) and the combine eps = u + g_t (t - i) + g_i (i - u) in fp32 (`cfg_combine`: g_t * (t - i) amplifies
-fp16 rounding; every backend and the C++ runtime use this one).
+fp16 rounding; every backend and the C++ runtime use this one); and the cheaper batches of a guidance schedule
+(smartedit/guidance.py): 2 branches [cond; null+img] with eps = i + g_t (t - i), 1 branch [cond] with eps = t.
 """
 
 from __future__ import annotations
@@ -39,21 +40,32 @@ STAGE_NAMES = ("vision", "llm", "qformer", "bim", "unet", "vae")  # also the che
 
 
 def cfg_batch(x: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
-              null_text_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, image_latents [B,4,h,w], prompt_embeds [B,77,D], null [1,77,D] -> sample [3B,8,h,w], prompts [3B,77,D]:
-    the branches [cond; null text + image; null text + zero image], batch-major."""
+              null_text_embeds: torch.Tensor, branches: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, image_latents [B,4,h,w], prompt_embeds [B,77,D], null [1,77,D] -> sample [nB,8,h,w], prompts [nB,77,D]:
+    the first n of the branches [cond; null text + image; null text + zero image], batch-major."""
     b = x.shape[0]
+    if branches == 1:
+        return torch.cat([x, image_latents], dim=1), prompt_embeds
     null = null_text_embeds.to(prompt_embeds.dtype).expand(b, -1, -1)
+    if branches == 2:
+        return torch.cat([torch.cat([x, x]), torch.cat([image_latents, image_latents])], dim=1), \
+            torch.cat([prompt_embeds, null])
     sample = torch.cat([torch.cat([x, x, x]),
                         torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])], dim=1)
     return sample, torch.cat([prompt_embeds, null, null])
 
 
-def cfg_combine(eps: torch.Tensor, guidance_scale, image_guidance_scale) -> torch.Tensor:
-    """eps [3B,4,h,w] of the 3 branches -> u + g_t (t - i) + g_i (i - u), [B,4,h,w], in fp32.
-    Slices, not chunk(3): chunk's guard ((4B - 1) // B == 3) is beyond torch.export's solver and pins B."""
-    b = eps.shape[0] // 3
+def cfg_combine(eps: torch.Tensor, guidance_scale, image_guidance_scale, branches: int = 3) -> torch.Tensor:
+    """eps [nB,4,h,w] of n branches -> the guided eps [B,4,h,w] in fp32: 3 branches u + g_t (t - i) + g_i (i - u);
+    2 branches (text-only) i + g_t (t - i); 1 branch t. Slices, not chunk(3): chunk's guard ((4B - 1) // B == 3)
+    is beyond torch.export's solver and pins B."""
+    b = eps.shape[0] // branches
     e = eps.float()
+    if branches == 1:
+        return e
+    if branches == 2:
+        e_text, e_image = e[:b], e[b:]
+        return e_image + guidance_scale * (e_text - e_image)
     e_text, e_image, e_uncond = e[:b], e[b:2 * b], e[2 * b:]
     return e_uncond + guidance_scale * (e_text - e_image) + image_guidance_scale * (e_image - e_uncond)
 
@@ -98,14 +110,15 @@ class Stages(nn.Module):
 
     def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, timestep: torch.Tensor,
                    sigma: torch.Tensor, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor,
-                   guidance: torch.Tensor, null_text_embeds: torch.Tensor) -> torch.Tensor:
-        """One guided step from unscaled latents: scale_model_input, the 3-way batch, the UNet, the fp32 combine.
-        timestep [1], sigma [1] fp32; guidance (text, image) scales, fp32: [2] for the batch, or [B, 2] per sample."""
+                   guidance: torch.Tensor, null_text_embeds: torch.Tensor, branches: int = 3) -> torch.Tensor:
+        """One guided step from unscaled latents: scale_model_input, the CFG batch of `branches` branches (3: the
+        official one), the UNet, the fp32 combine. timestep [1], sigma [1] fp32; guidance (text, image) scales,
+        fp32: [2] for the batch, or [B, 2] per sample."""
         x = scale_model_input(latents, sigma.float().reshape(()))
-        sample, prompts = cfg_batch(x, image_latents, prompt_embeds, null_text_embeds)
+        sample, prompts = cfg_batch(x, image_latents, prompt_embeds, null_text_embeds, branches)
         eps = self.unet_eps(sample, timestep, prompts, bim_residual)
         g = guidance.float().reshape(-1, 2, 1, 1, 1)  # [1 or B, 2, 1, 1, 1]: broadcast over [B, 4, h, w]
-        return cfg_combine(eps, g[:, 0], g[:, 1]).to(latents.dtype)
+        return cfg_combine(eps, g[:, 0], g[:, 1], branches).to(latents.dtype)
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(image)

@@ -7,6 +7,11 @@ Order of work (official test/DS_SmartEdit_test.py and InstructPix2PixSD_SM.py):
            EulerAncestral)                                                          graph unet (+ smartedit.scheduler)
     VAE decode                                                                      graph vae_decoder
 
+Those are the defaults, and the official model. Two components may change what the loop costs, per pipeline or per
+edit: the sampler (`pipe.sampler`, or `sampler=` per edit: smartedit.scheduler.SAMPLERS; saved with the model
+folder) and the guidance schedule (`guidance_schedule=`: smartedit.guidance.GuidanceSchedule, the steps that run the
+3-way batch, a 2-way text-only one or the conditional branch alone).
+
 The graphs run on `pipe.runner`, a GraphRunner (smartedit.graphs): by default the model itself (EagerRunner, the
 reference); each backend of smartedit.engines.registry hands back another (CUDA graphs, ONNX Runtime, TensorRT,
 AOTInductor), and `on_backend` puts it in a pipeline. The pipeline owns everything between the graphs:
@@ -42,16 +47,18 @@ from .engines import registry
 from .errors import Cancelled, InputError, RunError
 from .files import open_image
 from .graphs import EagerRunner, GraphRunner, LoopRunner
+from .graphs.spec import parse_dim
+from .guidance import DEFAULT_GUIDANCE, GuidanceSchedule
 from .mllm import IMG_MODES, NUM_IMG_TOKENS, PAD_ID, PromptIds, pad_prompts, pick_template, tokenize_prompt
 from .model import Stages, cfg_batch, cfg_combine
 from .scheduler import (
+    DEFAULT_SAMPLER,
     SIGMA,
-    AncestralPlan,
     Generators,
+    Plan,
     T,
-    ancestral_step,
-    check_steps,
     draw_ancestral_noise,
+    get_sampler,
     initial_latents,
     scale_model_input,
 )
@@ -71,7 +78,7 @@ def _as_image(x: Image.Image | str | Path) -> Image.Image:
 class SmartEditPipeline:
     def __init__(self, config: SmartEditConfig, tokenizer: PreTrainedTokenizerBase, stages: Stages,
                  null_text_embeds: torch.Tensor, random_weights: bool = False, runner: GraphRunner | None = None,
-                 img_token_mode: str = "forced"):
+                 img_token_mode: str = "forced", sampler: str = DEFAULT_SAMPLER):
         if tuple(null_text_embeds.shape) != (1, config.qformer.num_queries, config.qformer.hidden_size):
             raise InputError(f"null_text_embeds must be [1, {config.qformer.num_queries}, "
                              f"{config.qformer.hidden_size}], got {tuple(null_text_embeds.shape)}")
@@ -82,6 +89,7 @@ class SmartEditPipeline:
         self.random_weights = random_weights
         self.runner: GraphRunner = runner or EagerRunner(stages, config)
         self.img_token_mode = img_token_mode  # the default of encode_condition / __call__ (`official`: "stepwise")
+        self.sampler = get_sampler(sampler).name  # the default of denoise / __call__; save_pretrained records it
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -89,7 +97,8 @@ class SmartEditPipeline:
     def from_weights(cls, w: Weights, runner: GraphRunner | None = None, img_token_mode: str = "forced"
                      ) -> "SmartEditPipeline":
         """The edit over loaded weights, its graphs run by `runner` (None: the model itself, EagerRunner)."""
-        return cls(w.config, w.tokenizer, w.stages, w.null_text_embeds, w.random_weights, runner, img_token_mode)
+        return cls(w.config, w.tokenizer, w.stages, w.null_text_embeds, w.random_weights, runner, img_token_mode,
+                   w.sampler)
 
     @classmethod
     def on_backend(cls, name: str, source: ModelSource, device: torch.device | str = "cpu",
@@ -119,6 +128,7 @@ class SmartEditPipeline:
             for name, module in self.stages.items():
                 ckpt.save_stage(module, tmp / f"{name}.safetensors")
             ckpt.save_stage({"null_text_embeds": self.null_text_embeds.cpu()}, tmp / ckpt.NULL_TEXT_FILE)
+            ckpt.write_sampler(tmp, get_sampler(self.sampler))
 
         return ckpt.write_folder_atomically(Path(model_dir), write, overwrite=overwrite)
 
@@ -221,53 +231,70 @@ class SmartEditPipeline:
 
     def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, row: torch.Tensor,
                    prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, guidance_scale: Guidance,
-                   image_guidance_scale: Guidance) -> torch.Tensor:
+                   image_guidance_scale: Guidance, branches: int = 3) -> torch.Tensor:
         """One guided step: latents [B,4,h,w] (unscaled), row = the schedule's row -> eps [B,4,h,w] in the
-        pipeline's dtype. The CFG batch and the fp32 combine are smartedit.model's, here or inside a folded graph.
-        Guidance scales are one value for the batch or one per sample."""
+        pipeline's dtype. The CFG batch of `branches` branches (smartedit.guidance) and the fp32 combine are
+        smartedit.model's, here or inside a folded graph. Guidance scales are one value for the batch or one per
+        sample.
+
+        An exported unet graph takes the 3-way batch only (its spec's sample is [3B, ...]): a step of fewer branches
+        runs the 3-way batch there and combines the branches it needs (the same eps; no evaluation saved). The
+        folded graph gets the scales that reduce its combine to the step's: (g_t, 1) for 2 branches, (1, 1) for 1."""
         t, sigma = row[T].reshape(1), row[SIGMA]
         g_text, g_image = _per_sample(guidance_scale, latents), _per_sample(image_guidance_scale, latents)
         if self.runner.fold_cfg:
             if not (isinstance(g_text, float) and isinstance(g_image, float)):
                 raise InputError("the --fold-cfg unet graph takes one pair of guidance scales per batch; give "
                                  "every sample the same, or run them apart")
+            g = {3: (g_text, g_image), 2: (g_text, 1.0), 1: (1.0, 1.0)}[branches]
             return self.runner.run("unet", {
                 "latents": latents, "image_latents": image_latents, "timestep": t, "sigma": sigma.reshape(1),
                 "prompt_embeds": prompt_embeds, "bim_residual": bim_residual,
-                "guidance": torch.tensor([g_text, g_image], device=latents.device)})["eps"].to(self.dtype)
+                "guidance": torch.tensor(g, device=latents.device)})["eps"].to(self.dtype)
+        run = branches if unet_takes_any_branches(self.runner) else 3
         sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
-                                    self.null_text_embeds)
+                                    self.null_text_embeds, run)
         eps = self.runner.run("unet", {"sample": sample, "timestep": t, "prompt_embeds": prompts,
                                         "bim_residual": bim_residual})["eps"]
-        return cfg_combine(eps, g_text, g_image).to(self.dtype)
+        return cfg_combine(eps[:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype)
+
+    def plan(self, steps: int = DEFAULT_STEPS, sampler: str | None = None) -> Plan:
+        """The prepared schedule of `sampler` (default: this pipeline's) for `steps` steps, on this device."""
+        return get_sampler(sampler or self.sampler).plan(steps, self.device)
 
     @torch.inference_mode()
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,
                 steps: int = DEFAULT_STEPS, guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE,
                 image_guidance_scale: Guidance = DEFAULT_IMAGE_GUIDANCE_SCALE, generator: Generators = None, progress: bool = False,
-                latents: torch.Tensor | None = None, stop: Callable[[], bool] | None = None) -> torch.Tensor:
-        """EulerAncestral over the 3-way CFG batch -> latents [B, 4, h, w] (scaled, ready for decode). The seed's
-        noise is drawn as diffusers draws it: the starting latents, then one tensor per step (one generator for the
-        batch, or one per sample). `stop`, asked before each step, ends the loop with Cancelled when it answers True
-        (a server whose clients went away); a runner that replays the whole loop as one program is not asked."""
-        plan = AncestralPlan.build(steps, self.device)
+                latents: torch.Tensor | None = None, stop: Callable[[], bool] | None = None,
+                sampler: str | None = None, guidance_schedule: GuidanceSchedule | None = None) -> torch.Tensor:
+        """The sampler (default: this pipeline's, EulerAncestral unless changed) over the CFG batches of the
+        guidance schedule (default: 3-way on every step) -> latents [B, 4, h, w] (scaled, ready for decode). The
+        seed's noise is drawn as diffusers draws it: the starting latents, then (an ancestral sampler) one tensor
+        per step (one generator for the batch, or one per sample). `stop`, asked before each step, ends the loop
+        with Cancelled when it answers True (a server whose clients went away); a runner that replays the whole
+        loop as one program is not asked."""
+        plan = self.plan(steps, sampler)
+        branches = (guidance_schedule or DEFAULT_GUIDANCE).branches(steps)
         if latents is None:
             latents = initial_latents(generator, tuple(image_latents.shape), plan, self.device, self.dtype)
-        noise = draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, self.device)
+        noise = (draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, self.device)
+                 if plan.sampler.noise else None)
         if isinstance(self.runner, LoopRunner):  # the whole loop in one program (engines/cudagraph.py)
             guidance = torch.stack([torch.as_tensor(_per_sample(g, latents), dtype=torch.float32, device=self.device)
                                     .reshape(-1).expand(latents.shape[0]) for g in (guidance_scale,
                                                                                     image_guidance_scale)], 1)
             return self.runner.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
-                                             bim_residual, plan.table, noise, guidance)  # guidance [B, 2]
+                                             bim_residual, plan, noise, guidance, branches)  # guidance [B, 2]
+        history = plan.history(tuple(latents.shape), latents.dtype, self.device)
         for i in tqdm(range(steps), desc="denoise", disable=not progress):
             if stop is not None and stop():
                 raise Cancelled(f"stopped before step {i + 1} of {steps}: the caller stopped waiting (cancelled, or "
                                 "its timeout passed)")
             row = plan.table[i]
             eps = self.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance_scale,
-                                  image_guidance_scale)
-            latents = ancestral_step(latents, eps, row, noise[i])
+                                  image_guidance_scale, branches[i])
+            latents = plan.sampler.step(latents, eps, row, None if noise is None else noise[i], history)
         return latents
 
     @torch.inference_mode()
@@ -281,11 +308,16 @@ class SmartEditPipeline:
                  image_guidance_scale: Guidance = DEFAULT_IMAGE_GUIDANCE_SCALE, resolution: int = DEFAULT_RESOLUTION,
                  seed: int | Sequence[int] | None = None, img_token_mode: str | None = None,
                  template: int | str = 0, temperature: float = 0.0, progress: bool = False,
-                 timings: dict[str, float] | None = None, stop: Callable[[], bool] | None = None):
+                 timings: dict[str, float] | None = None, stop: Callable[[], bool] | None = None,
+                 sampler: str | None = None, guidance_schedule: GuidanceSchedule | None = None):
         """One edit -> PIL image; lists of images and instructions (or a list of (image, instruction) pairs) -> a
         list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image).
         `seed` and the guidance scales may be one per sample: then each sample draws its own noise from its own
         seed and gets the image it would get alone (up to the batched kernels' rounding).
+
+        `sampler` (a name of smartedit.scheduler.SAMPLERS; default `pipe.sampler`) and `guidance_schedule`
+        (smartedit.guidance.GuidanceSchedule; default 3-way guidance on every step) change what the denoising loop
+        costs: both default to the official loop. `steps` is bounded by the sampler (1..1000, 1..999 for some).
 
         `timings`, if given, receives the wall time in ms of each stage (device-synchronised): condition (vision +
         LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total. `stop`: see denoise.
@@ -304,7 +336,10 @@ class SmartEditPipeline:
         if len(images) != len(instructions) or not images:
             raise InputError(f"got {len(images)} images and {len(instructions)} instructions; need the same, >= 1")
         check_resolution(resolution)
-        check_steps(steps)  # before any work
+        get_sampler(sampler or self.sampler).check_steps(steps)  # before any work
+        if guidance_schedule is not None and not isinstance(guidance_schedule, GuidanceSchedule):
+            raise InputError(f"guidance_schedule must be a smartedit.guidance.GuidanceSchedule, got "
+                             f"{type(guidance_schedule).__name__}")
         for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
             _check_guidance(name, g, len(images))
         pil = [_as_image(x) for x in images]
@@ -324,7 +359,8 @@ class SmartEditPipeline:
             image_latents = self.encode_image(pil, resolution)
         with clock("denoise"):
             latents = self.denoise(prompt_embeds, bim_residual, image_latents, steps, guidance_scale,
-                                   image_guidance_scale, generator, progress, stop=stop)
+                                   image_guidance_scale, generator, progress, stop=stop, sampler=sampler,
+                                   guidance_schedule=guidance_schedule)
         self._check_finite(latents, f"the latents are not finite after {steps} steps")
         with clock("vae_decode"):
             decoded = self.decode(latents)
@@ -349,6 +385,13 @@ def _check_guidance(name: str, g: Guidance, n: int) -> None:
         raise InputError(f"got {len(values)} values of {name} for {n} images; give one, or one per image")
     for v in values:
         check_guidance(name, v)
+
+
+def unet_takes_any_branches(runner: GraphRunner) -> bool:
+    """Whether `runner`'s unet graph takes a CFG batch of any number of branches (the model itself), or only the
+    3-way batch its exported spec fixes (sample [3B, ...])."""
+    spec = getattr(runner, "specs", {}).get("unet")
+    return spec is None or parse_dim(spec.inputs[0].shape[0])[0] == 1
 
 
 def _per_sample(g: Guidance, latents: torch.Tensor):

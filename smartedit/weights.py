@@ -21,6 +21,7 @@ from .config import PRESETS, SmartEditConfig, derived_seed
 from .errors import InputError
 from .files import sha256_file, sha256_json
 from .model import STAGE_NAMES, Stages, build_stages
+from .scheduler import DEFAULT_SAMPLER
 from .tokenizer import build_offline_tokenizer
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Weights:
     stages: Stages  # stages not loaded stay on the meta device
     null_text_embeds: torch.Tensor  # [1, 77, D]: the CLIP text embedding of ""
     random_weights: bool = False
+    sampler: str = DEFAULT_SAMPLER  # the folder's sampler (smartedit.scheduler.SAMPLERS)
 
 
 def from_preset(name: str, seed: int = 0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -62,6 +64,7 @@ def from_pretrained(model_dir: str | Path, device: torch.device | str = "cpu", d
     fetched from any hub: the tokenizer is the folder's own."""
     model_dir = Path(model_dir)
     cfg, meta = ckpt.read_config(model_dir)
+    sampler = ckpt.read_sampler(model_dir)  # checked before the weights load
     wanted = list(STAGE_NAMES if only is None else only)
     missing = ckpt.iter_missing([model_dir / f"{n}.safetensors" for n in wanted] + [model_dir / ckpt.NULL_TEXT_FILE])
     missing += [] if (model_dir / "tokenizer").is_dir() else [model_dir / "tokenizer"]
@@ -84,7 +87,7 @@ def from_pretrained(model_dir: str | Path, device: torch.device | str = "cpu", d
     except (OSError, ValueError) as e:
         raise ckpt.CheckpointError(f"cannot load the tokenizer in {model_dir / 'tokenizer'}: {e}") from None
     return Weights(cfg, tokenizer, stages, null["null_text_embeds"].to(device, dtype),
-                   random_weights=bool(meta.get("random_weights", False)))
+                   random_weights=bool(meta.get("random_weights", False)), sampler=sampler)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,10 @@ class ModelSource:
 
     def config(self) -> SmartEditConfig:
         return ckpt.read_config(self.model)[0] if self.model else SmartEditConfig.from_name(self.preset)
+
+    def sampler(self) -> str:
+        """The sampler this source runs by default: its folder's, or EulerAncestral for a preset."""
+        return ckpt.read_sampler(self.model) if self.model else DEFAULT_SAMPLER
 
     def load(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              only: Iterable[str] | None = None) -> Weights:

@@ -1,9 +1,10 @@
-"""The sampler (smartedit/scheduler.py), the pipeline's loop and the CUDA-graph loop (engines/cudagraph.py) against
-the reference: diffusers' EulerAncestralDiscreteScheduler driving InstructPix2Pix's guided loop, for the same seed.
+"""The samplers (smartedit/scheduler.py), the pipeline's loop and the CUDA-graph loop (engines/cudagraph.py) against
+the reference: diffusers' own scheduler classes driving InstructPix2Pix's guided loop, for the same seed.
 
-On the CPU the loop program runs uncaptured (capture="none"): the schedule table, the up-front ancestral noise, the
-static buffers and the step indexed by a device counter are all checked there. The CUDA tests check that capturing
-(a whole-loop graph, a per-step graph) changes nothing, and that fp16 on the GPU matches eager fp16.
+On the CPU the loop program runs uncaptured (capture="none"): the schedule tables, the up-front ancestral noise, a
+multistep solver's history buffers, the static buffers and the step indexed by a device counter are all checked
+there, with every sampler and with a guidance schedule of mixed branch counts. The CUDA tests check that capturing
+(a whole-loop graph, per-step graphs) changes nothing, and that fp16 on the GPU matches eager fp16.
 """
 
 import numpy as np
@@ -16,7 +17,8 @@ from smartedit.config import SCHEDULER_CONFIG
 from smartedit.engines.cudagraph import CudaGraphRunner
 from smartedit.errors import InputError
 from smartedit.pipeline import SmartEditPipeline
-from smartedit.scheduler import AncestralPlan, ancestral_step, draw_ancestral_noise
+from smartedit.guidance import GuidanceSchedule
+from smartedit.scheduler import SAMPLERS, ancestral_step, draw_ancestral_noise, get_sampler
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -26,7 +28,7 @@ def test_ancestral_step_equals_diffusers(dtype, steps):
     shape = (2, 4, 8, 8)
     sched = EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG)
     sched.set_timesteps(steps)
-    plan = AncestralPlan.build(steps, "cpu")
+    plan = get_sampler("euler-ancestral").plan(steps, "cpu")
     assert plan.init_noise_sigma == pytest.approx(float(sched.init_noise_sigma))
     assert torch.equal(plan.table[:, 0], sched.timesteps.float()) and torch.equal(plan.table[:, 1], sched.sigmas[:-1])
     noise = draw_ancestral_noise(torch.Generator().manual_seed(3), steps, shape, dtype)
@@ -56,7 +58,7 @@ def test_ancestral_noise_is_drawn_where_the_generator_lives_and_returned_on_the_
 
 def test_plan_rejects_zero_steps():
     with pytest.raises(InputError, match="steps must be an integer from 1 to 1000, got 0"):
-        AncestralPlan.build(0, "cpu")
+        get_sampler("euler-ancestral").plan(0, "cpu")
 
 
 def _denoise_inputs(pipe, b=2, h=8):
@@ -68,10 +70,11 @@ def _denoise_inputs(pipe, b=2, h=8):
                 image_latents=rand(b, 4, h, h))
 
 
-def _diffusers_loop(pipe, x, steps, seed, g_text=7.5, g_image=1.5):
+def _diffusers_loop(pipe, x, steps, seed, g_text=7.5, g_image=1.5, sampler="euler-ancestral"):
     """InstructPix2Pix's guided loop written with diffusers' scheduler as its pipeline does (scale_model_input,
-    step with the seed's generator), around the model's UNet: an independent reference for the sampler."""
-    sched = EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG)
+    step with the seed's generator for an ancestral one), around the model's UNet: an independent reference for
+    the sampler."""
+    sched = get_sampler(sampler).diffusers_scheduler()
     sched.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
     img, prompt, res = x["image_latents"], x["prompt_embeds"], x["bim_residual"]
@@ -83,7 +86,8 @@ def _diffusers_loop(pipe, x, steps, seed, g_text=7.5, g_image=1.5):
             sample = torch.cat([torch.cat([x_in] * 3), torch.cat([img, img, torch.zeros_like(img)])], dim=1)
             e_text, e_image, e_uncond = pipe.stages.unet(sample, t, torch.cat([prompt, null, null]), res).chunk(3)
             eps = e_uncond + g_text * (e_text - e_image) + g_image * (e_image - e_uncond)
-            latents = sched.step(eps, t, latents, generator=gen, return_dict=False)[0]
+            kw = {"generator": gen} if sampler == "euler-ancestral" else {}
+            latents = sched.step(eps, t, latents, return_dict=False, **kw)[0]
     return latents
 
 
@@ -93,6 +97,16 @@ def test_pipeline_loop_equals_diffusers_loop(tiny_pipe, steps):
     ours = tiny_pipe.denoise(**x, steps=steps, generator=torch.Generator().manual_seed(9))
     ref = _diffusers_loop(tiny_pipe, x, steps, 9)
     assert torch.equal(ours, ref), f"max diff {(ours - ref).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "euler-ancestral"])
+def test_pipeline_loop_equals_diffusers_loop_with_every_sampler(tiny_pipe, sampler):
+    """The whole guided loop (the model's UNet, the 3-way batch, the fp32 combine) with each sampler, bit for bit
+    against the same loop around diffusers' own class: 5 steps reach every multistep order (first, second, last)."""
+    x = _denoise_inputs(tiny_pipe)
+    ours = tiny_pipe.denoise(**x, steps=5, generator=torch.Generator().manual_seed(9), sampler=sampler)
+    ref = _diffusers_loop(tiny_pipe, x, 5, 9, sampler=sampler)
+    assert torch.equal(ours, ref), f"{sampler}: max diff {(ours - ref).abs().max():.3e}"
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -118,6 +132,26 @@ def test_uncaptured_loop_equals_the_pipeline_loop_cpu(tiny_pipe, steps):
     assert not fast.runner._loops and not fast.runner._captured
 
 
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_uncaptured_loop_equals_the_pipeline_loop_with_every_sampler_and_a_guidance_schedule_cpu(tiny_pipe, sampler):
+    """The program a graph would hold, for each sampler (its table, noise or history buffers) and with steps of 3, 2
+    and 1 branches: equal to the pipeline's loop; a second edit reuses the buffers (history zeroed, no leak)."""
+    x = _denoise_inputs(tiny_pipe)
+    schedule = GuidanceSchedule(interval=(0.0, 0.7), text_only=(0.3, 0.7))
+    assert schedule.branches(6) == (3, 3, 2, 2, 1, 1)
+    kw = dict(steps=6, sampler=sampler, guidance_schedule=schedule)
+    ref = tiny_pipe.denoise(**x, generator=torch.Generator().manual_seed(9), **kw)
+    fast = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                             random_weights=True)
+    fast.runner = CudaGraphRunner(fast.stages, fast.config, capture="none")
+    for _ in range(2):
+        got = fast.denoise(**x, generator=torch.Generator().manual_seed(9), **kw)
+        assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=sampler)
+    shape = list(x["image_latents"].shape)
+    label = f"latents {shape}, 6 steps" + ("" if sampler == "euler-ancestral" else f", {sampler}") + ", 12 UNet branches"
+    assert fast.runner.record["capture_used"] == {label: "none"}
+
+
 def test_whole_edit_through_the_loop_backend_cpu(tiny_pipe, test_image):
     fast = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
                              random_weights=True)
@@ -134,10 +168,13 @@ def test_backend_argument_checks(tiny_pipe):
         CudaGraphRunner(tiny_pipe.stages, tiny_pipe.config, capture="loop")
     fast = CudaGraphRunner(tiny_pipe.stages, tiny_pipe.config, capture="none")
     x = _denoise_inputs(tiny_pipe)
-    plan = AncestralPlan.build(2)
+    plan = get_sampler("euler-ancestral").plan(2)
     with pytest.raises(ValueError, match="batch/shape mismatch"):
         fast.denoise_loop(torch.zeros(1, 4, 8, 8), x["image_latents"], x["prompt_embeds"], tiny_pipe.null_text_embeds,
-                          x["bim_residual"], plan.table, torch.zeros(2, 1, 4, 8, 8), torch.tensor([[7.5, 1.5]]))
+                          x["bim_residual"], plan, torch.zeros(2, 1, 4, 8, 8), torch.tensor([[7.5, 1.5]]))
+    with pytest.raises(ValueError, match="noise None"):  # an ancestral sampler without its noise
+        fast.denoise_loop(torch.zeros(2, 4, 8, 8), x["image_latents"], x["prompt_embeds"], tiny_pipe.null_text_embeds,
+                          x["bim_residual"], plan, None, torch.tensor([[7.5, 1.5]] * 2))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -146,7 +183,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("capture", ["loop", "step"])
-def test_captured_loop_equals_uncaptured_cuda(capture):
+@pytest.mark.parametrize("sampler,schedule", [("euler-ancestral", None),
+                                              ("dpm-solver++", GuidanceSchedule((0.0, 0.6), (0.3, 0.6)))])
+def test_captured_loop_equals_uncaptured_cuda(capture, sampler, schedule):
     """Replaying the graph runs the same kernels on the same buffers as running the program: equal up to kernel
     choices (cuBLAS/cuDNN heuristics are the same in and out of capture, so in practice bit-identical)."""
     pipe = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda", dtype=torch.float16)
@@ -154,13 +193,14 @@ def test_captured_loop_equals_uncaptured_cuda(capture):
     plain = SmartEditPipeline(pipe.config, pipe.tokenizer, pipe.stages, pipe.null_text_embeds, random_weights=True)
     plain.runner = CudaGraphRunner(plain.stages, plain.config, capture="none")
     pipe.runner = CudaGraphRunner(pipe.stages, pipe.config, capture=capture)
-    ref = plain.denoise(**x, steps=6, generator=torch.Generator().manual_seed(9))
+    kw = dict(steps=6, sampler=sampler, guidance_schedule=schedule)
+    ref = plain.denoise(**x, generator=torch.Generator().manual_seed(9), **kw)
     for seed in (9, 9, 4):  # capture on the first call, replay on the next ones (and with another seed)
-        got = pipe.denoise(**x, steps=6, generator=torch.Generator().manual_seed(seed))
+        got = pipe.denoise(**x, generator=torch.Generator().manual_seed(seed), **kw)
         if seed == 9:
             assert_close(got, ref, atol=1e-3, rtol=1e-3, msg=f"capture={capture} vs the same program uncaptured")
     assert not torch.equal(got, ref)
     assert list(pipe.runner.record["capture_used"].values()) == [capture]  # no fallback at the tiny shapes
     eager = SmartEditPipeline(pipe.config, pipe.tokenizer, pipe.stages, pipe.null_text_embeds, random_weights=True)
-    want = eager.denoise(**x, steps=6, generator=torch.Generator().manual_seed(4))
+    want = eager.denoise(**x, generator=torch.Generator().manual_seed(4), **kw)
     assert_close(got, want, atol=2e-2, rtol=2e-2, msg=f"capture={capture} vs eager fp16")

@@ -112,7 +112,7 @@ def test_edit_through_onnxruntime_matches_eager(exported, test_image):
 
 def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
     from smartedit.pipeline import SmartEditPipeline
-    from smartedit.scheduler import AncestralPlan
+    from smartedit.scheduler import get_sampler
 
     run_export(tmp_path, preset="tiny", precision="fp32", graph_names="unet", fold_cfg=True, profile=SMALL,
                progress=_quiet)
@@ -123,9 +123,14 @@ def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
     g = torch.Generator().manual_seed(0)
     lat, img = torch.randn(2, 4, 32, 40, generator=g), torch.randn(2, 4, 32, 40, generator=g)
     prompt, res = torch.randn(2, 77, 32, generator=g), torch.randn(2, 32, 16, 16, generator=g)
-    row = AncestralPlan.build(50).table[7]
+    row = get_sampler("euler-ancestral").plan(50).table[7]
     args = (lat, img, row, prompt, res, 7.5, 1.5)
     assert_close(folded.guided_eps(*args), tiny_pipe.guided_eps(*args), atol=1e-4, msg="folded CFG step")
+    # a cheaper step of a guidance schedule: the folded combine with the scales that reduce it to 2 or 1 branches
+    ddim = get_sampler("ddim").plan(50).table[7]  # sigma 0: the folded graph's input scaling is x / 1
+    for branches in (2, 1):
+        args = (lat, img, ddim, prompt, res, 7.5, 1.5, branches)
+        assert_close(folded.guided_eps(*args), tiny_pipe.guided_eps(*args), atol=1e-4, msg=f"{branches} branches")
 
 
 def test_rerun_skips_and_changed_inputs_reexport(tmp_path):

@@ -6,18 +6,19 @@ eager loop adds the CFG combine, the sampler's Python and a host-to-device noise
 step is a fixed program on static device buffers, the model's own guided step and the sampler's own update:
 
     row = table[idx]; eps = Stages.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance,
-    null_text_embeds); latents = ancestral_step(latents, eps, row, noise[idx]); idx += 1
+    null_text_embeds, branches); latents = sampler.step(latents, eps, row, noise[idx], history); idx += 1
 
-with the schedule table and the seed's ancestral noise for every step prepared by the pipeline
-(smartedit/scheduler.py). Because the step index and the guidance scales live on the device, the same program serves
-every step and every guidance:
+with the schedule table, the seed's ancestral noise for every step (an ancestral sampler) and a multistep solver's
+history buffers prepared by the pipeline (smartedit/scheduler.py). Because the step index and the guidance scales
+live on the device, the same program serves every step and every guidance scale; the CFG batch's branches per step
+(smartedit/guidance.py) are shapes, so they are part of what is captured:
 
     capture="loop"  one graph holds all `steps` steps; an edit's denoising is one graph launch (the default)
-    capture="step"  one graph holds one step; the loop is `steps` replays with no host work in between
+    capture="step"  one graph per branch count holds one step; the loop is `steps` replays with no host work between
     capture="none"  the same program run eagerly: no CUDA needed (the CPU tests check it against the pipeline's loop)
 
-Graphs are captured once per (shapes, dtype, steps) and reused; each edit copies its inputs into the static buffers,
-replays and returns a copy of the latents. For the same seed the result equals the eager loop's within fp16 noise
+Graphs are captured once per (shapes, dtype, sampler, steps, branches per step) and reused; each edit copies its
+inputs into the static buffers, zeroes the history, replays and returns a copy of the latents. For the same seed the result equals the eager loop's within fp16 noise
 (same ops in the same dtypes; only kernel selection may differ). The other graphs run eagerly (once per edit);
 `run("unet")` replays a captured single UNet call (what smartedit-bench's per-stage breakdown times).
 """
@@ -32,7 +33,7 @@ import torch
 from smartedit.errors import InputError, UnavailableError
 from smartedit.graphs import EagerRunner
 from smartedit.model import Stages
-from smartedit.scheduler import SIGMA, T, ancestral_step
+from smartedit.scheduler import DEFAULT_SAMPLER, SIGMA, Plan, Sampler, T
 
 from .backend import Backend, Loaded, cuda_unavailable
 
@@ -49,12 +50,14 @@ class _Loop:
     prompt_embeds: torch.Tensor  # [B,77,D]
     null_text_embeds: torch.Tensor  # [1,77,D]
     bim_residual: torch.Tensor  # [B,C0,16,16]
-    table: torch.Tensor  # [steps,4] fp32: the schedule
-    noise: torch.Tensor  # [steps,B,4,h,w]: ancestral noise of the edit's seed
+    table: torch.Tensor  # [steps,K] fp32: the sampler's schedule
+    noise: torch.Tensor | None  # [steps,B,4,h,w]: ancestral noise of the edit's seed (an ancestral sampler)
+    history: torch.Tensor | None  # [slots,B,4,h,w]: a multistep solver's history, zeroed per edit
     guidance: torch.Tensor  # [B, 2] fp32: each sample's (text, image) scales
     idx: torch.Tensor  # [1] int64: the step the next replay runs
-    graph: torch.cuda.CUDAGraph | None = None
-    graph_steps: int = 0  # steps one replay runs: `steps` (loop) or 1 (step)
+    sampler: Sampler
+    branches: tuple[int, ...]  # the CFG batch's branches of each step
+    graphs: dict[int, torch.cuda.CUDAGraph] | None = None  # loop: {0: the whole loop}; step: {branches: one step}
 
 
 class CudaGraphRunner(EagerRunner):
@@ -90,39 +93,61 @@ class CudaGraphRunner(EagerRunner):
 
     @torch.inference_mode()
     def denoise_loop(self, latents: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
-                     null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, table: torch.Tensor,
-                     noise: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+                     null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, plan: Plan,
+                     noise: torch.Tensor | None, guidance: torch.Tensor,
+                     branches: tuple[int, ...] | None = None) -> torch.Tensor:
         """latents [B,4,h,w] (initial noise, already times init_noise_sigma) -> denoised latents [B,4,h,w].
-        guidance [B, 2]: each sample's (text, image) scales (device data: one captured graph serves any)."""
-        b, steps = latents.shape[0], table.shape[0]
+        plan: the sampler's prepared schedule; noise [steps,B,4,h,w] for an ancestral sampler, else None;
+        guidance [B, 2]: each sample's (text, image) scales (device data: one captured graph serves any);
+        branches: the CFG batch's branches of each step (default 3 on every step)."""
+        b, steps, table = latents.shape[0], plan.steps, plan.table
+        branches = tuple(branches) if branches is not None else (3,) * steps
+        noise_shape = None if noise is None else tuple(noise.shape)
         if image_latents.shape != latents.shape or prompt_embeds.shape[0] != b or bim_residual.shape[0] != b \
-                or tuple(noise.shape) != (steps, *latents.shape) or tuple(guidance.shape) != (b, 2):
+                or (noise_shape != (steps, *latents.shape) if plan.sampler.noise else noise is not None) \
+                or tuple(guidance.shape) != (b, 2) or len(branches) != steps:
             raise InputError(f"batch/shape mismatch: latents {tuple(latents.shape)}, image_latents "
                              f"{tuple(image_latents.shape)}, prompt_embeds {tuple(prompt_embeds.shape)}, "
-                             f"bim_residual {tuple(bim_residual.shape)}, noise {tuple(noise.shape)}, guidance "
-                f"{tuple(guidance.shape)}")
-        key = (tuple(latents.shape), tuple(prompt_embeds.shape), tuple(bim_residual.shape), latents.dtype, steps)
+                             f"bim_residual {tuple(bim_residual.shape)}, noise {noise_shape}, guidance "
+                             f"{tuple(guidance.shape)}, branches for {len(branches)} of {steps} steps")
+        key = (tuple(latents.shape), tuple(prompt_embeds.shape), tuple(bim_residual.shape), latents.dtype,
+               plan.sampler.name, steps, branches)
         loop = self._loops.get(key)
         if loop is None:
             loop = self._loops[key] = _Loop(
                 latents=torch.empty_like(latents), image_latents=torch.empty_like(image_latents),
                 prompt_embeds=torch.empty_like(prompt_embeds), null_text_embeds=torch.empty_like(null_text_embeds),
                 bim_residual=torch.empty_like(bim_residual), table=torch.empty_like(table),
-                noise=torch.empty_like(noise), guidance=torch.empty(b, 2, device=latents.device),
-                idx=torch.zeros(1, device=latents.device, dtype=torch.long))
+                noise=None if noise is None else torch.empty_like(noise),
+                history=plan.history(tuple(latents.shape), latents.dtype, latents.device),
+                guidance=torch.empty(b, 2, device=latents.device),
+                idx=torch.zeros(1, device=latents.device, dtype=torch.long), sampler=plan.sampler, branches=branches)
         inputs = (latents, image_latents, prompt_embeds, null_text_embeds, bim_residual, table, noise, guidance)
         self._load(loop, *inputs)
-        if self.capture != "none" and loop.graph is None:
+        if self.capture != "none" and loop.graphs is None:
             self._capture(loop)  # warm-up steps on a side stream change the buffers: load them again
             self._load(loop, *inputs)
-        if loop.graph is None:
-            self.capture_used[f"latents {list(loop.latents.shape)}, {steps} steps"] = "none"
-            for _ in range(steps):
-                self._step(loop)
+        if loop.graphs is None:
+            self.capture_used[self._describe(loop)] = "none"
+            for n in loop.branches:
+                self._step(loop, n)
+        elif 0 in loop.graphs:
+            loop.graphs[0].replay()
         else:
-            for _ in range(steps // loop.graph_steps):
-                loop.graph.replay()
+            for n in loop.branches:
+                loop.graphs[n].replay()
         return loop.latents.clone()
+
+    @staticmethod
+    def _describe(loop: _Loop) -> str:
+        """The key of capture_used: the latents and steps, and the sampler and branches when not the defaults."""
+        steps = len(loop.branches)
+        out = f"latents {list(loop.latents.shape)}, {steps} steps"
+        if loop.sampler.name != DEFAULT_SAMPLER:
+            out += f", {loop.sampler.name}"
+        if set(loop.branches) != {3}:
+            out += f", {sum(loop.branches)} UNet branches"
+        return out
 
     @staticmethod
     def _load(loop: _Loop, latents, image_latents, prompt_embeds, null_text_embeds, bim_residual, table, noise,
@@ -131,47 +156,53 @@ class CudaGraphRunner(EagerRunner):
                        (loop.prompt_embeds, prompt_embeds), (loop.null_text_embeds, null_text_embeds),
                        (loop.bim_residual, bim_residual), (loop.table, table), (loop.guidance, guidance),
                        (loop.noise, noise)):  # noise [steps,B,4,h,w]: 0.8 MB at 256x256, 100 steps, fp16
-            buf.copy_(x)
+            if buf is not None:
+                buf.copy_(x)
+        if loop.history is not None:
+            loop.history.zero_()
         loop.idx.zero_()
 
-    def _step(self, loop: _Loop) -> None:
+    def _step(self, loop: _Loop, branches: int) -> None:
         """One denoising step on the static buffers; everything it reads per step is indexed by loop.idx."""
-        row = loop.table.index_select(0, loop.idx)[0]  # [4] fp32
+        row = loop.table.index_select(0, loop.idx)[0]  # [K] fp32
         eps = self._unet_stages.guided_eps(loop.latents, loop.image_latents, row[T].reshape(1),
                                            row[SIGMA].reshape(1), loop.prompt_embeds, loop.bim_residual,
-                                           loop.guidance, loop.null_text_embeds)
-        noise = loop.noise.index_select(0, loop.idx)[0]
-        loop.latents.copy_(ancestral_step(loop.latents, eps, row, noise))
+                                           loop.guidance, loop.null_text_embeds, branches)
+        noise = None if loop.noise is None else loop.noise.index_select(0, loop.idx)[0]
+        loop.latents.copy_(loop.sampler.step(loop.latents, eps, row, noise, loop.history))
         loop.idx.add_(1)
 
     def _capture(self, loop: _Loop) -> None:
-        steps = loop.table.shape[0]
+        steps, kinds = len(loop.branches), sorted(set(loop.branches))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuBLAS/cuDNN handles, autotuning and torch.compile outside the capture
             for _ in range(max(1, self.warmup)):
-                loop.idx.zero_()
-                self._step(loop)
+                for n in kinds:  # every batch size the loop runs
+                    loop.idx.zero_()
+                    self._step(loop, n)
         torch.cuda.current_stream().wait_stream(side)
         loop.idx.zero_()
-        per_replay = steps if self.capture == "loop" else 1
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                for _ in range(per_replay):
-                    self._step(loop)
-            used = self.capture
-        except RuntimeError as e:
-            if per_replay == 1:
-                raise
-            # e.g. out of memory instantiating steps x UNet kernels: one step per replay does the same work
-            log.warning("capturing the %d-step loop failed (%s); capturing one step and replaying it", steps, e)
-            used = f"step (the {steps}-step loop's capture failed: {str(e).splitlines()[0][:200]})"
-            graph, per_replay = torch.cuda.CUDAGraph(), 1
-            with torch.cuda.graph(graph):
-                self._step(loop)
-        loop.graph, loop.graph_steps = graph, per_replay
-        self.capture_used[f"latents {list(loop.latents.shape)}, {steps} steps"] = used
+        used = self.capture
+        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.capture == "loop":
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    for n in loop.branches:
+                        self._step(loop, n)
+                graphs[0] = graph
+            except RuntimeError as e:
+                # e.g. out of memory instantiating steps x UNet kernels: one step per replay does the same work
+                log.warning("capturing the %d-step loop failed (%s); capturing one step and replaying it", steps, e)
+                used = f"step (the {steps}-step loop's capture failed: {str(e).splitlines()[0][:200]})"
+        if not graphs:
+            for n in kinds:
+                graphs[n] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[n]):
+                    self._step(loop, n)
+        loop.graphs = graphs
+        self.capture_used[self._describe(loop)] = used
 
     # -- the per-graph interface ------------------------------------------------------------------------------------
 

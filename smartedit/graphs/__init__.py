@@ -23,6 +23,7 @@ from torch import nn
 from smartedit.config import SmartEditConfig
 from smartedit.errors import InputError
 from smartedit.model import Stages
+from smartedit.scheduler import Plan
 
 from . import llava, qformer_bim, unet, vae
 from .spec import GraphSpec, ProfileOptions
@@ -121,12 +122,14 @@ class GraphRunner(Protocol):
 @runtime_checkable
 class LoopRunner(GraphRunner, Protocol):
     """A runner that runs the whole denoising loop itself (engines/cudagraph.py), from what the pipeline prepared:
-    the starting latents, the schedule table and every step's ancestral noise (smartedit/scheduler.py)."""
+    the starting latents, the sampler's plan (its schedule table), every step's ancestral noise for an ancestral
+    sampler (smartedit/scheduler.py) and the CFG batch's branches of each step (smartedit/guidance.py)."""
 
     def denoise_loop(self, latents: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
-                     null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, table: torch.Tensor,
-                     noise: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
-        """guidance [B, 2] fp32: each sample's (text, image) scales."""
+                     null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, plan: Plan,
+                     noise: torch.Tensor | None, guidance: torch.Tensor,
+                     branches: tuple[int, ...] | None = None) -> torch.Tensor:
+        """guidance [B, 2] fp32: each sample's (text, image) scales; branches: 3, 2 or 1 per step."""
 
 
 class EagerRunner:
