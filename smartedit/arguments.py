@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .config import PRESETS, check_resolution, check_seed
 from .errors import InputError
+from .guidance import GuidanceSchedule, parse_interval
+from .scheduler import SAMPLERS
 from .weights import ModelSource
 
 def _int(text: str) -> int:
@@ -91,3 +93,34 @@ def model_source(p: argparse.ArgumentParser, a: argparse.Namespace) -> ModelSour
         return ModelSource(model=Path(a.model))
     return ModelSource(preset=a.preset, seed=a.seed) if a.preset else None
 
+
+
+def _interval(name: str):
+    def parse(text: str) -> tuple[float, float]:
+        try:
+            return parse_interval(text, name)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def add_denoise_levers(p: argparse.ArgumentParser) -> None:
+    """--sampler, --guidance-interval, --text-only-guidance: what the denoising loop costs (defaults: the official
+    loop, the model folder's sampler and 3-way guidance on every step)."""
+    g = p.add_argument_group("denoising loop (defaults: the official one; see the README's frontier before choosing)")
+    g.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="the sampler (default: the model folder's, euler-ancestral unless it says otherwise)")
+    g.add_argument("--guidance-interval", type=_interval("--guidance-interval"), default=None, metavar="START,END",
+                   help="guide (3-way CFG batch) only on the steps whose fraction i/(steps-1) of the schedule is in "
+                        "[START, END]; the others run the conditional branch alone (1 UNet evaluation, not 3)")
+    g.add_argument("--text-only-guidance", type=_interval("--text-only-guidance"), default=None, metavar="START,END",
+                   help="on the guided steps whose fraction is in [START, END], the 2-way text-only batch "
+                        "[cond; null text + image] (image guidance 1: 2 evaluations, not 3)")
+
+
+def guidance_schedule(a: argparse.Namespace) -> GuidanceSchedule | None:
+    """The GuidanceSchedule of parsed --guidance-interval / --text-only-guidance (None: the default)."""
+    if a.guidance_interval is None and a.text_only_guidance is None:
+        return None
+    return GuidanceSchedule(a.guidance_interval or (0.0, 1.0), a.text_only_guidance)

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import torch
 
-from .arguments import add_model_source, model_source, non_negative, positive, require_random_weights, resolution
+from .arguments import (
+    add_denoise_levers,
+    add_model_source,
+    guidance_schedule,
+    model_source,
+    non_negative,
+    positive,
+    require_random_weights,
+    resolution,
+)
 from .config import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
@@ -23,6 +32,7 @@ from .config import (
     dtype_named,
 )
 from .errors import InputError, run_command
+from .guidance import DEFAULT_GUIDANCE, GuidanceSchedule
 from .files import check_writable_parent, open_image, refuse_overwriting_inputs, write_atomic, write_json
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -50,9 +60,12 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
          dtype: str = "fp32", guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
          image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, img_token_mode: str = "forced",
          template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0,
-         backend: str = "eager", artifacts: str | None = None) -> Path:
-    """Run one edit on `backend` and write the image atomically (temp file + rename): a failed run leaves no file."""
+         backend: str = "eager", artifacts: str | None = None, sampler: str | None = None,
+         guidance: GuidanceSchedule | None = None) -> Path:
+    """Run one edit on `backend` and write the image atomically (temp file + rename): a failed run leaves no file.
+    `sampler` (default: the model folder's) and `guidance` (default: 3-way on every step) are the loop's levers."""
     from .pipeline import SmartEditPipeline
+    from .scheduler import get_sampler
     from .weights import ModelSource
 
     out_path = _check_output(Path(out), "--out")
@@ -62,10 +75,12 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
     device = check_device(device)
     require_random_weights(preset, random_weights)
     source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
+    get_sampler(sampler or source.sampler()).check_steps(steps)  # before anything loads
     pipe = SmartEditPipeline.on_backend(backend, source, device, dtype_named(dtype), artifacts)
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                   resolution=resolution, seed=seed, img_token_mode=img_token_mode,
-                  template=template if template == "random" else int(template))
+                  template=template if template == "random" else int(template), sampler=sampler,
+                  guidance_schedule=guidance)
     for _ in range(warmup):  # untimed: first calls pay for allocator growth, cuDNN/cuBLAS autotuning, capture
         pipe(image, instruction, **kwargs)
     result = pipe(image, instruction, progress=progress, timings=timings, **kwargs)
@@ -109,8 +124,9 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
                    "device and the arguments to this file (see --warmup)")
     p.add_argument("--warmup", type=non_negative, default=0, help="untimed edits before the timed one (with --timings)")
+    add_denoise_levers(p)
     a = p.parse_args(argv)
-    model_source(p, a)
+    source = model_source(p, a)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> None:
@@ -123,10 +139,13 @@ def edit_cli(argv: list[str] | None = None) -> None:
         out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
                    a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
-                   artifacts=a.artifacts)
-        source = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
-        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {source}, backend {a.backend}, {a.dtype} on "
-              f"{a.device}, {a.resolution} px, {a.steps} steps"
+                   artifacts=a.artifacts, sampler=a.sampler, guidance=guidance_schedule(a))
+        where = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
+        schedule = guidance_schedule(a) or DEFAULT_GUIDANCE
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {where}, backend {a.backend}, {a.dtype} on "
+              f"{a.device}, {a.resolution} px, {a.steps} steps of {a.sampler or source.sampler()}"
+              + ("" if schedule.is_default else f", guidance {schedule.describe()} "
+                 f"({schedule.evaluations(a.steps)} UNet evaluations, the default {3 * a.steps})")
               + (f", artifacts {a.artifacts}" if a.artifacts and BACKENDS[a.backend].target else ""))
         if stage_ms is not None:
             record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / a.steps,

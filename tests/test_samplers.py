@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, run_cli
 
 from smartedit.errors import CheckpointError, InputError
 from smartedit.graphs import EagerRunner, graph_table
@@ -214,3 +214,40 @@ def test_an_edit_with_a_schedule_counts_its_evaluations(tiny_pipe, test_image):
     with pytest.raises(InputError, match="sampler must be one of"):
         pipe(test_image, "x", steps=2, sampler="DDIM")
     assert pipe.runner.rows == [6, 4, 4, 2, 2]  # refused before any work
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, says", [
+    (["--sampler", "ddim", "--steps", "1000"], "steps must be an integer from 1 to 999, got 1000 (sampler 'ddim')"),
+    (["--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
+    (["--guidance-interval", "0.5,0.2"], "--guidance-interval must satisfy 0 <= start <= end <= 1, got [0.5, 0.2]"),
+    (["--text-only-guidance", "0.5"], "--text-only-guidance must be a pair (start, end)"),
+    (["--guidance-interval", "x,1"], "--guidance-interval must be two fractions START,END in [0, 1], got 'x,1'"),
+])
+def test_cli_refuses_bad_levers_in_one_line(tmp_path, test_image, args, says, capsys):
+    from smartedit.cli import edit_cli
+
+    test_image.save(tmp_path / "in.png")
+    code, _, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--image", tmp_path / "in.png",
+                                      "--instruction", "x", "--out", tmp_path / "o.png", *args], capsys)
+    assert code == 2 and says in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_cli_edit_with_levers_equals_the_api(tmp_path, test_image, tiny_pipe, capsys):
+    from PIL import Image
+
+    from smartedit.cli import edit_cli
+
+    test_image.save(tmp_path / "in.png")
+    code, out, err = run_cli(edit_cli, ["--preset", "tiny", "--random-weights", "--image", tmp_path / "in.png",
+                                        "--instruction", "make it blue", "--out", tmp_path / "o.png", "--quiet",
+                                        "--steps", "4", "--resolution", "64", "--sampler", "unipc",
+                                        "--guidance-interval", "0,0.5", "--text-only-guidance", "0.3,1"], capsys)
+    assert code == 0, err
+    assert "4 steps of unipc, guidance guided in [0, 0.5], else cond only; text-only in [0.3, 1] (7 UNet " \
+           "evaluations, the default 12)" in out, out
+    api = tiny_pipe(Image.open(tmp_path / "in.png"), "make it blue", steps=4, resolution=64, seed=0, sampler="unipc",
+                    guidance_schedule=GuidanceSchedule((0.0, 0.5), (0.3, 1.0)))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), np.asarray(api))
