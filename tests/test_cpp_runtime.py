@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from smartedit.engines.aoti import AOTIRunner
 from smartedit.engines.artifacts import Artifacts
 from smartedit.pipeline import SmartEditPipeline
-from smartedit.scheduler import AncestralPlan
+from smartedit.guidance import GuidanceSchedule
+from smartedit.scheduler import SAMPLERS, get_sampler
 
 ROOT = Path(__file__).resolve().parent.parent  # the top-level CMakeLists.txt builds runtime/
 
@@ -42,15 +43,34 @@ def _run(exe, *args):
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
 
 
+NATIVE = ("euler-ancestral", "euler", "ddim")  # the samplers the C++ runtime runs; the others are refused by name
+
+
 @pytest.mark.parametrize("steps", [1, 7, 100])
-def test_schedule_equals_diffusers(runtime_bin, steps):
-    r = _run(runtime_bin, "schedule", steps)
+@pytest.mark.parametrize("sampler", NATIVE)
+def test_schedule_equals_diffusers(runtime_bin, sampler, steps):
+    args = ("schedule", steps) if sampler == "euler-ancestral" else ("schedule", steps, "--sampler", sampler)
+    r = _run(runtime_bin, *args)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
-    plan = AncestralPlan.build(steps, "cpu")  # diffusers' timesteps and sigmas
+    plan = get_sampler(sampler).plan(steps, "cpu")  # diffusers' timesteps and sigmas, its step's constants
+    assert got["sampler"] == sampler
     assert torch.equal(torch.tensor(got["table"], dtype=torch.float32), plan.table)
-    assert got["columns"] == ["timestep", "sigma", "sigma_up", "dt = sigma_down - sigma"]
+    assert len(got["columns"]) == plan.table.shape[1] and got["columns"][:2] == ["timestep", "sigma"]
     assert torch.tensor(got["init_noise_sigma"], dtype=torch.float32) == plan.init_noise_sigma
+
+
+def test_the_runtime_knows_the_samplers_and_their_bounds_and_refuses_the_others_by_name(runtime_bin):
+    r = _run(runtime_bin, "schedule", 5, "--sampler", "heun")
+    assert r.returncode == 2 and f"sampler must be one of {', '.join(SAMPLERS)}, got 'heun'" in r.stderr, r.stderr
+    for name, s in SAMPLERS.items():
+        r = _run(runtime_bin, "schedule", s.max_steps + 1, "--sampler", name)
+        if name in NATIVE:
+            assert r.returncode == 2 and f"steps must be an integer from 1 to {s.max_steps}, got {s.max_steps + 1} " \
+                f"(sampler '{name}')" in r.stderr, r.stderr
+        else:
+            assert r.returncode == 2 and f"sampler '{name}' is not run by the C++ runtime (it runs " \
+                f"{', '.join(NATIVE)})" in r.stderr, r.stderr
 
 
 def _inputs(pipe, b=2, h=32, seed=5):
@@ -84,6 +104,41 @@ def test_denoise_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tmp_pa
                               generator=torch.Generator().manual_seed(9))
     assert_close(got, eager, atol=1e-3, rtol=1e-3, msg="C++ loop vs eager PyTorch")
     assert not (tmp_path / "out.safetensors.tmp").exists()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_denoise_with_a_sampler_and_a_guidance_schedule_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe,
+                                                                          tmp_path, sampler):
+    """--sampler and the guidance levers: the same latents as the Python pipeline on the same package, bit for bit.
+    The exported unet graph takes the 3-way batch only: both evaluate 3 branches on every step and combine 3, 2
+    or 1 of them as the schedule says."""
+    x = _inputs(tiny_pipe)
+    save_file({**x, "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()}, tmp_path / "in.safetensors")
+    r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2", "--inputs",
+             tmp_path / "in.safetensors", "--out", tmp_path / "out.safetensors", "--steps", 5, "--seed", 9,
+             "--sampler", sampler, "--guidance-interval", "0,0.75", "--text-only-guidance", "0.25,0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(tmp_path / "out.safetensors")["latents"]
+    packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                                 random_weights=True, runner=AOTIRunner(Artifacts(aoti_export, "aoti")))
+    schedule = GuidanceSchedule((0.0, 0.75), (0.25, 0.5))
+    assert schedule.branches(5) == (3, 2, 2, 3, 1)
+    want = packaged.denoise(x["prompt_embeds"], x["bim_residual"], x["image_latents"], steps=5, sampler=sampler,
+                            generator=torch.Generator().manual_seed(9), guidance_schedule=schedule)
+    assert torch.equal(got, want), f"{sampler}: max diff {(got - want).abs().max():.3e}"
+    eager = tiny_pipe.denoise(x["prompt_embeds"], x["bim_residual"], x["image_latents"], steps=5, sampler=sampler,
+                              generator=torch.Generator().manual_seed(9), guidance_schedule=schedule)
+    assert_close(got, eager, atol=1e-3, rtol=1e-3, msg="C++ loop vs eager PyTorch (1 and 2 branch steps evaluated "
+                                                       "alone there)")
+    for args, says in ((["--guidance-interval", "0.6,0.2"], "guidance interval must satisfy 0 <= start <= end <= 1, "
+                                                            "got [0.6, 0.2]"),
+                       (["--text-only-guidance", "0,2"], "text-only guidance interval must satisfy"),
+                       (["--guidance-interval", "0.5"], "--guidance-interval must be two fractions START,END"),
+                       (["--sampler", "unipc"], "sampler 'unipc' is not run by the C++ runtime")):
+        r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2", "--inputs",
+                 tmp_path / "in.safetensors", "--out", tmp_path / "bad.safetensors", *args)
+        assert r.returncode == 2 and says in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_bad_input_fails_fast_and_names_it(runtime_bin, aoti_export, tiny_pipe, tmp_path):
@@ -177,6 +232,31 @@ def _copy_with(src, dst, edit):
     edit(m)
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
+
+
+def test_the_edit_runs_the_sampler_its_manifest_records(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """The export records the model folder's sampler; the C++ edit runs it unless --sampler says otherwise, and
+    refuses by name (exit 2, before loading a package) one it does not run."""
+    assert json.loads((aoti_export / "manifest.json").read_text())["sampler"] == SAMPLERS["euler-ancestral"].record()
+    ddim = _copy_with(aoti_export, tmp_path / "ddim", lambda m: m.update(sampler=SAMPLERS["ddim"].record()))
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "in.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", ddim, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "image.safetensors", "--steps", 3, "--seed", 1)
+    assert r.returncode == 0 and json.loads(r.stdout)["sampler"] == "ddim", r.stderr[-3000:]
+    got = load_file(tmp_path / "image.safetensors")["image"]
+    packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                                 random_weights=True, runner=AOTIRunner(Artifacts(aoti_export, "aoti")))
+    prompt_embeds, residual = packaged.encode_condition([test_image], ["make it blue"])
+    latents = packaged.denoise(prompt_embeds, residual, packaged.encode_image([test_image], 256), steps=3,
+                               generator=torch.Generator().manual_seed(1), sampler="ddim")
+    assert torch.equal(got, packaged.decode(latents))
+    unipc = _copy_with(aoti_export, tmp_path / "unipc", lambda m: m.update(sampler=SAMPLERS["unipc"].record()))
+    r = _run(runtime_bin, "edit", "--artifacts", unipc, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "x.safetensors", "--steps", 3)
+    assert r.returncode == 2 and "sampler 'unipc' is not run by the C++ runtime" in r.stderr, r.stderr
+    r = _run(runtime_bin, "edit", "--artifacts", unipc, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "x.safetensors", "--steps", 1, "--sampler", "euler")
+    assert r.returncode == 0 and json.loads(r.stdout)["sampler"] == "euler", r.stderr[-3000:]
 
 
 def test_the_runtime_reads_files_and_specs_from_the_manifest(runtime_bin, aoti_export, tiny_pipe, test_image,

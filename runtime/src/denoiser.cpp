@@ -27,9 +27,8 @@ std::string number(double v) {
 }
 
 void check_options(const DenoiseOptions& o) {
-  if (o.steps < 1 || o.steps > kMaxSteps)
-    throw std::invalid_argument("steps must be an integer from 1 to " + std::to_string(kMaxSteps) + ", got " +
-                                std::to_string(o.steps));
+  check_sampler(o.sampler.empty() ? kDefaultSampler : o.sampler, o.steps);
+  o.guidance.check();
   for (const auto& [name, v] : {std::pair{"guidance_scale", o.guidance_scale},
                                 std::pair{"image_guidance_scale", o.image_guidance_scale}})
     if (!std::isfinite(v)) throw std::invalid_argument(std::string(name) + " must be a finite number, got " + number(v));
@@ -78,15 +77,18 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   const at::Tensor null = on_device(x.null_text_embeds), residual = on_device(x.bim_residual);
   const int64_t b = img.size(0);
 
-  const AncestralSchedule schedule = AncestralSchedule::build(o.steps);
+  const Schedule schedule = Schedule::build(o.sampler.empty() ? kDefaultSampler : o.sampler, o.steps);
   const at::Tensor table = schedule.table.to(device_);
-  // noise exactly as SmartEditPipeline.denoise + diffusers draw it: initial fp32, then one tensor per step in the
-  // eps dtype, all from one CPU generator (the same mt19937 stream as torch.Generator().manual_seed(seed))
+  const std::vector<int> branches = o.guidance.branches(o.steps);
+  // noise exactly as SmartEditPipeline.denoise + diffusers draw it: initial fp32, then (an ancestral sampler) one
+  // tensor per step in the eps dtype, all from one CPU generator (the same mt19937 stream as
+  // torch.Generator().manual_seed(seed))
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   const at::Tensor initial = at::randn(img.sizes(), gen, at::TensorOptions(at::kFloat));
   std::vector<at::Tensor> noise;
-  for (int64_t i = 0; i < o.steps; ++i) noise.push_back(at::randn(img.sizes(), gen, at::TensorOptions(dtype)));
-  const at::Tensor step_noise = at::stack(noise).to(device_);  // [steps,B,4,h,w]
+  for (int64_t i = 0; schedule.noise && i < o.steps; ++i)
+    noise.push_back(at::randn(img.sizes(), gen, at::TensorOptions(dtype)));
+  const at::Tensor step_noise = schedule.noise ? at::stack(noise).to(device_) : at::Tensor();  // [steps,B,4,h,w]
 
   at::Tensor latents = initial.to(device_, dtype) * schedule.init_noise_sigma;
   const at::Tensor null3 = null.expand({b, -1, -1});
@@ -98,15 +100,19 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
     const at::Tensor row = table[i];
-    const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // EulerAncestral scale_model_input
+    const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // scale_model_input (sigma 0: x / 1)
     const at::Tensor sample = at::cat({at::cat({x, x, x}), image_part}, 1).contiguous();   // [3B,8,h,w]
     const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
     const at::Tensor eps = unet_.run({sample, t, embeds, residual})[0];                      // [3B,4,h,w]
-    // smartedit.model.cfg_combine: u + g_t (t - i) + g_i (i - u) in fp32 (g_t amplifies fp16 rounding), then cast
+    // smartedit.model.cfg_combine: u + g_t (t - i) + g_i (i - u) in fp32 (g_t amplifies fp16 rounding), then cast;
+    // a cheaper step of the guidance schedule: i + g_t (t - i) (text-only), or t (the conditional branch alone)
     const auto parts = eps.to(at::kFloat).chunk(3);
-    const at::Tensor guided = (parts[2] + o.guidance_scale * (parts[0] - parts[1]) +
-                               o.image_guidance_scale * (parts[1] - parts[2])).to(dtype);
-    latents = ancestral_step(latents, guided, row, step_noise[i]);
+    const at::Tensor guided =
+        (branches[i] == 3 ? parts[2] + o.guidance_scale * (parts[0] - parts[1]) +
+                                o.image_guidance_scale * (parts[1] - parts[2])
+         : branches[i] == 2 ? parts[1] + o.guidance_scale * (parts[0] - parts[1])
+                            : parts[0]).to(dtype);
+    latents = sampler_step(schedule, latents, guided, row, schedule.noise ? step_noise[i] : at::Tensor());
     finite.push_back(at::isfinite(latents).all());
   }
   if (ms_per_step) {

@@ -79,7 +79,9 @@ at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<st
   lap("condition", cond[0]);
   const at::Tensor latents = call("vae_encoder", {x.image})[0];                     // [B,4,H/8,W/8]
   lap("vae_encode", latents);
-  const at::Tensor denoised = denoiser_->run({latents, cond[0], x.null_text_embeds, cond[1]}, o);  // casts
+  DenoiseOptions with_sampler = o;  // no sampler asked for: the one the export recorded
+  if (with_sampler.sampler.empty()) with_sampler.sampler = manifest_.sampler();
+  const at::Tensor denoised = denoiser_->run({latents, cond[0], x.null_text_embeds, cond[1]}, with_sampler);  // casts
   lap("denoise", denoised);
   const at::Tensor image = call("vae_decoder", {denoised})[0];                      // [B,3,H,W]
   lap("vae_decode", image);

@@ -8,7 +8,6 @@
 namespace smartedit {
 
 namespace {
-constexpr int64_t kTrainSteps = 1000;
 constexpr double kBetaStart = 0.00085, kBetaEnd = 0.012;
 
 // numpy.linspace(0, stop, n) in float64 (y_i = i * step, the last point exactly `stop`), cast to float32
@@ -31,24 +30,33 @@ double interp_unit_grid(double x, const float* fp, int64_t n) {
 }
 }  // namespace
 
-AncestralSchedule AncestralSchedule::build(int64_t steps) {
-  if (steps < 1 || steps > kMaxSteps)
-    throw std::invalid_argument("steps must be an integer from 1 to " + std::to_string(kMaxSteps) + ", got " +
-                                std::to_string(steps));
+at::Tensor train_alphas_cumprod() {
   // training schedule, in torch fp32 as diffusers builds it (pow(x, 0.5): what Python's x ** 0.5 calls)
   const at::Tensor betas = at::linspace(std::pow(kBetaStart, 0.5), std::pow(kBetaEnd, 0.5), kTrainSteps,
                                         at::TensorOptions(at::kFloat)).pow(2);
-  const at::Tensor alphas_cumprod = at::cumprod(1.0 - betas, 0);
+  return at::cumprod(1.0 - betas, 0);  // [1000] fp32
+}
+
+at::Tensor linspace_sigmas(int64_t steps, std::vector<float>* timesteps) {
+  const at::Tensor alphas_cumprod = train_alphas_cumprod();
   const at::Tensor train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).pow(0.5).contiguous();  // [1000] fp32
 
   // "linspace" spacing: timesteps 999 .. 0, sigmas interpolated at them, then a final 0
   std::vector<float> t = linspace_f32(static_cast<double>(kTrainSteps - 1), steps);
-  std::vector<float> timesteps(t.rbegin(), t.rend());
+  timesteps->assign(t.rbegin(), t.rend());
   std::vector<float> sigmas(steps + 1, 0.0f);
   const float* fp = train_sigmas.data_ptr<float>();
-  for (int64_t i = 0; i < steps; ++i) sigmas[i] = static_cast<float>(interp_unit_grid(timesteps[i], fp, kTrainSteps));
+  for (int64_t i = 0; i < steps; ++i)
+    sigmas[i] = static_cast<float>(interp_unit_grid((*timesteps)[i], fp, kTrainSteps));
+  return at::tensor(sigmas);  // [steps + 1] fp32
+}
 
-  const at::Tensor s = at::tensor(sigmas);  // [steps + 1] fp32
+AncestralSchedule AncestralSchedule::build(int64_t steps) {
+  if (steps < 1 || steps > kMaxSteps)
+    throw std::invalid_argument("steps must be an integer from 1 to " + std::to_string(kMaxSteps) + ", got " +
+                                std::to_string(steps));
+  std::vector<float> timesteps;
+  const at::Tensor s = linspace_sigmas(steps, &timesteps);  // [steps + 1] fp32
   const at::Tensor sigma_from = s.slice(0, 0, steps), sigma_to = s.slice(0, 1, steps + 1);
   const at::Tensor sigma_up = (sigma_to.pow(2) * (sigma_from.pow(2) - sigma_to.pow(2)) / sigma_from.pow(2)).pow(0.5);
   const at::Tensor sigma_down = (sigma_to.pow(2) - sigma_up.pow(2)).pow(0.5);

@@ -150,6 +150,8 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
   Manifest m;
   m.dir_ = artifacts_dir;
   m.target_ = target;
+  if (const Json* sampler = root.find("sampler"); sampler && sampler->kind != Json::Kind::kNull)
+    m.sampler_ = sampler->at("name", Json::Kind::kString, where + " sampler").string;
   const fs::path root_dir = fs::weakly_canonical(dir);
   std::vector<std::string> unchecked;
   for (const auto& [graph, e] : entries->object) {

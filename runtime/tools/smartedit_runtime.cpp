@@ -4,8 +4,10 @@
 //       out: image [B,3,H,W] in [-1, 1]
 //   smartedit-runtime denoise --unet OUT/aoti/unet.pt2 --inputs cond.safetensors --out latents.safetensors [options]
 //       in: image_latents, prompt_embeds, null_text_embeds, bim_residual; out: latents
-//   smartedit-runtime schedule STEPS    (the EulerAncestral table as JSON, for checking against diffusers)
+//   smartedit-runtime schedule STEPS [--sampler NAME]   (a sampler's table as JSON, for checking against diffusers)
 // options: --steps N (100) --seed S (0) --guidance-scale G (7.5) --image-guidance-scale G (1.5) --device cpu|cuda[:N]
+//          --sampler NAME (edit: the manifest's; denoise: euler-ancestral) --guidance-interval START,END (0,1)
+//          --text-only-guidance START,END (none)
 // Prints one JSON line of timings. Errors are one line on stderr, "smartedit-runtime: error: ..." naming the value;
 // exit status 2 for bad arguments or inputs (refused before any work where they can be), 1 for a failed run
 // (smartedit/errors.py). The output never replaces an input (same file by path, symlink or hard link) and is written
@@ -24,21 +26,27 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "smartedit/checks.h"
 #include "smartedit/denoiser.h"
 #include "smartedit/editor.h"
 #include "smartedit/euler_ancestral.h"
+#include "smartedit/manifest.h"
 #include "smartedit/safetensors.h"
+#include "smartedit/sampler.h"
 
 namespace {
 
 const char* kUsage =
     "usage: smartedit-runtime edit --artifacts DIR --inputs IN.safetensors --out OUT.safetensors [options]\n"
     "       smartedit-runtime denoise --unet PKG.pt2 --inputs IN.safetensors --out OUT.safetensors [options]\n"
-    "       smartedit-runtime schedule STEPS\n"
-    "options: --steps N --seed S --guidance-scale G --image-guidance-scale G --device cpu|cuda|cuda:N\n";
+    "       smartedit-runtime schedule STEPS [--sampler NAME]\n"
+    "options: --steps N --seed S --guidance-scale G --image-guidance-scale G --device cpu|cuda|cuda:N\n"
+    "         --sampler euler-ancestral|euler|ddim (edit: the manifest's) --guidance-interval START,END\n"
+    "         --text-only-guidance START,END\n";
 
 // a mistake in the command line itself: its one line points at --help
 struct UsageError : std::invalid_argument {
@@ -63,6 +71,15 @@ T parse(const std::string& flag, const std::string& v, T (*convert)(const std::s
 }
 long long to_ll(const std::string& s, size_t* i, int base) { return std::stoll(s, i, base); }
 double to_d(const std::string& s, size_t* i, int) { return std::stod(s, i); }
+
+// "START,END" -> two finite numbers (their range is GuidanceSchedule::check's)
+std::pair<double, double> parse_interval(const std::string& flag, const std::string& v) {
+  const auto comma = v.find(',');
+  if (comma == std::string::npos)
+    throw std::invalid_argument(flag + " must be two fractions START,END in [0, 1], got '" + v + "'");
+  return {parse<double>(flag, v.substr(0, comma), to_d, "two fractions START,END in [0, 1]"),
+          parse<double>(flag, v.substr(comma + 1), to_d, "two fractions START,END in [0, 1]")};
+}
 
 at::Tensor take(std::map<std::string, at::Tensor>& m, const std::string& key, const std::string& path) {
   auto it = m.find(key);
@@ -131,19 +148,27 @@ int run(int argc, char** argv) {
   }
   const std::string mode = argv[1];
   if (mode == "schedule") {
-    if (argc != 3) throw std::invalid_argument("schedule takes one argument, STEPS");
-    const auto s = smartedit::AncestralSchedule::build(parse<long long>("STEPS", argv[2], to_ll, "an integer"));
-    std::printf("{\"init_noise_sigma\": %.9g, \"columns\": [\"timestep\", \"sigma\", \"sigma_up\", "
-                "\"dt = sigma_down - sigma\"], \"table\": [", s.init_noise_sigma.item<float>());
+    if (argc != 3 && !(argc == 5 && std::string(argv[3]) == "--sampler"))
+      throw std::invalid_argument("schedule takes STEPS, then optionally --sampler NAME");
+    const auto s = smartedit::Schedule::build(argc == 5 ? argv[4] : smartedit::kDefaultSampler,
+                                              parse<long long>("STEPS", argv[2], to_ll, "an integer"));
+    std::printf("{\"sampler\": \"%s\", \"init_noise_sigma\": %.9g, \"columns\": [", s.sampler.c_str(),
+                s.init_noise_sigma.item<float>());
+    for (size_t c = 0; c < s.columns.size(); ++c) std::printf("%s\"%s\"", c ? ", " : "", s.columns[c].c_str());
+    std::printf("], \"table\": [");
     const auto t = s.table.accessor<float, 2>();
-    for (int64_t i = 0; i < t.size(0); ++i)
-      std::printf("%s[%.9g, %.9g, %.9g, %.9g]", i ? ", " : "", t[i][0], t[i][1], t[i][2], t[i][3]);
+    for (int64_t i = 0; i < t.size(0); ++i) {
+      std::printf("%s[", i ? ", " : "");
+      for (int64_t c = 0; c < t.size(1); ++c) std::printf("%s%.9g", c ? ", " : "", t[i][c]);
+      std::printf("]");
+    }
     std::printf("]}\n");
     return 0;
   }
   if (mode != "edit" && mode != "denoise") throw UsageError("unknown command '" + mode + "'");
   const std::set<std::string> known = {mode == "edit" ? "--artifacts" : "--unet", "--inputs", "--out", "--steps",
-                                       "--seed", "--guidance-scale", "--image-guidance-scale", "--device"};
+                                       "--seed", "--guidance-scale", "--image-guidance-scale", "--device",
+                                       "--sampler", "--guidance-interval", "--text-only-guidance"};
   std::map<std::string, std::string> a;
   for (int i = 2; i < argc; ++i) {
     const std::string k = argv[i];
@@ -168,6 +193,16 @@ int run(int argc, char** argv) {
     o.guidance_scale = parse<double>("--guidance-scale", a["--guidance-scale"], to_d, "a number");
   if (a.count("--image-guidance-scale"))
     o.image_guidance_scale = parse<double>("--image-guidance-scale", a["--image-guidance-scale"], to_d, "a number");
+  if (a.count("--sampler")) o.sampler = a["--sampler"];
+  if (!o.sampler.empty()) smartedit::check_sampler(o.sampler, o.steps);  // edit without one: the manifest's, below
+  if (a.count("--guidance-interval"))
+    std::tie(o.guidance.start, o.guidance.end) = parse_interval("--guidance-interval", a["--guidance-interval"]);
+  if (a.count("--text-only-guidance")) {
+    o.guidance.text_only = true;
+    std::tie(o.guidance.text_only_start, o.guidance.text_only_end) =
+        parse_interval("--text-only-guidance", a["--text-only-guidance"]);
+  }
+  o.guidance.check();
   const std::string device_name = a.count("--device") ? a["--device"] : "cpu";
   const c10::Device device = [&] {
     try {
@@ -197,6 +232,8 @@ int run(int argc, char** argv) {
   }
   smartedit::EditInputs x{take(t, "pixel_values", in), take(t, "prefix_ids", in), take(t, "suffix_ids", in),
                           take(t, "image", in), take(t, "null_text_embeds", in)};
+  if (o.sampler.empty())  // the export's sampler, refused by name before the (slow) package loads if not run here
+    smartedit::check_sampler(smartedit::Manifest::load(source, "aoti").sampler(), o.steps);
   smartedit::Editor editor(source, device);
   std::map<std::string, double> ms;
   const at::Tensor image = editor.run(x, o, &ms);
@@ -205,7 +242,8 @@ int run(int argc, char** argv) {
   std::printf("{\"stage_ms\": {");
   bool first = true;
   for (const auto& [stage, v] : ms) std::printf("%s\"%s\": %.3f", first ? "" : ", ", stage.c_str(), v), first = false;
-  std::printf("}, \"steps\": %lld}\n", static_cast<long long>(o.steps));
+  std::printf("}, \"steps\": %lld, \"sampler\": \"%s\"}\n", static_cast<long long>(o.steps),
+              (o.sampler.empty() ? editor.sampler() : o.sampler).c_str());
   return 0;
 }
 

@@ -48,6 +48,7 @@ from smartedit.files import write_json
 from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names
 from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, load_json, loads_json
 from smartedit.graphs.spec import DIM_MEANINGS, EXPORT_PRECISIONS, ProfileOptions
+from smartedit.scheduler import get_sampler
 from smartedit.weights import ModelSource
 
 from . import targets
@@ -136,6 +137,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
         if quantize is not None:
             _check_calibration_graphs(manifest, names, precision)
         manifest.source, manifest.toolchain = recorded, tools
+        manifest.sampler = get_sampler(source.sampler()).record()  # what the C++ runtime runs by default
         report = _read_report(out)
         if fresh:  # on disk before any file is replaced: no entry of the old model outlives its file
             manifest.write()

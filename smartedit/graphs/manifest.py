@@ -4,7 +4,9 @@
      "source":    what the graphs were exported from (a checkpoint's file hashes, or a random preset and seed),
      "toolchain": library versions of the export,
      "artifacts": {target: {graph: entry}},       target: onnx | trt | trt-rtx | aoti
-     "repositories": {"triton": repository}}      what serves the graphs: a model repository built from entries
+     "repositories": {"triton": repository},      what serves the graphs: a model repository built from entries
+     "sampler": {"name", "class", "config"}}      the source's sampler at export (smartedit.scheduler), what the C++
+                                                  runtime runs by default; absent in older manifests: EulerAncestral
 
 Every entry has the same fields:
     target, graph, key       the target, the graph, the hash of everything that went into it (a rerun compares it)
@@ -191,6 +193,7 @@ class Manifest:
     toolchain: dict[str, Any]
     artifacts: dict[str, dict[str, Entry]] = field(default_factory=dict)
     repositories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict)  # the source's sampler record; {}: none recorded
 
     @property
     def path(self) -> Path:
@@ -213,16 +216,20 @@ class Manifest:
         if not isinstance(repos, dict) or not all(isinstance(r, dict) and isinstance(r.get("files"), dict)
                                                   for r in repos.values()):
             raise ArtifactError(f"{path}: 'repositories' must map each repository to its files")
+        sampler = d.get("sampler") or {}
+        if not isinstance(sampler, dict):
+            raise ArtifactError(f"{path}: 'sampler' must be a JSON object (name, class, config)")
         return cls(root, dict(d.get("source") or {}), dict(d.get("toolchain") or {}),
                    {t: {g: Entry.from_dict(e, f"{path} [{t}][{g}]") for g, e in gs.items()}
-                    for t, gs in arts.items()}, dict(repos))
+                    for t, gs in arts.items()}, dict(repos), dict(sampler))
 
     def write(self) -> None:
         write_json(self.path, {"manifest_version": MANIFEST_VERSION, "source": self.source,
                                "toolchain": self.toolchain,
                                "artifacts": {t: {g: e.to_dict() for g, e in gs.items()}
                                              for t, gs in self.artifacts.items()},
-                               "repositories": self.repositories})
+                               "repositories": self.repositories,
+                               **({"sampler": self.sampler} if self.sampler else {})})
 
     def entries(self, target: str) -> dict[str, Entry]:
         return self.artifacts.get(target, {})

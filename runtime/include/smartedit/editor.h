@@ -31,9 +31,11 @@ class Editor {
   Editor(const std::string& artifacts, const c10::Device& device);
 
   // -> image [B,3,H,W] in [-1, 1]. Inputs may have any dtype (ids any integer type): each package casts them to
-  // its own. `stage_ms`, if given, receives wall times per stage (device-synchronised).
+  // its own. `stage_ms`, if given, receives wall times per stage (device-synchronised). options.sampler empty: the
+  // sampler the manifest records (sampler()).
   at::Tensor run(const EditInputs& inputs, const DenoiseOptions& options,
                  std::map<std::string, double>* stage_ms = nullptr);
+  const std::string& sampler() const { return manifest_.sampler(); }
 
  private:
   std::vector<at::Tensor> call(const std::string& graph, const std::vector<at::Tensor>& inputs);

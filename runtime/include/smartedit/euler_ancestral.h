@@ -1,14 +1,23 @@
 // EulerAncestral with SmartEdit's scheduler config (diffusers EulerAncestralDiscreteScheduler: 1000 train steps,
 // scaled_linear betas 0.00085..0.012, "linspace" timestep spacing, epsilon prediction), as a table built up front.
-// The same ops in the same dtypes as diffusers (and engines/euler_ancestral.py), so for the same seed the latents
+// The same ops in the same dtypes as diffusers (and smartedit/scheduler.py), so for the same seed the latents
 // agree bit for bit on the CPU: tests/test_cpp_runtime.py checks the table and the loop against Python.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace smartedit {
 
 constexpr int64_t kMaxSteps = 1000;  // smartedit/scheduler.py MAX_STEPS: the training timesteps (more would repeat them)
+constexpr int64_t kTrainSteps = 1000;
+
+// The training schedule's alphas_cumprod [1000] fp32, as diffusers builds it (scaled_linear 0.00085..0.012).
+at::Tensor train_alphas_cumprod();
+// The Euler samplers' sigmas for `steps` ("linspace" spacing): [steps + 1] fp32 ending with 0; `timesteps` gets the
+// steps' timesteps (999 .. 0, fp32).
+at::Tensor linspace_sigmas(int64_t steps, std::vector<float>* timesteps);
 
 enum Column : int64_t { kTimestep = 0, kSigma = 1, kSigmaUp = 2, kDt = 3 };
 

@@ -68,11 +68,14 @@ class Manifest {
   // load is not caught (the folder is trusted not to change under a running process, as on the Python side).
   const GraphArtifact& open(const std::string& name);
   const std::string& dir() const { return dir_; }
+  // The sampler the export recorded (the model folder's; smartedit/graphs/manifest.py "sampler"), by name;
+  // "euler-ancestral" for a manifest that records none.
+  const std::string& sampler() const { return sampler_; }
 
  private:
   static Manifest load_unchecked(const std::string& artifacts_dir, const std::string& target);
 
-  std::string dir_, target_;
+  std::string dir_, target_, sampler_ = "euler-ancestral";
   std::map<std::string, GraphArtifact> graphs_;
   std::set<std::string> hashed_;  // files already found to match
 };
