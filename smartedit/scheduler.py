@@ -290,7 +290,8 @@ def _unipc_rows(sched, steps: int) -> list[list[torch.Tensor]]:
         orders.append(order)
         if i > 0:  # the corrector refines this step's sample with the previous step's order
             c_a, c_b, c_ab, c_rk, c_rho0, c_rho1 = _unipc_coefficients(sched, i, i - 1, orders[i - 1], True)
-            corrector = [torch.tensor(1.0), c_a, c_b, c_ab, c_rk, c_rho0, c_rho1, torch.tensor(float(orders[i - 1] == 2))]
+            second = torch.tensor(float(orders[i - 1] == 2))
+            corrector = [torch.tensor(1.0), c_a, c_b, c_ab, c_rk, c_rho0, c_rho1, second]
         else:
             corrector = [torch.tensor(0.0)] + [torch.tensor(v) for v in (1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)]
         p_a, p_b, p_ab, p_rk, _, _ = _unipc_coefficients(sched, i, i, order, False)

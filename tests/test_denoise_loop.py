@@ -148,7 +148,8 @@ def test_uncaptured_loop_equals_the_pipeline_loop_with_every_sampler_and_a_guida
         got = fast.denoise(**x, generator=torch.Generator().manual_seed(9), **kw)
         assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=sampler)
     shape = list(x["image_latents"].shape)
-    label = f"latents {shape}, 6 steps" + ("" if sampler == "euler-ancestral" else f", {sampler}") + ", 12 UNet branches"
+    label = f"latents {shape}, 6 steps" + ("" if sampler == "euler-ancestral" else f", {sampler}")
+    label += ", 12 UNet branches"
     assert fast.runner.record["capture_used"] == {label: "none"}
 
 

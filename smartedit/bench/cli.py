@@ -6,13 +6,23 @@ import argparse
 import logging
 from pathlib import Path
 
-from smartedit.arguments import add_model_source, counts, model_source, non_negative, positive, resolutions
-from smartedit.config import PRECISIONS, check_device
+from smartedit.arguments import (
+    add_denoise_levers,
+    add_model_source,
+    counts,
+    guidance_schedule,
+    model_source,
+    non_negative,
+    positive,
+    resolutions,
+)
+from smartedit.config import PRECISIONS, check_device, dtype_named
 from smartedit.engines.registry import BACKENDS
 from smartedit.errors import InputError, run_command
 from smartedit.files import check_writable_parent
 
 from .run import run_bench, to_markdown, write_outputs
+from .settings import FRONTIER_SETTINGS, Setting, parse_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     add_model_source(p)
     p.add_argument("--backends", default="official,eager", help=f"comma-separated, from {','.join(BACKENDS)}")
     p.add_argument("--resolution", type=resolutions, default=(256,), help="comma-separated image sides, e.g. 256,512")
-    p.add_argument("--steps", type=positive, default=100)
+    p.add_argument("--steps", type=positive, default=100, help="steps of every row (with --sampler and the guidance "
+                   "levers: the first setting)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--repeats", type=positive, default=5, help="timed edits per backend and resolution (the report "
                    "gives their spread, and warns above 20%%)")
@@ -35,6 +46,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
                    + ", ".join(b.name for b in BACKENDS.values() if b.target))
     p.add_argument("--out", default="bench/results", help="folder for <device>-<model>.{json,md,png}")
+    add_denoise_levers(p)
+    p.add_argument("--settings", help="further settings of the denoising loop, each a row per backend at the first "
+                   "--resolution (not for official): SAMPLER:STEPS[:guided=START-END][:text-only=START-END] separated "
+                   "by spaces, e.g. 'dpm-solver++:20 euler-ancestral:100:guided=0-0.6'")
+    f = p.add_argument_group("the quality frontier of the loop's levers (--frontier)")
+    f.add_argument("--frontier", action="store_true", help="instead: edit a fixed set with the official loop and "
+                   "each setting (--settings, default: every sampler at 10-50 steps, each guidance lever and some "
+                   "combinations) on the first of --backends other than official (default: eager), at the first "
+                   "resolution; report UNet evaluations, FLOPs, time ratios and PSNR/SSIM against the default's "
+                   "images and the ground truth; writes frontier-<model>.{json,md,png}")
+    f.add_argument("--edits", help="the fixed set: a JSON list of {\"image\": FILE, \"instruction\": TEXT, "
+                   "\"target\": FILE (optional ground truth)}, paths relative to the JSON file (default: the bench's "
+                   "random image with one instruction, no ground truth)")
     s = p.add_argument_group("load test of smartedit-serve (--serve)")
     s.add_argument("--serve", action="store_true", help="instead: start smartedit-serve (Triton Inference Server) "
                    "on free loopback ports with one backend (--backends) at one --resolution, and load it over HTTP "
@@ -76,6 +100,27 @@ def main(argv: list[str] | None = None) -> None:
         if not (res["all_answered"] and res["all_match_offline"]):
             raise SystemExit(1)
 
+    def first_setting() -> Setting:
+        return Setting(a.sampler or (model_source(p, a).sampler()), a.steps, guidance_schedule(a) or Setting().guidance)
+
+    def frontier_body() -> None:
+        from smartedit.pipeline import SmartEditPipeline
+
+        from . import frontier
+
+        backends = [b.strip() for b in a.backends.split(",") if b.strip() and b.strip() != "official"] or ["official"]
+        settings = parse_settings(a.settings) if a.settings else FRONTIER_SETTINGS
+        edits = frontier.read_edits(a.edits) if a.edits else frontier.default_edits()
+        pipe = SmartEditPipeline.on_backend(backends[0], model_source(p, a), a.device, dtype_named(dtype()),
+                                            a.artifacts)
+        res = frontier.run_frontier(pipe, edits, settings, resolution=a.resolution[0], seed=a.seed,
+                                    repeats=a.repeats, model=a.model or f"{a.preset} (random weights)",
+                                    progress=lambda m: print(m, flush=True),
+                                    checkpoint=lambda r: frontier.write_outputs(r, Path(a.out)))
+        paths = frontier.write_outputs(res, Path(a.out))
+        print(frontier.to_markdown(res))
+        print("wrote " + ", ".join(str(x) for x in paths))
+
     def body() -> None:
         out = Path(a.out)
         if out.exists() and not out.is_dir():
@@ -87,11 +132,15 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"--backends: unknown backend(s) {unknown}; choose from {','.join(BACKENDS)}")
         if a.serve:
             return serve_body()
+        if a.frontier:
+            return frontier_body()
+        extra = parse_settings(a.settings) if a.settings else ()
         res = run_bench(a.model, a.preset, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
                         resolutions=a.resolution, steps=a.steps, batch=a.batch,
                         repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=dtype(), artifacts=a.artifacts,
                         seed=a.seed, progress=lambda m: print(m, flush=True),
-                        checkpoint=lambda r: write_outputs(r, Path(a.out)))  # partial results survive a kill
+                        checkpoint=lambda r: write_outputs(r, Path(a.out)),  # partial results survive a kill
+                        settings=(first_setting(),) + tuple(x for x in extra if x != first_setting()))
         paths = write_outputs(res, Path(a.out))
         print(to_markdown(res))
         print("wrote " + ", ".join(str(x) for x in paths))

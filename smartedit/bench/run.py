@@ -8,6 +8,11 @@ denoise, vae decode: for `cudagraph` the denoise is the captured loop, which the
 cannot show); peak GPU memory; images/s; FLOPs per stage (PyTorch's flop counter, on the
 eager run) and achieved TFLOP/s against the card's fp16 matmul rate measured in the same run. Backends that cannot
 run here are listed with the reason, never dropped. Writes <out>/<device>-<preset>.{json,md,png}.
+
+Settings of the denoising loop (smartedit/bench/settings.py): every row runs the first (default: the official loop,
+or --sampler / --guidance-interval / --text-only-guidance); each further setting adds a row per backend at the first
+resolution (the `official` baseline excepted: it stands for the official loop), with its UNet evaluations and its
+speed-up over the same backend's first setting.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from smartedit.graphs import GRAPHS
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
+from .settings import Setting
 
 
 class _TimedRunner:
@@ -40,7 +46,7 @@ class _TimedRunner:
 
     def __init__(self, inner, device: torch.device, count_flops: bool = False):
         self.inner, self.device, self.count_flops = inner, device, count_flops
-        self.name, self.fold_cfg = inner.name, inner.fold_cfg
+        self.name, self.fold_cfg, self.specs = inner.name, inner.fold_cfg, getattr(inner, "specs", {})
         self.ms: dict[str, list[float]] = {}
         self.flops: dict[str, int] = {}
 
@@ -112,13 +118,17 @@ def measured_peak_tflops(device: torch.device) -> float | None:
 def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int = 0,
               backends: tuple[str, ...] = ("official", "eager"), resolutions: tuple[int, ...] = (256,),
               steps: int = 100, batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
-              dtype: str = "fp16", artifacts: str | None = None, progress=print, checkpoint=None) -> dict:
+              dtype: str = "fp16", artifacts: str | None = None, progress=print, checkpoint=None,
+              settings: tuple[Setting, ...] | None = None) -> dict:
     """`checkpoint(result)`, if given, is called after every measured or failed (backend, resolution) with the results
     so far (smartedit-bench writes them out: a run cut short by a time limit keeps what it measured).
 
     A backend that cannot run here is listed in "skipped" with the reason; one that raises while loading or at a
     resolution (any Exception: triton's OutOfResources, CUDA out of memory, a shape outside an exported profile) is
-    listed in "failed" with the error, and the other backends and resolutions still run."""
+    listed in "failed" with the error, and the other backends and resolutions still run.
+
+    `settings`: the denoising loop's settings (default: `steps` of the official loop); the first runs on every row,
+    the others at the first resolution on every backend but `official`."""
     dev = torch.device(device)
     torch_dtype = dtype_named(dtype)
     unknown = [b for b in backends if b not in registry.BACKENDS]
@@ -127,6 +137,7 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU here")
     source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
+    settings = tuple(settings) if settings else (Setting(steps=steps),)
     rng = np.random.RandomState(0)
     image = Image.fromarray((rng.rand(512, 512, 3) * 255).astype(np.uint8))
     images, texts = [image] * batch, ["replace the smaller cat with a rabbit"] * batch
@@ -135,7 +146,8 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
               "cuda_runtime": torch.version.cuda if dev.type == "cuda" else None, "torch": torch.__version__,
               "versions": library_versions(),
               "python": platform.python_version(), "command": sys.argv, "model": model or f"{preset} (random)",
-              "dtype": dtype, "steps": steps, "batch": batch, "repeats": repeats, "warmup": warmup,
+              "dtype": dtype, "steps": settings[0].steps, "batch": batch, "repeats": repeats, "warmup": warmup,
+              "settings": [x.label for x in settings],
               "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}, "failed": []}
 
     def save() -> None:
@@ -167,13 +179,14 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
             failed(backend, None, e)
             continue
         for res in resolutions:
-            try:
-                _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats,
-                                  batch, progress)
-            except Exception as e:  # noqa: BLE001
-                failed(backend, res, e)
-                continue
-            save()
+            for setting in settings if res == resolutions[0] and backend != "official" else settings[:1]:
+                try:
+                    _bench_resolution(result, backend, pipe, load_s, res, dev, setting, images, texts, warmup,
+                                      repeats, batch, progress)
+                except Exception as e:  # noqa: BLE001
+                    failed(backend, res, e)
+                    continue
+                save()
         # pipeline <-> backend references are cycles: collect them, or the next backend's peak memory includes this
         # one's weights (7b: 14 GB fp16, 28 GB for official's fp32 LLM)
         del pipe
@@ -188,15 +201,16 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, texts, warmup, repeats, batch,
-                      progress) -> None:
+def _bench_resolution(result, backend, pipe, load_s, res, dev, setting: Setting, images, texts, warmup, repeats,
+                      batch, progress) -> None:
     release = getattr(pipe.runner, "release", None)  # a runner's captured programs of earlier resolutions
     if release is not None:
         release()
     _free(dev)
     if dev.type == "cuda":  # peak per resolution: weights and this resolution's activations and graphs
         torch.cuda.reset_peak_memory_stats(dev)
-    kw = dict(steps=steps, resolution=res, seed=0)
+    kw = dict(resolution=res, seed=0, **setting.kwargs())
+    steps = setting.steps
     warm = []
     for _ in range(warmup):  # first calls carry compile / capture / engine load / autotuning
         t = {}
@@ -222,7 +236,8 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
         stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
     if backend == "official":
         stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
-    row = {"backend": backend, "resolution": res, "load_s": load_s, "warmup_ms": warm,
+    row = {"backend": backend, "resolution": res, "setting": setting.label, "steps": steps,
+           "unet_evaluations": setting.evaluations(batch), "load_s": load_s, "warmup_ms": warm,
            "e2e_ms": _stats(e2e), "stage_ms": stages,
            # the timed edits themselves, per pipeline stage (the backend's real path: e.g. the captured loop)
            "edit_stage_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
@@ -233,19 +248,24 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, steps, images, te
         row["stage_tflop"] = {GRAPHS[g].label: f / 1e12 / (len(timed.ms[g]) if GRAPHS[g].per_step else 1)
                               for g, f in timed.flops.items()}
     result["runs"].append(row)
-    progress(f"{backend} @ {res}: median {row['e2e_ms']['median']:.1f} ms end to end, spread {spread(row):.0%}"
+    progress(f"{backend} @ {res}, {setting.label}: median {row['e2e_ms']['median']:.1f} ms end to end, spread "
+             f"{spread(row):.0%}"
              + (" (noisy: take more --repeats)" if spread(row) > NOISY else ""))
 
 
 def _ratios(result: dict) -> None:
-    by = {(r["backend"], r["resolution"]): r["e2e_ms"]["median"] for r in result["runs"]}
+    first = result["settings"][0]
+    by = {(r["backend"], r["resolution"]): r["e2e_ms"]["median"] for r in result["runs"] if r["setting"] == first}
     for r in result["runs"]:
         for base in ("eager", "official"):
-            if (base, r["resolution"]) in by:
+            if (base, r["resolution"]) in by and r["setting"] == first:
                 r[f"speedup_vs_{base}"] = by[(base, r["resolution"])] / r["e2e_ms"]["median"]
-    flops = {r["resolution"]: r.get("stage_tflop") for r in result["runs"] if r["backend"] == "eager"}
+        if r["setting"] != first and (r["backend"], r["resolution"]) in by:  # a lever against its own backend
+            r["speedup_vs_first_setting"] = by[(r["backend"], r["resolution"])] / r["e2e_ms"]["median"]
+    runs = [r for r in result["runs"] if r["setting"] == first]
+    flops = {r["resolution"]: r.get("stage_tflop") for r in runs if r["backend"] == "eager"}
     peak = result["peak_fp16_tflops"]
-    for r in result["runs"]:
+    for r in runs:
         tf = flops.get(r["resolution"])
         if not tf:
             continue
@@ -274,17 +294,21 @@ def spread(row: dict) -> float:
 
 def to_markdown(res: dict) -> str:
     lines = [f"# smartedit-bench on {res['device']}", "",
-             f"{res['model']}, {res['dtype']}, {res['steps']} steps, batch {res['batch']}, {res['repeats']} timed runs "
+             f"{res['model']}, {res['dtype']}, {res.get('settings', [str(res['steps']) + ' steps'])[0]}, batch "
+             f"{res['batch']}, {res['repeats']} timed runs "
              f"after {res['warmup']} warm-up; torch {res['torch']}"
              + (f"; measured fp16 matmul peak {res['peak_fp16_tflops']:.0f} TFLOP/s" if res["peak_fp16_tflops"] else "")
              + (f"; driver {res['driver']}, CUDA {res['cuda_runtime']}" if res.get("driver") else ""),
              "", "versions: " + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items() if v),
              "", "| backend | res | e2e median ms | p90 | min | max | spread | x eager | x official | denoise ms | "
              "UNet step ms | peak GB | img/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = res.get("settings", [None])[0]
     def num(v, fmt):
         return "-" if v is None else fmt.format(v)
 
     for r in res["runs"]:
+        if r.get("setting", first) != first:
+            continue
         e = r["e2e_ms"]
         lines.append(f"| {r['backend']} | {r['resolution']} | {e['median']:.1f} | {e['p90']:.1f} | {e['min']:.1f} | "
                      f"{e['max']:.1f} | {spread(r):.0%} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
@@ -301,6 +325,16 @@ def to_markdown(res: dict) -> str:
               "that backend at the same resolution, in this run. denoise ms: the whole denoising loop within the "
               "timed edits. UNet step ms: one UNet call (the 3-way CFG batch), median over the steps of one extra, "
               "instrumented edit in which every graph call is timed alone with a device sync."]
+    levers = [r for r in res["runs"] if r.get("setting", first) != first]
+    if levers:
+        lines += ["", f"Settings of the denoising loop against the first ({first}), on the same backend at "
+                  f"{levers[0]['resolution']} px:", "",
+                  "| backend | setting | UNet evals | e2e median ms | spread | x first setting | denoise ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in levers:
+            lines.append(f"| {r['backend']} | {r['setting']} | {r['unet_evaluations']} | {r['e2e_ms']['median']:.1f} "
+                         f"| {spread(r):.0%} | {num(r.get('speedup_vs_first_setting'), '{:.2f}')} | "
+                         f"{num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} |")
     noisy = [f"{r['backend']} @ {r['resolution']} ({spread(r):.0%})" for r in res["runs"] if spread(r) > NOISY]
     if noisy:
         lines += ["", f"**Warning: noisy timings** (spread over {NOISY:.0%}): {', '.join(noisy)}. Ratios between "
@@ -326,7 +360,8 @@ def write_outputs(res: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    runs = res["runs"]
+    first = res.get("settings", [None])[0]
+    runs = [r for r in res["runs"] if r.get("setting", first) == first]
     labels = [f"{r['backend']}\n{r['resolution']}px" for r in runs]
     med = [r["e2e_ms"]["median"] for r in runs]
     err = [[m - r["e2e_ms"]["min"] for m, r in zip(med, runs)], [r["e2e_ms"]["max"] - m for m, r in zip(med, runs)]]

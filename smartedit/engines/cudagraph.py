@@ -18,8 +18,9 @@ live on the device, the same program serves every step and every guidance scale;
     capture="none"  the same program run eagerly: no CUDA needed (the CPU tests check it against the pipeline's loop)
 
 Graphs are captured once per (shapes, dtype, sampler, steps, branches per step) and reused; each edit copies its
-inputs into the static buffers, zeroes the history, replays and returns a copy of the latents. For the same seed the result equals the eager loop's within fp16 noise
-(same ops in the same dtypes; only kernel selection may differ). The other graphs run eagerly (once per edit);
+inputs into the static buffers, zeroes the history, replays and returns a copy of the latents. For the same seed
+the result equals the eager loop's within fp16 noise (same ops in the same dtypes; only kernel selection may
+differ). The other graphs run eagerly (once per edit);
 `run("unet")` replays a captured single UNet call (what smartedit-bench's per-stage breakdown times).
 """
 
