@@ -47,8 +47,8 @@ elif [ "$MODE" = follow-up ]; then
            "bench-batch|130|smartedit-bench 7b: cudagraph at batch 4, 256 px, 100 steps (throughput)")
 else
     STEPS=("install|40|install the carried wheels and the project"
-           "bench|260|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps"
-           "pytest|140|the cuda-marked tests and tests/kernels/ on 12 workers (88 kernel variants, ~1.6 s each)"
+           "bench|300|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps; then eager and cudagraph at 256 with the loop's levers (a sampler at 25 steps, a guidance interval, both)"
+           "pytest|100|the cuda-marked tests and tests/kernels/ on 12 workers (88 kernel variants, ~1.6 s each)"
            "bench-kernels|40|smartedit-bench-kernels: 7b BIM attention shapes and the BIM forward, batch 1 and 8")
 fi
 PLAN_MAX=480 CALL_TIMEOUT=540 FOLLOW_UP_TIMEOUT=150
@@ -113,10 +113,14 @@ if [ -z "$DRY" ]; then  # before anything else: a call without its wheels would 
         exit 2
     fi
 fi
+# LEVERS: settings of the denoising loop measured against the official loop on the same backend (smartedit-bench
+# --settings; smartedit/bench/settings.py): the frontier's fast sampler, a guidance interval, and both
 if [ -n "$DRY" ]; then
     DEV=cpu PRESET=tiny STEPS_N=2 RES=64 REPEATS=1 SITE=$(mktemp -d) WORKERS=2
+    LEVERS="dpm-solver++:2 euler-ancestral:2:guided=0-0.6"
 else
     DEV=cuda PRESET=7b STEPS_N=100 RES=256,512 REPEATS=3 SITE=/tmp/smartedit-site WORKERS=12
+    LEVERS="dpm-solver++:25 euler-ancestral:100:guided=0-0.6 dpm-solver++:25:guided=0-0.6"
 fi
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 mkdir -p "$OUT" "$SITE"
@@ -190,7 +194,7 @@ if [ "$MODE" = follow-up ]; then
     ls -la "$OUT"
     return 0
 fi
-step bench "${BENCH[@]}" --backends official,eager,cudagraph --resolution "$RES"
+step bench "${BENCH[@]}" --backends official,eager,cudagraph --resolution "$RES" --settings "$LEVERS"
 # one pytest for both sets: the workers compile the kernel's variants in parallel (pytest-xdist, on the GPU image);
 # -v logs each test as it ends, so a run cut at its limit still names what ran and what failed. On the CPU (dry
 # run) tests/kernels/ is not collected (tests/conftest.py) and the cuda-marked tests skip with their reason.

@@ -230,7 +230,8 @@ def to_markdown(res: dict) -> str:
              f"{res['edits']} edits ({res['with_ground_truth']} with ground truth) at {res['resolution']} px, edited "
              f"as one batch per setting on {res['device']} ({res['backend']}, {res['dtype']}), seeds {res['seed']}.."
              f"{res['seed'] + res['edits'] - 1}; times: median of {res['repeats']} rounds in which the settings take "
-             f"turns; torch {res['torch']}.", "",
+             f"turns; torch {res['torch']}." + (f" The edits: {res['edit_set']}." if res.get("edit_set") else ""),
+             "",
              "| setting | UNet evals / edit | TFLOP / edit | x FLOPs | x time | x denoise time | PSNR vs default dB | "
              "SSIM vs default |" + (" PSNR vs truth dB | SSIM vs truth |" if truth else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if truth else "")]

@@ -178,15 +178,17 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
         except Exception as e:  # noqa: BLE001  (any failure of one backend is a result, not the end of the run)
             failed(backend, None, e)
             continue
-        for res in resolutions:
-            for setting in settings if res == resolutions[0] and backend != "official" else settings[:1]:
-                try:
-                    _bench_resolution(result, backend, pipe, load_s, res, dev, setting, images, texts, warmup,
-                                      repeats, batch, progress)
-                except Exception as e:  # noqa: BLE001
-                    failed(backend, res, e)
-                    continue
-                save()
+        # the first setting at every resolution, then the others at the first: a run cut short keeps the first's
+        rows = [(res, settings[0]) for res in resolutions]
+        rows += [(resolutions[0], x) for x in settings[1:]] if backend != "official" else []
+        for res, setting in rows:
+            try:
+                _bench_resolution(result, backend, pipe, load_s, res, dev, setting, images, texts, warmup,
+                                  repeats, batch, progress)
+            except Exception as e:  # noqa: BLE001
+                failed(backend, res, e)
+                continue
+            save()
         # pipeline <-> backend references are cycles: collect them, or the next backend's peak memory includes this
         # one's weights (7b: 14 GB fp16, 28 GB for official's fp32 LLM)
         del pipe
