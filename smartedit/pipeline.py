@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, Union
 
@@ -69,6 +70,7 @@ from .weights import ModelSource, Weights
 
 log = logging.getLogger(__name__)
 Guidance = Union[float, Sequence[float]]  # one value for the batch, or one per sample
+PLAN_CACHE = 16  # prepared schedules a pipeline keeps, (sampler, steps, device) each
 
 
 def _as_image(x: Image.Image | str | Path) -> Image.Image:
@@ -90,6 +92,7 @@ class SmartEditPipeline:
         self.runner: GraphRunner = runner or EagerRunner(stages, config)
         self.img_token_mode = img_token_mode  # the default of encode_condition / __call__ (`official`: "stepwise")
         self.sampler = get_sampler(sampler).name  # the default of denoise / __call__; save_pretrained records it
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()  # plan(): the last PLAN_CACHE prepared schedules
 
     # -- construction -------------------------------------------------------------------------------------------------
 
@@ -259,8 +262,18 @@ class SmartEditPipeline:
         return cfg_combine(eps[:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype)
 
     def plan(self, steps: int = DEFAULT_STEPS, sampler: str | None = None) -> Plan:
-        """The prepared schedule of `sampler` (default: this pipeline's) for `steps` steps, on this device."""
-        return get_sampler(sampler or self.sampler).plan(steps, self.device)
+        """The prepared schedule of `sampler` (default: this pipeline's) for `steps` steps, on this device. The
+        last PLAN_CACHE plans are kept: building one costs 5-180 ms on a CPU (a multistep solver's constants are
+        computed step by step, as diffusers computes them), every edit of a server would pay it again."""
+        key = (get_sampler(sampler or self.sampler).name, steps, self.device)
+        plans = self._plans
+        if key in plans:
+            plans.move_to_end(key)
+            return plans[key]
+        plan = plans[key] = get_sampler(key[0]).plan(steps, self.device)
+        while len(plans) > PLAN_CACHE:
+            plans.popitem(last=False)
+        return plan
 
     @torch.inference_mode()
     def denoise(self, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, image_latents: torch.Tensor,

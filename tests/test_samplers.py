@@ -251,3 +251,38 @@ def test_cli_edit_with_levers_equals_the_api(tmp_path, test_image, tiny_pipe, ca
     api = tiny_pipe(Image.open(tmp_path / "in.png"), "make it blue", steps=4, resolution=64, seed=0, sampler="unipc",
                     guidance_schedule=GuidanceSchedule((0.0, 0.5), (0.3, 1.0)))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), np.asarray(api))
+
+
+def test_the_readme_python_block_runs_as_written(tiny_pipe, test_image):
+    """README, 'Samplers and guidance that cost less': its Python lines run as written on a pipeline and an image (the
+    edit itself at 2 steps and 64 px: the arguments are the README's, the cost the tests')."""
+    from conftest import readme_block
+
+    pipe = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds)
+    calls = []
+
+    class Cheap:
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return pipe(*args, **{**kwargs, "steps": 2, "resolution": 64})
+
+        def __setattr__(self, name, value):
+            setattr(pipe, name, value)
+
+    scope = {"pipe": Cheap(), "image": test_image}
+    exec(readme_block("guidance_schedule=GuidanceSchedule(interval="), scope)
+    assert calls[0]["sampler"] == "dpm-solver++" and calls[0]["steps"] == 20
+    assert calls[0]["guidance_schedule"] == GuidanceSchedule((0.0, 0.6), (0.3, 0.6))
+    assert scope["edited"].size == (64, 64) and pipe.sampler == "unipc"
+
+
+def test_the_pipeline_keeps_its_last_plans(tiny_pipe):
+    from smartedit.pipeline import PLAN_CACHE
+
+    pipe = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds)
+    first = pipe.plan(20, "unipc")
+    assert pipe.plan(20, "unipc") is first and pipe.plan(20).sampler.name == "euler-ancestral"
+    for steps in range(1, PLAN_CACHE + 2):
+        pipe.plan(steps, "ddim")
+    assert len(pipe._plans) == PLAN_CACHE and pipe.plan(20, "unipc") is not first
+    assert torch.equal(pipe.plan(20, "unipc").table, first.table)
