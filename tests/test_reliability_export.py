@@ -460,6 +460,11 @@ def test_runners_read_the_manifest_within_bounds_and_never_run_a_failed_entry(ro
         real = ort_backend.session
         monkeypatch.setattr(ort_backend, "session", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
     code, stdout, err = run_cli(main, argv, capsys)
+    for _ in range(3):  # free_endpoints' ports can be taken by another server before this one checks them
+        if row.run is not _serve or "in use" not in err:
+            break
+        main, argv = row.run(out, work)
+        code, stdout, err = run_cli(main, argv, capsys)
     assert code == row.code, (code, err[-2000:])
     assert "Traceback" not in err
     if code != 0:
