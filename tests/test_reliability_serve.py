@@ -391,6 +391,25 @@ REQUESTS = [
     Req("bmp-image", 9, dict(image=_png(Image.new("RGB", (64, 64)), "BMP")), "not a PNG, JPEG or WebP"),
     Req("tiff-image-grpc", 9, dict(image=_png(Image.new("RGB", (64, 64)), "TIFF")), "not a PNG, JPEG or WebP",
         "grpc", "StatusCode.INVALID_ARGUMENT"),
+    # 3, 5, 6: the loop's levers and the variants, bounded before work
+    Req("sampler-unknown", 6, dict(sampler="heun"),
+        "sampler must be one of euler-ancestral, euler, ddim, dpm-solver++, unipc, got 'heun'"),
+    Req("sampler-empty-grpc", 6, dict(sampler=""), "got ''", "grpc", "StatusCode.INVALID_ARGUMENT"),
+    Req("guidance-interval-reversed", 3, dict(guidance_interval=[0.8, 0.2]),
+        "guidance interval must satisfy 0 <= start <= end <= 1, got [0.8, 0.2]"),
+    Req("guidance-interval-past-1-grpc", 3, dict(guidance_interval=[0.0, 1.5]), "got [0, 1.5]", "grpc",
+        "StatusCode.INVALID_ARGUMENT"),
+    Req("guidance-interval-nan", 5, dict(guidance_interval=[float("nan"), 1.0]),
+        "guidance interval must hold two finite numbers in [0, 1], got [nan, 1.0]"),
+    Req("text-only-interval-negative", 3, dict(text_only_interval=[-0.1, 0.5]),
+        "text-only guidance interval must satisfy 0 <= start <= end <= 1, got [-0.1, 0.5]"),
+    Req("five-variants", 3, dict(seed=[1, 2, 3, 4, 5]), "seed holds 5 values: at most 4 variants per request"),
+    Req("variant-counts-disagree-grpc", 6, dict(seed=[1, 2], image_guidance_scale=[1.4, 1.5, 1.6]),
+        "seed holds 2 values for 3 variants", "grpc", "StatusCode.INVALID_ARGUMENT"),
+    Req("variant-guidance-nan", 5, dict(image_guidance_scale=[1.5, float("nan")]),
+        "image_guidance_scale must be a finite number, got nan"),
+    Req("variant-guidance-3e38", 5, dict(guidance_scale=[7.5, 3e38]), "guidance_scale must be within +-1000"),
+    Req("variant-seed-negative", 9, dict(seed=[1, -3]), "got -3"),
 ]
 
 
@@ -465,6 +484,18 @@ def _pending(e) -> float:
     with urllib.request.urlopen(e.metrics_url, timeout=10) as r:
         return sum(float(ln.rsplit(" ", 1)[1]) for ln in r.read().decode().splitlines()
                    if ln.startswith("nv_inference_pending_request_count{") and f'model="{MODEL}"' in ln)
+
+
+def test_steps_past_the_samplers_own_bound_are_refused(strict):
+    """3: the server admits 1000 steps, DDIM's schedule 999: a DDIM request of 1000 is refused naming both, before
+    work (a default-sampler request of 1000 would be taken)."""
+    e = strict.endpoints
+    before = _outcomes(e)
+    with pytest.raises(BAD) as err:
+        edit(connect("http", e.http_url, 120), IMAGE, "make it blue", steps=1000, resolution=64, sampler="ddim")
+    assert err.value.status() == "400" and "steps must be an integer from 1 to 999, got 1000 (sampler 'ddim')" in \
+        str(err.value), str(err.value)
+    assert _delta(before, _outcomes(e)) == {"refused": 1}
 
 
 def test_a_cancelled_grpc_call_stops_its_edit(strict):
@@ -875,6 +906,19 @@ FLAGS = [
     ("queue-delay-1e20", lambda e: [*_ports(e), "--max-queue-delay-ms", "1e20"], None, "got 1e+20"),
     ("queue-delay-nan", lambda e: [*_ports(e), "--max-queue-delay-ms", "nan"], None, "got nan"),
     ("max-steps-past-the-sampler", lambda e: [*_ports(e), "--max-steps", "5000"], None, "the sampler's 1000, got 5000"),
+    ("cache-mb-negative", lambda e: [*_ports(e), "--cache-mb", "-1"], None,
+     "--cache-mb must be an integer from 0 (no cache) to 1048576, got -1"),
+    ("cache-mb-past-a-tib", lambda e: [*_ports(e), "--cache-mb", str(1 << 21)], None, "got 2097152"),
+    ("priority-levels-0", lambda e: [*_ports(e), "--priority-levels", "0"], None,
+     "--priority-levels must be an integer from 1 to 16, got 0"),
+    ("priority-levels-17", lambda e: [*_ports(e), "--priority-levels", "17"], None, "got 17"),
+    ("low-priority-wait-nan", lambda e: [*_ports(e), "--low-priority-wait-s", "nan"], None,
+     "--low-priority-wait-s must be a number of seconds from 1 to 86400, got nan"),
+    ("low-priority-wait-0", lambda e: [*_ports(e), "--low-priority-wait-s", "0"], None, "got 0.0"),
+    ("variants-over-the-batch", lambda e: [*_ports(e), "--max-variants", "8", "--max-batch", "4"], None,
+     "--max-variants 8 is over --max-batch 4"),
+    ("unet-evaluations-0", lambda e: [*_ports(e), "--max-unet-evaluations", "0"], None,
+     "--max-unet-evaluations: must be >= 1, got 0"),
 ]
 
 
@@ -1067,6 +1111,7 @@ def test_a_non_finite_decoded_image_is_never_written(tiny_pipe, test_image, tmp_
 def test_the_catalogue_has_at_least_80_server_rows():
     rows = (len(HTTP_RESTRICTED) + len(GRPC_RESTRICTED) + len(REQUESTS) + len(STAGES) + len(SERVED) + len(FLAGS)
             + len(CALLERS) + len(CLOSED_VALUES) + len(CLASSIFICATION) + len(LAUNCH)
-            + 20)  # + max warm-up, size bound, webp, counters, cancelled gRPC, timeout, full queue, memory, foreign entry, Ctrl-C, second
-    #        server, re-export, no key, gRPC metadata, /dev/shm, JSON integers, EXIF, flood, SIGHUP, dead process
-    assert rows >= 80, rows
+            + 21)  # + a sampler's own steps, max warm-up, size bound, webp, counters, cancelled gRPC, timeout, full
+    # queue, memory, foreign entry, Ctrl-C, second server, re-export, no key, gRPC metadata, /dev/shm, JSON integers,
+    # EXIF, flood, SIGHUP, dead process
+    assert rows >= 100, rows

@@ -13,14 +13,16 @@ from smartedit.errors import InputError, run_command
 
 from smartedit.scheduler import MAX_STEPS
 
-from .repository import MAX_QUEUE, check_queue_delay_ms
-from .server import WARM_UPS, Endpoints, TritonServer, serve, settings_for, shares_dev_shm
+from .repository import (LOW_PRIORITY_WAIT_S, MAX_QUEUE, MAX_VARIANTS, PRIORITY_LEVELS, STREAM_MODEL,
+                         check_queue_delay_ms)
+from .server import WARM_UPS, Endpoints, Features, TritonServer, serve, settings_for, shares_dev_shm
 
 EXAMPLE = """example:
   smartedit-serve --preset tiny --random-weights            # eager PyTorch on the CPU, http :8000 grpc :8001
   curl -s localhost:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'
   smartedit-serve --model smartedit-7b/ --backend cudagraph --device cuda --dtype fp16 --instances 1
   smartedit-serve --model smartedit-7b/ --backend onnxruntime --artifacts out/
+  smartedit-serve --preset tiny --random-weights --stream --cache-mb 512   # + smartedit_stream, a response cache
 """
 
 
@@ -48,11 +50,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long a request may wait for others to batch with (default 5 ms)")
     p.add_argument("--max-queue", type=positive, default=MAX_QUEUE, help="requests that may wait for the model, at "
-                   f"most (default {MAX_QUEUE}); more are refused at once with UNAVAILABLE (HTTP 503)")
+                   f"most, per priority level (default {MAX_QUEUE}); more are refused at once with UNAVAILABLE (HTTP "
+                   "503)")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own copy of the "
                    "model (default 1)")
     p.add_argument("--max-steps", type=positive, default=100, help="largest `steps` a request may ask for (default 100)")
     p.add_argument("--max-megapixels", type=float, default=16.0, help="largest input image (default 16 MP)")
+    p.add_argument("--max-variants", type=positive, default=MAX_VARIANTS, help="variants (seeds, guidance scales) "
+                   f"one request may ask for, at most (default {MAX_VARIANTS}; at most --max-batch: they run as one "
+                   "batch)")
+    p.add_argument("--max-unet-evaluations", type=positive, default=None, help="UNet evaluations one request may "
+                   "cost, at most (steps x the guidance schedule's branches x variants; default: what --max-steps "
+                   "and --max-variants allow)")
+    p.add_argument("--stream", action="store_true", help=f"also serve `{STREAM_MODEL}`, the edit as a gRPC stream "
+                   "(progress after every step, previews): a second model process with its own copy of the graphs "
+                   "(twice the model's memory)")
+    p.add_argument("--cache-mb", type=int, default=0, help="Triton's response cache, MiB (default 0: none): a repeated "
+                   "request (same image, instruction, seed and settings) is answered from it; requests must then "
+                   "name their seed")
+    p.add_argument("--priority-levels", type=int, default=PRIORITY_LEVELS, help="the batcher's priority levels "
+                   f"(default {PRIORITY_LEVELS}; a request's `priority` 1 is the highest and the default)")
+    p.add_argument("--low-priority-wait-s", type=float, default=LOW_PRIORITY_WAIT_S, help="longest wait in the queue "
+                   "of a request below priority 1: started by then or refused with HTTP 503 (default "
+                   f"{LOW_PRIORITY_WAIT_S:g} s)")
     p.add_argument("--warm-up", choices=WARM_UPS, default=None, help="the one-step edit before the server is ready: "
                    "at the smallest request, or at the largest it admits (--max-batch images at the profile's largest "
                    "resolution), so that one too large for the device's memory stops the start, not the service "
@@ -66,15 +86,21 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"--max-megapixels must be a finite number > 0, got {a.max_megapixels}")
         if a.max_steps > MAX_STEPS:
             raise InputError(f"--max-steps must be from 1 to the sampler's {MAX_STEPS}, got {a.max_steps}")
+        if a.max_variants > a.max_batch:
+            raise InputError(f"--max-variants {a.max_variants} is over --max-batch {a.max_batch}: a request's "
+                             "variants run as one batch")
+        features = Features(a.stream, a.cache_mb, a.priority_levels, a.low_priority_wait_s).check()
         check_device(a.device)
         endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
         endpoints.check()  # before the model is loaded
         settings = settings_for(source, a.backend, a.artifacts, a.device, a.dtype, a.max_steps, a.max_megapixels,
-                                a.max_batch, a.warm_up)
+                                a.max_batch, a.warm_up, a.max_variants, a.max_unet_evaluations)
 
         def ready(server: TritonServer) -> None:
             e = server.endpoints
-            print(f"smartedit-serve: ready: model `smartedit` ({a.backend}, {a.device}, {a.dtype}) on "
+            also = (f" and `{STREAM_MODEL}`" if a.stream else "") + (f", a {a.cache_mb} MiB response cache"
+                                                                       if a.cache_mb else "")
+            print(f"smartedit-serve: ready: model `smartedit`{also} ({a.backend}, {a.device}, {a.dtype}) on "
                   f"http://{e.http_url} and grpc {e.grpc_url}, metrics {e.metrics_url}; server log {server.log}",
                   flush=True)
             if os.geteuid() == 0:
@@ -87,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"smartedit-serve: starting Triton Inference Server ({source}, backend {a.backend}) ...", flush=True)
         code = serve(settings, endpoints, a.max_batch, a.max_queue_delay_ms, a.instances,
-                     gpu=a.device.startswith("cuda"), on_ready=ready, max_queue=a.max_queue)
+                     gpu=a.device.startswith("cuda"), on_ready=ready, max_queue=a.max_queue, features=features)
         print(f"smartedit-serve: stopped (status {code})", flush=True)
         if code:
             raise SystemExit(code)

@@ -33,16 +33,18 @@ with a sizeLimit and the pod's ephemeral storage sized from the repository's byt
 /dev/shm as a memory volume (the Python backend passes tensors through it). The container runs
 `python3 -m smartedit.serve.launch --record-sha256 SHA -- <tritonserver flags>`: the launcher checks the repository
 against the sha256 of smartedit/config.pbtxt that the export recorded before any of it runs, closes Triton's
-administrative APIs, and drains on SIGTERM (the `smartedit` model refuses new edits, the running ones finish, then
-Triton stops); the grace period allows an edit at the repository's step limit and Triton's exit timeout.
+administrative APIs, serves the `smartedit_stream` twin beside the repository (gRPC streaming on the same port), and
+drains on SIGTERM (the `smartedit` model refuses new edits, the running ones finish, then Triton stops); the grace
+period allows an edit at the repository's step limit and Triton's exit timeout. With --cache-mb the server gets
+Triton's response cache of that size, and the container that much more memory.
 A NetworkPolicy lets only labelled client pods (and namespaces the user names) reach the inference ports, and only
 Prometheus' namespace the metrics port; a PodDisruptionBudget lets voluntary disruptions take one pod at a time.
 
 The autoscaling signal: each edit holds the GPU for seconds, so utilisation says little; time in Triton's queue
-against time computing does. Recorded per pod, for the `smartedit` model only (a BLS repository loads six models,
-and an average over all of them reads a fraction of the truth):
-    smartedit:queue_compute_ratio = rate(nv_inference_queue_duration_us{model="smartedit"}[w])
-                                    / rate(nv_inference_compute_infer_duration_us{model="smartedit"}[w])
+against time computing does. Recorded per pod, for the `smartedit` model and its stream twin only (a BLS repository
+loads six more models, and an average over all of them reads a fraction of the truth):
+    smartedit:queue_compute_ratio = rate(nv_inference_queue_duration_us{model=~"smartedit|smartedit_stream"}[w])
+                            / rate(nv_inference_compute_infer_duration_us{model=~"smartedit|smartedit_stream"}[w])
 and the autoscaler keeps its per-pod average at --target-ratio: replicas = ceil(replicas x ratio / target).
 """
 
@@ -63,7 +65,7 @@ from smartedit.errors import ArtifactError, InputError, run_command
 from smartedit.files import check_writable_parent, read_json, refuse_overwriting_inputs, sha256_file, write_atomic
 from smartedit.graphs.manifest import Manifest
 
-from .repository import MODEL, check_repository
+from .repository import MODEL, STREAM_MODEL, check_cache_mb, check_repository
 
 # NVIDIA's Triton containers (nvcr.io/nvidia/tritonserver:<tag>-py3) and the TensorRT each ships, as their release
 # notes list it (docs/introduction/release_notes.md of triton-inference-server/server at each release): a TensorRT plan
@@ -193,6 +195,7 @@ class DeployOptions:
     triton_release: str | None = None  # the Triton container release to build on (default: from the plans)
     client_namespaces: tuple[str, ...] = ()  # namespaces whose pods may all reach the inference ports
     prometheus_namespace: str = "monitoring"  # the only namespace that reaches the metrics port
+    cache_mb: int = 0                 # Triton's response cache per pod, MiB (0: none); added to --memory
 
     @property
     def client_label(self) -> str:
@@ -223,6 +226,7 @@ class DeployOptions:
         for flag, value in (("--edit-timeout-s", self.edit_timeout_s), ("--load-timeout-s", self.load_timeout_s)):
             if not (isinstance(value, int) and 1 <= value <= MAX_TIMEOUT_S):
                 raise InputError(f"{flag} must be a whole number of seconds in 1..{MAX_TIMEOUT_S}, got {value!r}")
+        check_cache_mb(self.cache_mb)
         memory = _quantity("--memory", self.memory)
         _quantity("--cpu", self.cpu)
         shm = _quantity("--shm", self.shm)
@@ -231,6 +235,13 @@ class DeployOptions:
                              "limit counts, and the server needs the rest")
         if self.triton_release is not None and not re.fullmatch(r"\d\d\.\d\d", self.triton_release):
             raise InputError(f"--triton-release must be a release tag such as 25.01, got {self.triton_release!r}")
+
+
+def pod_memory(opts: DeployOptions) -> str:
+    """The serving container's memory: --memory, plus the response cache (which Triton holds in host memory)."""
+    if not opts.cache_mb:
+        return opts.memory
+    return f"{math.ceil(_quantity('--memory', opts.memory) / 2**20) + opts.cache_mb}Mi"
 
 
 def _seconds(s: float) -> str:
@@ -347,10 +358,12 @@ def launcher_command(facts: Facts) -> list[str]:
 
 
 def _triton_args(opts: DeployOptions, http: int, grpc: int) -> list[str]:
-    """tritonserver's flags that place the server (the launcher adds the rest: metrics on, strict readiness, exit on
-    error, the closed APIs), each as --name=value."""
+    """tritonserver's flags that place the server and size its response cache (the launcher adds the rest: metrics
+    on, strict readiness, exit on error, the closed APIs, the cache's library folder, the stream model), each as
+    --name=value."""
+    cache = [f"--cache-config=local,size={opts.cache_mb << 20}"] if opts.cache_mb else []
     return [f"--model-repository={MODELS_PATH}", f"--http-port={http}", f"--grpc-port={grpc}",
-            f"--metrics-port={METRICS}", f"--exit-timeout-secs={opts.edit_timeout_s}"]
+            f"--metrics-port={METRICS}", f"--exit-timeout-secs={opts.edit_timeout_s}", *cache]
 
 
 def _probes(http_port: int | str, opts: DeployOptions) -> dict[str, Any]:
@@ -390,8 +403,8 @@ def _server_container(opts: DeployOptions, facts: Facts, name: str, http: int, g
         "name": name, "image": opts.image, "command": launcher_command(facts), "args": _triton_args(opts, http, grpc),
         "ports": ports,
         "env": [{"name": "HOME", "value": TMP_PATH}],  # the root filesystem is read-only
-        "resources": {"requests": {"nvidia.com/gpu": 1, "cpu": opts.cpu, "memory": opts.memory, **disk},
-                      "limits": {"nvidia.com/gpu": 1, "memory": opts.memory, **disk}},
+        "resources": {"requests": {"nvidia.com/gpu": 1, "cpu": opts.cpu, "memory": pod_memory(opts), **disk},
+                      "limits": {"nvidia.com/gpu": 1, "memory": pod_memory(opts), **disk}},
         "securityContext": _container_security(),
         "volumeMounts": [{"name": "dshm", "mountPath": SHM_PATH}, {"name": "tmp", "mountPath": TMP_PATH}],
         **_probes(http, opts),
@@ -424,9 +437,10 @@ def _labels(opts: DeployOptions) -> dict[str, str]:
 
 
 def recording_rule(opts: DeployOptions) -> dict[str, Any]:
-    """The PrometheusRule's group: the queue-to-compute ratio of the `smartedit` model, per pod."""
+    """The PrometheusRule's group: the queue-to-compute ratio of the `smartedit` model and its stream twin, per
+    pod (both queue for the same graphs)."""
     w = opts.metric_window
-    sel = f'model="{MODEL}"'
+    sel = f'model=~"{MODEL}|{STREAM_MODEL}"'
     expr = (f"sum by (namespace, pod) (rate(nv_inference_queue_duration_us{{{sel}}}[{w}]))\n"
             f"  / clamp_min(sum by (namespace, pod) (rate(nv_inference_compute_infer_duration_us{{{sel}}}[{w}])), 1)")
     return {"name": "smartedit.rules", "rules": [{"record": RATIO, "expr": expr}]}
@@ -725,6 +739,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory", default="32Gi", help="host memory per pod (default 32Gi)")
     p.add_argument("--cpu", default="4", help="CPUs per pod (default 4)")
     p.add_argument("--shm", default="2Gi", help="/dev/shm per pod for the Python backend (default 2Gi)")
+    p.add_argument("--cache-mb", type=int, default=0, help="Triton's response cache per pod, MiB (default 0: none): "
+                   "repeated requests answered from it; added to the pod's --memory; requests must name a seed")
     p.add_argument("--triton-release", help="the Triton container release to build on (default: the one whose "
                    "TensorRT built the plans, or the newest known)")
     a = p.parse_args(argv)
@@ -734,7 +750,7 @@ def main(argv: list[str] | None = None) -> None:
                              min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_ratio=a.target_ratio,
                              metric_window=a.metric_window, scrape_interval=a.scrape_interval,
                              edit_timeout_s=a.edit_timeout_s, load_timeout_s=a.load_timeout_s, memory=a.memory,
-                             cpu=a.cpu, shm=a.shm, triton_release=a.triton_release,
+                             cpu=a.cpu, shm=a.shm, triton_release=a.triton_release, cache_mb=a.cache_mb,
                              client_namespaces=tuple(a.client_namespace),
                              prometheus_namespace=a.prometheus_namespace)
         for path in write_manifests(a.export, a.out, opts):

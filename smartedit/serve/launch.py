@@ -7,6 +7,10 @@ What it adds to a bare `tritonserver` (the same supervision as smartedit-serve, 
   sha256 the export's manifest gives for smartedit/config.pbtxt, which an attacker who rewrote the repository
   cannot also rewrite in the pod's spec); no bytecode is written;
 - the administrative APIs closed to every client, no model control, a stage key for the Python stage models;
+- `smartedit_stream`, the stream twin of the `smartedit` model (serve/repository.py write_stream_twin), derived from
+  its checked config into a repository of the launcher's own (a BLS orchestrator: no second copy of the graphs);
+- with --cache-config (Triton's response cache), the cache's library folder, and the `smartedit` model told that
+  its answers are cached (requests must then name their seed);
 - SIGTERM (what Kubernetes sends), SIGINT and SIGHUP drain: new requests are refused with UNAVAILABLE, the running
   edits finish, then Triton exits;
 - a model process that dies ends the launcher with status 1, so the kubelet restarts the container rather than

@@ -1,4 +1,5 @@
-"""The `smartedit` model Triton runs (Python backend): the whole edit per request, batched across requests.
+"""The `smartedit` model Triton runs (Python backend): the whole edit per request, batched across requests; and its
+decoupled twin `smartedit_stream` (the same code; its config says decoupled), which answers each request as a stream.
 
 Triton loads this through the one-line model.py that smartedit writes into a model repository
 (smartedit/export/triton.py). Its settings come from the model config's "settings" parameter (never from a
@@ -16,7 +17,14 @@ one line naming the cause, and tritonserver exits non-zero.
 Answers: a bad request is the client's error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT), an edit whose clients
 all left is CANCELLED, a request that arrives once the server drains is UNAVAILABLE (HTTP 503: nothing was computed,
 send it again), anything else INTERNAL (HTTP 500). An error keeps only its message: its traceback would hold the
-request's tensors for as long as the error lives.
+request's tensors for as long as the error lives. A stream sends `progress` after every denoising step (and a
+`preview` at the request's interval), then the answer or the error, which ends it.
+
+With Triton's response cache on (the config enables it and the server runs with a cache: CACHE_ENV), a request
+must name its seed (without one its answer is random, and a repeat would get the first one's image), and an edit
+whose client left is finished rather than stopped: Triton Inference Server 2.51 keeps every answer of the model in
+the cache, errors included, as an answer without outputs (a repeat of a cancelled request would get that instead of
+an image); the finished edit is kept for the client's retry.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
 from .admin import STAGE_KEY, STAGE_KEY_ENV, draining
-from .service import EditService, timings_json
+from .repository import CACHE_ENV, REQUEST_INPUTS, STREAM_INPUTS
+from .service import EditService, Progress, timings_json
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("ok", "refused", "cancelled", "unavailable", "failed")
@@ -53,8 +62,9 @@ def _source(settings: dict, version_dir: Path) -> ModelSource:
     return ModelSource(preset=src["preset"], seed=int(src.get("seed", 0)))
 
 
-def build_service(settings: dict, version_dir: Path) -> EditService:
-    """The service of a model config's settings: checked, loaded and warmed up."""
+def build_service(settings: dict, version_dir: Path, seed_required: bool = False) -> EditService:
+    """The service of a model config's settings: checked, loaded and warmed up. `seed_required`: answers are
+    cached (see the module doc)."""
     source = _source(settings, version_dir)
     device, dtype = settings.get("device", "cpu"), dtype_named(settings.get("dtype", "fp32"))
     if settings["runner"] == "bls":
@@ -64,14 +74,20 @@ def build_service(settings: dict, version_dir: Path) -> EditService:
             raise ArtifactError("the `smartedit` model's settings record no repository files: re-run "
                                 "smartedit-export --target triton")
         # __pycache__ aside: Triton imports the stage models' model.py (which writes it) while this one loads; the
-        # launcher removed every __pycache__ and checked the whole repository before the server started
-        check_repository(version_dir.parent.parent, settings["files"], own=[f"{MODEL}/config.pbtxt"], bytecode=False)
+        # launcher removed every __pycache__ and checked the whole repository before the server started. The stream
+        # twin lives in a repository of its own and names the exported one.
+        repo = Path(settings.get("repository") or version_dir.parent.parent)
+        check_repository(repo, settings["files"], own=[f"{MODEL}/config.pbtxt"], bytecode=False)
         pipe = SmartEditPipeline.from_weights(source.load(device, dtype, only=[]), BLSRunner(settings["graphs"], device))
     else:
         # exported backends open their folder through engines.artifacts.Artifacts: every file against its sha256
         pipe = SmartEditPipeline.on_backend(settings["backend"], source, device, dtype, settings.get("artifacts"))
+    evaluations = settings.get("max_evaluations")
     limits = EditService.limits_for(pipe, int(settings.get("max_steps", 100)),
-                                    float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)))
+                                    float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)),
+                                    max_variants=int(settings.get("max_variants", 4)),
+                                    max_evaluations=None if evaluations is None else int(evaluations),
+                                    seed_required=seed_required)
     service = EditService(pipe, limits)
     if settings["runner"] != "bls":  # BLS calls are allowed only in execute; Triton loads the stage models itself
         _warm_up(pipe, limits, settings.get("warm_up", "min"))
@@ -133,65 +149,99 @@ class BLSRunner:
         return out
 
 
-def _value(request, name: str) -> Any:
+def _values(request, name: str) -> list | None:
+    """The request's values of input `name`, flattened (bytes for BYTES inputs, Python numbers for the rest), or
+    None when it was not sent."""
     import triton_python_backend_utils as pb
 
     t = pb.get_input_tensor_by_name(request, name)
     if t is None:
         return None
-    a = t.as_numpy().reshape(-1)
-    if a.size != 1:
-        raise InputError(f"{name} must hold one value per request, got shape {list(t.as_numpy().shape)}")
-    v = a[0]
-    return v if isinstance(v, (bytes, bytearray)) else v.item()
+    return [v if isinstance(v, (bytes, bytearray)) else v.item() for v in t.as_numpy().reshape(-1)]
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        import triton_python_backend_utils as pb
+
         config = json.loads(args["model_config"])
         settings = json.loads(config["parameters"]["settings"]["string_value"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         if args.get("model_instance_kind") == "GPU":  # KIND_GPU: Triton gives each instance its device
             settings["device"] = f"cuda:{args['model_instance_device_id']}"
+        self.decoupled = pb.using_decoupled_model_transaction_policy(config)
+        self.cached = bool(config.get("response_cache", {}).get("enable")) and os.environ.get(CACHE_ENV) == "1"
+        self.inputs = [name for name, *_ in REQUEST_INPUTS] + ([n for n, *_ in STREAM_INPUTS] if self.decoupled
+                                                               else [])
         try:
-            self.service = build_service(settings, version_dir)
+            self.service = build_service(settings, version_dir, seed_required=self.cached)
         except SmartEditError as e:  # one line in tritonserver's log, which smartedit-serve prints
             raise RuntimeError(f"smartedit: {type(e).__name__}: {e}") from None
         self.metric_family, self.outcomes = _outcome_counters(args["model_name"])  # the family outlives its metrics
 
-    def execute(self, requests: list) -> list:
+    def execute(self, requests: list) -> list | None:
         import triton_python_backend_utils as pb
 
-        from .repository import REQUEST_INPUTS
-
+        send = [r.get_response_sender() for r in requests] if self.decoupled else None
         if draining():  # nothing is started once the server stops: the client may send it again, elsewhere
             self.outcomes["unavailable"].increment(len(requests))
-            return [pb.InferenceResponse(output_tensors=[], error=pb.TritonError(
-                "Unavailable: the server is stopping; nothing was computed: send the request again",
-                pb.TritonError.UNAVAILABLE)) for _ in requests]
+            error = (pb.TritonError.UNAVAILABLE, "Unavailable: the server is stopping; nothing was computed: send the "
+                     "request again", "unavailable")
+            return self._answer(requests, [error] * len(requests), send, count=False)
         parsed: list = []
         for r in requests:
             try:
                 params = json.loads(r.parameters() or "{}")
                 if params:
                     raise InputError(f"unknown request parameters {sorted(params)}: this model takes none")
-                parsed.append(self.service.parse({name: _value(r, name) for name, _, _ in REQUEST_INPUTS}))
+                parsed.append(self.service.parse({name: _values(r, name) for name in self.inputs}))
             except SmartEditError as e:
                 parsed.append(_error(e))
         good = [i for i, p in enumerate(parsed) if not isinstance(p, tuple)]
-        results = self.service.run([parsed[i] for i in good], gone=[_gone(requests[i]) for i in good])
+        watch = None
+        if send is not None:
+            def watch(j: int, progress: Progress) -> None:
+                send[good[j]].send(_progress_response(progress))
+        # cached answers: an edit is finished for the retry of a client that left (see the module doc)
+        gone = [(lambda: False) if self.cached else _gone(requests[i]) for i in good]
+        results = self.service.run([parsed[i] for i in good], gone=gone, watch=watch)
         for i, res in zip(good, results):
             parsed[i] = _error(res) if isinstance(res, SmartEditError) else res
+        return self._answer(requests, parsed, send)
+
+    def _answer(self, requests: list, answers: list, send: list | None, count: bool = True) -> list | None:
+        """Each request's answer (an EditResult or an error tuple): returned as responses, or, for a stream, sent
+        as its last message."""
+        import triton_python_backend_utils as pb
+
         responses = []
-        for p in parsed:
-            self.outcomes[p[2] if isinstance(p, tuple) else "ok"].increment(1)
-            if isinstance(p, tuple):
-                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(p[1], p[0])))
+        for a in answers:
+            if count:
+                self.outcomes[a[2] if isinstance(a, tuple) else "ok"].increment(1)
+            if isinstance(a, tuple):
+                responses.append(pb.InferenceResponse(output_tensors=[], error=pb.TritonError(a[1], a[0])))
             else:
                 responses.append(pb.InferenceResponse(output_tensors=[  # UINT8 rows: see REQUEST_OUTPUTS
-                    pb.Tensor("edited", np.frombuffer(p.png, np.uint8).reshape(1, -1)),
-                    pb.Tensor("timings", np.frombuffer(timings_json(p), np.uint8).reshape(1, -1))]))
-        return responses
+                    pb.Tensor("edited", _row(a.png)), pb.Tensor("timings", _row(timings_json(a)))]))
+        if send is None:
+            return responses
+        for sender, response in zip(send, responses):
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+
+def _row(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, np.uint8).reshape(1, -1)
+
+
+def _progress_response(progress: Progress):
+    """A stream's message after a denoising step: `progress` (JSON), and `preview` when previews are due."""
+    import triton_python_backend_utils as pb
+
+    tensors = [pb.Tensor("progress", _row(progress.to_json()))]
+    if progress.previews:
+        tensors.append(pb.Tensor("preview", _row(b"".join(progress.previews))))
+    return pb.InferenceResponse(output_tensors=tensors)
 
 
 def _gone(request) -> Callable[[], bool]:

@@ -14,6 +14,9 @@ its metrics endpoint serves Prometheus text. This module prepares what it runs o
   private tmpfs), since Triton's Python backend makes its shared-memory regions, which carry every request's
   tensors, readable by every local user (mode 644, whatever the umask);
 - every administrative API is closed to every client, and the server runs without model control (serve/admin.py);
+- a recorded repository is served with the stream twin of its `smartedit` model, from a repository of the server's
+  own; with a response cache (cache_mb, or the caller's --cache-config), the cache's library folder and CACHE_ENV
+  in the environment, which tells the model its answers are cached;
 - SIGTERM, SIGINT and SIGHUP drain: the `smartedit` model refuses what it has not started, the running edits
   finish, Triton exits 0 (serve/admin.py says why Triton's own SIGTERM is not enough);
 - a model process (a Python backend stub) that dies stops the server with one line naming it: Triton Inference
@@ -48,8 +51,9 @@ from smartedit.engines import registry
 from smartedit.errors import ArtifactError, InputError, RunError, UnavailableError
 from smartedit.files import sha256_file
 from .admin import DRAIN_ENV, STAGE_KEY_ENV, restricted_flags, start_drain
-from .repository import (MAX_QUEUE, MODEL, check_repository, clear_bytecode, recorded_files,
-                         write_serving_repository)
+from .repository import (CACHE_ENV, LOW_PRIORITY_WAIT_S, MAX_QUEUE, MODEL, PRIORITY_LEVELS, MAX_VARIANTS,
+                         check_cache_mb, check_priority, check_repository, clear_bytecode, recorded_files,
+                         write_serving_repository, write_stream_twin)
 from smartedit.weights import ModelSource
 
 
@@ -103,10 +107,13 @@ WARM_UPS = ("min", "max")
 
 
 def settings_for(source: ModelSource, backend: str, artifacts: str | None, device: str, dtype: str, max_steps: int,
-                 max_megapixels: float, max_batch: int, warm_up: str | None = None) -> dict:
+                 max_megapixels: float, max_batch: int, warm_up: str | None = None, max_variants: int = MAX_VARIANTS,
+                 max_evaluations: int | None = None) -> dict:
     """The `smartedit` model's settings; refuses at once what the registry says cannot run here. warm_up: the
     one-step edit run before the server is ready, at the smallest request ("min") or at the largest it admits
-    ("max": every request then fits the device's memory; default on a GPU, where it costs well under a second)."""
+    ("max": every request then fits the device's memory; default on a GPU, where it costs well under a second).
+    max_variants: variants per request (at most max_batch); max_evaluations: UNet evaluations per request (None:
+    what max_steps and max_variants allow)."""
     reason = registry.why_not(backend, device, artifacts)
     if reason:
         raise InputError(f"--backend {backend}: {reason}")
@@ -117,7 +124,8 @@ def settings_for(source: ModelSource, backend: str, artifacts: str | None, devic
                                                                                "seed": source.seed}
     return {"runner": "registry", "backend": backend, "source": src,
             "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "device": device, "dtype": dtype,
-            "max_steps": max_steps, "max_megapixels": max_megapixels, "max_batch": max_batch, "warm_up": warm_up}
+            "max_steps": max_steps, "max_megapixels": max_megapixels, "max_batch": max_batch, "warm_up": warm_up,
+            "max_variants": max_variants, "max_evaluations": max_evaluations}
 
 
 def free_endpoints(host: str = "127.0.0.1") -> Endpoints:
@@ -346,11 +354,16 @@ class TritonServer:
     """One tritonserver process on a repository; a context manager that stops it (SIGTERM) on exit.
 
     log: a file for the server's output (None: this process's own stdout and stderr, as in a container);
-    args: more tritonserver flags (the launcher's); record_sha256: what the repository's record must hash to."""
+    args: more tritonserver flags (the launcher's); record_sha256: what the repository's record must hash to;
+    cache_mb: Triton's response cache of that many MiB (0: none, unless args hold --cache-config); stream: a recorded
+    (`--target triton`) repository is served with the stream twin of its `smartedit` model (write_stream_twin), from
+    a repository of its own in `workdir`."""
 
     def __init__(self, repo: Path, endpoints: Endpoints, workdir: Path, exit_timeout_s: int = 60,
-                 log: Path | None | bool = True, args: tuple[str, ...] = (), record_sha256: str | None = None):
+                 log: Path | None | bool = True, args: tuple[str, ...] = (), record_sha256: str | None = None,
+                 cache_mb: int = 0, stream: bool = True):
         self.repo, self.endpoints, self.workdir = Path(repo), endpoints, Path(workdir)
+        self.cache_mb, self.stream = check_cache_mb(cache_mb), stream
         self.log = self.workdir / "tritonserver.log" if log is True else (Path(log) if log else None)
         self.exit_timeout_s = exit_timeout_s
         self.args, self.record_sha256 = tuple(args), record_sha256
@@ -369,21 +382,41 @@ class TritonServer:
         check_before_start(self.repo, self.record_sha256)
         backends = prepare_backends(self.workdir / "backends")
         binary = bundled() / "bin" / "tritonserver"
-        cmd = [str(binary), f"--model-repository={self.repo}",
+        repos = [self.repo]
+        if self.recorded and self.stream:  # derived from the config just checked, into this server's own folder
+            repos.append(write_stream_twin(self.repo, self.workdir / "stream"))
+        cache = self.cache_flags()
+        env = server_env(self.drain_file)
+        if cache:
+            env[CACHE_ENV] = "1"
+        cmd = [str(binary), *(f"--model-repository={r}" for r in repos),
                f"--backend-directory={backends}", f"--http-address={e.host}", f"--http-port={e.http}",
                f"--grpc-address={e.host}", f"--grpc-port={e.grpc}", f"--metrics-address={e.host}",
                f"--metrics-port={e.metrics}", "--allow-metrics=true", "--exit-on-error=true",
                "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout_s}", "--log-verbose=0",
-               *size_flags(binary), *self.args, *restricted_flags()]
+               *size_flags(binary), *cache, *self.args, *restricted_flags()]
         out = open(self.log, "wb") if self.log else None
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                         env=server_env(self.drain_file), start_new_session=True,
+                                         env=env, start_new_session=True,
                                          preexec_fn=lambda: _child_setup(os.geteuid() == 0))
         finally:
             if out:
                 out.close()
         return self
+
+    def cache_flags(self) -> list[str]:
+        """tritonserver's flags for the response cache: its size (cache_mb), and where its library is (the bundled
+        build looks in /opt/tritonserver/caches otherwise, and fails to start); [] without a cache. The flags the
+        caller gives (args) win."""
+        given = {a.split("=", 1)[0] for a in self.args}
+        flags = [f"--cache-config=local,size={self.cache_mb << 20}"] if self.cache_mb else []
+        if not (flags or "--cache-config" in given):
+            return []
+        caches = bundled() / "caches"
+        if "--cache-directory" not in given and caches.is_dir():
+            flags.append(f"--cache-directory={caches}")
+        return flags
 
     def wait_ready(self, timeout_s: float = 600) -> None:
         """Until the models are loaded and ready, answering on ports this server's process holds; the model's load
@@ -499,17 +532,41 @@ def supervise(server: TritonServer, ready_timeout_s: float = 600,
     return code
 
 
+@dataclass(frozen=True)
+class Features:
+    """What smartedit-serve's repository offers beyond the edit: the stream twin (`smartedit_stream`: a second model
+    process with its own copy of the graphs), Triton's response cache of cache_mb MiB (0: none), the batcher's
+    priority levels and the longest wait of every level below the first."""
+    stream: bool = False
+    cache_mb: int = 0
+    priority_levels: int = PRIORITY_LEVELS
+    low_priority_wait_s: float = LOW_PRIORITY_WAIT_S
+
+    def check(self) -> "Features":
+        check_cache_mb(self.cache_mb)
+        check_priority(self.priority_levels, self.low_priority_wait_s)
+        return self
+
+    def repository(self, repo: Path, settings: dict[str, Any], max_batch: int, queue_delay_ms: float,
+                   instances: int, gpu: bool, max_queue: int) -> Path:
+        return write_serving_repository(repo, settings, max_batch, queue_delay_ms, instances, gpu, max_queue,
+                                        self.stream, self.cache_mb > 0, self.priority_levels,
+                                        self.low_priority_wait_s)
+
+
 @contextmanager
 def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_batch: int = 4,
             queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False, ready_timeout_s: float = 600,
-            workdir: str | Path | None = None, max_queue: int = MAX_QUEUE) -> Iterator[TritonServer]:
+            workdir: str | Path | None = None, max_queue: int = MAX_QUEUE,
+            features: Features = Features()) -> Iterator[TritonServer]:
     """A ready server on free loopback ports (or `endpoints`), stopped with SIGTERM on exit: for tests and the load
     test."""
     endpoints = endpoints or free_endpoints()
+    features.check()
     with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
-        repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
-                                        max_queue)
-        server = TritonServer(repo, endpoints, Path(work)).start()
+        repo = features.repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
+                                   max_queue)
+        server = TritonServer(repo, endpoints, Path(work), cache_mb=features.cache_mb).start()
         try:
             server.wait_ready(ready_timeout_s)
             yield server
@@ -520,15 +577,16 @@ def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_ba
 def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batch: int = 4,
           queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
           on_ready: Callable[[TritonServer], None] = lambda s: None, workdir: str | Path | None = None,
-          ready_timeout_s: float = 600, max_queue: int = MAX_QUEUE) -> int:
+          ready_timeout_s: float = 600, max_queue: int = MAX_QUEUE, features: Features = Features()) -> int:
     """Write the repository, run the server until SIGTERM / SIGINT / SIGHUP (see supervise()), return its exit
     status (0 after a graceful stop). The repository is removed on every way out; the server's log outlives the run
     (a file in the temporary folder, on_ready's server.log and named in errors)."""
     endpoints.check()  # before the log file and the repository are made
+    features.check()
     fd, log = tempfile.mkstemp(prefix="smartedit-serve-", suffix=".log", dir=workdir)
     os.close(fd)
     with tempfile.TemporaryDirectory(prefix="smartedit-serve-", dir=workdir) as work:
-        repo = write_serving_repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
-                                        max_queue)
-        server = TritonServer(repo, endpoints, Path(work), log=Path(log))
+        repo = features.repository(Path(work) / "repo", settings, max_batch, queue_delay_ms, instances, gpu,
+                                   max_queue)
+        server = TritonServer(repo, endpoints, Path(work), log=Path(log), cache_mb=features.cache_mb)
         return supervise(server, ready_timeout_s, on_ready)
