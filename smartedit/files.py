@@ -80,12 +80,38 @@ def write_atomic(dst: Path, data: bytes | str) -> Path:
     return Path(dst)
 
 
-def read_json(path: Path, error: type[Exception], want: type = dict):
-    """The JSON value of `path`, of type `want`, or `error` naming the file and what is wrong with it."""
+MAX_JSON_BYTES = 64 << 20  # the C++ reader's limit (runtime/src/manifest.cpp); a 7b export's manifest is ~100 KB
+MAX_JSON_DEPTH = 64  # the C++ reader's kMaxDepth (runtime/include/smartedit/json.h)
+
+
+def loads_json(text: str | bytes, where: str, error: type[Exception]):
+    """The JSON value of `text`, nested at most MAX_JSON_DEPTH levels; `error` naming `where` otherwise (a file
+    nested deeper than Python's recursion limit is a RecursionError inside json, caught here)."""
+    deep = f"{where} is nested deeper than {MAX_JSON_DEPTH} levels: not a file this project writes"
     try:
-        value = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{path} is not valid JSON: {e}") from None
+        value = json.loads(text)
+    except RecursionError:
+        raise error(deep) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{where} is not valid JSON: {e}") from None
+    level, todo = -1, [value]  # the root is level 0, as in the C++ reader
+    while todo:  # breadth first, one level per pass: no recursion on a hostile file
+        level += 1
+        if level > MAX_JSON_DEPTH:
+            raise error(deep)
+        todo = [c for v in todo for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
+                if isinstance(c, (dict, list))]
+    return value
+
+
+def read_json(path: Path, error: type[Exception], want: type = dict):
+    """The JSON value of `path`, of type `want`: at most MAX_JSON_BYTES, nested at most MAX_JSON_DEPTH levels;
+    `error` naming the file and what is wrong with it otherwise (OSError when it cannot be read)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise error(f"{path} is over {MAX_JSON_BYTES >> 20} MB: not a file this project writes")
+    value = loads_json(data, str(path), error)
     if not isinstance(value, want):
         raise error(f"{path} holds a JSON {type(value).__name__}, not a {want.__name__}")
     return value

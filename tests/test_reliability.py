@@ -329,6 +329,9 @@ CASES = [
     ("tensors-png-batch-of-0", 9, lambda w: (save_file({"image": torch.zeros(0, 3, 8, 8)}, w.root / "e.safetensors"),
                                              ("tensors", ["png", w.root / "e.safetensors", w.out / "x.png"]))[1],
      2, "a batch of 0 images"),
+    # 5: a model folder's JSON is read within bounds (a RecursionError traceback before)
+    ("config-nested-100k-deep", 5, lambda w: ((w.model / "config.json").write_text("[" * 100000 + "]" * 100000),
+                                               ("edit", w.edit()))[1], 2, "nested deeper than 64 levels"),
     # 1: outputs never destroy files nobody named (NAME-i.png of batch item i)
     ("tensors-png-item-1-exists", 1, lambda w: (_existing(w, "x-1.png"), save_file(
         {"image": torch.zeros(3, 3, 8, 8)}, w.root / "three.safetensors"),

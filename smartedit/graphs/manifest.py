@@ -37,55 +37,30 @@ manifest.json and the other JSON files of an export folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from smartedit.errors import ArtifactError
-from smartedit.files import sha256_file, sha256_file_cached, write_json
+from smartedit import files
+from smartedit.files import MAX_JSON_BYTES, sha256_file, sha256_file_cached, write_json
 
 from .spec import DimRange, GraphSpec, parse_dim
 
 MANIFEST_VERSION = 3
 MANIFEST_FILE = "manifest.json"
-MAX_MANIFEST_BYTES = 64 << 20  # the C++ reader's limit (runtime/src/manifest.cpp); a 7b export's is ~100 KB
-MAX_JSON_DEPTH = 64  # the C++ reader's kMaxDepth (runtime/include/smartedit/json.h)
+MAX_MANIFEST_BYTES = MAX_JSON_BYTES
 
 
 def loads_json(text: str | bytes, where: str) -> Any:
-    """The JSON value of `text`, nested at most MAX_JSON_DEPTH levels; ArtifactError naming `where` otherwise (a
-    file nested deeper than Python's recursion limit is a RecursionError inside json, caught here)."""
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ArtifactError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels: not a file smartedit-export "
-                            "writes") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{where} is not valid JSON: {e}") from None
-    level, todo = -1, [value]  # the root is level 0, as in the C++ reader
-    while todo:  # breadth first, one level per pass: no recursion on a hostile file
-        level += 1
-        if level > MAX_JSON_DEPTH:
-            raise ArtifactError(f"{where} is nested deeper than {MAX_JSON_DEPTH} levels: not a file smartedit-export "
-                                "writes")
-        todo = [c for v in todo for c in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else ())
-                if isinstance(c, (dict, list))]
-    return value
+    """The JSON value of `text`, nested at most MAX_JSON_DEPTH levels; ArtifactError naming `where` otherwise."""
+    return files.loads_json(text, where, ArtifactError)
 
 
 def load_json(path: str | Path, want: type = dict) -> Any:
     """The JSON value (of type `want`) of an export folder's file: at most MAX_MANIFEST_BYTES, nested at most
     MAX_JSON_DEPTH levels. ArtifactError naming the file otherwise; OSError when it cannot be read."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        data = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ArtifactError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MB: not a file smartedit-export writes")
-    value = loads_json(data, str(path))
-    if not isinstance(value, want):
-        raise ArtifactError(f"{path} holds a JSON {type(value).__name__}, not a {want.__name__}")
-    return value
+    return files.read_json(Path(path), ArtifactError, want)
 
 
 @dataclass
