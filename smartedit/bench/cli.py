@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--max-batch", type=positive, default=8, help="the server's dynamic batch limit")
     s.add_argument("--max-queue-delay-ms", type=float, default=20.0, help="the server's batching delay")
     s.add_argument("--protocols", default="http,grpc", help="comma-separated: http, grpc")
+    s.add_argument("--serve-features", action=argparse.BooleanOptionalAction, default=True, help="then a server with "
+                   "the stream model, a response cache and two priority levels: streaming overhead, priority-1 "
+                   "latency under a priority-2 flood, cache hits against misses (default on)")
+    s.add_argument("--flood-clients", type=positive, default=4, help="clients flooding the server with priority-2 "
+                   "requests (default 4)")
     a = p.parse_args(argv)
     model_source(p, a)
     logging.basicConfig(level=logging.ERROR)
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                                   protocols=tuple(x.strip() for x in a.protocols.split(",") if x.strip()),
                                   requests=a.requests, steps=a.steps, resolution=a.resolution[0],
                                   max_batch=a.max_batch, queue_delay_ms=a.max_queue_delay_ms,
+                                  features=a.serve_features, flood_clients=a.flood_clients,
                                   progress=lambda m: print(m, flush=True),
                                   checkpoint=lambda r: serve.write_json(Path(a.out) / "serve-partial.json", r))
         paths = serve.write_outputs(res, Path(a.out))
