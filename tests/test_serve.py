@@ -539,7 +539,9 @@ def test_a_cancelled_stream_stops_its_edit(features, image):
 
 
 class _Blocker:
-    """A 1000-step stream holding the stream model (batch 1 per key: other requests queue behind it) until release()."""
+    """A 1000-step stream at 256 px holding the stream model (batch 1 per key: other requests queue behind it) until
+    release(). At 64 px the tiny model's 1000 steps took ~6 s on 2 cores, less than the low priority's wait: the
+    blocker ended before the bound was reached; at 256 px a step costs ~7x more."""
 
     def __init__(self, e, image):
         from smartedit.serve.client import stream
@@ -548,7 +550,7 @@ class _Blocker:
 
         def run():
             for m in stream(connect("grpc", e.grpc_url, 600), image, "hold the model", seed=0, steps=1000,
-                            resolution=64):
+                            resolution=256):
                 if m.get("progress", {}).get("step", 0) >= 1:
                     self.running.set()
                 if self.release_now.is_set():
@@ -559,6 +561,7 @@ class _Blocker:
         assert self.running.wait(120), "the blocking stream did not start"
 
     def release(self) -> None:
+        assert self.thread.is_alive(), "the blocking stream ended before release(): what it held was not held"
         self.release_now.set()
         self.thread.join(timeout=120)
 
