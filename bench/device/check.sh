@@ -176,9 +176,10 @@ if [ "$MODE" = serve ]; then
         return 0
     fi
     [ "$DEV" = cpu ] && unset SMARTEDIT_TRITONSERVER  # the dry run uses the installed PyTriton
+    # --no-serve-features: the features' second server (a stream twin: a second copy of 7b) does not fit the limit
     step serve-bench python3 -m smartedit.bench.cli --serve --preset "$PRESET" --random-weights --device "$DEV" \
         --backends "$([ "$DEV" = cuda ] && echo cudagraph || echo eager)" --steps "$STEPS_N" --resolution "${RES%%,*}" \
-        --concurrency 1,4 --requests 8 --protocols grpc --max-batch 4 --out "$OUT"
+        --concurrency 1,4 --requests 8 --protocols grpc --max-batch 4 --no-serve-features --out "$OUT"
     [ -n "$DRY" ] && rm -rf "$SITE"
     ls -la "$OUT"
     return 0
