@@ -315,7 +315,10 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path, image):
             repr(refused.value)
         with pytest.raises(BAD) as refused:  # a stream's error: its message (the protocol carries no code)
             list(stream(connect("grpc", e.grpc_url, 600), image, "make it blue", steps=1, resolution=64))
-        assert "Unavailable: the server is stopping" in str(refused.value), repr(refused.value)
+        # the stream model answers "Unavailable: the server is stopping" while its own stream runs; once that stream
+        # has finished, Triton has unloaded the idle model and refuses in its own words ("Server is stopping,
+        # scheduler for model has stopped accepting new inference requests"): refused without work either way
+        assert "server is stopping" in str(refused.value).lower(), repr(refused.value)
         t.join(timeout=600)
         s.join(timeout=600)
         assert "r" in slow, "the in-flight request did not finish"
