@@ -182,3 +182,11 @@ def test_rows_say_how_the_loop_was_captured_and_each_resolution_starts_clean(mon
     assert rows[64]["capture_used"] == {"latents [1, 4, 8, 8], 2 steps": "none"}
     assert list(rows[128]["capture_used"].values()) == ["none", "none"]  # 64's program, then 128's
     assert [k[0] for k in runners[0]._loops] == [(1, 4, 16, 16)]  # 64's buffers were released before 128 ran
+
+
+def test_results_of_a_model_folder_are_named_by_its_last_part():
+    """--model /abs/path/models/tiny-shapes once wrote OUT/cpu-/abs/path/models/tiny-shapes.md (nested folders)."""
+    from smartedit.bench.run import model_stem
+
+    assert [model_stem(m) for m in ("tiny (random)", "/x/models/tiny-shapes", "models/tiny-shapes/", "a b/c d")] \
+        == ["tiny", "tiny-shapes", "tiny-shapes", "c-d"]

@@ -21,6 +21,7 @@ import gc
 import io
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -350,9 +351,15 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def model_stem(model: str) -> str:
+    """A file-name part for a result's model: a preset's name ("tiny (random weights ...)" -> "tiny"), a model
+    folder's last part ("/x/models/tiny-shapes" -> "tiny-shapes"; the whole path once made nested folders)."""
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", Path(model.split(" (")[0]).name).strip("-") or "model"
+
+
 def write_outputs(res: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    name = res["device"].split(" (")[0].replace(" ", "-").replace("/", "-") + f"-{res['model'].split(' ')[0]}"
+    name = res["device"].split(" (")[0].replace(" ", "-").replace("/", "-") + f"-{model_stem(res['model'])}"
     paths = [out / f"{name}.json", out / f"{name}.md", out / f"{name}.png"]
     write_json(paths[0], res)
     write_atomic(paths[1], to_markdown(res))
