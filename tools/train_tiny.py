@@ -455,6 +455,7 @@ def train(out: Path, r: Recipe, overwrite: bool = False) -> Path:
     torch.manual_seed(r.seed)
     gen = torch.Generator().manual_seed(r.seed)
     wall0, cpu0 = time.perf_counter(), cpu_seconds()
+    commit = git_commit()  # the code that runs: taken before, as the tree may change during the run
     times: dict[str, float] = {}
 
     def lap(name: str) -> None:
@@ -505,7 +506,7 @@ def train(out: Path, r: Recipe, overwrite: bool = False) -> Path:
         "model": r.name, "task": "shapes editing (tools/synthetic_edits.py), "
         f"{task.RESOLUTION} px, train seeds {task.TRAIN_SEEDS.start}..{task.TRAIN_SEEDS.start + r.examples - 1}, "
         f"held-out seeds from {task.HELDOUT_SEEDS.start}",
-        "recipe": dataclasses.asdict(r), "seed": r.seed, "git_commit": git_commit(),
+        "recipe": dataclasses.asdict(r), "seed": r.seed, "git_commit": commit,
         "command": "python tools/train_tiny.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "time_s": {**times, "wall": round(time.perf_counter() - wall0, 1), "cpu": round(cpu_seconds() - cpu0, 1)},
