@@ -1,4 +1,4 @@
-"""bench/device/check.sh, the one prepared call for a lent GPU: it must fit the device tool's limits with margins
+"""bench/device/check.sh, the one prepared call for a GPU machine: it must fit the GPU machine's limits with margins
 (a plan of at most 480 s sent with a 540 s timeout, a follow-up of at most 150 s, at most 7 files back where the
 tool returns 8) and run as written. Its GPU steps cannot run here; the --cpu dry run checks the plumbing (install
 into a target folder, the import path, every step and its log) on the tiny preset."""
@@ -13,7 +13,7 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "device" / "check.sh"
 PLAN_MAX_S = 480  # the call's timeout is 540 s: torch's import, kill-afters and transfers fall outside the steps
 FOLLOW_UP_S = 150
-FILES_BACK = 7  # the device tool returns at most 8 files from $OUT: one spare for anything unplanned
+FILES_BACK = 7  # the GPU machine's runner returns at most 8 files from $OUT: one spare for anything unplanned
 
 
 def _run(*args, env=None, timeout=60, script=SCRIPT):
@@ -43,7 +43,7 @@ def test_plan_fits_one_device_call_with_margin_most_valuable_step_first():
 def test_the_call_is_printed_and_refused_without_its_wheels(tmp_path):
     """--call names the exact device call and its follow-up; without the wheels in .whl/ it says what is missing
     instead. A GPU-mode run without them stops at once, naming them, before it runs or writes anything (it would
-    otherwise spend the lease failing every step on `import diffusers`)."""
+    otherwise spend the machine's time failing every step on `import diffusers`)."""
     bare = tmp_path / "repo" / "bench" / "device"
     bare.mkdir(parents=True)
     shutil.copy(SCRIPT, bare / "check.sh")

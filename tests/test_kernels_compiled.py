@@ -1,5 +1,5 @@
 """The compile tier: every Triton kernel compiled ahead of time for sm_80 (A100) and sm_90 (H100/H200) on this CPU-only
-machine, with the triton this project pins and with the one on the lent GPU's image, at every shape and dtype the
+machine, with the triton this project pins and with the one on the GPU machine's image, at every shape and dtype the
 dispatcher sends to it (smartedit.kernels.ahead_of_time). What the interpreter cannot show: shared memory per block
 against the card's limit, register spills, and TF32 in fp32 products. Nothing runs; no GPU is needed."""
 
@@ -13,7 +13,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
 
-GPU_IMAGE_TRITON = "3.6.0"  # the lent GPU machine's triton (device tool's KINDS.md, 2026-11)
+GPU_IMAGE_TRITON = "3.6.0"  # the GPU machine's triton (the GPU machine's description, 2026-11)
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smartedit-tests"
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Everything a lent GPU checks and times, in ONE device call: the plan is at most 480 s of steps, sent with a
-# 540 s timeout (the lease is 15 minutes in all, a machine start costs one or two of them, one command may run
+# Everything a GPU machine checks and times, in ONE device call: the plan is at most 480 s of steps, sent with a
+# 540 s timeout (the machine's time is 15 minutes in all, a machine start costs one or two of them, one command may run
 # 600 s, and torch's import, the step kill-afters and the transfers fall outside the steps). Most valuable step
 # first; every step has its own time limit and writes its results under $OUT as it goes, so a run cut short returns
-# what it measured. The lent GPU has no TensorRT (no wheel fits the 64 MiB carry, and TensorRT-RTX has no SM90
+# what it measured. The GPU machine has no TensorRT (no wheel fits the 64 MiB carry, and TensorRT-RTX has no SM90
 # target): this call measures the PyTorch backends and the Triton kernels.
 #
 #     bash bench/device/check.sh --call      # here: the exact device call and its one follow-up (checks .whl/ first)
@@ -11,13 +11,13 @@
 #     bash bench/device/fetch_wheels.sh      # here: the wheels the GPU image lacks (check.sh --wheels), into .whl/
 #     bash bench/device/check.sh --cpu       # dry run on this CPU machine (tiny preset): the plumbing, not the GPU
 #     bash bench/device/check.sh --follow-up # the second call, only if the first left time (at most 150 s)
-#     bash bench/device/check.sh --compile   # other first calls for a later lease (each is a whole call):
+#     bash bench/device/check.sh --compile   # other first calls for a later GPU run (each is a whole call):
 #     bash bench/device/check.sh --serve     #   eager vs torch.compile; smartedit-serve under load (needs
 #                                            #   `fetch_wheels.sh --serve` here: the server, ~54 MB)
 #
-# At most 7 files come back from $OUT (the device tool returns 8): <card>-7b.{json,md,png} (smartedit-bench),
+# At most 7 files come back from $OUT (the GPU machine's runner returns 8): <card>-7b.{json,md,png} (smartedit-bench),
 # <card>-bim-kernels.{json,md}, <card>-pytest.log, <card>-check.log.
-# Only OUT is read from the environment (the device tool sets it); everything else is this script's own setting.
+# Only OUT is read from the environment (the GPU machine's runner sets it); everything else is this script's own setting.
 set -uo pipefail
 
 MODE=gpu PLAN= DRY= CALL= WHEELS=
@@ -98,15 +98,15 @@ if [ -n "$CALL" ]; then
     echo "first call (plan $(plan_total) s):"
     echo "    run(command=\"$first\", carry=[\".whl\"], timeout_s=$CALL_TIMEOUT)"
     if [ "$MODE" = gpu ]; then
-        echo "follow-up, only if the first returned with at least $((FOLLOW_UP_TIMEOUT + 60)) s of the lease left, within the 30 s the machine stays warm:"
+        echo "follow-up, only if the first returned with at least $((FOLLOW_UP_TIMEOUT + 60)) s of the machine's time left, within the 30 s the machine stays warm:"
         echo "    run(command=\"bash bench/device/check.sh --follow-up\", carry=[\".whl\"], timeout_s=$FOLLOW_UP_TIMEOUT)"
     fi
     echo "then: give_back(); copy the returned files into bench/results/ and commit them"
     exit 0
 fi
 
-OUT=${OUT:?set OUT to the folder for results (the device tool sets it)}
-if [ -z "$DRY" ]; then  # before anything else: a call without its wheels would fail every step and spend the lease
+OUT=${OUT:?set OUT to the folder for results (the runner of the GPU machine sets it)}
+if [ -z "$DRY" ]; then  # before anything else: a call without its wheels would fail every step and spend the machine's time
     missing=$(missing_wheels)
     if [ -n "$missing" ]; then
         echo "check.sh: .whl/ lacks $(echo $missing): nothing was run (here: bash bench/device/fetch_wheels.sh$([ "$MODE" = serve ] && echo ' --serve'), then carry .whl)" >&2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fills .whl/ (git-ignored) with the pure-Python wheels the lent GPU machine lacks, as `check.sh --wheels` lists them
+# Fills .whl/ (git-ignored) with the pure-Python wheels the GPU machine lacks, as `check.sh --wheels` lists them
 # (its image has torch 2.11, transformers 5.17, triton 3.6, onnx; no diffusers, no segment-anything). Run here,
 # before `run` with carry [".whl"]; bench/device/check.sh installs them there. ~7 MB.
 #

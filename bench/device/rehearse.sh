@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU call rehearsed on this CPU machine with the lent GPU image's own versions (Python 3.12, torch 2.11.0+cu130,
-# triton 3.6.0, numpy 2.5.2, transformers 5.17.0, onnxruntime 1.30.0: the device tool's KINDS.md), so that an API
-# that moved since, a numpy-2 behaviour or a triton-3.6 difference shows here, not in the lease.
+# The GPU call rehearsed on this CPU machine with the GPU machine's image's own versions (Python 3.12, torch 2.11.0+cu130,
+# triton 3.6.0, numpy 2.5.2, transformers 5.17.0, onnxruntime 1.30.0: the GPU machine's description), so that an API
+# that moved since, a numpy-2 behaviour or a triton-3.6 difference shows here, not on the GPU machine.
 #
 #     bash bench/device/rehearse.sh [RESULT.md]   # default bench/results/rehearsal-cpu-device-versions.md
 #
@@ -73,7 +73,7 @@ timed "tests/kernels' variants compiled for sm_90" "$WORK/kernels.log" env PYTHO
 KERNELS=$(grep -E '^\{"variants"' "$WORK/kernels.log" | tail -1)
 
 {
-    echo "# The GPU call rehearsed on the CPU with the lent GPU image's versions"
+    echo "# The GPU call rehearsed on the CPU with the GPU machine's image's versions"
     echo
     echo "Run $(date -u +%F) by \`bash bench/device/rehearse.sh\` on this project's CPU machine ($(nproc) cores, no GPU):"
     echo "$VERSIONS. Nothing here is a GPU result: the call's steps ran on the tiny preset on the CPU."
