@@ -270,7 +270,7 @@ def repository_server(triton_repository):
 
 TRAINED_MODEL = Path(__file__).resolve().parent.parent / "models" / "tiny-shapes"  # tools/train_tiny.py's output
 # examples/demo.sh's PROFILE: the trained model's 64 px pictures, batches of up to 4
-TRAINED_PROFILE = dict(max_batch=4, min_res=64, opt_res=64, max_res=256, max_prefix=400, max_suffix=400)
+TRAINED_PROFILE = dict(max_batch=4, min_res=64, opt_res=64, max_res=320, max_prefix=400, max_suffix=400)
 
 
 @pytest.fixture(scope="session")
