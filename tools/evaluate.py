@@ -192,17 +192,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--count", type=int, default=task.HELDOUT_COUNT, help="held-out edits (default all 200)")
     ap.add_argument("--pairs", type=int, default=PAIRS, help="instruction pairs (default 100)")
     ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--batch", type=int, default=BATCH, help=f"edits per call (default {BATCH}; an export's "
+                    "--max-batch or less)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the unchanged-input and random-weights rows")
     ap.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     examples, pairs = task.heldout(a.count), pair_cases(a.pairs)
     pipe = SmartEditPipeline.on_backend(a.backend, ModelSource(model=a.model), artifacts=a.artifacts)
-    results = [run(a.model.name, pipeline_editor(pipe, a.steps), examples, pairs)]
+    results = [run(a.model.name, pipeline_editor(pipe, a.steps, a.batch), examples, pairs)]
     if not a.no_baselines:
         results.append(run("input unchanged", unchanged, examples, pairs))
         random_pipe = SmartEditPipeline.from_preset("tiny", seed=0)
-        results.append(run("random weights (tiny, seed 0)", pipeline_editor(random_pipe, a.steps), examples, pairs))
+        results.append(run("random weights (tiny, seed 0)", pipeline_editor(random_pipe, a.steps, a.batch), examples,
+                           pairs))
     meta = {"model": str(a.model), "backend": a.backend, "edits": len(examples), "pairs": len(pairs),
             "seeds": f"{examples[0].seed}..{examples[-1].seed}" if examples else "-", "steps": a.steps,
             "resolution": task.RESOLUTION}
