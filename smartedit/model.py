@@ -7,6 +7,7 @@ reference computes:
     llava(pixel_values, prefix_ids, suffix_ids)         -> img_hidden [B,32,H], clip_feats [B,256,Dv]
     qformer_bim(img_hidden, clip_feats)                 -> prompt_embeds [B,77,D], bim_residual [B,C0,16,16]
     unet_eps(sample, timestep, prompt_embeds, residual) -> eps [nB,4,h,w]           (one CFG batch of n branches)
+    unet_deep(..., branch) -> eps, cached_feature;  unet_shallow(..., cached_feature, branch) -> eps   (DeepCache)
     guided_eps(latents, image_latents, timestep, sigma,
                prompt_embeds, bim_residual, guidance,
                null_text_embeds, branches=3)            -> guided eps [B,4,h,w]   (scaling, CFG batch and combine)
@@ -107,6 +108,16 @@ class Stages(nn.Module):
     def unet_eps(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
                  bim_residual: torch.Tensor) -> torch.Tensor:
         return self.unet(sample, timestep, prompt_embeds, bim_residual)
+
+    def unet_deep(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                  bim_residual: torch.Tensor, branch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """unet_eps, and the feature DeepCache keeps at skip branch `branch` ([nB,C,h,w], smartedit/unet.py)."""
+        return self.unet.deep(sample, timestep, prompt_embeds, bim_residual, branch)
+
+    def unet_shallow(self, sample: torch.Tensor, timestep: torch.Tensor, prompt_embeds: torch.Tensor,
+                     bim_residual: torch.Tensor, cached_feature: torch.Tensor, branch: int) -> torch.Tensor:
+        """eps [nB,4,h,w] from the UNet's shallow path at `branch` and a feature unet_deep returned."""
+        return self.unet.shallow(sample, timestep, prompt_embeds, bim_residual, cached_feature, branch)
 
     def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, timestep: torch.Tensor,
                    sigma: torch.Tensor, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor,

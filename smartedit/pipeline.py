@@ -7,10 +7,11 @@ Order of work (official test/DS_SmartEdit_test.py and InstructPix2PixSD_SM.py):
            EulerAncestral)                                                          graph unet (+ smartedit.scheduler)
     VAE decode                                                                      graph vae_decoder
 
-Those are the defaults, and the official model. Two components may change what the loop costs, per pipeline or per
+Those are the defaults, and the official model. Three components may change what the loop costs, per pipeline or per
 edit: the sampler (`pipe.sampler`, or `sampler=` per edit: smartedit.scheduler.SAMPLERS; saved with the model
-folder) and the guidance schedule (`guidance_schedule=`: smartedit.guidance.GuidanceSchedule, the steps that run the
-3-way batch, a 2-way text-only one or the conditional branch alone).
+folder), the guidance schedule (`guidance_schedule=`: smartedit.guidance.GuidanceSchedule, the steps that run the
+3-way batch, a 2-way text-only one or the conditional branch alone) and DeepCache (`deepcache=`:
+smartedit.deepcache.DeepCache, the steps that run the UNet's shallow path on a cached deep feature).
 
 The graphs run on `pipe.runner`, a GraphRunner (smartedit.graphs): by default the model itself (EagerRunner, the
 reference); each backend of smartedit.engines.registry hands back another (CUDA graphs, ONNX Runtime, TensorRT,
@@ -34,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
 from . import weights
+from .deepcache import DeepCache
 from .config import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
@@ -47,7 +49,7 @@ from .config import (
 from .engines import registry
 from .errors import Cancelled, InputError, RunError
 from .files import open_image
-from .graphs import EagerRunner, GraphRunner, LoopRunner
+from .graphs import DEEPCACHE_GRAPHS, EagerRunner, GraphRunner, LoopRunner
 from .graphs.spec import parse_dim
 from .guidance import DEFAULT_GUIDANCE, GuidanceSchedule
 from .mllm import IMG_MODES, NUM_IMG_TOKENS, PAD_ID, PromptIds, pad_prompts, pick_template, tokenize_prompt
@@ -261,6 +263,45 @@ class SmartEditPipeline:
                                         "bim_residual": bim_residual})["eps"]
         return cfg_combine(eps[:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype)
 
+    def cache_runner(self, deepcache: DeepCache | None) -> GraphRunner | None:
+        """The runner of `deepcache`'s graphs (None: the plain loop, no DeepCache or interval 1); InputError when
+        this pipeline's runner has no DeepCache graphs, or has them at another skip branch."""
+        if deepcache is None or deepcache.is_plain:
+            return None
+        if not isinstance(deepcache, DeepCache):
+            raise InputError(f"deepcache must be a smartedit.deepcache.DeepCache, got {type(deepcache).__name__}")
+        runner, branch = self.runner, deepcache.branch
+        have = getattr(runner, "cache_branch", None)
+        if have is None:
+            raise InputError(f"backend {runner.name!r} has no DeepCache graphs: export them with smartedit-export "
+                             f"--deepcache [BRANCH] (graphs {', '.join(DEEPCACHE_GRAPHS)})")
+        if branch is None or branch == have:
+            return runner
+        if hasattr(runner, "for_branch"):  # the model itself builds any branch
+            return runner.for_branch(branch)
+        raise InputError(f"DeepCache branch {branch}: backend {runner.name!r} runs graphs exported at branch {have} "
+                         f"(re-export with smartedit-export --deepcache {branch}, or ask for branch {have})")
+
+    def cached_eps(self, runner: GraphRunner, latents: torch.Tensor, image_latents: torch.Tensor, row: torch.Tensor,
+                   prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, guidance_scale: Guidance,
+                   image_guidance_scale: Guidance, branches: int, feature: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DeepCache step: feature None runs the whole UNet (unet_deep) and returns its feature; a feature runs
+        the shallow path (unet_shallow) on its first rows and returns it unchanged. -> (guided eps [B,4,h,w],
+        feature [nB,C,h,w]). The CFG batch and combine as in guided_eps (an exported graph takes the 3-way batch)."""
+        t, sigma = row[T].reshape(1), row[SIGMA]
+        g_text, g_image = _per_sample(guidance_scale, latents), _per_sample(image_guidance_scale, latents)
+        run = branches if unet_takes_any_branches(runner, "unet_deep") else 3
+        sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
+                                    self.null_text_embeds, run)
+        inputs = {"sample": sample, "timestep": t, "prompt_embeds": prompts, "bim_residual": bim_residual}
+        if feature is None:
+            out = runner.run("unet_deep", inputs)
+            eps, feature = out["eps"], out["cached_feature"]
+        else:
+            eps = runner.run("unet_shallow", {**inputs, "cached_feature": feature[:sample.shape[0]]})["eps"]
+        return cfg_combine(eps[:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype), feature
+
     def plan(self, steps: int = DEFAULT_STEPS, sampler: str | None = None) -> Plan:
         """The prepared schedule of `sampler` (default: this pipeline's) for `steps` steps, on this device. The
         last PLAN_CACHE plans are kept: building one costs 5-180 ms on a CPU (a multistep solver's constants are
@@ -280,15 +321,18 @@ class SmartEditPipeline:
                 steps: int = DEFAULT_STEPS, guidance_scale: Guidance = DEFAULT_GUIDANCE_SCALE,
                 image_guidance_scale: Guidance = DEFAULT_IMAGE_GUIDANCE_SCALE, generator: Generators = None, progress: bool = False,
                 latents: torch.Tensor | None = None, stop: Callable[[], bool] | None = None,
-                sampler: str | None = None, guidance_schedule: GuidanceSchedule | None = None) -> torch.Tensor:
+                sampler: str | None = None, guidance_schedule: GuidanceSchedule | None = None,
+                deepcache: DeepCache | None = None) -> torch.Tensor:
         """The sampler (default: this pipeline's, EulerAncestral unless changed) over the CFG batches of the
         guidance schedule (default: 3-way on every step) -> latents [B, 4, h, w] (scaled, ready for decode). The
         seed's noise is drawn as diffusers draws it: the starting latents, then (an ancestral sampler) one tensor
         per step (one generator for the batch, or one per sample). `stop`, asked before each step, ends the loop
         with Cancelled when it answers True (a server whose clients went away); a runner that replays the whole
-        loop as one program is not asked."""
+        loop as one program is not asked. `deepcache`: the steps between whole UNet runs take the shallow path."""
         plan = self.plan(steps, sampler)
         branches = (guidance_schedule or DEFAULT_GUIDANCE).branches(steps)
+        cache = self.cache_runner(deepcache)
+        whole = None if cache is None else deepcache.whole_steps(branches)
         if latents is None:
             latents = initial_latents(generator, tuple(image_latents.shape), plan, self.device, self.dtype)
         noise = (draw_ancestral_noise(generator, steps, tuple(latents.shape), latents.dtype, self.device)
@@ -297,16 +341,23 @@ class SmartEditPipeline:
             guidance = torch.stack([torch.as_tensor(_per_sample(g, latents), dtype=torch.float32, device=self.device)
                                     .reshape(-1).expand(latents.shape[0]) for g in (guidance_scale,
                                                                                     image_guidance_scale)], 1)
-            return self.runner.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds,
-                                             bim_residual, plan, noise, guidance, branches)  # guidance [B, 2]
+            loop = cache or self.runner  # guidance [B, 2]; whole: DeepCache's whole steps, or None
+            return loop.denoise_loop(latents, image_latents, prompt_embeds, self.null_text_embeds, bim_residual,
+                                     plan, noise, guidance, branches, whole)
         history = plan.history(tuple(latents.shape), latents.dtype, self.device)
+        feature = None  # [nB, C, h, w]: the deep feature of the last whole step (DeepCache)
         for i in tqdm(range(steps), desc="denoise", disable=not progress):
             if stop is not None and stop():
                 raise Cancelled(f"stopped before step {i + 1} of {steps}: the caller stopped waiting (cancelled, or "
                                 "its timeout passed)")
             row = plan.table[i]
-            eps = self.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance_scale,
-                                  image_guidance_scale, branches[i])
+            if cache is None:
+                eps = self.guided_eps(latents, image_latents, row, prompt_embeds, bim_residual, guidance_scale,
+                                      image_guidance_scale, branches[i])
+            else:
+                eps, feature = self.cached_eps(cache, latents, image_latents, row, prompt_embeds, bim_residual,
+                                               guidance_scale, image_guidance_scale, branches[i],
+                                               None if whole[i] else feature)
             latents = plan.sampler.step(latents, eps, row, None if noise is None else noise[i], history)
         return latents
 
@@ -322,7 +373,8 @@ class SmartEditPipeline:
                  seed: int | Sequence[int] | None = None, img_token_mode: str | None = None,
                  template: int | str = 0, temperature: float = 0.0, progress: bool = False,
                  timings: dict[str, float] | None = None, stop: Callable[[], bool] | None = None,
-                 sampler: str | None = None, guidance_schedule: GuidanceSchedule | None = None):
+                 sampler: str | None = None, guidance_schedule: GuidanceSchedule | None = None,
+                 deepcache: DeepCache | None = None):
         """One edit -> PIL image; lists of images and instructions (or a list of (image, instruction) pairs) -> a
         list of PIL images, run as one batch. seed=None draws a seed (the official script draws one per image).
         `seed` and the guidance scales may be one per sample: then each sample draws its own noise from its own
@@ -331,6 +383,8 @@ class SmartEditPipeline:
         `sampler` (a name of smartedit.scheduler.SAMPLERS; default `pipe.sampler`) and `guidance_schedule`
         (smartedit.guidance.GuidanceSchedule; default 3-way guidance on every step) change what the denoising loop
         costs: both default to the official loop. `steps` is bounded by the sampler (1..1000, 1..999 for some).
+        `deepcache` (smartedit.deepcache.DeepCache; default none) runs the UNet's shallow path on the steps between
+        whole runs: the runner must hold the DeepCache graphs (the model itself does).
 
         `timings`, if given, receives the wall time in ms of each stage (device-synchronised): condition (vision +
         LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total. `stop`: see denoise.
@@ -353,6 +407,7 @@ class SmartEditPipeline:
         if guidance_schedule is not None and not isinstance(guidance_schedule, GuidanceSchedule):
             raise InputError(f"guidance_schedule must be a smartedit.guidance.GuidanceSchedule, got "
                              f"{type(guidance_schedule).__name__}")
+        self.cache_runner(deepcache)  # before any work: a runner without the graphs, or at another branch
         for name, g in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
             _check_guidance(name, g, len(images))
         pil = [_as_image(x) for x in images]
@@ -373,7 +428,7 @@ class SmartEditPipeline:
         with clock("denoise"):
             latents = self.denoise(prompt_embeds, bim_residual, image_latents, steps, guidance_scale,
                                    image_guidance_scale, generator, progress, stop=stop, sampler=sampler,
-                                   guidance_schedule=guidance_schedule)
+                                   guidance_schedule=guidance_schedule, deepcache=deepcache)
         self._check_finite(latents, f"the latents are not finite after {steps} steps")
         with clock("vae_decode"):
             decoded = self.decode(latents)
@@ -400,10 +455,10 @@ def _check_guidance(name: str, g: Guidance, n: int) -> None:
         check_guidance(name, v)
 
 
-def unet_takes_any_branches(runner: GraphRunner) -> bool:
-    """Whether `runner`'s unet graph takes a CFG batch of any number of branches (the model itself), or only the
-    3-way batch its exported spec fixes (sample [3B, ...])."""
-    spec = getattr(runner, "specs", {}).get("unet")
+def unet_takes_any_branches(runner: GraphRunner, graph: str = "unet") -> bool:
+    """Whether `runner`'s `graph` (unet, unet_deep, unet_shallow) takes a CFG batch of any number of branches (the
+    model itself), or only the 3-way batch its exported spec fixes (sample [3B, ...])."""
+    spec = getattr(runner, "specs", {}).get(graph)
     return spec is None or parse_dim(spec.inputs[0].shape[0])[0] == 1
 
 

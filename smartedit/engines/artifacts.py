@@ -98,6 +98,12 @@ class Artifacts:
     def fold_cfg(self) -> bool:
         return "unet" in self.entries and self.entries["unet"].fold_cfg
 
+    @property
+    def cache_branch(self) -> int | None:
+        """The skip branch the DeepCache graphs were exported at (None: not exported)."""
+        e = self.entries.get("unet_shallow")
+        return e.options.get("cache_branch") if e is not None and "unet_deep" in self.entries else None
+
 
 class ArtifactRunner:
     """A runner of the graphs of an export folder with one file per graph (`suffix`): `open(path)` makes a graph
@@ -109,7 +115,7 @@ class ArtifactRunner:
 
     def __init__(self, artifacts: Artifacts):
         self.arts = artifacts
-        self.fold_cfg = artifacts.fold_cfg
+        self.fold_cfg, self.cache_branch = artifacts.fold_cfg, artifacts.cache_branch
         self.specs: dict[str, GraphSpec] = {g: e.spec for g, e in artifacts.entries.items()}
         self._opened: dict[str, Any] = {}
 

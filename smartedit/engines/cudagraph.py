@@ -17,6 +17,11 @@ live on the device, the same program serves every step and every guidance scale;
     capture="step"  one graph per branch count holds one step; the loop is `steps` replays with no host work between
     capture="none"  the same program run eagerly: no CUDA needed (the CPU tests check it against the pipeline's loop)
 
+With DeepCache (smartedit/deepcache.py) a step is also whole (unet_deep: eps and the cached feature, written into a
+static feature buffer) or shallow (unet_shallow on that buffer): "loop" captures the mixed steps in one graph, "step"
+one graph per (branches, whole or shallow). Under `compile` only the plain UNet call is compiled; the DeepCache
+paths run the model's modules as they are.
+
 Graphs are captured once per (shapes, dtype, sampler, steps, branches per step) and reused; each edit copies its
 inputs into the static buffers, zeroes the history, replays and returns a copy of the latents. For the same seed
 the result equals the eager loop's within fp16 noise (same ops in the same dtypes; only kernel selection may
@@ -33,7 +38,9 @@ import torch
 
 from smartedit.errors import InputError, UnavailableError
 from smartedit.graphs import EagerRunner
-from smartedit.model import Stages
+from smartedit.model import Stages, cfg_batch, cfg_combine
+from smartedit.scheduler import scale_model_input
+from smartedit.unet import cache_feature_channels
 from smartedit.scheduler import DEFAULT_SAMPLER, SIGMA, Plan, Sampler, T
 
 from .backend import Backend, Loaded, cuda_unavailable
@@ -58,18 +65,25 @@ class _Loop:
     idx: torch.Tensor  # [1] int64: the step the next replay runs
     sampler: Sampler
     branches: tuple[int, ...]  # the CFG batch's branches of each step
-    graphs: dict[int, torch.cuda.CUDAGraph] | None = None  # loop: {0: the whole loop}; step: {branches: one step}
+    whole: tuple[bool, ...] | None  # DeepCache: per step, the whole UNet (True) or the shallow path; None: plain
+    feature: torch.Tensor | None  # DeepCache: [3B,C,h,w], the feature of the last whole step
+    graphs: dict[tuple, torch.cuda.CUDAGraph] | None = None  # loop: {(): the whole loop}; step: {kind: one step}
+
+    def kinds(self) -> list[tuple[int, bool | None]]:
+        """Each step's (branches, whole): None without DeepCache."""
+        return list(zip(self.branches, self.whole or (None,) * len(self.branches)))
 
 
 class CudaGraphRunner(EagerRunner):
-    def __init__(self, stages: Stages, config, torch_compile: bool = False, capture: str = "loop", warmup: int = 2):
+    def __init__(self, stages: Stages, config, torch_compile: bool = False, capture: str = "loop", warmup: int = 2,
+                 cache_branch: int | None = None):
         if capture not in CAPTURE_MODES:
             raise InputError(f"capture must be one of {CAPTURE_MODES}, got {capture!r}")
         device = next(stages.unet.parameters()).device
         if capture != "none" and (not torch.cuda.is_available() or device.type != "cuda"):
             raise UnavailableError(f"the CUDA-graph backend (capture={capture!r}) needs the model on a CUDA device; "
                                f"it is on {device}")
-        super().__init__(stages, config)
+        super().__init__(stages, config, cache_branch)
         self.name = "compile" if torch_compile else "cudagraph"
         self.torch_compile, self.capture, self.warmup = torch_compile, capture, warmup
         self._unet_stages = stages.subset(["unet"])
@@ -78,6 +92,12 @@ class CudaGraphRunner(EagerRunner):
         self._captured: dict[tuple, tuple] = {}  # run("unet") single-call graphs
         self._loops: dict[tuple, _Loop] = {}
         self.capture_used: dict[str, str] = {}  # "shape key" -> the capture it got ("step: the loop's failed: ...")
+
+    def for_branch(self, branch: int) -> "CudaGraphRunner":
+        """This runner with its DeepCache paths at another skip branch (its own captured programs)."""
+        if branch == self.cache_branch:
+            return self
+        return CudaGraphRunner(self.stages, self.config, self.torch_compile, self.capture, self.warmup, branch)
 
     @property
     def record(self) -> dict[str, object]:
@@ -96,23 +116,28 @@ class CudaGraphRunner(EagerRunner):
     def denoise_loop(self, latents: torch.Tensor, image_latents: torch.Tensor, prompt_embeds: torch.Tensor,
                      null_text_embeds: torch.Tensor, bim_residual: torch.Tensor, plan: Plan,
                      noise: torch.Tensor | None, guidance: torch.Tensor,
-                     branches: tuple[int, ...] | None = None) -> torch.Tensor:
+                     branches: tuple[int, ...] | None = None, whole: tuple[bool, ...] | None = None
+                     ) -> torch.Tensor:
         """latents [B,4,h,w] (initial noise, already times init_noise_sigma) -> denoised latents [B,4,h,w].
         plan: the sampler's prepared schedule; noise [steps,B,4,h,w] for an ancestral sampler, else None;
         guidance [B, 2]: each sample's (text, image) scales (device data: one captured graph serves any);
-        branches: the CFG batch's branches of each step (default 3 on every step)."""
+        branches: the CFG batch's branches of each step (default 3 on every step); whole: DeepCache's whole steps
+        (smartedit.deepcache.DeepCache.whole_steps; None: the plain loop)."""
         b, steps, table = latents.shape[0], plan.steps, plan.table
         branches = tuple(branches) if branches is not None else (3,) * steps
         noise_shape = None if noise is None else tuple(noise.shape)
         if image_latents.shape != latents.shape or prompt_embeds.shape[0] != b or bim_residual.shape[0] != b \
                 or (noise_shape != (steps, *latents.shape) if plan.sampler.noise else noise is not None) \
-                or tuple(guidance.shape) != (b, 2) or len(branches) != steps:
+                or tuple(guidance.shape) != (b, 2) or len(branches) != steps \
+                or (whole is not None and (len(whole) != steps or not whole[0])):
             raise InputError(f"batch/shape mismatch: latents {tuple(latents.shape)}, image_latents "
                              f"{tuple(image_latents.shape)}, prompt_embeds {tuple(prompt_embeds.shape)}, "
                              f"bim_residual {tuple(bim_residual.shape)}, noise {noise_shape}, guidance "
-                             f"{tuple(guidance.shape)}, branches for {len(branches)} of {steps} steps")
+                             f"{tuple(guidance.shape)}, branches for {len(branches)} of {steps} steps, whole steps "
+                             f"{None if whole is None else len(whole)} (the first must be whole)")
+        whole = None if whole is None else tuple(whole)
         key = (tuple(latents.shape), tuple(prompt_embeds.shape), tuple(bim_residual.shape), latents.dtype,
-               plan.sampler.name, steps, branches)
+               plan.sampler.name, steps, branches, whole)
         loop = self._loops.get(key)
         if loop is None:
             loop = self._loops[key] = _Loop(
@@ -122,7 +147,10 @@ class CudaGraphRunner(EagerRunner):
                 noise=None if noise is None else torch.empty_like(noise),
                 history=plan.history(tuple(latents.shape), latents.dtype, latents.device),
                 guidance=torch.empty(b, 2, device=latents.device),
-                idx=torch.zeros(1, device=latents.device, dtype=torch.long), sampler=plan.sampler, branches=branches)
+                idx=torch.zeros(1, device=latents.device, dtype=torch.long), sampler=plan.sampler, branches=branches,
+                whole=whole, feature=None if whole is None else latents.new_empty(
+                    (max(branches) * b, cache_feature_channels(self.config.unet, self.cache_branch),
+                     *latents.shape[2:])))
         inputs = (latents, image_latents, prompt_embeds, null_text_embeds, bim_residual, table, noise, guidance)
         self._load(loop, *inputs)
         if self.capture != "none" and loop.graphs is None:
@@ -130,13 +158,13 @@ class CudaGraphRunner(EagerRunner):
             self._load(loop, *inputs)
         if loop.graphs is None:
             self.capture_used[self._describe(loop)] = "none"
-            for n in loop.branches:
-                self._step(loop, n)
-        elif 0 in loop.graphs:
-            loop.graphs[0].replay()
+            for kind in loop.kinds():
+                self._step(loop, *kind)
+        elif () in loop.graphs:
+            loop.graphs[()].replay()
         else:
-            for n in loop.branches:
-                loop.graphs[n].replay()
+            for kind in loop.kinds():
+                loop.graphs[kind].replay()
         return loop.latents.clone()
 
     @staticmethod
@@ -148,6 +176,8 @@ class CudaGraphRunner(EagerRunner):
             out += f", {loop.sampler.name}"
         if set(loop.branches) != {3}:
             out += f", {sum(loop.branches)} UNet branches"
+        if loop.whole is not None:
+            out += f", DeepCache {sum(loop.whole)} whole of {steps}"
         return out
 
     @staticmethod
@@ -163,45 +193,60 @@ class CudaGraphRunner(EagerRunner):
             loop.history.zero_()
         loop.idx.zero_()
 
-    def _step(self, loop: _Loop, branches: int) -> None:
-        """One denoising step on the static buffers; everything it reads per step is indexed by loop.idx."""
+    def _step(self, loop: _Loop, branches: int, whole: bool | None = None) -> None:
+        """One denoising step on the static buffers; everything it reads per step is indexed by loop.idx. whole:
+        None the plain guided step; True / False DeepCache's whole UNet / shallow path (the CFG batch and combine
+        of Stages.guided_eps around unet_deep / unet_shallow)."""
         row = loop.table.index_select(0, loop.idx)[0]  # [K] fp32
-        eps = self._unet_stages.guided_eps(loop.latents, loop.image_latents, row[T].reshape(1),
-                                           row[SIGMA].reshape(1), loop.prompt_embeds, loop.bim_residual,
-                                           loop.guidance, loop.null_text_embeds, branches)
+        s = self._unet_stages
+        if whole is None:
+            eps = s.guided_eps(loop.latents, loop.image_latents, row[T].reshape(1), row[SIGMA].reshape(1),
+                               loop.prompt_embeds, loop.bim_residual, loop.guidance, loop.null_text_embeds, branches)
+        else:
+            sample, prompts = cfg_batch(scale_model_input(loop.latents, row[SIGMA]), loop.image_latents,
+                                        loop.prompt_embeds, loop.null_text_embeds, branches)
+            feature = loop.feature[:sample.shape[0]]
+            if whole:
+                out, cached = s.unet_deep(sample, row[T].reshape(1), prompts, loop.bim_residual, self.cache_branch)
+                feature.copy_(cached)
+            else:
+                out = s.unet_shallow(sample, row[T].reshape(1), prompts, loop.bim_residual, feature,
+                                     self.cache_branch)
+            g = loop.guidance.reshape(-1, 2, 1, 1, 1)
+            eps = cfg_combine(out, g[:, 0], g[:, 1], branches).to(loop.latents.dtype)
         noise = None if loop.noise is None else loop.noise.index_select(0, loop.idx)[0]
         loop.latents.copy_(loop.sampler.step(loop.latents, eps, row, noise, loop.history))
         loop.idx.add_(1)
 
     def _capture(self, loop: _Loop) -> None:
-        steps, kinds = len(loop.branches), sorted(set(loop.branches))
+        steps, kinds = len(loop.branches), sorted(set(loop.kinds()), key=lambda k: (k[0], k[1] is False))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # cuBLAS/cuDNN handles, autotuning and torch.compile outside the capture
             for _ in range(max(1, self.warmup)):
-                for n in kinds:  # every batch size the loop runs
+                for kind in kinds:  # every batch size and path the loop runs (whole before shallow)
                     loop.idx.zero_()
-                    self._step(loop, n)
+                    self._step(loop, *kind)
         torch.cuda.current_stream().wait_stream(side)
         loop.idx.zero_()
         used = self.capture
-        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         if self.capture == "loop":
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    for n in loop.branches:
-                        self._step(loop, n)
-                graphs[0] = graph
+                    for kind in loop.kinds():
+                        self._step(loop, *kind)
+                graphs[()] = graph
             except RuntimeError as e:
                 # e.g. out of memory instantiating steps x UNet kernels: one step per replay does the same work
                 log.warning("capturing the %d-step loop failed (%s); capturing one step and replaying it", steps, e)
                 used = f"step (the {steps}-step loop's capture failed: {str(e).splitlines()[0][:200]})"
         if not graphs:
-            for n in kinds:
-                graphs[n] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[n]):
-                    self._step(loop, n)
+            for kind in kinds:
+                graphs[kind] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[kind]):
+                    self._step(loop, *kind)
         loop.graphs = graphs
         self.capture_used[self._describe(loop)] = used
 

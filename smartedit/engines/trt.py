@@ -114,7 +114,7 @@ class TensorRTRunner:
             raise UnavailableError("the TensorRT backend needs a CUDA GPU and there is none here")
         artifacts.refuse_incompatible({"tensorrt": trt.__version__, "compute_capability": self.cuda.capability()},
                                       self.cuda.name())
-        self.fold_cfg = artifacts.fold_cfg
+        self.fold_cfg, self.cache_branch = artifacts.fold_cfg, artifacts.cache_branch
         self.specs = {g: e.spec for g, e in self.entries.items()}
         self.cuda_graphs = cuda_graphs
         self.logger = trt.Logger(trt.Logger.WARNING)

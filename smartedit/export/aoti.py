@@ -113,7 +113,7 @@ def produce(job: ExportJob) -> None:
         job.progress(f"    exported in {info['export_s']:.1f} s, compiled in {info['compile_s']:.1f} s, "
                      f"{info['bytes'] / 1e6:.1f} MB")
         entry = Entry("aoti", n, job.key(n, device=where, package=PACKAGE_VERSION), g.spec,
-                      {**job.options, "device": device}, {rel: job.manifest.file_record(rel)}, requires=requires,
+                      {**job.entry_options(n), "device": device}, {rel: job.manifest.file_record(rel)}, requires=requires,
                       record={"export_s": info["export_s"], "compile_s": info["compile_s"]})
         package = load_package(job.out / rel, device) if job.verify else None
         report = job.check(entry, "the package", lambda x: package(*(v.to(device) for v in x.values())), ref,

@@ -8,6 +8,7 @@ import time
 import warnings
 
 from smartedit.arguments import add_model_source, model_source
+from smartedit.deepcache import DEFAULT_CACHE_BRANCH
 from smartedit.errors import InputError, run_command
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="fp16 (default; what TensorRT builds strongly typed), fp32 for debugging, or int8 / fp8: the "
                         "UNet quantized (Q/DQ, calibrated on edits, with a quality report), the other graphs fp16")
     p.add_argument("--graphs", default="all", help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
+    p.add_argument("--deepcache", type=int, nargs="?", const=DEFAULT_CACHE_BRANCH, default=None, metavar="BRANCH",
+                   help="also export the DeepCache graphs unet_deep and unet_shallow at skip branch BRANCH (0 .. the "
+                        f"UNet's layers per block; without a value: {DEFAULT_CACHE_BRANCH}, the shallowest path): "
+                        "edits may then ask for --deepcache N (the whole UNet every N steps)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--fold-cfg", action="store_true",
                    help="fold the scheduler input scaling, the 3-way CFG batch and the combine into the unet graph")
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
                    target_options=TARGETS[a.target].options.from_flags(a),
                    quantize=QuantizeOptions.from_flags(a.precision, a) if a.precision in QUANTIZED else None,
-                   progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True))
+                   progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True),
+                   cache_branch=a.deepcache)
 
     run_command("smartedit-export", body)
     print(f"done in {time.perf_counter() - t0:.1f} s: {a.out}")

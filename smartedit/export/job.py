@@ -84,16 +84,21 @@ class ExportJob:
         return {"precision": self.precision, "opset": self.opset, "fold_cfg": self.fold_cfg,
                 "profile": asdict(self.profile)}
 
+    def entry_options(self, graph: str) -> dict[str, Any]:
+        """The options an entry of `graph` records: `options`, and a DeepCache graph's skip branch."""
+        k = self.graphs[graph].cache_branch
+        return self.options if k is None else {**self.options, "cache_branch": k}
+
     def quantizes(self, graph: str) -> bool:
-        """Whether this export quantizes `graph` (--precision int8 / fp8 quantizes the per-step graph only)."""
-        return self.quantize is not None and self.graphs[graph].per_step
+        """Whether this export quantizes `graph` (--precision int8 / fp8 quantizes the unet graph only)."""
+        return self.quantize is not None and graph == "unet"
 
     def key(self, graph: str, **extra) -> str:
         """The hash of everything that goes into an artifact: a rerun rebuilds exactly when it changed."""
         if self.quantizes(graph):
             extra = {**extra, "quantization": self.quantize.record}
         return sha256_json({"source": self.manifest.source["sha256"], "spec": self.graphs[graph].spec.to_dict(),
-                            "options": self.options, "toolchain": self.manifest.toolchain, **extra})
+                            "options": self.entry_options(graph), "toolchain": self.manifest.toolchain, **extra})
 
     def up_to_date(self, target: str, graph: str, key: str) -> bool:
         e = self.manifest.entries(target).get(graph)

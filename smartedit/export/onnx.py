@@ -149,7 +149,7 @@ def produce(job: ExportJob) -> None:
         info = export_onnx(at_precision, g.spec, path, job.precision, job.opset)
         # the graph to quantize is recorded as fp16 first, under a key no rerun matches: quantize.produce replaces it
         key = f"fp16 before quantizing: {job.key(n)}" if job.quantizes(n) else job.key(n)
-        entry = Entry("onnx", n, key, g.spec, job.options,
+        entry = Entry("onnx", n, key, g.spec, job.entry_options(n),
                       {f"onnx/{f}": job.manifest.file_record(f"onnx/{f}") for f in info["files"]},
                       record={"export_s": info["export_s"], "external_data": info["external_data"]})
         job.progress(f"    exported in {info['export_s']:.1f} s, "

@@ -45,7 +45,14 @@ from typing import Callable, Iterator
 from smartedit.config import SmartEditConfig
 from smartedit.errors import InputError, RunError
 from smartedit.files import write_json
-from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names
+from smartedit.graphs import (
+    DEEPCACHE_GRAPHS,
+    GRAPH_NAMES,
+    GRAPHS,
+    check_cache_branch,
+    graph_table,
+    parse_graph_names,
+)
 from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, load_json, loads_json
 from smartedit.graphs.spec import DIM_MEANINGS, EXPORT_PRECISIONS, ProfileOptions
 from smartedit.scheduler import get_sampler
@@ -79,10 +86,12 @@ def toolchain() -> dict[str, str | None]:
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
                target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
-               target_options=None, quantize=None, progress: Callable[[str], None] = print) -> Manifest:
+               target_options=None, quantize=None, progress: Callable[[str], None] = print,
+               cache_branch: int | None = None) -> Manifest:
     """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
     `out`; see targets.TARGETS. `target_options`: the target's TargetOptions (its defaults when None). Argument
-    problems are refused before any model is loaded."""
+    problems are refused before any model is loaded. `cache_branch`: also export the DeepCache graphs (unet_deep,
+    unet_shallow) at this skip branch."""
     t = targets.get(target)
     target_options = t.options() if target_options is None else target_options
     if not isinstance(target_options, t.options):
@@ -106,13 +115,13 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     if model is not None and preset is not None:  # a checkpoint named with the preset it should be
         if SmartEditConfig.from_name(preset).to_dict() | {"name": cfg.name} != cfg.to_dict():
             raise InputError(f"the checkpoint at {model} (config {cfg.name!r}) does not match preset {preset!r}")
-    names = parse_graph_names(graph_names)
+    names = _with_deepcache(parse_graph_names(graph_names), cfg, cache_branch, quantize)
     profile = profile or ProfileOptions()
     _check_traceable(cfg, profile, fold_cfg, names, t)
     t.check(target, target_options, quantize)  # e.g. TensorRT missing, no GPU to compile for: before any work
-    graphs = graph_table(cfg, profile, fold_cfg=fold_cfg)
+    graphs = graph_table(cfg, profile, fold_cfg=fold_cfg, cache_branch=cache_branch)
     if quantize is not None:  # Model Optimizer, the device, the calibration's memory, every image: before any work
-        unet = next(g for g in graphs.values() if g.per_step)
+        unet = graphs["unet"]
         quantize = prepare_quantize(quantize, unet.spec, profile.opt_res, cfg.vision.image_size)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -149,6 +158,22 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
                         verify=verify, progress=progress, target_options=target_options, quantize=quantize)
         t.produce(job)
     return manifest
+
+
+def _with_deepcache(names: list[str], cfg, cache_branch: int | None, quantize) -> list[str]:
+    """The graphs to export with the DeepCache pair added when `cache_branch` is given (InputError: a DeepCache graph
+    named without a branch, a branch outside this UNet's, or with --precision int8 / fp8, which quantizes the unet
+    graph only)."""
+    if cache_branch is None:
+        named = [n for n in names if n in DEEPCACHE_GRAPHS]
+        if named:
+            raise InputError(f"--graphs {','.join(named)}: the DeepCache graphs are exported with --deepcache [BRANCH]")
+        return names
+    check_cache_branch(cfg, cache_branch)
+    if quantize is not None:
+        raise InputError("--deepcache exports fp16 / fp32 graphs; --precision int8 / fp8 quantizes the unet graph "
+                         "only (export the DeepCache graphs into another folder)")
+    return [n for n in GRAPHS if n in names or n in DEEPCACHE_GRAPHS]
 
 
 def _check_calibration_graphs(manifest: Manifest, names: list[str], precision: str) -> None:

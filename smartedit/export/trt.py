@@ -312,7 +312,7 @@ def produce(job: ExportJob) -> None:
                               timing_cache=None if flavor.target == "trt-rtx" else folder / "timing.cache")
         rel = f"{flavor.target}/{plan.name}"
         quantized = {"quantization": onnx_entry.options["quantization"]} if "quantization" in onnx_entry.options else {}
-        entry = Entry(flavor.target, n, key, spec, {**job.options, **dataclasses.asdict(build), **quantized},
+        entry = Entry(flavor.target, n, key, spec, {**job.entry_options(n), **dataclasses.asdict(build), **quantized},
                       {rel: job.manifest.file_record(rel)},
                       requires={"tensorrt": flavor.version, "compute_capability": record.pop("compute_capabilities")},
                       profiles=record.pop("profiles"), record=record)

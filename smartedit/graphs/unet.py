@@ -8,16 +8,23 @@ as a constant) and the fp32 combine inside the graph.
     latents [B,4,h,w], image_latents [B,4,h,w], timestep [1], sigma [1], prompt_embeds [B,77,D],
     bim_residual [B,C0,16,16], guidance [2] (text, image) fp32 -> eps [B,4,h,w]
 
+DeepCache (`smartedit-export --deepcache`, smartedit/unet.py), at the skip branch k the export fixes:
+    unet_deep    (Stages.unet_deep): the plain graph's inputs -> eps [3B,4,h,w], cached_feature [3B,C,h,w]
+    unet_shallow (Stages.unet_shallow): the plain graph's inputs and cached_feature -> eps [3B,4,h,w]
+Both take the 3-way CFG batch whatever --fold-cfg says: the pipeline builds the batch and combines around them.
+
 h and w are latent sizes, multiples of 8 (resolution multiples of 64): SD's UNet downsamples 3 times.
 """
 
 from __future__ import annotations
 
 from smartedit.config import SmartEditConfig
+from smartedit.unet import cache_feature_channels
 
 from .spec import GraphSpec, ProfileOptions, TensorSpec
 
 STAGES = ("unet",)
+DEEP, SHALLOW = "unet_deep", "unet_shallow"  # the Stages methods of the DeepCache graphs
 
 
 def method(fold_cfg: bool) -> str:
@@ -52,3 +59,27 @@ def spec(cfg: SmartEditConfig, opts: ProfileOptions, fold_cfg: bool = False) -> 
         outputs=(TensorSpec("eps", "float", ("B", c.out_channels) + lat),),
         dims=dims,
     )
+
+
+def _plain_inputs(cfg: SmartEditConfig) -> tuple[TensorSpec, ...]:
+    c, q, lat, grid = cfg.unet, cfg.qformer, ("8*h8", "8*w8"), cfg.vision.grid_size
+    return (TensorSpec("sample", "float", ("3*B", c.in_channels) + lat),
+            TensorSpec("timestep", "float32", (1,), values="timestep"),
+            TensorSpec("prompt_embeds", "float", ("3*B", q.num_queries, q.hidden_size)),
+            TensorSpec("bim_residual", "float", ("B", cfg.unet_residual_channels, grid, grid)))
+
+
+def _feature(cfg: SmartEditConfig, branch: int) -> TensorSpec:
+    return TensorSpec("cached_feature", "float", ("3*B", cache_feature_channels(cfg.unet, branch), "8*h8", "8*w8"))
+
+
+def deep_spec(cfg: SmartEditConfig, opts: ProfileOptions, branch: int) -> GraphSpec:
+    eps = TensorSpec("eps", "float", ("3*B", cfg.unet.out_channels, "8*h8", "8*w8"))
+    return GraphSpec(name="unet_deep", inputs=_plain_inputs(cfg), outputs=(eps, _feature(cfg, branch)),
+                     dims={"B": opts.batch(), "h8": opts.latent8(), "w8": opts.latent8()})
+
+
+def shallow_spec(cfg: SmartEditConfig, opts: ProfileOptions, branch: int) -> GraphSpec:
+    eps = TensorSpec("eps", "float", ("3*B", cfg.unet.out_channels, "8*h8", "8*w8"))
+    return GraphSpec(name="unet_shallow", inputs=_plain_inputs(cfg) + (_feature(cfg, branch),), outputs=(eps,),
+                     dims={"B": opts.batch(), "h8": opts.latent8(), "w8": opts.latent8()})
