@@ -324,6 +324,6 @@ class SmartEditLLM(nn.Module):
         if len(states) != NUM_IMG_TOKENS:
             raise RunError(
                 f"decoding produced {len(states)} <img_i> tokens, not {NUM_IMG_TOKENS}, in {len(generated)} steps "
-                f"(ids {generated[:64]}...); the official script fails the same way (issue #46). Use the forced mode."
+                f"(ids {generated[:64]}...); the official script fails the same way. Use the forced mode."
             )
         return torch.cat(states, dim=1), generated

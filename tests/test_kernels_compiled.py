@@ -1,7 +1,7 @@
 """The compile tier: every Triton kernel compiled ahead of time for sm_80 (A100) and sm_90 (H100/H200) on this CPU-only
-machine, with the triton this project pins and with the one on the GPU machine's image, at every shape and dtype the
-dispatcher sends to it (smartedit.kernels.ahead_of_time). What the interpreter cannot show: shared memory per block
-against the card's limit, register spills, and TF32 in fp32 products. Nothing runs; no GPU is needed."""
+machine, with the triton this project pins and with torch 2.11's (the GPU image bench/device/ is written for), at
+every shape and dtype the dispatcher sends to it (smartedit.kernels.ahead_of_time). What the interpreter cannot
+show: shared memory per block against the card's limit, register spills, and TF32 in fp32 products. Nothing runs; no GPU is needed."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[test]')")
 
-GPU_IMAGE_TRITON = "3.6.0"  # the GPU machine's triton (the GPU machine's description, 2026-11)
+GPU_IMAGE_TRITON = "3.6.0"  # torch 2.11's triton, the one in the GPU image bench/device/ is written for
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smartedit-tests"
 
 

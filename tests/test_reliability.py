@@ -3,9 +3,10 @@
 Every row runs a command in this process on a fresh copy of its inputs and asserts what must hold for any bad input:
 the exit status (2 bad input, 1 failed run), exactly one `<prog>: error:` line on stderr naming the value, no
 traceback, every input file byte-identical afterwards, and no output (or half-written `.tmp-` leftover) written.
-The principles (numbers as in the reliability issue): 1 an output never destroys an input; 2 non-finite numbers never
-reach an image; 3 what runs is what was verified; 5 one clear line, never a traceback; 6 bounded work; 7 never the
-network; 9 inputs mean what they say; 10 the benchmark refuses what it cannot measure. The C++ tool's rows are in
+The principles, numbered as each row and test cites them: 1 an output never destroys an input; 2 non-finite numbers
+never reach an image; 3 what runs is what was verified; 4 a folder in use or a full disk fails the run cleanly; 5 one
+clear line, never a traceback; 6 bounded work; 7 never the network; 8 outputs get the modes an ordinary write gives;
+9 inputs mean what they say; 10 the benchmark refuses what it cannot measure. The C++ tool's rows are in
 test_reliability_cpp.py, the export folder's (locks, staging, foreign files, profiles) in test_reliability_export.py.
 """
 

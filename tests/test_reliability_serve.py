@@ -3,10 +3,10 @@ tritonserver, tiny preset, eager, CPU) and the `--target triton` repository's st
 
 Every request row asserts the status (HTTP code or gRPC status), one line naming the value, no traceback, what the
 server computed (its own counters, `smartedit_requests_total{outcome}`) and that it still serves. The principles,
-numbered as in the issue: 1 the inference port serves inference and nothing else; 2 what is served is what was
-verified; 3 every request is bounded before work, and work nobody waits for is dropped; 4 a refused request costs
-nothing afterwards; 5 non-finite numbers never reach an image; 6 a bad request is the client's error, said as such;
-7 the server says only what is true about itself; 8 outputs never destroy, change or alias inputs; 9 only the
+numbered as the tests below cite them: 1 the inference port serves inference and nothing else; 2 what is served is
+what was verified; 3 every request is bounded before work, and work nobody waits for is dropped; 4 a refused request
+costs nothing afterwards; 5 non-finite numbers never reach an image; 6 a bad request is the client's error, said as
+such; 7 the server says only what is true about itself; 8 outputs never destroy, change or alias inputs; 9 only the
 formats the README names are decoded.
 
 Servers are shared: `tiny_server` (conftest, also test_serve.py's), one strict server here (batch 1, a queue of 2,
@@ -117,7 +117,7 @@ EVIL_MODEL_PY = f"open({str(MARKER)!r}, 'w').write('ran')\n"
 
 
 def _load_with_code(e) -> tuple[int, str]:
-    """The remote code execution of the issue: a load request carrying a model.py (base64 `file:` parameter)."""
+    """Remote code execution through the model API: a load request carrying a model.py (base64 `file:` parameter)."""
     cfg = json.dumps({"name": "evil", "backend": "python", "max_batch_size": 0,
                       "input": [{"name": "x", "data_type": "TYPE_INT32", "dims": [1]}],
                       "output": [{"name": "y", "data_type": "TYPE_INT32", "dims": [1]}]})

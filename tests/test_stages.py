@@ -243,7 +243,7 @@ def test_bim_positional_encoding_stays_fp32_in_half_precision():
 
 
 def test_unet_with_residual_exports_with_dynamic_batch_and_size():
-    """The export issue builds on this: torch.export traces the conv_in hook with symbolic B, h, w."""
+    """smartedit-export builds on this: torch.export traces the conv_in hook with symbolic B, h, w."""
     torch.manual_seed(0)
     u = SmartEditUNet(TINY.unet).eval()
     b, h, w = torch.export.Dim("B", min=1, max=4), torch.export.Dim("h8", min=4, max=12), torch.export.Dim(

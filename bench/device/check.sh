@@ -1,59 +1,69 @@
 #!/usr/bin/env bash
-# Everything a GPU machine checks and times, in ONE device call: the plan is at most 480 s of steps, sent with a
-# 540 s timeout (the machine's time is 15 minutes in all, a machine start costs one or two of them, one command may run
-# 600 s, and torch's import, the step kill-afters and the transfers fall outside the steps). Most valuable step
-# first; every step has its own time limit and writes its results under $OUT as it goes, so a run cut short returns
-# what it measured. The GPU machine has no TensorRT (no wheel fits the 64 MiB carry, and TensorRT-RTX has no SM90
-# target): this call measures the PyTorch backends and the Triton kernels.
+# The benchmark of one GPU machine without a package index: what the project runs on a CUDA GPU, checked and timed
+# in one run whose steps total at most 480 s (`--plan`), the most valuable step first. Every step runs under its own
+# time limit and writes its results under $OUT as it goes, so a run cut short keeps what it measured:
+#     install        the wheels of .whl/ and the project, into /tmp/smartedit-site (the machine's own torch, triton,
+#                    transformers and numpy are used as they are)
+#     bench          smartedit-bench 7b (random weights): official, eager, cudagraph at 256 and 512 px, 100 steps,
+#                    then the loop's levers (a sampler at 25 steps, a guidance interval, both) at 256
+#     pytest         the cuda-marked tests and tests/kernels/ (on 12 pytest-xdist workers where it is installed)
+#     bench-kernels  smartedit-bench-kernels: the 7b BIM attention shapes and the BIM forward, batch 1 and 8
+# TensorRT is not among them (its wheels are not in .whl/, and TensorRT-RTX has no SM90 target): the run measures the
+# PyTorch backends and the Triton kernels. The machine needs Python 3.12 with a CUDA torch, triton, transformers, numpy
+# and pytest; the rest are pure-Python wheels (`--wheels` lists them) that fetch_wheels.sh puts in .whl/ where a
+# package index is reachable, and that travel with the repository. Without them the run stops before its first step.
 #
-#     bash bench/device/check.sh --call      # here: the exact device call and its one follow-up (checks .whl/ first)
-#     bash bench/device/check.sh --plan      # the steps, their limits and (last line) the total in seconds
-#     bash bench/device/fetch_wheels.sh      # here: the wheels the GPU image lacks (check.sh --wheels), into .whl/
-#     bash bench/device/check.sh --cpu       # dry run on this CPU machine (tiny preset): the plumbing, not the GPU
-#     bash bench/device/check.sh --follow-up # the second call, only if the first left time (at most 150 s)
-#     bash bench/device/check.sh --compile   # other first calls for a later GPU run (each is a whole call):
-#     bash bench/device/check.sh --serve     #   eager vs torch.compile; smartedit-serve under load (needs
-#                                            #   `fetch_wheels.sh --serve` here: the server, ~54 MB)
+#     bash bench/device/check.sh --plan             # the steps, their limits and (last line) the total in seconds
+#     bash bench/device/check.sh --wheels           # the wheels it installs, as pip requirement specifiers
+#     bash bench/device/fetch_wheels.sh             # those wheels, into .whl/ (~7 MB; needs a package index)
+#     OUT=DIR bash bench/device/check.sh            # the run, on the GPU machine
+#     OUT=DIR bash bench/device/check.sh --cpu      # dry run on a CPU (tiny preset): the plumbing, not the GPU
+#     OUT=DIR bash bench/device/check.sh --follow-up  # after the run, on the same machine: cudagraph at batch 4
+#                                                   #   (at most 140 s; the run's install is reused)
+#     OUT=DIR bash bench/device/check.sh --compile  # a run of its own: eager vs torch.compile
+#     OUT=DIR bash bench/device/check.sh --serve    # a run of its own: smartedit-serve under load (needs
+#                                                   #   `fetch_wheels.sh --serve`: the server, ~54 MB)
+# --plan, --wheels and --cpu combine with a mode.
 #
-# At most 7 files come back from $OUT (the GPU machine's runner returns 8): <card>-7b.{json,md,png} (smartedit-bench),
-# <card>-bim-kernels.{json,md}, <card>-pytest.log, <card>-check.log.
-# Only OUT is read from the environment (the GPU machine's runner sets it); everything else is this script's own setting.
+# At most 7 files are written under $OUT: <card>-7b.{json,md,png} (smartedit-bench), <card>-bim-kernels.{json,md},
+# <card>-pytest.log, <card>-check.log. Only OUT is read from the environment; everything else is this script's own.
 set -uo pipefail
 
-MODE=gpu PLAN= DRY= CALL= WHEELS=
+MODE=gpu PLAN= DRY= WHEELS=
 for arg in "$@"; do
     case "$arg" in
         --plan) PLAN=1 ;;
         --cpu) DRY=1 ;;
-        --call) CALL=1 ;;
         --wheels) WHEELS=1 ;;
         --compile) MODE=compile ;;
         --serve) MODE=serve ;;
         --follow-up) MODE=follow-up ;;
-        *) echo "usage: bash bench/device/check.sh [--compile | --serve | --follow-up] [--plan | --cpu | --call | --wheels]" >&2
+        *) echo "check.sh: unknown option $arg" >&2
+           echo "usage: bash bench/device/check.sh [--compile | --serve | --follow-up] [--plan | --cpu | --wheels]" >&2
            exit 2 ;;
     esac
 done
 
-# name|limit in seconds|what: the one list that --plan, --call and the run read
+# name|limit in seconds|what: the one list that --plan and the run read
 if [ "$MODE" = serve ]; then
-    STEPS=("install|90|install the carried wheels, the project and the unpacked tritonserver"
+    STEPS=("install|90|install the wheels of .whl/, the project and the tritonserver unpacked from .whl/"
            "serve-bench|390|smartedit-bench --serve 7b: cudagraph fp16 on Triton, gRPC, concurrency 1 and 4, 256 px")
 elif [ "$MODE" = compile ]; then
-    STEPS=("install|40|install the carried wheels and the project"
+    STEPS=("install|40|install the wheels of .whl/ and the project"
            "bench-compile|440|smartedit-bench 7b: eager and compile at 256, 100 steps")
 elif [ "$MODE" = follow-up ]; then
-    STEPS=("install|10|the first call's install, kept on the warm machine (installed again only if it is gone)"
+    STEPS=("install|10|the first run's install, kept in /tmp/smartedit-site (installed again only if it is gone)"
            "bench-batch|130|smartedit-bench 7b: cudagraph at batch 4, 256 px, 100 steps (throughput)")
 else
-    STEPS=("install|40|install the carried wheels and the project"
+    STEPS=("install|40|install the wheels of .whl/ and the project"
            "bench|300|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps; then eager and cudagraph at 256 with the loop's levers (a sampler at 25 steps, a guidance interval, both)"
            "pytest|100|the cuda-marked tests and tests/kernels/ on 12 workers (88 kernel variants, ~1.6 s each)"
            "bench-kernels|40|smartedit-bench-kernels: 7b BIM attention shapes and the BIM forward, batch 1 and 8")
 fi
-PLAN_MAX=480 CALL_TIMEOUT=540 FOLLOW_UP_TIMEOUT=150
+PLAN_MAX=480
 
-# the wheels the GPU image lacks (pip requirement specifiers), for fetch_wheels.sh and the preflight below
+# the wheels installed beside the machine's own torch / triton / transformers (pip requirement specifiers), for
+# fetch_wheels.sh and the preflight below
 if [ "$MODE" = serve ]; then
     NEEDED=(diffusers==0.42.1 importlib-metadata==8.7.0 tritonclient==2.73.0 grpcio==1.85.3 python-rapidjson
             ml-dtypes==0.5.4)
@@ -83,33 +93,17 @@ if [ -n "$PLAN" ]; then
         IFS='|' read -r n l what <<<"$s"
         printf '%-15s %4d s  %s\n' "$n" "$l" "$what"
     done
-    echo "budget $PLAN_MAX s (the call's timeout: $CALL_TIMEOUT s)"
+    echo "budget $PLAN_MAX s"
     echo "total $(plan_total)"
     exit 0
 fi
 
-if [ -n "$CALL" ]; then
+OUT=${OUT:?set OUT to the folder for results}
+if [ -z "$DRY" ]; then  # before anything else: a run without its wheels would fail every step on `import diffusers`
     missing=$(missing_wheels)
     if [ -n "$missing" ]; then
-        echo "check.sh: .whl/ lacks $(echo $missing): run bash bench/device/fetch_wheels.sh$([ "$MODE" = serve ] && echo ' --serve') first" >&2
-        exit 2
-    fi
-    first=$([ "$MODE" = gpu ] && echo "bash bench/device/check.sh" || echo "bash bench/device/check.sh --$MODE")
-    echo "first call (plan $(plan_total) s):"
-    echo "    run(command=\"$first\", carry=[\".whl\"], timeout_s=$CALL_TIMEOUT)"
-    if [ "$MODE" = gpu ]; then
-        echo "follow-up, only if the first returned with at least $((FOLLOW_UP_TIMEOUT + 60)) s of the machine's time left, within the 30 s the machine stays warm:"
-        echo "    run(command=\"bash bench/device/check.sh --follow-up\", carry=[\".whl\"], timeout_s=$FOLLOW_UP_TIMEOUT)"
-    fi
-    echo "then: give_back(); copy the returned files into bench/results/ and commit them"
-    exit 0
-fi
-
-OUT=${OUT:?set OUT to the folder for results (the runner of the GPU machine sets it)}
-if [ -z "$DRY" ]; then  # before anything else: a call without its wheels would fail every step and spend the machine's time
-    missing=$(missing_wheels)
-    if [ -n "$missing" ]; then
-        echo "check.sh: .whl/ lacks $(echo $missing): nothing was run (here: bash bench/device/fetch_wheels.sh$([ "$MODE" = serve ] && echo ' --serve'), then carry .whl)" >&2
+        echo "check.sh: .whl/ lacks $(echo $missing): nothing was run (fill it with" \
+             "bash bench/device/fetch_wheels.sh$([ "$MODE" = serve ] && echo ' --serve') where a package index is reachable)" >&2
         exit 2
     fi
 fi
@@ -144,8 +138,8 @@ install() {
     if [ "$MODE" = follow-up ] && [ -f "$SITE/.installed" ]; then
         return 0
     fi
-    # what the GPU image lacks (fetch_wheels.sh; built for the image's Python 3.12): always there on the GPU (the
-    # preflight), and used by a dry run that finds them (rehearse.sh), so both install the same way
+    # the NEEDED wheels (fetch_wheels.sh; built for Python 3.12): always there in a GPU run (the preflight), and used
+    # by a dry run that finds them (rehearse.sh), so both install the same way
     if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             "$REPO"/.whl/*.whl || return 1
@@ -153,7 +147,7 @@ install() {
     if [ -z "$DRY" ] && [ -f "$REPO/.whl/tritonserver.tar.xz" ]; then  # fetch_wheels.sh --serve: the server
         tar -C "$SITE" -xJf "$REPO/.whl/tritonserver.tar.xz" || return 1
     fi
-    # the project without its dependencies: the image's torch / transformers / triton are used as they are
+    # the project without its dependencies: the machine's torch / transformers / triton are used as they are
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" \
         "$REPO" >/dev/null && touch "$SITE/.installed"
 }
@@ -172,7 +166,7 @@ BENCH=(python3 -m smartedit.bench.cli --preset "$PRESET" --random-weights --devi
        --repeats "$REPEATS" --out "$OUT")
 if [ "$MODE" = serve ]; then
     if [ "$DEV" = cuda ] && ! [ -x "$SITE/tritonserver/bin/tritonserver" ]; then
-        echo "serve-bench: skipped: no tritonserver (run bench/device/fetch_wheels.sh --serve, carry .whl)"
+        echo "serve-bench: skipped: no tritonserver (bench/device/fetch_wheels.sh --serve puts it in .whl/)"
         return 0
     fi
     [ "$DEV" = cpu ] && unset SMARTEDIT_TRITONSERVER  # the dry run uses the installed PyTriton
@@ -196,7 +190,7 @@ if [ "$MODE" = follow-up ]; then
     return 0
 fi
 step bench "${BENCH[@]}" --backends official,eager,cudagraph --resolution "$RES" --settings "$LEVERS"
-# one pytest for both sets: the workers compile the kernel's variants in parallel (pytest-xdist, on the GPU image);
+# one pytest for both sets: the workers compile the kernel's variants in parallel (pytest-xdist, where installed);
 # -v logs each test as it ends, so a run cut at its limit still names what ran and what failed. On the CPU (dry
 # run) tests/kernels/ is not collected (tests/conftest.py) and the cuda-marked tests skip with their reason.
 XDIST=$(python3 -c 'import xdist' 2>/dev/null && echo "-n $WORKERS")

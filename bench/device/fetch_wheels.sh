@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Fills .whl/ (git-ignored) with the pure-Python wheels the GPU machine lacks, as `check.sh --wheels` lists them
-# (its image has torch 2.11, transformers 5.17, triton 3.6, onnx; no diffusers, no segment-anything). Run here,
-# before `run` with carry [".whl"]; bench/device/check.sh installs them there. ~7 MB.
+# Fills .whl/ (git-ignored) with the pure-Python wheels for Python 3.12 that bench/device/check.sh installs beside a
+# GPU machine's own torch, transformers, triton and onnx, as `check.sh --wheels` lists them (diffusers,
+# segment-anything, peft, ...). Needs a package index; the GPU machine needs none: .whl/ travels with the repository
+# and check.sh installs from it. ~7 MB.
 #
-# bash bench/device/fetch_wheels.sh --serve   also the load test's server and clients (for check.sh --serve; ~57 MB
-#     of the 64 MiB a device call can carry): tritonclient with its gRPC deps, and the tritonserver of PyTriton's
-#     wheel unpacked to what one Python 3.12 needs (binary, Python backend and its 3.12 stub, libraries), xz-packed
+# bash bench/device/fetch_wheels.sh --serve   also the load test's server and clients (for check.sh --serve; ~57 MB):
+#     tritonclient with its gRPC deps, and the tritonserver of PyTriton's wheel unpacked to what one Python 3.12
+#     needs (binary, Python backend and its 3.12 stub, libraries), xz-packed
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -13,8 +14,9 @@ rm -rf .whl && mkdir .whl
 GET=(python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
      --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
      --platform manylinux2014_x86_64)
-# the list is check.sh's (one place: its preflight refuses a call without them): diffusers needs importlib_metadata
-# (8.7: no further deps); segment-anything is the BIM's test reference; peft at our pin (the image's is unknown)
+# the list is check.sh's (one place: its preflight refuses a run without them): diffusers needs importlib_metadata
+# (8.7: no further deps); segment-anything is the BIM's test reference; peft at the project's pin, whichever the
+# machine has
 if [ "${1:-}" = --serve ]; then
     "${GET[@]}" -d .whl $(bash bench/device/check.sh --serve --wheels)
     tmp=$(mktemp -d)

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The GPU call rehearsed on this CPU machine with the GPU machine's image's own versions (Python 3.12, torch 2.11.0+cu130,
-# triton 3.6.0, numpy 2.5.2, transformers 5.17.0, onnxruntime 1.30.0: the GPU machine's description), so that an API
-# that moved since, a numpy-2 behaviour or a triton-3.6 difference shows here, not on the GPU machine.
+# check.sh's GPU run rehearsed on a CPU machine with the versions of the CUDA 13 GPU image it is written for (Python
+# 3.12, torch 2.11.0+cu130, triton 3.6.0, numpy 2.5.2, transformers 5.17.0, onnxruntime 1.30.0), so that an API that
+# moved since, a numpy-2 behaviour or a triton-3.6 difference shows on the CPU, not on the GPU.
 #
 #     bash bench/device/rehearse.sh [RESULT.md]   # default bench/results/rehearsal-cpu-device-versions.md
 #
 # 1. a virtual environment with those versions (cached in ~/.cache/smartedit-rehearsal; ~5 GB, the first time
 #    ~10 minutes: PyPI's torch 2.11 is the CUDA build, which runs on a CPU);
-# 2. the wheels the call carries (fetch_wheels.sh), installed by check.sh as on the device;
-# 3. `check.sh --cpu` in that environment: the call's steps on the tiny preset;
-# 4. every test the call runs (-m "cuda or kernels") collected there (the cuda-marked ones run in the dry run and
-#    skip with their reason), and the kernel tests' variants compiled for sm_90 as the GPU compiles them, counted
+# 2. the wheels of .whl/ (fetch_wheels.sh), installed by check.sh as on the GPU;
+# 3. `check.sh --cpu` in that environment: the run's steps on the tiny preset;
+# 4. every test check.sh's pytest step runs (-m "cuda or kernels") collected there (the cuda-marked ones run in the
+#    dry run and skip with their reason), and the kernel tests' variants compiled for sm_90 as the GPU compiles them, counted
 #    and timed (bench/device/kernel_compiles.py);
 # 5. a Markdown report of each step's exit status, time and the versions seen.
 # Not a CI test: the environment is gigabytes and minutes; its last result is committed.
@@ -20,7 +20,7 @@ REPO=$PWD
 RESULT=${1:-bench/results/rehearsal-cpu-device-versions.md}
 CACHE=${SMARTEDIT_REHEARSAL_CACHE:-$HOME/.cache/smartedit-rehearsal}
 PY=${SMARTEDIT_REHEARSAL_PYTHON:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -1)}
-# the image's versions (KINDS.md, 2026-11), and what else the call imports that the image holds
+# those versions, and what else the run imports that such an image holds (check.sh installs only .whl/)
 DEVICE=(torch==2.11.0 triton==3.6.0 numpy==2.5.2 transformers==5.17.0 onnxruntime==1.30.0 onnx==1.23.1
         onnxscript==0.7.2 safetensors==0.8.0 tokenizers==0.23.2 sentencepiece==0.2.2 pillow matplotlib protobuf
         tqdm requests accelerate pytest pytest-xdist pytest-timeout)
@@ -50,13 +50,13 @@ VERSIONS=$("$VENV_BIN/python3" -c 'import sys, torch, triton, numpy, transformer
 timed "fetch_wheels.sh" "$WORK/wheels.log" bash bench/device/fetch_wheels.sh
 mkdir -p "$WORK/out"
 # the dry run, with this environment's python3 first on PATH (check.sh calls python3) and the wheels installed as on
-# the device (check.sh --cpu installs .whl/ when it is there)
+# the GPU (check.sh --cpu installs .whl/ when it is there)
 timed "check.sh --cpu" "$WORK/check.log" env PATH="$VENV_BIN:$PATH" OUT="$WORK/out" bash bench/device/check.sh --cpu
 for f in "$WORK"/out/*-check.log; do
     grep -E "^== .*: exit" "$f" | sed 's/^== /    /' >>"$WORK/steps.txt"
 done
 grep -qE "exit [1-9]" "$WORK/steps.txt" && row "check.sh --cpu steps" "FAILED" 0 "$(grep -E 'exit [1-9]' "$WORK/steps.txt" | tr '\n' ';')"
-# what the call's pytest step runs: collected with these versions, the kernels run under the interpreter
+# what check.sh's pytest step runs: collected with these versions, the kernels run under the interpreter
 SITE=$(mktemp -d -p "$WORK")
 "$VENV_BIN/python3" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl >/dev/null 2>&1
 "$VENV_BIN/python3" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . \
@@ -73,10 +73,10 @@ timed "tests/kernels' variants compiled for sm_90" "$WORK/kernels.log" env PYTHO
 KERNELS=$(grep -E '^\{"variants"' "$WORK/kernels.log" | tail -1)
 
 {
-    echo "# The GPU call rehearsed on the CPU with the GPU machine's image's versions"
+    echo "# check.sh's GPU run rehearsed on the CPU with the GPU image's versions"
     echo
     echo "Run $(date -u +%F) by \`bash bench/device/rehearse.sh\` on this project's CPU machine ($(nproc) cores, no GPU):"
-    echo "$VERSIONS. Nothing here is a GPU result: the call's steps ran on the tiny preset on the CPU."
+    echo "$VERSIONS. Nothing here is a GPU result: the run's steps ran on the tiny preset on the CPU."
     echo
     cat "$REPORT"
     echo

@@ -1,1 +1,1 @@
-"""Triton kernels, each beside its PyTorch reference (see the BIM attention issue)."""
+"""Triton kernels, each beside its PyTorch reference (bim_attention: the BIM's short attentions)."""

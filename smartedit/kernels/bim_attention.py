@@ -15,7 +15,7 @@ Fusions:
 - PE adds before the q/k projections, residual + LayerNorm after out_proj: not fused. Prediction: each saves one
   elementwise launch and one read+write of a [B, N, 1024] tensor (~0.3-0.6 MB at batch 1, well under 1 us of H100
   bandwidth), i.e. a few percent of a launch-bound BIM, while moving them into Triton would fork nn.Linear /
-  nn.LayerNorm. Outcome: not measured (no GPU at hand yet); revisit with the kernel benchmark on a GPU.
+  nn.LayerNorm. smartedit-bench-kernels times the whole BIM forward, where that share shows on a GPU.
 
 Traffic per call (reads q, k, v once, writes o once): 2 * B*H*(Nq + 2 Nk + Nq)*D bytes at fp16;
 FLOPs: 4 * B*H*Nq*Nk*D (two matmuls).
