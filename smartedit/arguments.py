@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import PRESETS, check_resolution, check_seed
 from .errors import InputError
+from .deepcache import DEFAULT_CACHE_BRANCH, DeepCache, parse_deepcache
 from .guidance import GuidanceSchedule, parse_interval
 from .scheduler import SAMPLERS
 from .weights import ModelSource
@@ -106,8 +107,9 @@ def _interval(name: str):
 
 
 def add_denoise_levers(p: argparse.ArgumentParser) -> None:
-    """--sampler, --guidance-interval, --text-only-guidance: what the denoising loop costs (defaults: the official
-    loop, the model folder's sampler and 3-way guidance on every step)."""
+    """--sampler, --guidance-interval, --text-only-guidance, --deepcache, --deepcache-branch: what the denoising loop
+    costs (defaults: the official loop, the model folder's sampler, 3-way guidance and the whole UNet on every
+    step)."""
     g = p.add_argument_group("denoising loop (defaults: the official one; see the README's frontier before choosing)")
     g.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="the sampler (default: the model folder's, euler-ancestral unless it says otherwise)")
@@ -117,6 +119,17 @@ def add_denoise_levers(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-only-guidance", type=_interval("--text-only-guidance"), default=None, metavar="START,END",
                    help="on the guided steps whose fraction is in [START, END], the 2-way text-only batch "
                         "[cond; null text + image] (image guidance 1: 2 evaluations, not 3)")
+    g.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help="DeepCache: the whole UNet every N steps, its shallow path on the cached deep feature between "
+                        "(1: every step whole); an exported backend needs smartedit-export --deepcache")
+    g.add_argument("--deepcache-branch", type=int, default=None, metavar="K",
+                   help="DeepCache's skip branch (0: the shallowest path; default: the exported graphs' branch, "
+                        f"{DEFAULT_CACHE_BRANCH} for the model itself)")
+
+
+def deepcache(a: argparse.Namespace) -> DeepCache | None:
+    """The DeepCache of parsed --deepcache / --deepcache-branch (None: the plain loop)."""
+    return parse_deepcache(a.deepcache, a.deepcache_branch)
 
 
 def guidance_schedule(a: argparse.Namespace) -> GuidanceSchedule | None:

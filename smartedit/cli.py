@@ -14,6 +14,7 @@ import torch
 from .arguments import (
     add_denoise_levers,
     add_model_source,
+    deepcache,
     guidance_schedule,
     model_source,
     non_negative,
@@ -32,6 +33,7 @@ from .config import (
     dtype_named,
 )
 from .errors import InputError, run_command
+from .deepcache import DeepCache
 from .guidance import DEFAULT_GUIDANCE, GuidanceSchedule
 from .files import check_writable_parent, open_image, refuse_overwriting_inputs, write_atomic, write_json
 
@@ -61,9 +63,10 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
          image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, img_token_mode: str = "forced",
          template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0,
          backend: str = "eager", artifacts: str | None = None, sampler: str | None = None,
-         guidance: GuidanceSchedule | None = None) -> Path:
+         guidance: GuidanceSchedule | None = None, deepcache: DeepCache | None = None) -> Path:
     """Run one edit on `backend` and write the image atomically (temp file + rename): a failed run leaves no file.
-    `sampler` (default: the model folder's) and `guidance` (default: 3-way on every step) are the loop's levers."""
+    `sampler` (default: the model folder's), `guidance` (default: 3-way on every step) and `deepcache` (default:
+    none) are the loop's levers."""
     from .pipeline import SmartEditPipeline
     from .scheduler import get_sampler
     from .weights import ModelSource
@@ -80,7 +83,7 @@ def edit(model: str | None, preset: str | None, random_weights: bool, image: str
     kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                   resolution=resolution, seed=seed, img_token_mode=img_token_mode,
                   template=template if template == "random" else int(template), sampler=sampler,
-                  guidance_schedule=guidance)
+                  guidance_schedule=guidance, deepcache=deepcache)
     for _ in range(warmup):  # untimed: first calls pay for allocator growth, cuDNN/cuBLAS autotuning, capture
         pipe(image, instruction, **kwargs)
     result = pipe(image, instruction, progress=progress, timings=timings, **kwargs)
@@ -131,6 +134,7 @@ def edit_cli(argv: list[str] | None = None) -> None:
 
     def body() -> None:
         t0 = time.perf_counter()
+        cache = deepcache(a)  # before anything loads
         stage_ms: dict[str, float] | None = {} if a.timings else None
         if a.timings:
             _check_output(Path(a.timings), "--timings")
@@ -139,13 +143,14 @@ def edit_cli(argv: list[str] | None = None) -> None:
         out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
                    a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
                    a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
-                   artifacts=a.artifacts, sampler=a.sampler, guidance=guidance_schedule(a))
+                   artifacts=a.artifacts, sampler=a.sampler, guidance=guidance_schedule(a), deepcache=cache)
         where = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
         schedule = guidance_schedule(a) or DEFAULT_GUIDANCE
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {where}, backend {a.backend}, {a.dtype} on "
               f"{a.device}, {a.resolution} px, {a.steps} steps of {a.sampler or source.sampler()}"
               + ("" if schedule.is_default else f", guidance {schedule.describe()} "
                  f"({schedule.evaluations(a.steps)} UNet evaluations, the default {3 * a.steps})")
+              + ("" if cache is None else f", DeepCache every {cache.interval} steps")
               + (f", artifacts {a.artifacts}" if a.artifacts and BACKENDS[a.backend].target else ""))
         if stage_ms is not None:
             record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / a.steps,

@@ -10,6 +10,7 @@ from smartedit.arguments import (
     add_denoise_levers,
     add_model_source,
     counts,
+    deepcache,
     guidance_schedule,
     model_source,
     non_negative,
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
 
     def first_setting() -> Setting:
-        return Setting(a.sampler or (model_source(p, a).sampler()), a.steps, guidance_schedule(a) or Setting().guidance)
+        return Setting(a.sampler or (model_source(p, a).sampler()), a.steps, guidance_schedule(a) or Setting().guidance,
+                       deepcache(a))
 
     def frontier_body() -> None:
         from smartedit.pipeline import SmartEditPipeline

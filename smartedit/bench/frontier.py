@@ -2,9 +2,9 @@
 setting (smartedit/bench/settings.py: samplers at 10-50 steps, guidance schedules, combinations), in one process on
 one device.
 
-Per setting: the UNet evaluations of one edit (counted on the runner's unet calls, rows of the CFG batch), its FLOPs
-(PyTorch's flop counter on one edit of one step: the graphs run once per edit, and one UNet row's FLOPs times the
-rows counted), the wall time of the whole set edited as one batch (median of `repeats` rounds, the first of which
+Per setting: the UNet evaluations of one edit (counted on the runner's unet calls, rows of the CFG batch; DeepCache's
+shallow-path rows apart), its FLOPs (PyTorch's flop counter on one edit of one step: the graphs run once per edit, and
+one UNet row's FLOPs times the rows counted; a shallow row's FLOPs from one DeepCache edit of two steps per branch), the wall time of the whole set edited as one batch (median of `repeats` rounds, the first of which
 makes the images; the settings take turns within each round, so a machine that slows down slows every setting
 alike) and its ratio to the official loop's in the same run, the denoising loop's share, and the quality of the images:
 PSNR and SSIM (scikit-image, 8-bit RGB) against the official loop's image of the same edit, and against the ground
@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from smartedit.deepcache import DeepCache
 from smartedit.errors import InputError
 from smartedit.files import open_image, write_atomic, write_json
 from smartedit.graphs.manifest import load_json
@@ -76,25 +77,34 @@ def default_edits() -> list[EditCase]:
 
 
 class _CountingRunner:
-    """Wraps a runner: the rows of every unet call (UNet evaluations) and, with `flops`, the FLOPs of every call."""
+    """Wraps a runner: the rows of every whole-UNet call (unet, unet_deep: UNet evaluations), of every shallow-path
+    call (unet_shallow) and, with `flops`, the FLOPs of every call. `for_branch` hands back a wrapper of the inner
+    runner's other DeepCache branch that counts into this one."""
 
-    def __init__(self, inner, flops: bool):
-        self.inner, self.count_flops = inner, flops
+    def __init__(self, inner, flops: bool, counts: "_CountingRunner | None" = None):
+        self.inner, self.count_flops, self.counts = inner, flops, counts or self
         self.name, self.fold_cfg, self.specs = inner.name, inner.fold_cfg, getattr(inner, "specs", {})
-        self.unet_rows, self.flops, self.graph_flops = 0, 0, {}
+        self.cache_branch = getattr(inner, "cache_branch", None)
+        self.unet_rows, self.shallow_rows, self.flops, self.graph_flops = 0, 0, 0, {}
+
+    def for_branch(self, branch: int) -> "_CountingRunner":
+        return _CountingRunner(self.inner.for_branch(branch), self.count_flops, self.counts)
 
     def run(self, graph, inputs):
-        if graph == "unet":
-            self.unet_rows += (inputs["sample"] if "sample" in inputs else inputs["latents"]).shape[0] * \
+        c = self.counts
+        if graph in ("unet", "unet_deep"):
+            c.unet_rows += (inputs["sample"] if "sample" in inputs else inputs["latents"]).shape[0] * \
                 (1 if "sample" in inputs else 3)
+        elif graph == "unet_shallow":
+            c.shallow_rows += inputs["sample"].shape[0]
         if not self.count_flops:
             return self.inner.run(graph, inputs)
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as fc:
             out = self.inner.run(graph, inputs)
-        self.flops += fc.get_total_flops()
-        self.graph_flops[graph] = self.graph_flops.get(graph, 0) + fc.get_total_flops()
+        c.flops += fc.get_total_flops()
+        c.graph_flops[graph] = c.graph_flops.get(graph, 0) + fc.get_total_flops()
         return out
 
 
@@ -161,6 +171,18 @@ def run_frontier(pipe: SmartEditPipeline, edits: Sequence[EditCase], settings: S
     unet_flops = flop.graph_flops.get("unet", 0)
     per_row, once = unet_flops / flop.unet_rows, flop.flops - unet_flops
     result["tflop_per_unet_evaluation"], result["tflop_per_edit_outside_the_loop"] = per_row / 1e12, once / 1e12
+    per_shallow_row = {}  # DeepCache branch -> FLOPs of one shallow-path row: a 2-step edit, whole then shallow
+    for branch in dict.fromkeys(s.deepcache.branch for s in settings if s.deepcache and not s.deepcache.is_plain):
+        flop = _CountingRunner(inner, flops=True)
+        pipe.runner = flop
+        try:
+            pipe(images[0], texts[0], seed=seeds[0], resolution=resolution, steps=2,
+                 deepcache=DeepCache(2, branch))
+        finally:
+            pipe.runner = inner
+        per_shallow_row[branch] = flop.graph_flops.get("unet_shallow", 0) / max(1, flop.shallow_rows)
+    if per_shallow_row:
+        result["tflop_per_shallow_evaluation"] = {str(k): v / 1e12 for k, v in per_shallow_row.items()}
     outputs: dict[Setting, list[Image.Image]] = {}
     ms: dict[Setting, list[dict[str, float]]] = {s: [] for s in settings}
     for n, s in enumerate(settings):  # round 1 makes the images
@@ -172,13 +194,16 @@ def run_frontier(pipe: SmartEditPipeline, edits: Sequence[EditCase], settings: S
         finally:
             pipe.runner = inner
         ms[s].append(t)
-        rows = counting.unet_rows // len(edits)
+        rows, shallow = counting.unet_rows // len(edits), counting.shallow_rows // len(edits)
+        shallow_flop = shallow * per_shallow_row.get(s.deepcache.branch, 0.0) if shallow else 0.0
         row = {**s.to_dict(), "is_default": s == default, "unet_evaluations": rows,
-               "unet_evaluations_planned": s.evaluations(), "tflop_per_edit": (once + rows * per_row) / 1e12}
+               "unet_evaluations_planned": s.evaluations(), "shallow_evaluations": shallow,
+               "tflop_per_edit": (once + rows * per_row + shallow_flop) / 1e12}
         row.update(_quality_row(outputs[s], outputs[default], edits))
         result["rows"].append(row)
         _timing_rows(result, settings[:n + 1], ms)
-        progress(f"[{n + 1}/{len(settings)}] {s.label}: {rows} UNet evaluations per edit, {t['total'] / 1e3:.1f} s")
+        progress(f"[{n + 1}/{len(settings)}] {s.label}: {rows} UNet evaluations per edit"
+                 + (f" and {shallow} shallow" if shallow else "") + f", {t['total'] / 1e3:.1f} s")
         if checkpoint:
             checkpoint(result)
     for r in range(1, repeats):  # the settings take turns within each round
@@ -232,12 +257,13 @@ def to_markdown(res: dict) -> str:
              f"{res['seed'] + res['edits'] - 1}; times: median of {res['repeats']} rounds in which the settings take "
              f"turns; torch {res['torch']}." + (f" The edits: {res['edit_set']}." if res.get("edit_set") else ""),
              "",
-             "| setting | UNet evals / edit | TFLOP / edit | x FLOPs | x time | x denoise time | PSNR vs default dB | "
+             "| setting | UNet evals / edit (+ shallow) | TFLOP / edit | x FLOPs | x time | x denoise time | PSNR vs default dB | "
              "SSIM vs default |" + (" PSNR vs truth dB | SSIM vs truth |" if truth else ""),
              "|---|---|---|---|---|---|---|---|" + ("---|---|" if truth else "")]
     for r in res["rows"]:
         lines.append(
-            f"| {r['label']}{' (default)' if r['is_default'] else ''} | {r['unet_evaluations']} | "
+            f"| {r['label']}{' (default)' if r['is_default'] else ''} | {r['unet_evaluations']}"
+            f"{' + ' + str(r['shallow_evaluations']) if r.get('shallow_evaluations') else ''} | "
             f"{r['tflop_per_edit']:.4f} | {_fmt(r.get('flop_ratio'), '.2f')} | {_fmt(r.get('time_ratio'), '.2f')} | "
             f"{_fmt(r.get('denoise_time_ratio'), '.2f')} | {_fmt(r['psnr_vs_default_db'], '.1f', 'identical')} | "
             f"{r['ssim_vs_default']:.3f} |"
@@ -247,7 +273,8 @@ def to_markdown(res: dict) -> str:
               "alone. PSNR/SSIM: mean over the edits, 8-bit RGB; against the default's image of the same edit and "
               "seed, and against the ground truth. An EulerAncestral setting draws other noise than the default at "
               "other step counts, so its image differs even where its quality does not: read the ground-truth "
-              "columns where there are some."]
+              "columns where there are some. DeepCache rows (deepcache=N[/BRANCH]) count the whole-UNet rows and, "
+              "after +, the shallow-path rows; their FLOPs count both."]
     return "\n".join(lines) + "\n"
 
 
@@ -273,13 +300,15 @@ def write_outputs(res: dict, out: Path) -> list[Path]:
                "unipc": "#ccb974"}
     for r in rows:
         lever = r["label"].count(":") > 1
-        ax.scatter(r["time_ratio"], r[key], c=colours.get(r["sampler"], "k"), marker="s" if lever else "o",
+        marker = "^" if "deepcache" in r else "s" if lever else "o"
+        ax.scatter(r["time_ratio"], r[key], c=colours.get(r["sampler"], "k"), marker=marker,
                    s=60 if r["is_default"] else 30, edgecolors="k" if r["is_default"] else "none")
         ax.annotate(r["label"].replace("euler-ancestral", "EA") + (" (default)" if r["is_default"] else ""),
                     (r["time_ratio"], r[key]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     for sampler, c in colours.items():
         ax.scatter([], [], c=c, label=sampler)
     ax.scatter([], [], c="w", edgecolors="k", marker="s", label="with a guidance lever")
+    ax.scatter([], [], c="w", edgecolors="k", marker="^", label="with DeepCache")
     ax.legend(fontsize=7, loc="best")
     ax.set_xscale("log")
     ax.set_xlabel("wall time of the edit / the default's (same run, log scale)")
