@@ -143,6 +143,8 @@ BAD_REQUESTS = [
     ("NaN guidance", dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
     ("infinite image guidance", dict(image_guidance_scale=float("inf")), "image_guidance_scale must be a finite"),
     ("negative seed", dict(seed=-5), "got -5"),
+    ("DeepCache interval 0", dict(deepcache=0), "DeepCache interval must be an integer in [1, 1000]"),
+    ("DeepCache past 1000", dict(deepcache=1001), "got 1001"),
     ("unknown parameters", dict(parameters={"output_path": "/tmp/x"}), "unknown request parameters ['output_path']"),
 ]
 
@@ -442,6 +444,18 @@ def test_a_served_lever_equals_the_offline_edit(server, tiny_pipe, image, sample
     assert png == want, f"{sampler} {schedule.describe()}: served differs from offline"
     assert t["sampler"] == sampler and t["unet_evaluations"] == schedule.evaluations(steps)
     assert t["guidance_schedule"] == schedule.to_dict()
+
+
+def test_a_served_deepcache_edit_equals_the_offline_edit(server, tiny_pipe, image):
+    """deepcache=N on the server (eager: the model builds the DeepCache graphs at its default branch): alone, the
+    bytes of the offline edit with DeepCache(N), and N in the timings."""
+    from smartedit.deepcache import DeepCache
+
+    want = _offline(tiny_pipe, image, "make it blue", steps=6, resolution=64, seed=9, deepcache=DeepCache(3))
+    assert want != _offline(tiny_pipe, image, "make it blue", steps=6, resolution=64, seed=9)
+    png, t = edit(connect("grpc", server.endpoints.grpc_url, 120), image, "make it blue", seed=9, steps=6,
+                  resolution=64, deepcache=3)
+    assert png == want and t["deepcache"] == 3
 
 
 def test_requests_batch_only_when_they_share_sampler_and_schedule(server, image):

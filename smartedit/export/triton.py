@@ -155,7 +155,9 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
         record = {rel: known.get(rel) or {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
                   for rel in repository_files(tmp)}
         settings = {"runner": "bls", "source": source, "device": device, "dtype": "fp32",
-                    "graphs": {g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg}
+                    "graphs": {g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg,
+                                   **({"cache_branch": e.options["cache_branch"]} if "cache_branch" in e.options
+                                      else {})}
                                for g, e in entries.items()},
                     "max_batch": min([max_batch] + [e.spec.dims["B"].max for e in entries.values()]),
                     "files": {rel: meta["sha256"] for rel, meta in record.items()}}

@@ -36,7 +36,8 @@ def protocol_of(client) -> Any:
 
 def edit_inputs(protocol, image: bytes, instruction: str | bytes, stream: bool = False, **params: Any) -> list:
     """The request's inputs, each [1, N] (one edit); params: seed, steps, guidance_scale, image_guidance_scale,
-    resolution, sampler, guidance_interval, text_only_interval, and for a stream preview_every (omitted: the
+    resolution, sampler, guidance_interval, text_only_interval, deepcache (the whole UNet every N steps; the server's
+    graphs need the DeepCache pair), and for a stream preview_every (omitted: the
     model's defaults). seed and the guidance scales may be lists: one value per variant."""
     kinds = {name: kind for name, kind, *_ in (*REQUEST_INPUTS, *(STREAM_INPUTS if stream else ()))}
     unknown = set(params) - set(kinds)

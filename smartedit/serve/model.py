@@ -122,6 +122,7 @@ class BLSRunner:
         self.specs = {g: GraphSpec.from_dict(v["spec"]) for g, v in graphs.items()}
         self.precision = {g: v["precision"] for g, v in graphs.items()}
         self.fold_cfg = bool(graphs.get("unet", {}).get("fold_cfg", False))
+        self.cache_branch = graphs.get("unet_shallow", {}).get("cache_branch")  # DeepCache's; None: no such graphs
         self.device = torch.device(device)
         self.key = {STAGE_KEY: os.environ.get(STAGE_KEY_ENV, "")}  # the Python stage models answer only these calls
 

@@ -32,7 +32,8 @@ REQUEST_INPUTS = (("image", "TYPE_STRING", (1,), False), ("instruction", "TYPE_S
                   ("seed", "TYPE_INT64", (-1,), True), ("steps", "TYPE_INT64", (1,), True),
                   ("guidance_scale", "TYPE_FP32", (-1,), True), ("image_guidance_scale", "TYPE_FP32", (-1,), True),
                   ("resolution", "TYPE_INT64", (1,), True), ("sampler", "TYPE_STRING", (1,), True),
-                  ("guidance_interval", "TYPE_FP64", (2,), True), ("text_only_interval", "TYPE_FP64", (2,), True))
+                  ("guidance_interval", "TYPE_FP64", (2,), True), ("text_only_interval", "TYPE_FP64", (2,), True),
+                  ("deepcache", "TYPE_INT64", (1,), True))
 STREAM_INPUTS = (("preview_every", "TYPE_INT64", (1,), True),)  # the stream's own: a preview every N steps (0: none)
 # the answer: the edited PNGs' bytes (one after another, a variant each; their sizes are in the timings) and the
 # timings' JSON, each one UINT8 row per request ([1, N]). Not BYTES: Triton Inference Server 2.51 dies (SIGFPE)

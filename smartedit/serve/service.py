@@ -51,6 +51,7 @@ from smartedit.config import (
 )
 from smartedit.errors import Cancelled, InputError, RunError, SmartEditError
 from smartedit.files import open_image
+from smartedit.deepcache import DeepCache
 from smartedit.guidance import GuidanceSchedule
 from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
 from smartedit.pipeline import SmartEditPipeline
@@ -95,6 +96,7 @@ class EditRequest:
     guidance_scales: tuple[float, ...]  # one per variant
     image_guidance_scales: tuple[float, ...]  # one per variant
     preview_every: int = 0  # a stream's preview every N steps (0: none)
+    deepcache: DeepCache | None = None  # the whole UNet every N steps, the shallow path between (None: every step)
 
     @property
     def variants(self) -> int:
@@ -102,7 +104,7 @@ class EditRequest:
 
     def batch_key(self, fold_cfg: bool) -> tuple:
         """Requests with the same key can run as one batch."""
-        key = (self.resolution, self.steps, self.sampler, self.schedule)
+        key = (self.resolution, self.steps, self.sampler, self.schedule, self.deepcache)
         return key + ((self.guidance_scales[0], self.image_guidance_scales[0]) if fold_cfg else ())
 
 
@@ -199,8 +201,12 @@ class EditService:
                              f"{lim.max_resolution} px, got {resolution}")
         interval, text_only = _many(values, "guidance_interval"), _many(values, "text_only_interval")
         schedule = GuidanceSchedule(tuple(interval) if interval else (0.0, 1.0), tuple(text_only) or None)
+        interval = _integer("deepcache", _one(values, "deepcache", 1))
+        deepcache = DeepCache(interval) if interval != 1 else None  # 0, negative, > 1000: InputError naming it
+        if deepcache is not None:
+            self.pipe.cache_runner(deepcache)  # the served graphs include the DeepCache pair
         seeds, g, gi = self._variants(values)
-        evaluations = schedule.evaluations(steps, len(seeds))
+        evaluations = schedule.evaluations(steps, len(seeds))  # DeepCache's shallow steps counted as whole: a bound
         if lim.max_evaluations is not None and evaluations > lim.max_evaluations:
             raise InputError(f"the request costs {evaluations} UNet evaluations ({steps} steps, {schedule.describe()}"
                              f", {len(seeds)} variant(s)), over this server's {lim.max_evaluations}: fewer steps, "
@@ -213,7 +219,7 @@ class EditService:
         image = self._image(_one(values, "image"))
         instruction = self._instruction(_one(values, "instruction"))
         return EditRequest(image, instruction, steps, resolution, sampler.name, schedule, seeds, g, gi,
-                           preview_every)
+                           preview_every, deepcache)
 
     def _variants(self, values: dict[str, Any]) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
         """(seeds, guidance scales, image guidance scales), one of each per variant."""
@@ -323,7 +329,8 @@ class EditService:
         watched = self._watched(batch, watch, stage_ms) if watch else contextlib.nullcontext()
         with clock("denoise"), watched:
             latents = pipe.denoise(prompt_embeds, bim_residual, image_latents, first.steps, g, gi, generators,
-                                   stop=stop, sampler=first.sampler, guidance_schedule=first.schedule)
+                                   stop=stop, sampler=first.sampler, guidance_schedule=first.schedule,
+                                   deepcache=first.deepcache)
         _check_finite(pipe, latents, f"the latents are not finite after {first.steps} steps")
         with clock("vae_decode"):
             decoded = pipe.decode(latents)
@@ -341,6 +348,7 @@ class EditService:
                 "stage_ms": stage_ms, "wall_ms": wall, "batch_size": len(seeds), "condition_batch": len(batch),
                 "seed": r.seeds[0], "variants": variants, "steps": r.steps, "resolution": r.resolution,
                 "sampler": r.sampler, "guidance_schedule": r.schedule.to_dict(),
+                "deepcache": None if r.deepcache is None else r.deepcache.interval,
                 "unet_evaluations": r.schedule.evaluations(r.steps, r.variants), "backend": pipe.runner.name},
                 pngs))
         return out
@@ -348,14 +356,21 @@ class EditService:
     @contextlib.contextmanager
     def _watched(self, batch: list[EditRequest], watch: Callable[[int, Progress], None], stage_ms: dict):
         """The pipeline's own denoising loop, watched: SmartEditPipeline.denoise evaluates each step's guided eps
-        through pipe.guided_eps, once per step; while this is open, that call also tells every request of `batch`
-        its step and decodes the previews that are due (stage_ms["previews"]: their time, within "denoise")."""
+        through pipe.guided_eps (pipe.cached_eps with DeepCache), once per step; while this is open, that call also
+        tells every request of `batch` its step and decodes the previews that are due (stage_ms["previews"]: their
+        time, within "denoise")."""
         pipe, first = self.pipe, batch[0]
-        inner, done = pipe.guided_eps, [0]
+        inner, inner_cached, done = pipe.guided_eps, pipe.cached_eps, [0]
         starts = [sum(r.variants for r in batch[:j]) for j in range(len(batch))]
 
         def guided_eps(latents, image_latents, row, *args, **kw):
-            eps = inner(latents, image_latents, row, *args, **kw)
+            return report(latents, row, inner(latents, image_latents, row, *args, **kw))
+
+        def cached_eps(runner, latents, image_latents, row, *args, **kw):
+            eps, feature = inner_cached(runner, latents, image_latents, row, *args, **kw)
+            return report(latents, row, eps), feature
+
+        def report(latents, row, eps):
             done[0] += 1
             step = done[0]
             due = [j for j, r in enumerate(batch) if r.preview_every and step % r.preview_every == 0
@@ -376,11 +391,11 @@ class EditService:
 
         for j in range(len(batch)):
             watch(j, Progress(0, first.steps))  # started
-        pipe.guided_eps = guided_eps  # this instance only; the class's method again on the way out
+        pipe.guided_eps, pipe.cached_eps = guided_eps, cached_eps  # this instance only; the class's again after
         try:
             yield
         finally:
-            del pipe.guided_eps
+            del pipe.guided_eps, pipe.cached_eps
 
     def _previews(self, latents: torch.Tensor, row: torch.Tensor, eps: torch.Tensor, sampler: str) -> list[bytes]:
         """Small PNGs of the clean image the step predicts: x0 = x - sigma eps for the samplers whose latents carry
