@@ -5,7 +5,7 @@
 #     install        the wheels of .whl/ and the project, into /tmp/smartedit-site (the machine's own torch, triton,
 #                    transformers and numpy are used as they are)
 #     bench          smartedit-bench 7b (random weights): official, eager, cudagraph at 256 and 512 px, 100 steps,
-#                    then the loop's levers (a sampler at 25 steps, a guidance interval, both) at 256
+#                    then the loop's levers (a sampler at 25 steps, DeepCache, both with a guidance interval) at 256
 #     pytest         the cuda-marked tests and tests/kernels/ (on 12 pytest-xdist workers where it is installed)
 #     bench-kernels  smartedit-bench-kernels: the 7b BIM attention shapes and the BIM forward, batch 1 and 8
 # TensorRT is not among them (its wheels are not in .whl/, and TensorRT-RTX has no SM90 target): the run measures the
@@ -56,7 +56,7 @@ elif [ "$MODE" = follow-up ]; then
            "bench-batch|130|smartedit-bench 7b: cudagraph at batch 4, 256 px, 100 steps (throughput)")
 else
     STEPS=("install|40|install the wheels of .whl/ and the project"
-           "bench|300|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps; then eager and cudagraph at 256 with the loop's levers (a sampler at 25 steps, a guidance interval, both)"
+           "bench|300|smartedit-bench 7b: official, eager, cudagraph at 256 and 512, 100 steps; then eager and cudagraph at 256 with the loop's levers (a sampler at 25 steps, DeepCache every 3 steps, the sampler with a guidance interval and DeepCache)"
            "pytest|100|the cuda-marked tests and tests/kernels/ on 12 workers (88 kernel variants, ~1.6 s each)"
            "bench-kernels|40|smartedit-bench-kernels: 7b BIM attention shapes and the BIM forward, batch 1 and 8")
 fi
@@ -108,13 +108,14 @@ if [ -z "$DRY" ]; then  # before anything else: a run without its wheels would f
     fi
 fi
 # LEVERS: settings of the denoising loop measured against the official loop on the same backend (smartedit-bench
-# --settings; smartedit/bench/settings.py): the frontier's fast sampler, a guidance interval, and both
+# --settings; smartedit/bench/settings.py): the frontier's fast sampler, DeepCache every third step (the model's default
+# branch 0), and a fast sampler with a guidance interval and DeepCache every second step
 if [ -n "$DRY" ]; then
     DEV=cpu PRESET=tiny STEPS_N=2 RES=64 REPEATS=1 SITE=$(mktemp -d) WORKERS=2
-    LEVERS="dpm-solver++:2 euler-ancestral:2:guided=0-0.6"
+    LEVERS="dpm-solver++:2 euler-ancestral:2:deepcache=2 dpm-solver++:2:guided=0-0.6:deepcache=2"
 else
     DEV=cuda PRESET=7b STEPS_N=100 RES=256,512 REPEATS=3 SITE=/tmp/smartedit-site WORKERS=12
-    LEVERS="dpm-solver++:25 euler-ancestral:100:guided=0-0.6 dpm-solver++:25:guided=0-0.6"
+    LEVERS="dpm-solver++:25 euler-ancestral:100:deepcache=3 dpm-solver++:25:guided=0-0.6:deepcache=2"
 fi
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 mkdir -p "$OUT" "$SITE"
