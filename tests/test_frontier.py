@@ -14,6 +14,7 @@ from smartedit.bench.frontier import EditCase, read_edits, run_frontier, to_mark
 from smartedit.bench.run import run_bench
 from smartedit.bench.settings import FRONTIER_SETTINGS, Setting, parse_settings
 from smartedit.errors import InputError
+from smartedit.deepcache import DeepCache
 from smartedit.guidance import GuidanceSchedule
 
 
@@ -25,10 +26,16 @@ def test_settings_parse_label_and_bounds():
     assert Setting().is_default and Setting().label == "euler-ancestral:100" and Setting().evaluations() == 300
     assert FRONTIER_SETTINGS[0].is_default and len(set(FRONTIER_SETTINGS)) == len(FRONTIER_SETTINGS)
     assert {x.sampler for x in FRONTIER_SETTINGS} == {"euler-ancestral", "euler", "ddim", "dpm-solver++", "unipc"}
+    d = Setting.parse("euler-ancestral:10:guided=0-0.6:deepcache=3/1")
+    assert d.deepcache == DeepCache(3, 1) and Setting.parse(d.label) == d and d.kwargs()["deepcache"] == DeepCache(3, 1)
+    # whole steps 0, 3, 6, 9 of the guidance schedule's branches 3,3,3,3,3,3,1,1,1,1 (f = i/9 <= 0.6: steps 0..5)
+    assert d.evaluations() == 3 + 3 + 1 + 1
     for text, says in (("ddim", "a setting is SAMPLER:STEPS"), ("ddim:1000", "from 1 to 999, got 1000"),
                        ("heun:20", "sampler must be one of"), ("ddim:20:guided=0.5-0.2", "0 <= start <= end <= 1"),
-                       ("ddim:20:cfg=0-1", "expected guided=START-END or text-only=START-END"),
-                       ("ddim:20:guided=a-b", "guided takes two fractions START-END")):
+                       ("ddim:20:cfg=0-1", "expected guided=START-END, text-only=START-END or deepcache"),
+                       ("ddim:20:guided=a-b", "guided takes two fractions START-END"),
+                       ("ddim:20:deepcache=x", "deepcache takes N or N/BRANCH"),
+                       ("ddim:20:deepcache=0", "DeepCache interval must be an integer in \\[1, 1000\\]")):
         with pytest.raises(InputError, match=says):
             parse_settings(text)
 
@@ -37,7 +44,8 @@ def test_settings_parse_label_and_bounds():
 def small_frontier(tiny_pipe, test_image, tmp_path_factory):
     target = test_image.rotate(180)
     edits = [EditCase("a", test_image, "make it blue", target), EditCase("b", target, "add snow")]
-    settings = parse_settings("ddim:2 dpm-solver++:3:guided=0-0.5 euler-ancestral:2:text-only=0-1")
+    settings = parse_settings("ddim:2 dpm-solver++:3:guided=0-0.5 euler-ancestral:2:text-only=0-1 "
+                              "euler-ancestral:2:deepcache=2")
     res = run_frontier(tiny_pipe, edits, settings, resolution=64, repeats=2, model="tiny (random weights)",
                        progress=lambda m: None, reference=Setting(steps=2))
     return res, write_outputs(res, tmp_path_factory.mktemp("frontier"))
@@ -47,8 +55,9 @@ def test_frontier_rows_count_evaluations_flops_time_and_quality(small_frontier):
     res, paths = small_frontier
     rows = {r["label"]: r for r in res["rows"]}
     assert list(rows) == ["euler-ancestral:2", "ddim:2", "dpm-solver++:3:guided=0-0.5",
-                          "euler-ancestral:2:text-only=0-1"]
-    assert [r["unet_evaluations"] for r in rows.values()] == [6, 6, 7, 4]
+                          "euler-ancestral:2:text-only=0-1", "euler-ancestral:2:deepcache=2"]
+    assert [r["unet_evaluations"] for r in rows.values()] == [6, 6, 7, 4, 3]
+    assert [r["shallow_evaluations"] for r in rows.values()] == [0, 0, 0, 0, 3]
     assert all(r["unet_evaluations"] == r["unet_evaluations_planned"] for r in rows.values())
     ref = rows["euler-ancestral:2"]
     assert ref["is_default"] and ref["psnr_vs_default_db"] is None and ref["ssim_vs_default"] == 1.0
@@ -56,8 +65,11 @@ def test_frontier_rows_count_evaluations_flops_time_and_quality(small_frontier):
     # FLOPs: the graphs once per edit plus one UNet row's FLOPs per evaluation
     once, per_row = res["tflop_per_edit_outside_the_loop"], res["tflop_per_unet_evaluation"]
     assert once > 0 and per_row > 0
+    shallow_row = res["tflop_per_shallow_evaluation"]["0"]  # the runner's branch: the model's default, 0
+    assert 0 < shallow_row < per_row
     for r in rows.values():
-        assert r["tflop_per_edit"] == pytest.approx(once + r["unet_evaluations"] * per_row)
+        assert r["tflop_per_edit"] == pytest.approx(once + r["unet_evaluations"] * per_row
+                                                    + r["shallow_evaluations"] * shallow_row)
         assert r["time_ratio"] > 0 and r["denoise_time_ratio"] > 0
         assert 0 < r["ssim_vs_truth"] <= 1 and r["psnr_vs_truth_db"] > 0  # edit a has a ground truth
     assert rows["ddim:2"]["psnr_vs_default_db"] > 0 and rows["ddim:2"]["ssim_vs_default"] < 1

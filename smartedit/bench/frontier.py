@@ -171,8 +171,11 @@ def run_frontier(pipe: SmartEditPipeline, edits: Sequence[EditCase], settings: S
     unet_flops = flop.graph_flops.get("unet", 0)
     per_row, once = unet_flops / flop.unet_rows, flop.flops - unet_flops
     result["tflop_per_unet_evaluation"], result["tflop_per_edit_outside_the_loop"] = per_row / 1e12, once / 1e12
+    def branch_of(s: Setting) -> int | None:  # the skip branch a DeepCache setting runs at (None: the runner's)
+        return s.deepcache.branch if s.deepcache.branch is not None else getattr(inner, "cache_branch", None)
+
     per_shallow_row = {}  # DeepCache branch -> FLOPs of one shallow-path row: a 2-step edit, whole then shallow
-    for branch in dict.fromkeys(s.deepcache.branch for s in settings if s.deepcache and not s.deepcache.is_plain):
+    for branch in dict.fromkeys(branch_of(s) for s in settings if s.deepcache and not s.deepcache.is_plain):
         flop = _CountingRunner(inner, flops=True)
         pipe.runner = flop
         try:
@@ -195,7 +198,7 @@ def run_frontier(pipe: SmartEditPipeline, edits: Sequence[EditCase], settings: S
             pipe.runner = inner
         ms[s].append(t)
         rows, shallow = counting.unet_rows // len(edits), counting.shallow_rows // len(edits)
-        shallow_flop = shallow * per_shallow_row.get(s.deepcache.branch, 0.0) if shallow else 0.0
+        shallow_flop = shallow * per_shallow_row[branch_of(s)] if shallow else 0.0
         row = {**s.to_dict(), "is_default": s == default, "unet_evaluations": rows,
                "unet_evaluations_planned": s.evaluations(), "shallow_evaluations": shallow,
                "tflop_per_edit": (once + rows * per_row + shallow_flop) / 1e12}

@@ -101,7 +101,8 @@ def parse_settings(text: str) -> tuple[Setting, ...]:
 
 
 # The frontier's sweep: the official loop first, each sampler at 10-50 steps, each guidance lever on the official
-# sampler, and the combinations of a fast sampler with a lever.
+# sampler, DeepCache at intervals 2, 3, 5 on skip branches 0 and 1, and the combinations of a fast sampler with a
+# lever.
 FRONTIER_SETTINGS = parse_settings(
     "euler-ancestral:100 "
     + " ".join(f"{s}:{n}" for s in ("euler-ancestral", "euler", "ddim", "dpm-solver++", "unipc")
@@ -110,6 +111,6 @@ FRONTIER_SETTINGS = parse_settings(
       " euler-ancestral:100:guided=0.2-1 euler-ancestral:100:text-only=0.5-1 euler-ancestral:100:text-only=0-1"
       " euler-ancestral:50:guided=0-0.6 ddim:30:guided=0-0.6 dpm-solver++:20:guided=0-0.6"
       " dpm-solver++:20:text-only=0.5-1 unipc:20:guided=0-0.6 dpm-solver++:10:guided=0-0.6"
-      " euler-ancestral:100:deepcache=2 euler-ancestral:100:deepcache=3 euler-ancestral:100:deepcache=5"
-      " euler-ancestral:100:deepcache=3/1 euler-ancestral:100:guided=0-0.6:deepcache=3"
-      " euler-ancestral:20:deepcache=2 dpm-solver++:20:deepcache=2 dpm-solver++:20:guided=0-0.6:deepcache=2")
+    + " " + " ".join(f"euler-ancestral:100:deepcache={n}/{b}" for b in (0, 1) for n in (2, 3, 5))
+    + " euler-ancestral:100:guided=0-0.6:deepcache=3/1 euler-ancestral:20:deepcache=2/1 dpm-solver++:20:deepcache=2/1"
+      " dpm-solver++:20:guided=0-0.6:deepcache=2/1 dpm-solver++:10:deepcache=2/1")
