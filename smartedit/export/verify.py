@@ -31,7 +31,7 @@ from smartedit.errors import (
     run_command,
 )
 from smartedit.files import write_json
-from smartedit.graphs import GRAPH_NAMES, graph_table, parity
+from smartedit.graphs import GRAPH_NAMES, GRAPHS, graph_table, parity
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import ProfileOptions
 from smartedit.pipeline import SmartEditPipeline
@@ -55,7 +55,7 @@ def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[
     result: dict = {"integrity": {}, "parity": {}, "not_run": []}
     intact: dict[str, dict[str, Entry]] = {}
     for target, entries in manifest.artifacts.items():
-        for g in [n for n in GRAPH_NAMES if n in entries]:
+        for g in [n for n in GRAPHS if n in entries]:  # the DeepCache pair too, where exported
             t0 = time.perf_counter()
             foreign = manifest.foreign(entries[g])  # copied in from another export: what it would run is not ours
             bad = [foreign] if foreign else manifest.damaged(entries[g])
@@ -111,7 +111,8 @@ class _Reference:
             self._pipe = SmartEditPipeline.from_weights(self.source.load())
             merge_lora(self._pipe.stages.llm)
         pipe, opts = self._pipe, e.options
-        g = graph_table(pipe.config, ProfileOptions(**opts["profile"]), fold_cfg=opts.get("fold_cfg", False))[e.graph]
+        g = graph_table(pipe.config, ProfileOptions(**opts["profile"]), fold_cfg=opts.get("fold_cfg", False),
+                        cache_branch=opts.get("cache_branch"))[e.graph]
         ref = g.module(pipe.stages, pipe.null_text_embeds).eval()
         if e.precision == "fp32":
             return ref, None
