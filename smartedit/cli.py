@@ -110,7 +110,8 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION,
                    help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="the precision the graphs run in (--dtype: its former name)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="text CFG scale (official 7.5)")
     p.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE,
                    help="image CFG scale (official 1.4/1.5/1.6)")
@@ -141,12 +142,12 @@ def edit_cli(argv: list[str] | None = None) -> None:
             refuse_overwriting_inputs({"--timings": Path(a.timings), "--out": Path(a.out)},
                                       {"--image": a.image, "--model": a.model, "--artifacts": a.artifacts})
         out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
-                   a.resolution, a.device, a.dtype, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
+                   a.resolution, a.device, a.precision, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
                    a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
                    artifacts=a.artifacts, sampler=a.sampler, guidance=guidance_schedule(a), deepcache=cache)
         where = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
         schedule = guidance_schedule(a) or DEFAULT_GUIDANCE
-        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {where}, backend {a.backend}, {a.dtype} on "
+        print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {where}, backend {a.backend}, {a.precision} on "
               f"{a.device}, {a.resolution} px, {a.steps} steps of {a.sampler or source.sampler()}"
               + ("" if schedule.is_default else f", guidance {schedule.describe()} "
                  f"({schedule.evaluations(a.steps)} UNet evaluations, the default {3 * a.steps})")

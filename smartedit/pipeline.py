@@ -419,7 +419,7 @@ class SmartEditPipeline:
             generator = [torch.Generator().manual_seed(int(s)) for s in seed]
         else:
             generator = torch.Generator().manual_seed(seed)
-        clock = _StageClock(self.device, timings)
+        clock = StageClock(self.device, timings)
         with clock("condition"):
             prompt_embeds, bim_residual = self.encode_condition(pil, instructions, img_token_mode, template,
                                                                 temperature, seed)
@@ -471,8 +471,9 @@ def _per_sample(g: Guidance, latents: torch.Tensor):
     return torch.tensor(g, dtype=torch.float32, device=latents.device).view(-1, 1, 1, 1)
 
 
-class _StageClock:
-    """Wall time per stage in ms, synchronising the device before each reading (CUDA work is asynchronous)."""
+class StageClock:
+    """Wall time per stage in ms into `sink` (the edit's stage names; None: nothing measured), synchronising the
+    device before each reading (CUDA work is asynchronous); finish() adds "total" since construction."""
 
     def __init__(self, device: torch.device, sink: dict[str, float] | None):
         import time

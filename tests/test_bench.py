@@ -16,7 +16,7 @@ def cpu_bench(tmp_path_factory, onnx_export):
 
     out = tmp_path_factory.mktemp("bench")
     main(["--preset", "tiny", "--random-weights", "--backends", ",".join(BACKENDS), "--steps", "2", "--repeats", "2",
-          "--resolution", "256,320", "--dtype", "fp32", "--artifacts", str(onnx_export("fp16")), "--out", str(out)])
+          "--resolution", "256,320", "--precision", "fp32", "--artifacts", str(onnx_export("fp16")), "--out", str(out)])
     return out
 
 

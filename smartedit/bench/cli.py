@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
                    "gives their spread, and warns above 20%%)")
     p.add_argument("--warmup", type=non_negative, default=1, help="untimed-in-the-stats edits first (reported separately)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(PRECISIONS), default=None,
-                   help="default: fp16 on a GPU, fp32 on the CPU (where fp16 is emulated and slow)")
+    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default=None,
+                   help="the precision the graphs run in; default: fp16 on a GPU, fp32 on the CPU (where fp16 is "
+                        "emulated and slow) (--dtype: its former name)")
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
                    + ", ".join(b.name for b in BACKENDS.values() if b.target))
     p.add_argument("--out", default="bench/results", help="folder for <device>-<model>.{json,md,png}")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.ERROR)
 
     def dtype() -> str:
-        return a.dtype or ("fp32" if a.device == "cpu" else "fp16")
+        return a.precision or ("fp32" if a.device == "cpu" else "fp16")
 
     def serve_body() -> None:
         from smartedit.serve.repository import check_queue_delay_ms

@@ -20,7 +20,7 @@ from .server import WARM_UPS, Endpoints, Features, TritonServer, serve, settings
 EXAMPLE = """example:
   smartedit-serve --preset tiny --random-weights            # eager PyTorch on the CPU, http :8000 grpc :8001
   curl -s localhost:8000/v2/health/ready -o /dev/null -w '%{http_code}\\n'
-  smartedit-serve --model smartedit-7b/ --backend cudagraph --device cuda --dtype fp16 --instances 1
+  smartedit-serve --model smartedit-7b/ --backend cudagraph --device cuda --precision fp16 --instances 1
   smartedit-serve --model smartedit-7b/ --backend onnxruntime --artifacts out/
   smartedit-serve --preset tiny --random-weights --stream --cache-mb 512   # + smartedit_stream, a response cache
 """
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default eager): " + "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS.values()))
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--dtype", choices=sorted(PRECISIONS), default="fp32", help="(default fp32)")
+    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="the precision the graphs run in (default fp32; --dtype: its former name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; the "
                    "ports serve health, metadata and inference to anyone who reaches them: see the README before "
                    "binding another address)")
@@ -93,14 +94,14 @@ def main(argv: list[str] | None = None) -> None:
         check_device(a.device)
         endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
         endpoints.check()  # before the model is loaded
-        settings = settings_for(source, a.backend, a.artifacts, a.device, a.dtype, a.max_steps, a.max_megapixels,
+        settings = settings_for(source, a.backend, a.artifacts, a.device, a.precision, a.max_steps, a.max_megapixels,
                                 a.max_batch, a.warm_up, a.max_variants, a.max_unet_evaluations)
 
         def ready(server: TritonServer) -> None:
             e = server.endpoints
             also = (f" and `{STREAM_MODEL}`" if a.stream else "") + (f", a {a.cache_mb} MiB response cache"
                                                                        if a.cache_mb else "")
-            print(f"smartedit-serve: ready: model `smartedit`{also} ({a.backend}, {a.device}, {a.dtype}) on "
+            print(f"smartedit-serve: ready: model `smartedit`{also} ({a.backend}, {a.device}, {a.precision}) on "
                   f"http://{e.http_url} and grpc {e.grpc_url}, metrics {e.metrics_url}; server log {server.log}",
                   flush=True)
             if os.geteuid() == 0:

@@ -49,12 +49,12 @@ from smartedit.config import (
     check_resolution,
     check_seed,
 )
+from smartedit.deepcache import DeepCache
 from smartedit.errors import Cancelled, InputError, RunError, SmartEditError
 from smartedit.files import open_image
-from smartedit.deepcache import DeepCache
 from smartedit.guidance import GuidanceSchedule
 from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
-from smartedit.pipeline import SmartEditPipeline
+from smartedit.pipeline import SmartEditPipeline, StageClock
 from smartedit.scheduler import SIGMA, T, get_sampler
 from smartedit.vae import postprocess
 
@@ -315,7 +315,7 @@ class EditService:
         g = [x for r in batch for x in r.guidance_scales]
         gi = [x for r in batch for x in r.image_guidance_scales]
         stage_ms: dict[str, float] = {}
-        clock = _Clock(pipe.device, stage_ms)
+        clock = StageClock(pipe.device, stage_ms)
         with clock("condition"):
             prompt_embeds, bim_residual = pipe.encode_condition(pil, texts, seed=[r.seeds[0] for r in batch])
         with clock("vae_encode"):
@@ -443,28 +443,6 @@ def _check_finite(pipe: SmartEditPipeline, x: torch.Tensor, what: str) -> None:
     bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
     if bad:
         raise RunError(f"sample(s) {bad}: {what} on backend {pipe.runner.name!r}: no image written")
-
-
-class _Clock:
-    """Wall time per stage in ms (SmartEditPipeline's stage names), the device synchronised before each reading."""
-
-    def __init__(self, device: torch.device, sink: dict[str, float]):
-        self.device, self.sink = device, sink
-        self.start = self._now()
-
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        t0 = self._now()
-        yield
-        self.sink[name] = (self._now() - t0) * 1e3
-
-    def finish(self) -> None:
-        self.sink["total"] = (self._now() - self.start) * 1e3
 
 
 class _Poll:
