@@ -104,16 +104,20 @@ def onnx_export(tmp_path_factory):
     return get
 
 
+AOTI_CACHE_BRANCH = 0  # the skip branch of the shared AOTI export's DeepCache graphs (smartedit-export --deepcache)
+
+
 @pytest.fixture(scope="session")
 def aoti_export(tmp_path_factory):
-    """The tiny preset's AOTInductor packages for the CPU (seed 0, small profile): all five graphs in fp32, made once
-    per session (~75 s on 2 cores)."""
+    """The tiny preset's AOTInductor packages for the CPU (seed 0, small profile): all five graphs in fp32 and the
+    DeepCache pair (unet_deep, unet_shallow) at AOTI_CACHE_BRANCH, made once per session (~75 s on 2 cores, and
+    ~70 s more for the pair)."""
     from smartedit.export.run import run_export
     from smartedit.graphs.spec import ProfileOptions
 
     out = tmp_path_factory.mktemp("aoti_fp32")
     run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
-               progress=lambda m: None)
+               progress=lambda m: None, cache_branch=AOTI_CACHE_BRANCH)
     return out
 
 

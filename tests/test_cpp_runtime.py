@@ -1,6 +1,7 @@
 """The C++ runtime (runtime/, CMake, libtorch of the installed torch wheel) against Python references: its
 EulerAncestral table against diffusers', its safetensors I/O against the safetensors library, and its denoising
-loop around the AOTInductor UNet package against SmartEditPipeline.denoise for the same seed."""
+loop around the AOTInductor UNet package (and the DeepCache pair) against SmartEditPipeline.denoise for the same
+seed."""
 
 import json
 import os
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import AOTI_CACHE_BRANCH, assert_close
 from safetensors.torch import load_file, save_file
 
 from smartedit.engines.aoti import AOTIRunner
 from smartedit.engines.artifacts import Artifacts
+from smartedit.deepcache import MAX_CACHE_INTERVAL, DeepCache
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.guidance import GuidanceSchedule
 from smartedit.scheduler import SAMPLERS, get_sampler
@@ -312,3 +314,100 @@ def test_png_in_png_out_with_smartedit_tensors(runtime_bin, aoti_export, tiny_pi
     with pytest.raises(SystemExit) as e:
         tensors_cli(["png", str(tmp_path / "in.png"), str(tmp_path / "bad.png")])
     assert e.value.code == 2 and not (tmp_path / "bad.png").exists()
+
+
+# -- DeepCache (--deepcache N: unet_deep on the whole steps, unet_shallow between; smartedit/deepcache.py) -------------
+
+
+def _packaged(tiny_pipe, aoti_export):
+    return SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                             random_weights=True, runner=AOTIRunner(Artifacts(aoti_export, "aoti")))
+
+
+def test_deepcache_1_is_the_plain_loop(runtime_bin, aoti_export, tiny_pipe, tmp_path):
+    """--deepcache 1 (the whole UNet on every step) runs the unet package: the same file, byte for byte."""
+    save_file({**_inputs(tiny_pipe, b=1), "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()},
+              tmp_path / "in.safetensors")
+    files = []
+    for name, more in (("plain", []), ("dc1", ["--deepcache", 1])):
+        r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2", "--inputs",
+                 tmp_path / "in.safetensors", "--out", tmp_path / f"{name}.safetensors", "--steps", 3, "--seed", 9,
+                 *more)
+        assert r.returncode == 0 and json.loads(r.stdout)["deepcache"] == 1, r.stderr[-3000:]
+        files.append((tmp_path / f"{name}.safetensors").read_bytes())
+    assert files[0] == files[1]
+
+
+def test_deepcache_equals_the_pipelines_deepcache_loop(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """--deepcache 3: the same latents as the Python pipeline's DeepCache loop (DeepCache(3)) on the same packages,
+    bit for bit, with the default guidance and with a guidance interval whose 3-way steps begin at step 2 (then step
+    2 has more branches than the cached batch and runs whole: DeepCache.whole_steps' second rule); the edit with
+    --deepcache 3 gives the pipeline's image. The shallow steps change the result (it is not the plain loop's). (The
+    packages against the model's own deep and shallow paths: checked at export, test_export_aoti.py.)"""
+    packaged = _packaged(tiny_pipe, aoti_export)
+    assert packaged.runner.cache_branch == AOTI_CACHE_BRANCH
+    x = _inputs(tiny_pipe, b=1)
+    save_file({**x, "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()}, tmp_path / "in.safetensors")
+    late = GuidanceSchedule((0.3, 1.0))
+    assert DeepCache(3).whole_steps(late.branches(7)) == (True, False, True, True, False, False, True)
+    for steps, more, schedule in ((4, [], None), (7, ["--guidance-interval", "0.3,1"], late)):
+        r = _run(runtime_bin, "denoise", "--unet", aoti_export / "aoti" / "unet.pt2", "--inputs",
+                 tmp_path / "in.safetensors", "--out", tmp_path / "out.safetensors", "--steps", steps, "--seed", 9,
+                 "--deepcache", 3, *more)
+        assert r.returncode == 0 and json.loads(r.stdout)["deepcache"] == 3, r.stderr[-3000:]
+        got = load_file(tmp_path / "out.safetensors")["latents"]
+
+        def loop(pipe, deepcache):
+            return pipe.denoise(x["prompt_embeds"], x["bim_residual"], x["image_latents"], steps=steps,
+                                generator=torch.Generator().manual_seed(9), guidance_schedule=schedule,
+                                deepcache=deepcache)
+
+        want = loop(packaged, DeepCache(3))
+        assert torch.equal(got, want), f"{more}: C++ vs Python DeepCache loop, max diff {(got - want).abs().max():.3e}"
+        if schedule is None:
+            assert (got - loop(packaged, None)).abs().max() > 1e-2, "DeepCache 3 gave the plain loop's latents"
+
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "edit.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "edit.safetensors",
+             "--out", tmp_path / "image.safetensors", "--steps", 3, "--seed", 1, "--deepcache", 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = json.loads(r.stdout)
+    assert said["deepcache"] == 3 and said["cache_branch"] == AOTI_CACHE_BRANCH
+    prompt_embeds, residual = packaged.encode_condition([test_image], ["make it blue"])
+    latents = packaged.denoise(prompt_embeds, residual, packaged.encode_image([test_image], 256), steps=3,
+                               generator=torch.Generator().manual_seed(1), deepcache=DeepCache(3))
+    assert torch.equal(load_file(tmp_path / "image.safetensors")["image"], packaged.decode(latents))
+
+
+def test_bad_deepcache_is_refused_in_one_line(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """An interval outside [1, 1000], or DeepCache asked of an export without its graphs: exit 2, one line naming
+    the value or what is missing, no output."""
+    save_file({**_inputs(tiny_pipe, b=1), "null_text_embeds": tiny_pipe.null_text_embeds.contiguous()},
+              tmp_path / "cond.safetensors")
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "in.safetensors")
+    (tmp_path / "bare").mkdir()  # a unet package alone: no unet_deep.pt2 / unet_shallow.pt2 beside it
+    shutil.copy(aoti_export / "aoti" / "unet.pt2", tmp_path / "bare" / "unet.pt2")
+    plain = _copy_with(aoti_export, tmp_path / "plain", lambda m: [m["artifacts"]["aoti"].pop(g)
+                                                                  for g in ("unet_deep", "unet_shallow")])
+    out = tmp_path / "o.safetensors"
+    interval = (f"--deepcache must be an integer in [1, {MAX_CACHE_INTERVAL}] (the whole UNet every N steps; 1: "
+                "every step)")
+    denoise = ["denoise", "--inputs", tmp_path / "cond.safetensors", "--out", out, "--steps", 2]
+    edit = ["edit", "--inputs", tmp_path / "in.safetensors", "--out", out, "--steps", 2]
+    unet = ["--unet", aoti_export / "aoti" / "unet.pt2"]
+    for args, says in (
+            ([*denoise, *unet, "--deepcache", 0], f"{interval}, got 0"),
+            ([*denoise, *unet, "--deepcache", MAX_CACHE_INTERVAL + 1], f"{interval}, got {MAX_CACHE_INTERVAL + 1}"),
+            ([*denoise, *unet, "--deepcache", "3x"], f"{interval}, got '3x'"),
+            ([*edit, "--artifacts", aoti_export, "--deepcache", -2], f"{interval}, got -2"),
+            ([*denoise, "--unet", tmp_path / "bare" / "unet.pt2", "--deepcache", 3],
+             f"--deepcache 3: no unet_deep.pt2 beside --unet {tmp_path / 'bare' / 'unet.pt2'} (the DeepCache graphs: "
+             "smartedit-export --target aoti --deepcache [BRANCH])"),
+            ([*edit, "--artifacts", plain, "--deepcache", 3],
+             f"DeepCache interval 3: the export in {plain} has no DeepCache graphs (unet_deep, unet_shallow): export "
+             f"them with smartedit-export --target aoti --deepcache [BRANCH] --out {plain}")):
+        r = _run(runtime_bin, *args)
+        assert r.returncode == 2 and r.stderr == f"smartedit-runtime: error: {says}\n", (args, r.stderr[-2000:])
+        assert not out.exists()
+    r = _run(runtime_bin, "--help")
+    assert r.returncode == 0 and "--deepcache N (1..1000, default 1)" in r.stdout

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_PROFILE, run_cli
+from conftest import AOTI_CACHE_BRANCH, SMALL_PROFILE, run_cli
 from PIL import Image
 
 from smartedit.engines.aoti import AOTIRunner
@@ -20,14 +20,17 @@ from smartedit.errors import ArtifactError, InputError
 from smartedit.export.aoti import AotiOptions
 from smartedit.export.run import run_export
 from smartedit.files import sha256_file
-from smartedit.graphs import GRAPH_NAMES
+from smartedit.graphs import DEEPCACHE_GRAPHS, GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
 
 
 def test_every_graph_is_packaged_and_verified(aoti_export):
     manifest = json.loads((aoti_export / "manifest.json").read_text())
     report = json.loads((aoti_export / "report.json").read_text())
-    assert set(manifest["artifacts"]) == {"aoti"} and set(manifest["artifacts"]["aoti"]) == set(GRAPH_NAMES)
+    assert set(manifest["artifacts"]) == {"aoti"}
+    assert set(manifest["artifacts"]["aoti"]) == set(GRAPH_NAMES + DEEPCACHE_GRAPHS)  # the fixture's --deepcache pair
+    entries = manifest["artifacts"]["aoti"]
+    assert {entries[g]["options"]["cache_branch"] for g in DEEPCACHE_GRAPHS} == {AOTI_CACHE_BRANCH}
     assert not (aoti_export / "onnx").exists()  # AOTInductor compiles from torch.export, not from ONNX
     for g, e in manifest["artifacts"]["aoti"].items():
         [(rel, meta)] = e["files"].items()
@@ -43,8 +46,8 @@ def test_every_graph_is_packaged_and_verified(aoti_export):
 def test_rerun_skips_unchanged_packages(aoti_export):
     said = []
     run_export(aoti_export, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
-               progress=said.append)
-    assert said == [f"{g}: AOTInductor package up to date, skipped" for g in GRAPH_NAMES]
+               progress=said.append, cache_branch=AOTI_CACHE_BRANCH)
+    assert said == [f"{g}: AOTInductor package up to date, skipped" for g in GRAPH_NAMES + DEEPCACHE_GRAPHS]
 
 
 def _edit(tmp_path, image, **kw):

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 #include <vector>
 
 #include "smartedit/checks.h"
@@ -29,6 +30,7 @@ std::string number(double v) {
 void check_options(const DenoiseOptions& o) {
   check_sampler(o.sampler.empty() ? kDefaultSampler : o.sampler, o.steps);
   o.guidance.check();
+  check_deepcache_interval(o.deepcache);
   for (const auto& [name, v] : {std::pair{"guidance_scale", o.guidance_scale},
                                 std::pair{"image_guidance_scale", o.image_guidance_scale}})
     if (!std::isfinite(v)) throw std::invalid_argument(std::string(name) + " must be a finite number, got " + number(v));
@@ -62,14 +64,52 @@ void check_inputs(const DenoiseInputs& x) {
 }
 }  // namespace
 
+void check_deepcache_interval(int64_t n) {
+  if (n < 1 || n > kMaxCacheInterval)
+    throw std::invalid_argument("DeepCache interval must be an integer in [1, " + std::to_string(kMaxCacheInterval) +
+                                "] (the whole UNet every N steps; 1: every step), got " + std::to_string(n));
+}
+
+std::vector<bool> deepcache_whole_steps(int64_t interval, const std::vector<int>& branches) {
+  check_deepcache_interval(interval);
+  std::vector<bool> out;
+  int cached = 0;  // the branches of the batch the feature was cached for (0: none yet)
+  for (size_t i = 0; i < branches.size(); ++i) {
+    const bool whole = static_cast<int64_t>(i) % interval == 0 || branches[i] > cached;
+    if (whole) cached = branches[i];
+    out.push_back(whole);
+  }
+  return out;
+}
+
 Denoiser::Denoiser(const std::string& unet_package, const c10::Device& device)
     : unet_(unet_package, device), device_(device) {
   if (unet_.graph() != "unet")
     throw std::invalid_argument(unet_package + " holds the " + unet_.graph() + " graph, not unet");
 }
 
+void Denoiser::load_deepcache(const std::string& deep_package, const std::string& shallow_package) {
+  auto deep = std::make_unique<Package>(deep_package, device_);
+  auto shallow = std::make_unique<Package>(shallow_package, device_);
+  for (const auto& [path, package, graph] : {std::tuple{&deep_package, deep.get(), "unet_deep"},
+                                             std::tuple{&shallow_package, shallow.get(), "unet_shallow"}}) {
+    if (package->graph() != graph)
+      throw std::invalid_argument(*path + " holds the " + package->graph() + " graph, not " + graph);
+    if (package->input_dtype(0) != unet_.input_dtype(0))  // the loop runs in the unet's dtype: one export's packages
+      throw std::invalid_argument(*path + " runs in " + std::string(c10::toString(package->input_dtype(0))) +
+                                  ", the unet package in " + c10::toString(unet_.input_dtype(0)) +
+                                  ": use the packages of one export");
+  }
+  deep_ = std::move(deep);
+  shallow_ = std::move(shallow);
+}
+
 at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double* ms_per_step) {
   check_options(o);
+  if (o.deepcache > 1 && !has_deepcache())
+    throw std::invalid_argument("DeepCache interval " + std::to_string(o.deepcache) + " needs the unet_deep and "
+                                "unet_shallow packages (smartedit-export --target aoti --deepcache [BRANCH]), and "
+                                "this Denoiser has none loaded (Denoiser::load_deepcache)");
   check_inputs(x);
   const at::ScalarType dtype = unet_.input_dtype(0);  // the package's precision: the loop runs in it
   const auto on_device = [&](const at::Tensor& t) { return t.to(device_, dtype).contiguous(); };
@@ -80,6 +120,8 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   const Schedule schedule = Schedule::build(o.sampler.empty() ? kDefaultSampler : o.sampler, o.steps);
   const at::Tensor table = schedule.table.to(device_);
   const std::vector<int> branches = o.guidance.branches(o.steps);
+  const bool deepcache = o.deepcache > 1;  // 1: the plain loop on the unet package, as without DeepCache
+  const std::vector<bool> whole = deepcache_whole_steps(o.deepcache, branches);
   // noise exactly as SmartEditPipeline.denoise + diffusers draw it: initial fp32, then (an ancestral sampler) one
   // tensor per step in the eps dtype, all from one CPU generator (the same mt19937 stream as
   // torch.Generator().manual_seed(seed))
@@ -97,13 +139,23 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   // one flag per step, reduced on the device without a sync: a non-finite result names the step it first appeared at
   std::vector<at::Tensor> finite;
   finite.reserve(o.steps);
+  at::Tensor feature;  // DeepCache: [3B,C,h,w], the cached feature of the last whole step
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
     const at::Tensor row = table[i];
     const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // scale_model_input (sigma 0: x / 1)
     const at::Tensor sample = at::cat({at::cat({x, x, x}), image_part}, 1).contiguous();   // [3B,8,h,w]
     const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
-    const at::Tensor eps = unet_.run({sample, t, embeds, residual})[0];                      // [3B,4,h,w]
+    at::Tensor eps;                                                                           // [3B,4,h,w]
+    if (!deepcache) {
+      eps = unet_.run({sample, t, embeds, residual})[0];
+    } else if (whole[i]) {  // the whole UNet, and the feature the steps until the next whole one reuse
+      auto out = deep_->run({sample, t, embeds, residual});
+      eps = out[0];
+      feature = out[1];
+    } else {  // the shallow path on the cached feature (3-way, as cached: the graphs take no other batch)
+      eps = shallow_->run({sample, t, embeds, residual, feature})[0];
+    }
     // smartedit.model.cfg_combine: u + g_t (t - i) + g_i (i - u) in fp32 (g_t amplifies fp16 rounding), then cast;
     // a cheaper step of the guidance schedule: i + g_t (t - i) (text-only), or t (the conditional branch alone)
     const auto parts = eps.to(at::kFloat).chunk(3);

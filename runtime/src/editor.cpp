@@ -8,6 +8,28 @@
 
 namespace smartedit {
 
+int64_t check_deepcache(const Manifest& m, int64_t interval) {
+  check_deepcache_interval(interval);
+  if (interval == 1) return -1;
+  const GraphArtifact* deep = nullptr;
+  const GraphArtifact* shallow = nullptr;
+  try {
+    deep = &m.graph("unet_deep");
+    shallow = &m.graph("unet_shallow");
+  } catch (const std::invalid_argument&) {
+    throw std::invalid_argument("DeepCache interval " + std::to_string(interval) + ": the export in " + m.dir() +
+                                " has no DeepCache graphs (unet_deep, unet_shallow): export them with "
+                                "smartedit-export --target aoti --deepcache [BRANCH] --out " + m.dir());
+  }
+  if (deep->cache_branch < 0 || deep->cache_branch != shallow->cache_branch)
+    throw std::invalid_argument("DeepCache interval " + std::to_string(interval) + ": the unet_deep and unet_shallow "
+                                "entries in " + m.dir() + " do not record one skip branch (options.cache_branch " +
+                                std::to_string(deep->cache_branch) + " and " + std::to_string(shallow->cache_branch) +
+                                ", -1: none): re-run smartedit-export --target aoti --deepcache [BRANCH] --out " +
+                                m.dir());
+  return deep->cache_branch;
+}
+
 Editor::Editor(const std::string& artifacts, const c10::Device& device)
     : manifest_(Manifest::load(artifacts, "aoti")), device_(device) {
   const GraphArtifact& unet = manifest_.graph("unet");
@@ -22,6 +44,14 @@ Editor::Editor(const std::string& artifacts, const c10::Device& device)
   manifest_.open("unet");
   for (const auto& graph : called) graphs_[graph] = std::make_unique<Package>(manifest_.open(graph).file, device);
   denoiser_ = std::make_unique<Denoiser>(manifest_.open("unet").file, device);
+}
+
+int64_t Editor::cache_branch() const {
+  try {
+    return check_deepcache(manifest_, 2);
+  } catch (const std::invalid_argument&) {
+    return -1;
+  }
 }
 
 std::vector<at::Tensor> Editor::call(const std::string& graph, const std::vector<at::Tensor>& inputs) {
@@ -65,6 +95,12 @@ at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<st
                                     " px is not a multiple of " + std::to_string(k * px_per_latent) +
                                     " px, which the unet graph needs");
     }
+  }
+  check_deepcache(manifest_, o.deepcache);  // the interval, and the export's DeepCache graphs for one above 1
+  if (o.deepcache > 1) {  // the first DeepCache edit loads the pair (hashed against the manifest first)
+    const std::lock_guard<std::mutex> lock(deepcache_load_);
+    if (!denoiser_->has_deepcache())
+      denoiser_->load_deepcache(manifest_.open("unet_deep").file, manifest_.open("unet_shallow").file);
   }
   auto clock = std::chrono::steady_clock::now();
   const auto lap = [&](const char* stage, const at::Tensor& done) {

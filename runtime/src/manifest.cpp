@@ -173,6 +173,11 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
     g.precision = options.at("precision", Json::Kind::kString, w + " options").string;
     const Json* fold = options.find("fold_cfg");
     g.fold_cfg = fold && fold->kind == Json::Kind::kBool && fold->boolean;
+    if (const Json* branch = options.find("cache_branch"); branch && branch->kind != Json::Kind::kNull) {
+      if (branch->kind != Json::Kind::kNumber || !branch->is_uint || branch->uint > 1000)
+        throw std::runtime_error(w + ": options.cache_branch must be a skip branch (an integer >= 0)");
+      g.cache_branch = static_cast<int64_t>(branch->uint);
+    }
     const Json& spec = e.at("spec", Json::Kind::kObject, w);
     g.spec.name = spec.at("name", Json::Kind::kString, w + " spec").string;
     g.spec.inputs = tensors(spec.at("inputs", Json::Kind::kArray, w + " spec"), w + " spec input");

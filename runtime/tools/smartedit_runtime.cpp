@@ -8,6 +8,9 @@
 // options: --steps N (100) --seed S (0) --guidance-scale G (7.5) --image-guidance-scale G (1.5) --device cpu|cuda[:N]
 //          --sampler NAME (edit: the manifest's; denoise: euler-ancestral) --guidance-interval START,END (0,1)
 //          --text-only-guidance START,END (none)
+//          --deepcache N (1): DeepCache, the whole UNet every N steps and its shallow path on the cached feature
+//          between (edit: the export's unet_deep / unet_shallow; denoise: unet_deep.pt2 and unet_shallow.pt2 beside
+//          --unet; both from smartedit-export --target aoti --deepcache [BRANCH]); 1 is the plain loop
 // Prints one JSON line of timings. Errors are one line on stderr, "smartedit-runtime: error: ..." naming the value;
 // exit status 2 for bad arguments or inputs (refused before any work where they can be), 1 for a failed run
 // (smartedit/errors.py). The output never replaces an input (same file by path, symlink or hard link) and is written
@@ -46,7 +49,10 @@ const char* kUsage =
     "       smartedit-runtime schedule STEPS [--sampler NAME]\n"
     "options: --steps N --seed S --guidance-scale G --image-guidance-scale G --device cpu|cuda|cuda:N\n"
     "         --sampler euler-ancestral|euler|ddim (edit: the manifest's) --guidance-interval START,END\n"
-    "         --text-only-guidance START,END\n";
+    "         --text-only-guidance START,END\n"
+    "         --deepcache N (1..1000, default 1): DeepCache, the whole UNet every N steps, its shallow path on the\n"
+    "           cached feature between; needs the export's DeepCache graphs (smartedit-export --target aoti\n"
+    "           --deepcache [BRANCH]; denoise: unet_deep.pt2 and unet_shallow.pt2 beside --unet); 1: the plain loop\n";
 
 // a mistake in the command line itself: its one line points at --help
 struct UsageError : std::invalid_argument {
@@ -168,7 +174,8 @@ int run(int argc, char** argv) {
   if (mode != "edit" && mode != "denoise") throw UsageError("unknown command '" + mode + "'");
   const std::set<std::string> known = {mode == "edit" ? "--artifacts" : "--unet", "--inputs", "--out", "--steps",
                                        "--seed", "--guidance-scale", "--image-guidance-scale", "--device",
-                                       "--sampler", "--guidance-interval", "--text-only-guidance"};
+                                       "--sampler", "--guidance-interval", "--text-only-guidance",
+                                       "--deepcache"};
   std::map<std::string, std::string> a;
   for (int i = 2; i < argc; ++i) {
     const std::string k = argv[i];
@@ -203,6 +210,13 @@ int run(int argc, char** argv) {
         parse_interval("--text-only-guidance", a["--text-only-guidance"]);
   }
   o.guidance.check();
+  if (a.count("--deepcache")) {
+    const char* kInterval = "an integer in [1, 1000] (the whole UNet every N steps; 1: every step)";
+    o.deepcache = parse<long long>("--deepcache", a["--deepcache"], to_ll, kInterval);
+    if (o.deepcache < 1 || o.deepcache > smartedit::kMaxCacheInterval)
+      throw std::invalid_argument(std::string("--deepcache must be ") + kInterval + ", got " +
+                                  std::to_string(o.deepcache));
+  }
   const std::string device_name = a.count("--device") ? a["--device"] : "cpu";
   const c10::Device device = [&] {
     try {
@@ -214,26 +228,46 @@ int run(int argc, char** argv) {
   }();
   const std::string in = need(a, "--inputs"), out = need(a, "--out");
   const std::string source = mode == "edit" ? need(a, "--artifacts") : need(a, "--unet");
+  // denoise with DeepCache: the pair beside the unet package, as smartedit-export --target aoti writes them
+  std::string deep, shallow;
+  if (mode == "denoise" && o.deepcache > 1) {
+    const fs::path dir = fs::absolute(source).parent_path();
+    deep = (dir / "unet_deep.pt2").string();
+    shallow = (dir / "unet_shallow.pt2").string();
+    std::error_code ec;
+    for (const std::string& pkg : {deep, shallow})
+      if (!fs::is_regular_file(pkg, ec))
+        throw std::invalid_argument("--deepcache " + std::to_string(o.deepcache) + ": no " +
+                                    fs::path(pkg).filename().string() + " beside --unet " + source +
+                                    " (the DeepCache graphs: smartedit-export --target aoti --deepcache [BRANCH])");
+  }
   if (mode == "edit")
     check_output(out, {in}, {source});
-  else
+  else if (deep.empty())
     check_output(out, {in, source}, {});
+  else
+    check_output(out, {in, source, deep, shallow}, {});
 
   auto t = smartedit::load_safetensors(in);
   if (mode == "denoise") {
     smartedit::DenoiseInputs x{take(t, "image_latents", in), take(t, "prompt_embeds", in),
                                take(t, "null_text_embeds", in), take(t, "bim_residual", in)};
     smartedit::Denoiser denoiser(source, device);
+    if (!deep.empty()) denoiser.load_deepcache(deep, shallow);
     double ms = 0;
     const at::Tensor latents = denoiser.run(x, o, &ms);
     write_output(out, {{"latents", latents}});
-    std::printf("{\"ms_per_step\": %.4f, \"steps\": %lld}\n", ms, static_cast<long long>(o.steps));
+    std::printf("{\"ms_per_step\": %.4f, \"steps\": %lld, \"deepcache\": %lld}\n", ms,
+                static_cast<long long>(o.steps), static_cast<long long>(o.deepcache));
     return 0;
   }
   smartedit::EditInputs x{take(t, "pixel_values", in), take(t, "prefix_ids", in), take(t, "suffix_ids", in),
                           take(t, "image", in), take(t, "null_text_embeds", in)};
-  if (o.sampler.empty())  // the export's sampler, refused by name before the (slow) package loads if not run here
-    smartedit::check_sampler(smartedit::Manifest::load(source, "aoti").sampler(), o.steps);
+  if (o.sampler.empty() || o.deepcache > 1) {  // the export's sampler, its DeepCache graphs: refused by name
+    const smartedit::Manifest manifest = smartedit::Manifest::load(source, "aoti");
+    if (o.sampler.empty()) smartedit::check_sampler(manifest.sampler(), o.steps);
+    smartedit::check_deepcache(manifest, o.deepcache);  // before the (slow) package loads
+  }
   smartedit::Editor editor(source, device);
   std::map<std::string, double> ms;
   const at::Tensor image = editor.run(x, o, &ms);
@@ -242,8 +276,10 @@ int run(int argc, char** argv) {
   std::printf("{\"stage_ms\": {");
   bool first = true;
   for (const auto& [stage, v] : ms) std::printf("%s\"%s\": %.3f", first ? "" : ", ", stage.c_str(), v), first = false;
-  std::printf("}, \"steps\": %lld, \"sampler\": \"%s\"}\n", static_cast<long long>(o.steps),
-              (o.sampler.empty() ? editor.sampler() : o.sampler).c_str());
+  std::printf("}, \"steps\": %lld, \"sampler\": \"%s\", \"deepcache\": %lld", static_cast<long long>(o.steps),
+              (o.sampler.empty() ? editor.sampler() : o.sampler).c_str(), static_cast<long long>(o.deepcache));
+  if (o.deepcache > 1) std::printf(", \"cache_branch\": %lld", static_cast<long long>(editor.cache_branch()));
+  std::printf("}\n");
   return 0;
 }
 

@@ -51,6 +51,7 @@ struct GraphArtifact {
   std::vector<ArtifactFile> files;  // every file of the entry (the package among them)
   std::string precision;
   bool fold_cfg = false;
+  int64_t cache_branch = -1;  // a DeepCache graph (unet_deep, unet_shallow): options.cache_branch; -1 for the others
   GraphSpec spec;
 };
 
