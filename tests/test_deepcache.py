@@ -69,13 +69,13 @@ def test_whole_steps_follow_the_interval_and_the_cfg_batch():
         DeepCache(3, -1)
 
 
-def _latents(pipe, image, text, **kw):
+def _latents(pipe, image, text, resolution: int = 64, **kw):
     """The denoised latents of one edit (the VAE decoder's input)."""
     got = []
     decode = pipe.decode
     pipe.decode = lambda x: (got.append(x.clone()), decode(x))[1]
     try:
-        pipe(image, text, steps=STEPS, resolution=64, seed=3, **kw)
+        pipe(image, text, steps=STEPS, resolution=resolution, seed=3, **kw)
     finally:
         pipe.decode = decode
     return got[0]
@@ -114,30 +114,36 @@ def test_eager_and_cudagraph_loops(trained_case):
         pipe(image, text, steps=STEPS, resolution=64, deepcache=DeepCache(3, 2))
 
 
-def test_exported_graphs_on_onnxruntime_and_aoti(trained_export, trained_case):
-    """The shared trained export holds the DeepCache graphs (branch 1): each passed its parity check at export, runs
-    the plain loop bit for bit at interval 1, and follows eager's DeepCache loop at interval 3."""
+@pytest.mark.parametrize("backend", ["onnxruntime", "aoti"])
+def test_exported_graphs_run_the_loop(backend, trained_export, aoti_export, trained_case, test_image):
+    """The shared exports hold the DeepCache pair (ONNX: the trained model at branch 1; AOTInductor: tiny at
+    branch 0): each passed its parity check at export, runs the plain loop bit for bit at interval 1, and follows
+    eager's DeepCache loop at interval 3."""
+    from conftest import AOTI_CACHE_BRANCH
+
     from smartedit.graphs.manifest import Manifest
 
-    manifest = Manifest.read(trained_export)
-    for target in ("onnx", "aoti"):
-        entries = manifest.entries(target)
-        for g in ("unet_deep", "unet_shallow"):
-            assert entries[g].verified is True and entries[g].options["cache_branch"] == 1, (target, g)
-        assert "cache_branch" not in entries["unet"].options
-    image, text = trained_case
-    eager = SmartEditPipeline.from_pretrained(TRAINED_MODEL)
-    want = _latents(eager, image, text, deepcache=DeepCache(3, 1))
-    source = ModelSource(model=TRAINED_MODEL)
-    for backend in ("onnxruntime", "aoti"):
-        pipe = SmartEditPipeline.on_backend(backend, source, artifacts=trained_export)
-        assert pipe.runner.cache_branch == 1
-        plain = _latents(pipe, image, text)
-        assert torch.equal(_latents(pipe, image, text, deepcache=DeepCache(1)), plain), backend
-        got = _latents(pipe, image, text, deepcache=DeepCache(3))
-        assert (got - want).abs().max() < 0.05, backend
-        with pytest.raises(InputError, match="runs graphs exported at branch 1"):
-            pipe(image, text, steps=STEPS, resolution=64, deepcache=DeepCache(3, 0))
+    if backend == "onnxruntime":
+        folder, source, branch, (image, text) = trained_export, ModelSource(model=TRAINED_MODEL), 1, trained_case
+        res = 64
+    else:  # the small profile's smallest side is 256
+        folder, source, branch, image, text = aoti_export, ModelSource(preset="tiny"), AOTI_CACHE_BRANCH, \
+            test_image, "make it blue"
+        res = 256
+    entries = Manifest.read(folder).entries("onnx" if backend == "onnxruntime" else "aoti")
+    for g in ("unet_deep", "unet_shallow"):
+        assert entries[g].verified is True and entries[g].options["cache_branch"] == branch, g
+    assert "cache_branch" not in entries["unet"].options
+    eager = SmartEditPipeline.from_weights(source.load())
+    want = _latents(eager, image, text, res, deepcache=DeepCache(3, branch))
+    pipe = SmartEditPipeline.on_backend(backend, source, artifacts=folder)
+    assert pipe.runner.cache_branch == branch
+    plain = _latents(pipe, image, text, res)
+    assert torch.equal(_latents(pipe, image, text, res, deepcache=DeepCache(1)), plain)
+    got = _latents(pipe, image, text, res, deepcache=DeepCache(3))
+    assert not torch.equal(got, plain) and (got - want).abs().max() < 0.05
+    with pytest.raises(InputError, match=f"runs graphs exported at branch {branch}"):
+        pipe(image, text, steps=STEPS, resolution=res, deepcache=DeepCache(3, 1 - branch))
 
 
 def test_the_trained_deepcache_edit_succeeds(trained_export):

@@ -98,13 +98,14 @@ def closer_to_own(a: task.Example, b: task.Example, out_a: Image.Image, out_b: I
     return d(oa, ga) < d(oa, gb) and d(ob, gb) < d(ob, ga)
 
 
-def pipeline_editor(pipe, steps: int = STEPS, batch: int = BATCH) -> Editor:
-    """Edits through a SmartEditPipeline at the task's resolution, `batch` at a time, each with its own seed."""
+def pipeline_editor(pipe, steps: int = STEPS, batch: int = BATCH, **levers) -> Editor:
+    """Edits through a SmartEditPipeline at the task's resolution, `batch` at a time, each with its own seed;
+    `levers`: more arguments of the edit (deepcache=...)."""
     def edit(images, instructions, seeds):
         out: list[Image.Image] = []
         for i in range(0, len(images), batch):
             out += pipe(list(images[i:i + batch]), list(instructions[i:i + batch]), steps=steps,
-                        resolution=task.RESOLUTION, seed=[int(s) for s in seeds[i:i + batch]])
+                        resolution=task.RESOLUTION, seed=[int(s) for s in seeds[i:i + batch]], **levers)
         return out
     return edit
 
@@ -182,6 +183,7 @@ def markdown(results: list[Result], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from smartedit.deepcache import parse_deepcache
     from smartedit.pipeline import SmartEditPipeline
     from smartedit.weights import ModelSource
 
@@ -194,13 +196,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--batch", type=int, default=BATCH, help=f"edits per call (default {BATCH}; an export's "
                     "--max-batch or less)")
+    ap.add_argument("--deepcache", type=int, help="DeepCache: the whole UNet every N steps (default: every step)")
+    ap.add_argument("--deepcache-branch", type=int, help="DeepCache's skip branch (default: the backend's)")
     ap.add_argument("--no-baselines", action="store_true", help="skip the unchanged-input and random-weights rows")
     ap.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     examples, pairs = task.heldout(a.count), pair_cases(a.pairs)
     pipe = SmartEditPipeline.on_backend(a.backend, ModelSource(model=a.model), artifacts=a.artifacts)
-    results = [run(a.model.name, pipeline_editor(pipe, a.steps, a.batch), examples, pairs)]
+    levers = {"deepcache": parse_deepcache(a.deepcache, a.deepcache_branch)}
+    name = a.model.name + ("" if levers["deepcache"] is None else f" (DeepCache every {a.deepcache} steps, branch "
+                           f"{pipe.cache_runner(levers['deepcache']).cache_branch})")
+    results = [run(name, pipeline_editor(pipe, a.steps, a.batch, **levers), examples, pairs)]
     if not a.no_baselines:
         results.append(run("input unchanged", unchanged, examples, pairs))
         random_pipe = SmartEditPipeline.from_preset("tiny", seed=0)
@@ -208,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                            pairs))
     meta = {"model": str(a.model), "backend": a.backend, "edits": len(examples), "pairs": len(pairs),
             "seeds": f"{examples[0].seed}..{examples[-1].seed}" if examples else "-", "steps": a.steps,
-            "resolution": task.RESOLUTION}
+            "resolution": task.RESOLUTION, **({"deepcache": {"interval": a.deepcache, "branch": a.deepcache_branch}}
+                                              if a.deepcache else {})}
     md = markdown(results, meta)
     print(md)
     if a.out:
