@@ -22,7 +22,7 @@ fp16 rounding; every backend and the C++ runtime use this one); and the cheaper 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -121,13 +121,15 @@ class Stages(nn.Module):
 
     def guided_eps(self, latents: torch.Tensor, image_latents: torch.Tensor, timestep: torch.Tensor,
                    sigma: torch.Tensor, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor,
-                   guidance: torch.Tensor, null_text_embeds: torch.Tensor, branches: int = 3) -> torch.Tensor:
+                   guidance: torch.Tensor, null_text_embeds: torch.Tensor, branches: int = 3,
+                   unet: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """One guided step from unscaled latents: scale_model_input, the CFG batch of `branches` branches (3: the
         official one), the UNet, the fp32 combine. timestep [1], sigma [1] fp32; guidance (text, image) scales,
-        fp32: [2] for the batch, or [B, 2] per sample."""
+        fp32: [2] for the batch, or [B, 2] per sample. `unet` (sample, timestep, prompts, bim_residual) -> eps stands
+        in for unet_eps (a DeepCache path)."""
         x = scale_model_input(latents, sigma.float().reshape(()))
         sample, prompts = cfg_batch(x, image_latents, prompt_embeds, null_text_embeds, branches)
-        eps = self.unet_eps(sample, timestep, prompts, bim_residual)
+        eps = (unet or self.unet_eps)(sample, timestep, prompts, bim_residual)
         g = guidance.float().reshape(-1, 2, 1, 1, 1)  # [1 or B, 2, 1, 1, 1]: broadcast over [B, 4, h, w]
         return cfg_combine(eps, g[:, 0], g[:, 1], branches).to(latents.dtype)
 

@@ -256,12 +256,21 @@ class SmartEditPipeline:
                 "latents": latents, "image_latents": image_latents, "timestep": t, "sigma": sigma.reshape(1),
                 "prompt_embeds": prompt_embeds, "bim_residual": bim_residual,
                 "guidance": torch.tensor(g, device=latents.device)})["eps"].to(self.dtype)
-        run = branches if unet_takes_any_branches(self.runner) else 3
-        sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
+        return self._cfg_step(self.runner, "unet", latents, image_latents, row, prompt_embeds, bim_residual,
+                              g_text, g_image, branches)[0]
+
+    def _cfg_step(self, runner: GraphRunner, graph: str, latents: torch.Tensor, image_latents: torch.Tensor,
+                  row: torch.Tensor, prompt_embeds: torch.Tensor, bim_residual: torch.Tensor, g_text, g_image,
+                  branches: int, **more: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A step of a graph that takes the CFG batch (unet, unet_deep, unet_shallow; `more`: its other inputs, each
+        cut to the batch's rows) -> (the guided eps in the pipeline's dtype, the graph's outputs)."""
+        run = branches if unet_takes_any_branches(runner, graph) else 3
+        sample, prompts = cfg_batch(scale_model_input(latents, row[SIGMA]), image_latents, prompt_embeds,
                                     self.null_text_embeds, run)
-        eps = self.runner.run("unet", {"sample": sample, "timestep": t, "prompt_embeds": prompts,
-                                        "bim_residual": bim_residual})["eps"]
-        return cfg_combine(eps[:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype)
+        out = runner.run(graph, {"sample": sample, "timestep": row[T].reshape(1), "prompt_embeds": prompts,
+                                 "bim_residual": bim_residual, **{k: v[:sample.shape[0]] for k, v in more.items()}})
+        eps = cfg_combine(out["eps"][:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype)
+        return eps, out
 
     def cache_runner(self, deepcache: DeepCache | None) -> GraphRunner | None:
         """The runner of `deepcache`'s graphs (None: the plain loop, no DeepCache or interval 1); InputError when
@@ -289,18 +298,12 @@ class SmartEditPipeline:
         """One DeepCache step: feature None runs the whole UNet (unet_deep) and returns its feature; a feature runs
         the shallow path (unet_shallow) on its first rows and returns it unchanged. -> (guided eps [B,4,h,w],
         feature [nB,C,h,w]). The CFG batch and combine as in guided_eps (an exported graph takes the 3-way batch)."""
-        t, sigma = row[T].reshape(1), row[SIGMA]
         g_text, g_image = _per_sample(guidance_scale, latents), _per_sample(image_guidance_scale, latents)
-        run = branches if unet_takes_any_branches(runner, "unet_deep") else 3
-        sample, prompts = cfg_batch(scale_model_input(latents, sigma), image_latents, prompt_embeds,
-                                    self.null_text_embeds, run)
-        inputs = {"sample": sample, "timestep": t, "prompt_embeds": prompts, "bim_residual": bim_residual}
+        args = (latents, image_latents, row, prompt_embeds, bim_residual, g_text, g_image, branches)
         if feature is None:
-            out = runner.run("unet_deep", inputs)
-            eps, feature = out["eps"], out["cached_feature"]
-        else:
-            eps = runner.run("unet_shallow", {**inputs, "cached_feature": feature[:sample.shape[0]]})["eps"]
-        return cfg_combine(eps[:branches * latents.shape[0]], g_text, g_image, branches).to(self.dtype), feature
+            eps, out = self._cfg_step(runner, "unet_deep", *args)
+            return eps, out["cached_feature"]
+        return self._cfg_step(runner, "unet_shallow", *args, cached_feature=feature)[0], feature
 
     def plan(self, steps: int = DEFAULT_STEPS, sampler: str | None = None) -> Plan:
         """The prepared schedule of `sampler` (default: this pipeline's) for `steps` steps, on this device. The

@@ -38,8 +38,7 @@ import torch
 
 from smartedit.errors import InputError, UnavailableError
 from smartedit.graphs import EagerRunner
-from smartedit.model import Stages, cfg_batch, cfg_combine
-from smartedit.scheduler import scale_model_input
+from smartedit.model import Stages
 from smartedit.unet import cache_feature_channels
 from smartedit.scheduler import DEFAULT_SAMPLER, SIGMA, Plan, Sampler, T
 
@@ -198,22 +197,19 @@ class CudaGraphRunner(EagerRunner):
         None the plain guided step; True / False DeepCache's whole UNet / shallow path (the CFG batch and combine
         of Stages.guided_eps around unet_deep / unet_shallow)."""
         row = loop.table.index_select(0, loop.idx)[0]  # [K] fp32
-        s = self._unet_stages
-        if whole is None:
-            eps = s.guided_eps(loop.latents, loop.image_latents, row[T].reshape(1), row[SIGMA].reshape(1),
-                               loop.prompt_embeds, loop.bim_residual, loop.guidance, loop.null_text_embeds, branches)
-        else:
-            sample, prompts = cfg_batch(scale_model_input(loop.latents, row[SIGMA]), loop.image_latents,
-                                        loop.prompt_embeds, loop.null_text_embeds, branches)
-            feature = loop.feature[:sample.shape[0]]
-            if whole:
-                out, cached = s.unet_deep(sample, row[T].reshape(1), prompts, loop.bim_residual, self.cache_branch)
-                feature.copy_(cached)
-            else:
-                out = s.unet_shallow(sample, row[T].reshape(1), prompts, loop.bim_residual, feature,
-                                     self.cache_branch)
-            g = loop.guidance.reshape(-1, 2, 1, 1, 1)
-            eps = cfg_combine(out, g[:, 0], g[:, 1], branches).to(loop.latents.dtype)
+        s, k = self._unet_stages, self.cache_branch
+
+        def deep(sample, t, prompts, residual):  # the whole UNet; its feature into the static buffer
+            eps, cached = s.unet_deep(sample, t, prompts, residual, k)
+            loop.feature[:sample.shape[0]].copy_(cached)
+            return eps
+
+        def shallow(sample, t, prompts, residual):
+            return s.unet_shallow(sample, t, prompts, residual, loop.feature[:sample.shape[0]], k)
+
+        eps = s.guided_eps(loop.latents, loop.image_latents, row[T].reshape(1), row[SIGMA].reshape(1),
+                           loop.prompt_embeds, loop.bim_residual, loop.guidance, loop.null_text_embeds, branches,
+                           {None: None, True: deep, False: shallow}[whole])
         noise = None if loop.noise is None else loop.noise.index_select(0, loop.idx)[0]
         loop.latents.copy_(loop.sampler.step(loop.latents, eps, row, noise, loop.history))
         loop.idx.add_(1)
