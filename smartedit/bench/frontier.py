@@ -78,17 +78,16 @@ def default_edits() -> list[EditCase]:
 
 class _CountingRunner:
     """Wraps a runner: the rows of every whole-UNet call (unet, unet_deep: UNet evaluations), of every shallow-path
-    call (unet_shallow) and, with `flops`, the FLOPs of every call. `for_branch` hands back a wrapper of the inner
-    runner's other DeepCache branch that counts into this one."""
+    call (unet_shallow) and, with `flops`, the FLOPs of every call. Where the inner runner builds any DeepCache
+    branch (the model itself), `for_branch` hands back a wrapper of its other branch that counts into this one."""
 
     def __init__(self, inner, flops: bool, counts: "_CountingRunner | None" = None):
         self.inner, self.count_flops, self.counts = inner, flops, counts or self
         self.name, self.fold_cfg, self.specs = inner.name, inner.fold_cfg, getattr(inner, "specs", {})
         self.cache_branch = getattr(inner, "cache_branch", None)
         self.unet_rows, self.shallow_rows, self.flops, self.graph_flops = 0, 0, 0, {}
-
-    def for_branch(self, branch: int) -> "_CountingRunner":
-        return _CountingRunner(self.inner.for_branch(branch), self.count_flops, self.counts)
+        if hasattr(inner, "for_branch"):  # an exported runner has one branch: the pipeline refuses others by name
+            self.for_branch = lambda branch: _CountingRunner(inner.for_branch(branch), flops, self.counts)
 
     def run(self, graph, inputs):
         c = self.counts
