@@ -140,7 +140,8 @@ def test_verify_rechecks_packages_and_catches_damage(aoti_export, tmp_path, caps
 
     code, out, err = run_cli(verify, [aoti_export, "--preset", "tiny", "--random-weights"], capsys)
     assert code == 0, err[-2000:]
-    assert out.count(" aoti vs PyTorch at 2 shapes: PASS") == len(GRAPH_NAMES)
+    assert out.count(" aoti vs PyTorch at 2 shapes: PASS") == len(GRAPH_NAMES) + len(DEEPCACHE_GRAPHS)  # the pair too
+    assert "aoti/unet_shallow aoti vs PyTorch at 2 shapes: PASS" in out
     damaged = _copy(aoti_export, tmp_path / "v")
     blob = bytearray((damaged / "aoti" / "qformer_bim.pt2").read_bytes())
     blob[len(blob) // 2] ^= 0xFF
