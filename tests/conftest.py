@@ -10,7 +10,38 @@ import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist's workers (pyproject's addopts: -n auto, --dist loadfile) share the cores: each worker and the commands
+# it starts take cores / workers threads (1 each on 2 cores), as oversubscribed OpenMP threads spin 10-30x slower
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """-n auto: one worker per core, at most 4 (each holds its own model copies and servers)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def made_once(tmp_path_factory, name: str, make):
+    """-> (folder, what make(folder) returned): a folder made once per test run. Under pytest-xdist the workers share
+    it: the first to ask makes it while the others wait on its lock, so an export or a build is never made twice.
+    make's return value must be JSON (it is kept beside the folder for the workers that did not make it)."""
+    import json
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "made_once"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what an attempt that failed left
+            folder.mkdir()
+            done.write_text(json.dumps({"made": make(folder)}))
+    return folder, json.loads(done.read_text())["made"]
 
 
 # tests/kernels/ runs where the Triton kernel can: on a GPU, or under TRITON_INTERPRET=1 in the fresh process that
@@ -91,15 +122,12 @@ def onnx_export(tmp_path_factory):
     from smartedit.export.run import run_export
     from smartedit.graphs.spec import ProfileOptions
 
-    made = {}
-
     def get(precision: str):
-        if precision not in made:
-            out = tmp_path_factory.mktemp(f"onnx_{precision}")
+        def make(out):
             run_export(out, preset="tiny", precision=precision, profile=ProfileOptions(**SMALL_PROFILE),
                        progress=lambda m: None)
-            made[precision] = out
-        return made[precision]
+
+        return made_once(tmp_path_factory, f"onnx_{precision}", make)[0]
 
     return get
 
@@ -115,10 +143,11 @@ def aoti_export(tmp_path_factory):
     from smartedit.export.run import run_export
     from smartedit.graphs.spec import ProfileOptions
 
-    out = tmp_path_factory.mktemp("aoti_fp32")
-    run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
-               progress=lambda m: None, cache_branch=AOTI_CACHE_BRANCH)
-    return out
+    def make(out):
+        run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
+                   progress=lambda m: None, cache_branch=AOTI_CACHE_BRANCH)
+
+    return made_once(tmp_path_factory, "aoti_fp32", make)[0]
 
 
 TRT_RTX_CAPS = ("86", "80")
@@ -135,12 +164,14 @@ def trt_rtx_export(onnx_export, tmp_path_factory):
     from smartedit.export.trt import BuildOptions
     from smartedit.graphs.spec import ProfileOptions
 
-    out = tmp_path_factory.mktemp("trt_rtx")
-    shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
-    said = []
-    run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
-               target_options=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
-    return out, said
+    def make(out):
+        shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
+        said = []
+        run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
+                   target_options=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
+        return said
+
+    return made_once(tmp_path_factory, "trt_rtx", make)
 
 
 @pytest.fixture(scope="session")
@@ -153,12 +184,14 @@ def triton_repository(onnx_export, tmp_path_factory):
     from smartedit.export.triton import TritonOptions
     from smartedit.graphs.spec import ProfileOptions
 
-    out = tmp_path_factory.mktemp("triton") / "export"
-    shutil.copytree(onnx_export("fp16"), out)
-    said = []
-    run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
-               target_options=TritonOptions(stages="python"), progress=said.append)
-    return out, said
+    def make(out):
+        shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
+        said = []
+        run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
+                   target_options=TritonOptions(stages="python"), progress=said.append)
+        return said
+
+    return made_once(tmp_path_factory, "triton_export", make)
 
 
 def settled(e, timeout_s: float = 120.0) -> dict[str, float]:
@@ -286,9 +319,10 @@ def trained_export(tmp_path_factory):
     from smartedit.export.run import run_export
     from smartedit.graphs.spec import ProfileOptions
 
-    out = tmp_path_factory.mktemp("trained_export")
-    for target in ("onnx", "aoti"):
-        run_export(out, model=TRAINED_MODEL, target=target, precision="fp32",
-                   profile=ProfileOptions(**TRAINED_PROFILE), progress=lambda m: None,
-                   cache_branch=1 if target == "onnx" else None)
-    return out
+    def make(out):
+        for target in ("onnx", "aoti"):
+            run_export(out, model=TRAINED_MODEL, target=target, precision="fp32",
+                       profile=ProfileOptions(**TRAINED_PROFILE), progress=lambda m: None,
+                       cache_branch=1 if target == "onnx" else None)
+
+    return made_once(tmp_path_factory, "trained_export", make)[0]

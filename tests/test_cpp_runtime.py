@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AOTI_CACHE_BRANCH, assert_close
+from conftest import AOTI_CACHE_BRANCH, assert_close, made_once
 from safetensors.torch import load_file, save_file
 
 from smartedit.engines.aoti import AOTIRunner
@@ -28,15 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent  # the top-level CMakeLists.txt bu
 def runtime_bin(tmp_path_factory):
     if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
         pytest.skip("cmake and a C++ compiler are needed to build runtime/")
-    # one build folder per session, whichever test module asks first: a second module's call finds it up to date
-    build = tmp_path_factory.getbasetemp() / "runtime_build"
-    configure = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build),
-                                f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-                               capture_output=True, text=True, timeout=300)
-    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
-    make = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True, timeout=1200)
-    assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
-    return build / "runtime" / "smartedit-runtime"
+
+    def build(folder):  # one build per test run, whichever test module (or xdist worker) asks first
+        configure = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(folder),
+                                    f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
+                                   capture_output=True, text=True, timeout=300)
+        assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+        make = subprocess.run(["cmake", "--build", str(folder), f"-j{os.cpu_count() or 1}"], capture_output=True,
+                              text=True, timeout=1200)
+        assert make.returncode == 0, make.stdout[-3000:] + make.stderr[-3000:]
+
+    return made_once(tmp_path_factory, "runtime_build", build)[0] / "runtime" / "smartedit-runtime"
 
 
 def _run(exe, *args):
