@@ -29,6 +29,7 @@ from PIL import Image
 from smartedit.deepcache import DeepCache
 from smartedit.errors import InputError
 from smartedit.files import open_image, write_atomic, write_json
+from smartedit.graphs import DEEPCACHE_SHALLOW, DEEPCACHE_WHOLE, DENOISER, graph_with_role
 from smartedit.graphs.manifest import load_json
 from smartedit.pipeline import SmartEditPipeline
 
@@ -76,6 +77,10 @@ def default_edits() -> list[EditCase]:
     return [EditCase("random", image, "replace the smaller cat with a rabbit")]
 
 
+_WHOLE_UNET = (graph_with_role(DENOISER), graph_with_role(DEEPCACHE_WHOLE))  # a call is UNet evaluations
+_SHALLOW_UNET = graph_with_role(DEEPCACHE_SHALLOW)
+
+
 class _CountingRunner:
     """Wraps a runner: the rows of every whole-UNet call (unet, unet_deep: UNet evaluations), of every shallow-path
     call (unet_shallow) and, with `flops`, the FLOPs of every call. Where the inner runner builds any DeepCache
@@ -91,10 +96,10 @@ class _CountingRunner:
 
     def run(self, graph, inputs):
         c = self.counts
-        if graph in ("unet", "unet_deep"):
+        if graph in _WHOLE_UNET:
             c.unet_rows += (inputs["sample"] if "sample" in inputs else inputs["latents"]).shape[0] * \
                 (1 if "sample" in inputs else 3)
-        elif graph == "unet_shallow":
+        elif graph == _SHALLOW_UNET:
             c.shallow_rows += inputs["sample"].shape[0]
         if not self.count_flops:
             return self.inner.run(graph, inputs)
@@ -167,7 +172,7 @@ def run_frontier(pipe: SmartEditPipeline, edits: Sequence[EditCase], settings: S
         pipe(images[0], texts[0], seed=seeds[0], resolution=resolution, steps=1)
     finally:
         pipe.runner = inner
-    unet_flops = flop.graph_flops.get("unet", 0)
+    unet_flops = flop.graph_flops.get(graph_with_role(DENOISER), 0)
     per_row, once = unet_flops / flop.unet_rows, flop.flops - unet_flops
     result["tflop_per_unet_evaluation"], result["tflop_per_edit_outside_the_loop"] = per_row / 1e12, once / 1e12
     def branch_of(s: Setting) -> int | None:  # the skip branch a DeepCache setting runs at (None: the runner's)
@@ -182,7 +187,7 @@ def run_frontier(pipe: SmartEditPipeline, edits: Sequence[EditCase], settings: S
                  deepcache=DeepCache(2, branch))
         finally:
             pipe.runner = inner
-        per_shallow_row[branch] = flop.graph_flops.get("unet_shallow", 0) / max(1, flop.shallow_rows)
+        per_shallow_row[branch] = flop.graph_flops.get(_SHALLOW_UNET, 0) / max(1, flop.shallow_rows)
     if per_shallow_row:
         result["tflop_per_shallow_evaluation"] = {str(k): v / 1e12 for k, v in per_shallow_row.items()}
     outputs: dict[Setting, list[Image.Image]] = {}

@@ -35,7 +35,7 @@ from smartedit.config import dtype_named
 from smartedit.engines import registry
 from smartedit.errors import InputError
 from smartedit.files import write_atomic, write_json
-from smartedit.graphs import GRAPHS
+from smartedit.graphs import DENOISER, GRAPH_NAMES, GRAPHS, graph_with_role
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
@@ -233,10 +233,11 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, setting: Setting,
         pipe(images, texts, timings=stage_t, **kw)
     finally:
         pipe.runner = inner
-    stages = {GRAPHS[g].label: statistics.median(v) for g, v in timed.ms.items()}
-    if "unet" in timed.ms:
-        stages["unet_step"] = stages.pop("unet")
-        stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms["unet"])) / steps
+    unet = graph_with_role(DENOISER)  # its time is reported per step, with the loop's time around it
+    stages = {GRAPHS[g].label: statistics.median(v) for g, v in timed.ms.items() if g != unet}
+    if unet in timed.ms:
+        stages[GRAPHS[unet].step_label] = statistics.median(timed.ms[unet])
+        stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms[unet])) / steps
     if backend == "official":
         stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
     row = {"backend": backend, "resolution": res, "setting": setting.label, "steps": steps,
@@ -268,21 +269,22 @@ def _ratios(result: dict) -> None:
     runs = [r for r in result["runs"] if r["setting"] == first]
     flops = {r["resolution"]: r.get("stage_tflop") for r in runs if r["backend"] == "eager"}
     peak = result["peak_fp16_tflops"]
+    unet = GRAPHS[graph_with_role(DENOISER)]
+    ms_label = {GRAPHS[g].label: GRAPHS[g].step_label or GRAPHS[g].label for g in GRAPH_NAMES}  # FLOPs -> time key
     for r in runs:
         tf = flops.get(r["resolution"])
         if not tf:
             continue
-        if "unet" in tf and "unet_step" in r["stage_ms"]:
-            r["unet_step_tflops_achieved"] = tf["unet"] / (r["stage_ms"]["unet_step"] / 1e3)
+        if unet.label in tf and unet.step_label in r["stage_ms"]:
+            achieved = r[f"{unet.step_label}_tflops_achieved"] = tf[unet.label] / (r["stage_ms"][unet.step_label] / 1e3)
             if peak:
-                r["unet_step_frac_peak"] = r["unet_step_tflops_achieved"] / peak
-        r["stage_tflops_achieved"] = {stage: tf[stage] / (r["stage_ms"][ms_key] / 1e3)
-                                      for stage, ms_key in (("vision+llm", "vision+llm"),
-                                                            ("qformer_bim", "qformer_bim"), ("vae_encode", "vae_encode"),
-                                                            ("unet", "unet_step"), ("vae_decode", "vae_decode"))
-                                      if stage in tf and r["stage_ms"].get(ms_key)}
+                r[f"{unet.step_label}_frac_peak"] = achieved / peak
+        r["stage_tflops_achieved"] = {stage: tf[stage] / (r["stage_ms"][ms_label[stage]] / 1e3)
+                                      for stage in tf  # in the order the edit calls the graphs
+                                      if stage in ms_label and r["stage_ms"].get(ms_label[stage])}
         # the whole edit's work (eager's count: every backend does the same math) and its time at the measured peak
-        r["e2e_tflop"] = sum(v for k, v in tf.items() if k != "unet") + tf.get("unet", 0.0) * result["steps"]
+        r["e2e_tflop"] = (sum(v for k, v in tf.items() if k != unet.label)
+                          + tf.get(unet.label, 0.0) * result["steps"])
         if peak:
             r["floor_ms_at_peak"] = r["e2e_tflop"] / peak * 1e3
 

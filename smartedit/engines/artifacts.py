@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from smartedit.errors import ArtifactError
+from smartedit.graphs import DEEPCACHE_SHALLOW, DEEPCACHE_WHOLE, DENOISER, graph_with_role
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import GraphSpec
 from smartedit.weights import ModelSource
@@ -96,13 +97,15 @@ class Artifacts:
 
     @property
     def fold_cfg(self) -> bool:
-        return "unet" in self.entries and self.entries["unet"].fold_cfg
+        unet = self.entries.get(graph_with_role(DENOISER))
+        return unet is not None and unet.fold_cfg
 
     @property
     def cache_branch(self) -> int | None:
         """The skip branch the DeepCache graphs were exported at (None: not exported)."""
-        e = self.entries.get("unet_shallow")
-        return e.options.get("cache_branch") if e is not None and "unet_deep" in self.entries else None
+        e = self.entries.get(graph_with_role(DEEPCACHE_SHALLOW))
+        whole = graph_with_role(DEEPCACHE_WHOLE) in self.entries
+        return e.options.get("cache_branch") if e is not None and whole else None
 
 
 class ArtifactRunner:

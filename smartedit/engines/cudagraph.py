@@ -25,8 +25,8 @@ paths run the model's modules as they are.
 Graphs are captured once per (shapes, dtype, sampler, steps, branches per step) and reused; each edit copies its
 inputs into the static buffers, zeroes the history, replays and returns a copy of the latents. For the same seed
 the result equals the eager loop's within fp16 noise (same ops in the same dtypes; only kernel selection may
-differ). The other graphs run eagerly (once per edit);
-`run("unet")` replays a captured single UNet call (what smartedit-bench's per-stage breakdown times).
+differ). The other graphs run eagerly (once per edit); `run()` of the denoiser graph (unet) replays a captured
+single UNet call (what smartedit-bench's per-stage breakdown times).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from smartedit.errors import InputError, UnavailableError
-from smartedit.graphs import EagerRunner
+from smartedit.graphs import DENOISER, EagerRunner, graph_with_role
 from smartedit.model import Stages
 from smartedit.unet import cache_feature_channels
 from smartedit.scheduler import DEFAULT_SAMPLER, SIGMA, Plan, Sampler, T
@@ -85,10 +85,11 @@ class CudaGraphRunner(EagerRunner):
         super().__init__(stages, config, cache_branch)
         self.name = "compile" if torch_compile else "cudagraph"
         self.torch_compile, self.capture, self.warmup = torch_compile, capture, warmup
-        self._unet_stages = stages.subset(["unet"])
+        self._denoiser = graph_with_role(DENOISER)  # the graph run() captures
+        self._unet_stages = stages.subset(self._graphs[self._denoiser].stages)
         if torch_compile:
             self._unet_stages.unet = torch.compile(stages.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
-        self._captured: dict[tuple, tuple] = {}  # run("unet") single-call graphs
+        self._captured: dict[tuple, tuple] = {}  # run(denoiser) single-call graphs
         self._loops: dict[tuple, _Loop] = {}
         self.capture_used: dict[str, str] = {}  # "shape key" -> the capture it got ("step: the loop's failed: ...")
 
@@ -249,10 +250,11 @@ class CudaGraphRunner(EagerRunner):
     # -- the per-graph interface ------------------------------------------------------------------------------------
 
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if graph != "unet":
+        if graph != self._denoiser:
             return super().run(graph, inputs)
-        names = [t.name for t in self._graphs["unet"].spec.inputs]
-        unet = self._unet_stages.unet_eps
+        g = self._graphs[graph]
+        names = [t.name for t in g.spec.inputs]
+        unet = getattr(self._unet_stages, g.method)
         if self.capture == "none":
             with torch.inference_mode():
                 return {"eps": unet(*(inputs[n] for n in names))}

@@ -15,7 +15,7 @@ from torch import nn
 
 from smartedit.config import PRECISIONS, SmartEditConfig
 from smartedit.files import sha256_json, write_json
-from smartedit.graphs import Graph, parity
+from smartedit.graphs import DENOISER, Graph, graph_with_role, parity
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import ProfileOptions
 from smartedit.pipeline import SmartEditPipeline
@@ -90,8 +90,8 @@ class ExportJob:
         return self.options if k is None else {**self.options, "cache_branch": k}
 
     def quantizes(self, graph: str) -> bool:
-        """Whether this export quantizes `graph` (--precision int8 / fp8 quantizes the unet graph only)."""
-        return self.quantize is not None and graph == "unet"
+        """Whether this export quantizes `graph` (--precision int8 / fp8 quantizes the denoiser only)."""
+        return self.quantize is not None and graph == graph_with_role(DENOISER)
 
     def key(self, graph: str, **extra) -> str:
         """The hash of everything that goes into an artifact: a rerun rebuilds exactly when it changed."""

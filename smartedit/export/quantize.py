@@ -56,7 +56,7 @@ from smartedit.engines.artifacts import Artifacts
 from smartedit.engines.onnxruntime import OnnxRuntimeRunner, session
 from smartedit.errors import ExportError, InputError, RunError, UnavailableError
 from smartedit.files import IMAGE_FORMATS, move_into_place, open_image, scratch_folder
-from smartedit.graphs import GRAPH_NAMES, GRAPHS, GraphRunner
+from smartedit.graphs import DENOISER, GRAPH_NAMES, GraphRunner, graph_with_role
 from smartedit.graphs.manifest import Entry
 from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import SmartEditPipeline
@@ -532,7 +532,7 @@ def verify_quality(out: Path, source, entry: Entry, progress: Callable[[str], No
 def produce(job, opts: QuantizeOptions) -> None:
     """Quantize the graph the export marks (the per-step UNet) after every fp16 ONNX graph is there; see the module.
     `opts` come from `prepare` (run_export calls it before any work)."""
-    graph = next(n for n in GRAPH_NAMES if GRAPHS[n].per_step)
+    graph = graph_with_role(DENOISER)
     entries = job.manifest.entries("onnx")
     missing = [g for g in GRAPH_NAMES if g not in entries]
     if missing:  # run_export refuses this before any work; here it would be a bug

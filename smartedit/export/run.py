@@ -47,10 +47,12 @@ from smartedit.errors import InputError, RunError
 from smartedit.files import write_json
 from smartedit.graphs import (
     DEEPCACHE_GRAPHS,
+    DENOISER,
     GRAPH_NAMES,
     GRAPHS,
     check_cache_branch,
     graph_table,
+    graph_with_role,
     parse_graph_names,
 )
 from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, load_json, loads_json
@@ -121,7 +123,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     t.check(target, target_options, quantize)  # e.g. TensorRT missing, no GPU to compile for: before any work
     graphs = graph_table(cfg, profile, fold_cfg=fold_cfg, cache_branch=cache_branch)
     if quantize is not None:  # Model Optimizer, the device, the calibration's memory, every image: before any work
-        unet = graphs["unet"]
+        unet = graphs[graph_with_role(DENOISER)]
         quantize = prepare_quantize(quantize, unet.spec, profile.opt_res, cfg.vision.image_size)
     out = Path(out)
     if out.exists() and not out.is_dir():

@@ -9,7 +9,9 @@ Between the model below (smartedit/model.py: one method per graph) and everythin
   the contract (the reference every export is checked against),
 - the manifest schema of exported artifacts (manifest.py) and the parity check against PyTorch (parity.py).
 
-Adding a graph: its method in smartedit/model.py, its spec file here, its line in `GRAPHS`.
+Adding a graph: its method in smartedit/model.py, its spec file here, its line in `GRAPHS`. Code outside the
+pipeline (which calls each graph by name where it uses it) finds a graph by its role (`graph_with_role`): the
+denoiser, DeepCache's whole and shallow steps.
 
 The five graphs of an edit are GRAPH_NAMES; the DeepCache pair (unet_deep, unet_shallow: smartedit/deepcache.py) is
 built only when asked for, at the skip branch the graph table is made with (`cache_branch`).
@@ -42,9 +44,19 @@ class GraphFacts:
     spec: Callable[[SmartEditConfig, ProfileOptions, bool, int], GraphSpec]
     method: Callable[[bool], str]  # fold_cfg -> the Stages method (smartedit/model.py) it is
     stages: tuple[str, ...]  # the stages whose weights it reads
-    label: str  # what the benchmarks call its time
+    label: str  # what the benchmarks call its time (and its FLOPs)
     per_step: bool = False  # called once per denoising step: the graph a runner captures as a CUDA graph
     deepcache: bool = False  # a DeepCache graph: built when asked for; its method takes the branch
+    role: str = ""  # what code outside the pipeline finds it by (ROLES); "": only the pipeline calls it
+    step_label: str = ""  # what the benchmarks call its median time per call, where not `label` (the denoiser's step)
+
+
+# roles (GraphFacts.role), one graph each
+DENOISER = "denoiser"  # the UNet step of the plain loop: --fold-cfg folds it, --precision int8/fp8 quantizes it, the
+#                        CUDA-graph runner captures it, the benchmarks report its time per step
+DEEPCACHE_WHOLE = "deepcache_whole"  # DeepCache's whole-UNet step: eps and the feature it caches
+DEEPCACHE_SHALLOW = "deepcache_shallow"  # DeepCache's shallow step on the cached feature
+ROLES = (DENOISER, DEEPCACHE_WHOLE, DEEPCACHE_SHALLOW)
 
 
 # the graphs in dataflow order; adding one: its method in smartedit/model.py, its spec file here, its line here
@@ -52,18 +64,33 @@ GRAPHS: dict[str, GraphFacts] = {
     "llava": GraphFacts(lambda c, o, f, k: llava.spec(c, o), lambda f: llava.METHOD, llava.STAGES, "vision+llm"),
     "qformer_bim": GraphFacts(lambda c, o, f, k: qformer_bim.spec(c, o), lambda f: qformer_bim.METHOD,
                               qformer_bim.STAGES, "qformer_bim"),
-    "unet": GraphFacts(lambda c, o, f, k: unet.spec(c, o, f), unet.method, unet.STAGES, "unet", per_step=True),
+    "unet": GraphFacts(lambda c, o, f, k: unet.spec(c, o, f), unet.method, unet.STAGES, "unet", per_step=True,
+                       role=DENOISER, step_label="unet_step"),
     "vae_encoder": GraphFacts(lambda c, o, f, k: vae.encoder_spec(c, o), lambda f: vae.ENCODE, vae.STAGES,
                               "vae_encode"),
     "vae_decoder": GraphFacts(lambda c, o, f, k: vae.decoder_spec(c, o), lambda f: vae.DECODE, vae.STAGES,
                               "vae_decode"),
     "unet_deep": GraphFacts(lambda c, o, f, k: unet.deep_spec(c, o, k), lambda f: unet.DEEP, unet.STAGES,
-                            "unet_deep", per_step=True, deepcache=True),
+                            "unet_deep", per_step=True, deepcache=True, role=DEEPCACHE_WHOLE),
     "unet_shallow": GraphFacts(lambda c, o, f, k: unet.shallow_spec(c, o, k), lambda f: unet.SHALLOW, unet.STAGES,
-                               "unet_shallow", per_step=True, deepcache=True),
+                               "unet_shallow", per_step=True, deepcache=True, role=DEEPCACHE_SHALLOW),
 }
 GRAPH_NAMES = tuple(n for n, f in GRAPHS.items() if not f.deepcache)  # the graphs of an edit
 DEEPCACHE_GRAPHS = tuple(n for n, f in GRAPHS.items() if f.deepcache)
+
+
+def graph_with_role(role: str) -> str:
+    """The name of the graph that plays `role` (ROLES): e.g. DENOISER -> "unet"."""
+    names = [n for n, f in GRAPHS.items() if f.role == role]
+    if len(names) != 1:
+        raise InputError(f"graph role {role!r} is played by {names or 'no graph'}; the roles are {list(ROLES)}")
+    return names[0]
+
+
+# the roles are table facts: every role played by exactly one graph, checked at import
+for _role in ROLES:
+    graph_with_role(_role)
+del _role
 
 
 @dataclass(frozen=True)

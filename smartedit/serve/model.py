@@ -41,6 +41,7 @@ import torch
 
 from smartedit.config import dtype_named
 from smartedit.errors import ArtifactError, Cancelled, InputError, RunError, SmartEditError
+from smartedit.graphs import DEEPCACHE_SHALLOW, DENOISER, graph_with_role
 from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
@@ -121,8 +122,9 @@ class BLSRunner:
     def __init__(self, graphs: dict[str, dict], device: str):
         self.specs = {g: GraphSpec.from_dict(v["spec"]) for g, v in graphs.items()}
         self.precision = {g: v["precision"] for g, v in graphs.items()}
-        self.fold_cfg = bool(graphs.get("unet", {}).get("fold_cfg", False))
-        self.cache_branch = graphs.get("unet_shallow", {}).get("cache_branch")  # DeepCache's; None: no such graphs
+        self.fold_cfg = bool(graphs.get(graph_with_role(DENOISER), {}).get("fold_cfg", False))
+        # DeepCache's skip branch; None: no such graphs
+        self.cache_branch = graphs.get(graph_with_role(DEEPCACHE_SHALLOW), {}).get("cache_branch")
         self.device = torch.device(device)
         self.key = {STAGE_KEY: os.environ.get(STAGE_KEY_ENV, "")}  # the Python stage models answer only these calls
 
