@@ -109,7 +109,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
         if not t.quantized:
             plain = [n for n in EXPORT_PRECISIONS if n not in QUANTIZED_PRECISIONS]
             raise InputError(f"--target {target} takes --precision {' or '.join(plain)}; "
-                             f"{' and '.join(QUANTIZED_PRECISIONS)} quantize the ONNX UNet (targets "
+                             f"{', '.join(QUANTIZED_PRECISIONS)} quantize the ONNX UNet (targets "
                              f"{', '.join(n for n, x in targets.TARGETS.items() if x.quantized)})")
     elif quantize is not None:
         raise InputError(f"--precision {precision.name} quantizes nothing: no quantization options")
