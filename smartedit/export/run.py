@@ -90,9 +90,8 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
     """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
     `out`; see targets.TARGETS. `precision`: a row of config.PRECISIONS (or its name); a quantized one quantizes
     the unet with `quantize` (its defaults when None). `target_options`: the target's TargetOptions (its defaults when
-    None). Argument
-    problems are refused before any model is loaded. `cache_branch`: also export the DeepCache graphs (unet_deep,
-    unet_shallow) at this skip branch."""
+    None). Argument problems are refused before any model is loaded. `cache_branch`: also export the DeepCache graphs
+    (unet_deep, unet_shallow) at this skip branch."""
     t = targets.get(target)
     target_options = t.options() if target_options is None else target_options
     if not isinstance(target_options, t.options):
