@@ -27,8 +27,8 @@ from .config import (
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_RESOLUTION,
     DEFAULT_STEPS,
-    PRECISIONS,
     RESOLUTION_STEP,
+    RUN_PRECISIONS,
     check_device,
     dtype_named,
 )
@@ -110,7 +110,7 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION,
                    help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official 256)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default="fp32",
+    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(RUN_PRECISIONS), default="fp32",
                    help="the precision the graphs run in (--dtype: its former name)")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="text CFG scale (official 7.5)")
     p.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE,

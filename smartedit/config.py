@@ -156,18 +156,67 @@ class VAEConfig:
         )
 
 
-# Precision names, everywhere in the project (CLI flags, manifests, specs): the one map from name to dtype.
-PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+@dataclass(frozen=True)
+class Precision:
+    """One precision, everywhere in the project (flags, manifests, specs): what its graphs take and give, whether
+    smartedit-export builds it, how it quantizes and what runs it. A quantized precision quantizes the per-step graph
+    (the UNet) to a Q/DQ graph with NVIDIA Model Optimizer's ONNX quantizer; its inputs and outputs, its layers kept
+    high and the other graphs are in `dtype`. TensorRT builds every precision from a strongly typed network (the ONNX
+    graph's own types, its Q/DQ nodes included), so a row asks of TensorRT only `min_capability`."""
+
+    name: str
+    dtype: torch.dtype  # the graphs' float inputs and outputs, and every layer not quantized
+    exported: bool = True  # smartedit-export builds it (bf16: eager PyTorch only)
+    quantize_mode: str | None = None  # Model Optimizer's quantize_mode for the UNet; None: nothing quantized
+    calibrators: tuple[str, ...] = ()  # Model Optimizer's activation calibrators it takes, its default first
+    min_capability: int | None = None  # the lowest CUDA compute capability with its tensor cores (89: 8.9); None: any
+    onnxruntime_basic: bool = False  # ONNX Runtime optimises its graph up to BASIC only
+
+    def __post_init__(self) -> None:
+        if self.quantized != bool(self.calibrators):
+            raise ValueError(f"precision {self.name}: a quantized precision names its calibrators, another none")
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantize_mode is not None
+
+    @property
+    def unquantized(self) -> "Precision":
+        """What its graphs are exported in before the UNet is quantized, and what its other graphs stay in: the
+        exported precision of its dtype that quantizes nothing (int8 -> fp16); itself when it quantizes nothing."""
+        return next(p for p in PRECISIONS.values() if p.dtype == self.dtype and p.exported and not p.quantized)
 
 
-def dtype_named(name: str) -> torch.dtype:
+# The one table of precisions: adding one is a row here (and, if it quantizes, its quantizer's code).
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", torch.float32),
+    Precision("fp16", torch.float16),
+    Precision("bf16", torch.bfloat16, exported=False),
+    Precision("int8", torch.float16, quantize_mode="int8", calibrators=("entropy", "max")),
+    # FP8 E4M3 tensor cores: Ada (SM89) and newer. ONNX Runtime 1.31's extended fusions reject FP8 Q/DQ graphs.
+    Precision("fp8", torch.float16, quantize_mode="fp8", calibrators=("max",), min_capability=89,
+              onnxruntime_basic=True),
+)}
+EXPORT_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if p.exported)  # smartedit-export --precision
+QUANTIZED_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if p.quantized)  # the UNet quantized
+RUN_PRECISIONS = tuple(n for n, p in PRECISIONS.items() if not p.quantized)  # a pipeline's dtype (edit, bench, serve)
+
+
+def precision_named(name: str) -> Precision:
     if name not in PRECISIONS:
-        raise InputError(f"unknown precision {name!r}; choose one of {sorted(PRECISIONS)}")
+        raise InputError(f"unknown precision {name!r}; choose one of {list(PRECISIONS)}")
     return PRECISIONS[name]
 
 
+def dtype_named(name: str) -> torch.dtype:
+    """The dtype a pipeline runs in (smartedit-edit, -bench, -serve --precision): a precision quantizing nothing."""
+    if name not in RUN_PRECISIONS:
+        raise InputError(f"unknown precision {name!r} to run in; choose one of {sorted(RUN_PRECISIONS)}")
+    return PRECISIONS[name].dtype
+
+
 def precision_of(dtype: torch.dtype) -> str:
-    return next(k for k, v in PRECISIONS.items() if v == dtype)
+    return next(k for k in RUN_PRECISIONS if PRECISIONS[k].dtype == dtype)
 
 
 # Image sides are multiples of 64 px on every backend: latents are pixels / 8, and SD's UNet halves them three

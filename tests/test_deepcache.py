@@ -170,7 +170,7 @@ def test_refusals(onnx_export, tmp_path, capsys, test_image):
         pipe(test_image, "x", steps=2, resolution=256, deepcache=DeepCache(2))
     with pytest.raises(InputError, match=r"DeepCache branch must be an integer in \[0, 1\].*got 5"):
         run_export(tmp_path / "a", preset="tiny", cache_branch=5, progress=lambda m: None)
-    with pytest.raises(InputError, match="--precision int8 / fp8 quantizes the unet graph only"):
+    with pytest.raises(InputError, match="--precision int8 quantizes the unet graph only"):
         run_export(tmp_path / "b", preset="tiny", precision="int8", cache_branch=0, progress=lambda m: None)
     with pytest.raises(InputError, match="the DeepCache graphs are exported with --deepcache"):
         run_export(tmp_path / "c", preset="tiny", graph_names="unet_deep", progress=lambda m: None)

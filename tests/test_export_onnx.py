@@ -83,7 +83,7 @@ def test_graphs_at_the_profile_corners(exported, tiny_pipe):
 def test_manifest_records_versions_source_specs_and_hashes(exported):
     precision, out, _ = exported
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["manifest_version"] == 3
+    assert manifest["manifest_version"] == 4
     assert manifest["toolchain"]["torch"] and manifest["toolchain"]["onnx"] and manifest["toolchain"]["smartedit"]
     assert manifest["source"]["kind"] == "random" and len(manifest["source"]["sha256"]) == 64
     for name, entry in manifest["artifacts"]["onnx"].items():

@@ -33,7 +33,7 @@ def _quantized(onnx_export, tmp_path_factory, mode: str, **kw):
     shutil.copytree(onnx_export("fp16"), out)
     said = []
     run_export(out, preset="tiny", precision=mode, profile=ProfileOptions(**SMALL_PROFILE),
-               quantize=QuantizeOptions(mode=mode, **SMALL), progress=said.append, **kw)
+               quantize=QuantizeOptions(precision=mode, **SMALL), progress=said.append, **kw)
     return out, said
 
 
@@ -67,7 +67,7 @@ def test_int8_unet_is_qdq_with_the_named_layers_kept_in_fp16(int8):
     assert not any(m.startswith(("[1/", "[2/")) and "llava" in m for m in said), "other graphs were up to date"
     e = Manifest.read(out).entries("onnx")["unet"]
     q = e.options["quantization"]
-    assert (e.precision, q["mode"], e.verified) == ("fp16", "int8", True)
+    assert (e.precision, e.verified) == ("int8", True) and "mode" not in q  # the entry says what it is, once
     assert sorted(e.files) == ["onnx/unet.fp16.onnx", "onnx/unet.onnx"]
     assert q["calibration_calls"] == SMALL["calibration_edits"] * SMALL["calibration_steps"]
     zero_points, fed = _qdq(out / "onnx" / "unet.onnx")
@@ -103,7 +103,7 @@ def test_a_rerun_skips_and_verify_runs_the_report_again_with_its_threshold(int8,
     out, first = int8
     said = []
     run_export(out, preset="tiny", precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
-               quantize=QuantizeOptions(mode="int8", **SMALL), progress=said.append)
+               quantize=QuantizeOptions(precision="int8", **SMALL), progress=said.append)
     assert "unet: up to date, skipped" in said and not any("Model Optimizer" in m for m in said)
     e = Manifest.read(out).entries("onnx")["unet"]
     again = verify_quality(out, ModelSource(preset="tiny"), e, lambda m: None)
@@ -119,13 +119,15 @@ def test_fp8_exports_and_builds_for_sm89_with_tensorrt_rtx(fp8_rtx):
     zero_points, _ = _qdq(out / "onnx" / "unet.onnx")
     assert set(zero_points.values()) == {"FLOAT8E4M3FN"}
     plan = m.entries("trt-rtx")["unet"]
-    assert plan.options["quantization"]["mode"] == "fp8" and plan.requires["compute_capability"] == ["89"]
+    assert plan.precision == "fp8" and plan.requires["compute_capability"] == ["89"]
     assert (out / "trt-rtx" / "unet.plan").stat().st_size > 0
 
 
-def test_options_refuse_a_mode_they_do_not_know():
-    with pytest.raises(InputError, match="quantization mode must be one of"):
-        QuantizeOptions(mode="int4")
+def test_options_refuse_a_precision_that_does_not_quantize_naming_it():
+    with pytest.raises(InputError, match="unknown precision 'int3'"):
+        QuantizeOptions(precision="int3")
+    with pytest.raises(InputError, match=r"--precision fp16 quantizes nothing; quantizing: \['int8', 'fp8'\]"):
+        QuantizeOptions(precision="fp16")
 
 
 def test_int8_engine_builds_for_sm86_from_the_quantized_graph(int8):
@@ -135,11 +137,11 @@ def test_int8_engine_builds_for_sm86_from_the_quantized_graph(int8):
     out, _ = int8
     said = []
     run_export(out, preset="tiny", precision="int8", target="trt-rtx", graph_names="unet",
-               profile=ProfileOptions(**SMALL_PROFILE), quantize=QuantizeOptions(mode="int8", **SMALL),
+               profile=ProfileOptions(**SMALL_PROFILE), quantize=QuantizeOptions(precision="int8", **SMALL),
                target_options=BuildOptions(compute_capabilities=("86",), static_res=()), progress=said.append)
     assert "unet: up to date, skipped" in said  # the quantized ONNX is reused, not quantized again
     plan = Manifest.read(out).entries("trt-rtx")["unet"]
-    assert plan.options["quantization"]["mode"] == "int8" and plan.requires["compute_capability"] == ["86"]
+    assert plan.precision == "int8" and plan.requires["compute_capability"] == ["86"]
 
 
 def test_calibration_edits_take_the_users_images_in_name_order_decoded_once_and_downscaled(tmp_path):
@@ -151,7 +153,7 @@ def test_calibration_edits_take_the_users_images_in_name_order_decoded_once_and_
 
     Image.new("RGB", (64, 48), (0, 0, 255)).save(tmp_path / "b.png")
     Image.new("RGB", (2000, 1500), (255, 0, 0)).save(tmp_path / "a.jpg")
-    opts = QuantizeOptions(calibration_images=str(tmp_path), calibration_edits=3)
+    opts = QuantizeOptions("int8", calibration_images=str(tmp_path), calibration_edits=3)
     with pytest.raises(RunError, match="quantize.prepare comes first"):
         edit_set(opts, 3, CALIBRATION_INSTRUCTIONS, 0)
     loaded = replace(opts, images=calibration_images(opts, 256))
@@ -178,7 +180,7 @@ def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path, mon
     (out / "manifest.json").write_text(json.dumps(manifest))
     said = []
     run_export(out, preset="tiny", precision="fp8", target="triton", profile=ProfileOptions(**SMALL_PROFILE),
-               quantize=QuantizeOptions(mode="fp8", **SMALL), target_options=TritonOptions(stages="python"),
+               quantize=QuantizeOptions(precision="fp8", **SMALL), target_options=TritonOptions(stages="python"),
                progress=said.append)
     assert "unet: up to date, skipped" in said
     entry = Manifest.read(out).entries("onnx")["unet"]
@@ -188,7 +190,7 @@ def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path, mon
 
     written = text_format.Parse((out / "triton" / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
     config = json_format.MessageToDict(written, preserving_proto_field_name=True)  # as Triton hands it over
-    assert config["parameters"]["basic_optimizations"]["string_value"] == "1"
+    assert config["parameters"]["precision"]["string_value"] == "fp8"  # its row: ONNX Runtime up to BASIC
     monkeypatch.setenv("SMARTEDIT_STAGE_KEY", "a key the launcher would draw")  # a stage model answers to it
     stage = TritonPythonModel()
     stage.initialize({"model_config": json.dumps(config), "model_repository": str(out / "triton" / "unet"),
@@ -467,7 +469,7 @@ def failed_external(onnx_export, tmp_path_factory):
         mp.setattr(onnx_export_module, "TWO_GB", 0)  # the quantized graph takes external data from its source
         with pytest.raises(ExportError) as failed:
             run_export(out, preset="tiny", precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
-                       quantize=QuantizeOptions(mode="int8", calibration_edits=1, calibration_steps=2,
+                       quantize=QuantizeOptions(precision="int8", calibration_edits=1, calibration_steps=2,
                                                 report_edits=1, min_psnr=100.0), progress=said.append)
     return out, said, str(failed.value)
 

@@ -19,7 +19,7 @@ namespace smartedit {
 
 namespace {
 
-constexpr uint64_t kManifestVersion = 3;  // smartedit/graphs/manifest.py MANIFEST_VERSION
+constexpr uint64_t kManifestVersion = 4;  // smartedit/graphs/manifest.py MANIFEST_VERSION
 constexpr int64_t kMaxDim = int64_t{1} << 40;
 
 std::pair<int64_t, std::string> parse_dim(const Json& d, const std::string& where) {

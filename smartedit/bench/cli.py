@@ -17,7 +17,7 @@ from smartedit.arguments import (
     positive,
     resolutions,
 )
-from smartedit.config import PRECISIONS, check_device, dtype_named
+from smartedit.config import RUN_PRECISIONS, check_device, dtype_named
 from smartedit.engines.registry import BACKENDS
 from smartedit.errors import InputError, run_command
 from smartedit.files import check_writable_parent
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                    "gives their spread, and warns above 20%%)")
     p.add_argument("--warmup", type=non_negative, default=1, help="untimed-in-the-stats edits first (reported separately)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(PRECISIONS), default=None,
+    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(RUN_PRECISIONS), default=None,
                    help="the precision the graphs run in; default: fp16 on a GPU, fp32 on the CPU (where fp16 is "
                         "emulated and slow) (--dtype: its former name)")
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "

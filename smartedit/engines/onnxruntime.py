@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smartedit.config import PRECISIONS
 from smartedit.errors import ArtifactError
 
 from .artifacts import ArtifactRunner, Artifacts, load_exported
@@ -23,7 +24,7 @@ _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int
 def session(path: Path, providers: list[str] | None = None, basic: bool = False):
     """An ONNX Runtime session; a file it cannot load (garbage whose hash an edited manifest matches, a graph for
     another opset) is an ArtifactError naming the file, not ONNX Runtime's own exception. `basic`: graph
-    optimisations up to BASIC only (ONNX Runtime 1.31's extended fusions reject FP8 Q/DQ graphs)."""
+    optimisations up to BASIC only (a precision's onnxruntime_basic)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -52,8 +53,7 @@ class OnnxRuntimeRunner(ArtifactRunner):
         self.providers = providers or ["CPUExecutionProvider"]
 
     def open(self, path: Path, entry):
-        fp8 = entry.options.get("quantization", {}).get("mode") == "fp8"
-        return session(path, self.providers, basic=fp8)
+        return session(path, self.providers, basic=PRECISIONS[entry.precision].onnxruntime_basic)
 
     def call(self, opened, entry, inputs):
         feed = {t.name: inputs[t.name].detach().cpu().numpy().astype(_NP[t.torch_dtype(entry.precision)], copy=False)

@@ -106,10 +106,10 @@ def produce(job: ExportJob) -> None:
     for i, n in enumerate(todo, 1):
         g = job.graphs[n]
         ref, at_precision = job.modules(n, device)
-        job.progress(f"[{i}/{len(todo)}] {n}: torch.export + AOTInductor ({job.precision}, {device}) ...")
+        job.progress(f"[{i}/{len(todo)}] {n}: torch.export + AOTInductor ({job.precision.name}, {device}) ...")
         job.forget("aoti", n)
         rel = f"aoti/{n}.pt2"
-        info = compile_aoti(at_precision, g.spec, job.out / rel, job.precision, device)
+        info = compile_aoti(at_precision, g.spec, job.out / rel, job.precision.name, device)
         job.progress(f"    exported in {info['export_s']:.1f} s, compiled in {info['compile_s']:.1f} s, "
                      f"{info['bytes'] / 1e6:.1f} MB")
         entry = Entry("aoti", n, job.key(n, device=where, package=PACKAGE_VERSION), g.spec,

@@ -8,14 +8,14 @@ import time
 import warnings
 
 from smartedit.arguments import add_model_source, model_source
+from smartedit.config import EXPORT_PRECISIONS, PRECISIONS, QUANTIZED_PRECISIONS
 from smartedit.deepcache import DEFAULT_CACHE_BRANCH
 from smartedit.errors import InputError, run_command
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
 
 from .run import run_export
-from .quantize import MODES as QUANTIZED
-from .quantize import QuantizeOptions
+from .quantize import QUANTIZING, QuantizeOptions
 from .targets import TARGETS
 
 
@@ -33,21 +33,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target", choices=list(TARGETS), default="onnx",
                    help="; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()))
     _add_target_flags(p)
-    q = p.add_argument_group("--precision int8, fp8")
-    for flag, kw in QuantizeOptions.FLAGS.items():  # absent when not given: refused without --precision int8 / fp8
+    q = p.add_argument_group(f"--precision {', '.join(QUANTIZED_PRECISIONS)}")
+    for flag, kw in QuantizeOptions.FLAGS.items():  # absent when not given: refused without a quantized precision
         default = kw["default"]
         q.add_argument(flag, **{**kw, "default": argparse.SUPPRESS,
                                 "help": kw["help"] + (f" (default: {default})" if default is not None else "")})
     device = next(a for a in p._actions if "--device" in a.option_strings)
-    device.help += ("; int8/fp8: where the calibration and report edits and Model Optimizer's calibration run "
+    device.help += (f"; {QUANTIZING}: where the calibration and report edits and Model Optimizer's calibration run "
                     "(cuda: ONNX Runtime's CUDA provider, onnxruntime-gpu)")
     p.add_argument("--out", required=True,
                    help="output folder: new, empty, or an earlier smartedit-export output (a folder holding anything "
                         "else is refused, naming it: there is no override, use an empty folder); locked while the "
                         "export runs, so a second export into it fails at once")
-    p.add_argument("--precision", choices=["fp16", "fp32", *QUANTIZED], default="fp16",
-                   help="fp16 (default; what TensorRT builds strongly typed), fp32 for debugging, or int8 / fp8: the "
-                        "UNet quantized (Q/DQ, calibrated on edits, with a quality report), the other graphs fp16")
+    p.add_argument("--precision", choices=EXPORT_PRECISIONS, default="fp16",
+                   help=f"fp16 (default; what TensorRT builds strongly typed), fp32 for debugging, or "
+                        f"{' / '.join(QUANTIZED_PRECISIONS)}: the UNet quantized (Q/DQ, calibrated on edits, with a "
+                        "quality report), the other graphs fp16")
     p.add_argument("--graphs", default="all", help=f"comma-separated subset of {','.join(GRAPH_NAMES)}")
     p.add_argument("--deepcache", type=int, nargs="?", const=DEFAULT_CACHE_BRANCH, default=None, metavar="BRANCH",
                    help="also export the DeepCache graphs unet_deep and unet_shallow at skip branch BRANCH (0 .. the "
@@ -75,17 +76,18 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
 
     def body() -> None:
+        precision = PRECISIONS[a.precision]
         given = [flag for flag, kw in QuantizeOptions.FLAGS.items() if hasattr(a, kw["dest"])]
-        if given and a.precision not in QUANTIZED:
-            raise InputError(f"{', '.join(given)}: for --precision int8 or fp8 (this export is --precision "
-                             f"{a.precision}, which does not quantize)")
+        if given and not precision.quantized:
+            raise InputError(f"{', '.join(given)}: for --precision {' or '.join(QUANTIZED_PRECISIONS)} (this export "
+                             f"is --precision {precision.name}, which does not quantize)")
         opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
-        run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=a.precision,
+        run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
                    target_options=TARGETS[a.target].options.from_flags(a),
-                   quantize=QuantizeOptions.from_flags(a.precision, a) if a.precision in QUANTIZED else None,
+                   quantize=QuantizeOptions.from_flags(precision, a) if precision.quantized else None,
                    progress=lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True),
                    cache_branch=a.deepcache)
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from smartedit.config import PRECISIONS, SmartEditConfig
+from smartedit.config import PRECISIONS, Precision, SmartEditConfig
 from smartedit.files import sha256_json, write_json
 from smartedit.graphs import DENOISER, Graph, graph_with_role, parity
 from smartedit.graphs.manifest import Entry, Manifest
@@ -52,7 +52,7 @@ class Target:
     every_dim_dynamic: bool = False  # its artifacts keep every named dim dynamic: a one-value range is refused
     side_files: tuple[str, ...] = ()  # what it writes in OUT/<target>/ besides the <graph>.* files
     whole_folder: bool = False  # OUT/<target> is replaced whole and its files recorded in manifest.repositories
-    quantized: bool = True  # it takes --precision int8 / fp8 (its artifacts come from the quantized ONNX UNet)
+    quantized: bool = True  # it takes a quantized precision (its artifacts come from the quantized ONNX UNet)
 
 
 @dataclass
@@ -67,31 +67,33 @@ class ExportJob:
     names: list[str]  # the graphs asked for, in dataflow order
     manifest: Manifest
     report: dict[str, Any]
-    precision: str
+    precision: Precision  # --precision (a quantized one quantizes the unet; the other graphs are its unquantized)
     opset: int
     profile: ProfileOptions
     fold_cfg: bool
     verify: bool
     progress: Callable[[str], None]
     target_options: Any = None  # the target's TargetOptions (trt: BuildOptions, aoti: AotiOptions, ...)
-    quantize: Any = None  # --precision int8 / fp8: quantize.QuantizeOptions of the per-step graph (the unet)
+    quantize: Any = None  # a quantized precision: quantize.QuantizeOptions of the per-step graph (the unet)
     _pipe: SmartEditPipeline | None = field(default=None, repr=False)
     _loaded: frozenset = frozenset()
 
     @property
     def options(self) -> dict[str, Any]:
-        """The options every entry records and every key includes."""
-        return {"precision": self.precision, "opset": self.opset, "fold_cfg": self.fold_cfg,
+        """The options every entry records and every key includes (a quantized graph's precision: entry_options)."""
+        return {"precision": self.precision.unquantized.name, "opset": self.opset, "fold_cfg": self.fold_cfg,
                 "profile": asdict(self.profile)}
 
     def entry_options(self, graph: str) -> dict[str, Any]:
-        """The options an entry of `graph` records: `options`, and a DeepCache graph's skip branch."""
+        """The options an entry of `graph` records: `options`, a DeepCache graph's skip branch, and the precision of
+        the graph this export quantizes."""
         k = self.graphs[graph].cache_branch
-        return self.options if k is None else {**self.options, "cache_branch": k}
+        opts = self.options if k is None else {**self.options, "cache_branch": k}
+        return {**opts, "precision": self.precision.name} if self.quantizes(graph) else opts
 
     def quantizes(self, graph: str) -> bool:
-        """Whether this export quantizes `graph` (--precision int8 / fp8 quantizes the denoiser only)."""
-        return self.quantize is not None and graph == graph_with_role(DENOISER)
+        """Whether this export quantizes `graph` (a quantized precision quantizes the denoiser only)."""
+        return self.precision.quantized and graph == graph_with_role(DENOISER)
 
     def key(self, graph: str, **extra) -> str:
         """The hash of everything that goes into an artifact: a rerun rebuilds exactly when it changed."""
@@ -120,7 +122,7 @@ class ExportJob:
 
         needed = frozenset(s for n in names for s in self.graphs[n].stages)
         if self._pipe is None or not needed <= self._loaded:
-            dtype = PRECISIONS["fp32" if self.verify else self.precision]
+            dtype = PRECISIONS["fp32"].dtype if self.verify else self.precision.dtype
             self._pipe = SmartEditPipeline.from_weights(self.source.load("cpu", dtype, only=sorted(needed)))
             self._loaded = needed
             if "llm" in needed:
@@ -132,8 +134,8 @@ class ExportJob:
         module when nothing differs (fp32 on the CPU, or no check: the model was then loaded at the precision)."""
         pipe = self._pipe
         ref = self.graphs[name].module(pipe.stages, pipe.null_text_embeds).eval()
-        if self.verify and (self.precision != "fp32" or torch.device(device).type != "cpu"):
-            return ref, copy.deepcopy(ref).to(device=device, dtype=PRECISIONS[self.precision])
+        if self.verify and (self.precision.name != "fp32" or torch.device(device).type != "cpu"):
+            return ref, copy.deepcopy(ref).to(device=device, dtype=self.precision.dtype)
         return ref, ref.to(device=device)
 
     def check(self, entry: Entry, what: str, run: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]],
@@ -145,12 +147,12 @@ class ExportJob:
             return None
         spec = self.graphs[entry.graph].spec
         points = parity.verification_points(spec)
+        precision = entry.precision  # what the artifact is in (the unet before it is quantized: fp16)
         t0 = time.perf_counter()
         self.progress(f"    checking in {what} at {len(points)} shapes ...")
-        comps = parity.compare(run, spec, ref, self.precision, at_precision if self.precision != "fp32" else None,
-                               points)
+        comps = parity.compare(run, spec, ref, precision, at_precision if precision != "fp32" else None, points)
         entry.verified = all(c.passed for c in comps)
-        report = {"passed": entry.verified, "precision": self.precision, **report,
+        report = {"passed": entry.verified, "precision": precision, **report,
                   "comparisons": parity.as_dicts(comps)}
         if parity.max_point_note(spec):
             report["not_checked"] = [parity.max_point_note(spec)]

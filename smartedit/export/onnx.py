@@ -143,13 +143,14 @@ def produce(job: ExportJob) -> None:
     for i, n in enumerate(todo, 1):
         g = job.graphs[n]
         ref, at_precision = job.modules(n)
-        job.progress(f"[{i}/{len(todo)}] {n}: exporting ({job.precision}, opset {job.opset}) ...")
+        precision = job.precision.unquantized.name  # every graph exported so; the one to quantize quantized after
+        job.progress(f"[{i}/{len(todo)}] {n}: exporting ({precision}, opset {job.opset}) ...")
         job.forget("onnx", n)  # the entry goes before its file is replaced: nothing stale passes for current
         path = job.out / "onnx" / f"{n}.onnx"
-        info = export_onnx(at_precision, g.spec, path, job.precision, job.opset)
+        info = export_onnx(at_precision, g.spec, path, precision, job.opset)
         # the graph to quantize is recorded as fp16 first, under a key no rerun matches: quantize.produce replaces it
-        key = f"fp16 before quantizing: {job.key(n)}" if job.quantizes(n) else job.key(n)
-        entry = Entry("onnx", n, key, g.spec, job.entry_options(n),
+        key = f"{precision} before quantizing: {job.key(n)}" if job.quantizes(n) else job.key(n)
+        entry = Entry("onnx", n, key, g.spec, {**job.entry_options(n), "precision": precision},
                       {f"onnx/{f}": job.manifest.file_record(f"onnx/{f}") for f in info["files"]},
                       record={"export_s": info["export_s"], "external_data": info["external_data"]})
         job.progress(f"    exported in {info['export_s']:.1f} s, "

@@ -1,4 +1,5 @@
-"""`--precision int8 | fp8`: the UNet as a Q/DQ ONNX graph, calibrated on real edits, with a quality report.
+"""`--precision` of a quantized row of config.PRECISIONS (int8, fp8): the UNet as a Q/DQ ONNX graph, calibrated
+on real edits, with a quality report.
 
 The UNet runs `steps` x 3 CFG branches per edit, so it is the graph quantized; the others stay fp16. Before any
 work (`prepare`, called by run_export before the output folder is touched): every option in range, the calibration
@@ -10,14 +11,15 @@ the device's ONNX Runtime provider and Model Optimizer present. Then, after the 
    steps each, at the profile's opt resolution, batch 1), every UNet call's inputs kept: every timestep of the
    schedule, the three CFG branches (the CFG batch is one UNet input) and the BIM residual of each edit;
 2. NVIDIA Model Optimizer's ONNX quantizer (`modelopt.onnx.quantization.quantize`, calibrating in ONNX Runtime on the
-   same device) writes the Q/DQ graph: Conv and MatMul weights per channel, activations per tensor, INT8 (entropy or
-   max calibrator) or FP8 E4M3 (max); the non-quantized parts fp16, inputs and outputs fp16 as before; external data
-   when the fp16 graph has it or the graph passes protobuf's 2 GB. Kept in fp16 by name (`KEPT_HIGH`): the time
-   embedding, `conv_in` (which the BIM residual is added to), the first resnet conv the sum feeds, `conv_out` and
-   the shortcut convs. It runs in a process of its own (quantizer.py), in a scratch folder
-   beside OUT/onnx/unet.onnx with its temporary files there too: its phases and each calibration call come back
-   over a pipe as progress lines (a heartbeat when it is silent), and Ctrl-C or any failure kills it and removes the
-   folder, so nothing it half-wrote is left, and the fp16 entry stays as it was until the quantized graph is done;
+   same device) writes the Q/DQ graph: Conv and MatMul weights per channel, activations per tensor, in the row's
+   quantize_mode with one of its calibrators (INT8: entropy or max; FP8 E4M3: max); the non-quantized parts fp16,
+   inputs and outputs fp16 as before; external data when the fp16 graph has it or the graph passes protobuf's 2 GB.
+   Kept in fp16 by name (`KEPT_HIGH`): the time embedding, `conv_in` (which the BIM residual is added to), the first
+   resnet conv the sum feeds, `conv_out` and the shortcut convs. It runs in a process of its own (quantizer.py), in a
+   scratch folder beside OUT/onnx/unet.onnx with its temporary files there too: its phases and each calibration call
+   come back over a pipe as progress lines (a heartbeat when it is silent), and Ctrl-C or any failure kills it and
+   removes the folder, so nothing it half-wrote is left, and the fp16 entry stays as it was until the quantized graph
+   is done;
 3. the quality report: `report_edits` fixed edits (fixed seeds, prompts and drawn images, none from the calibration
    set) with the fp16 UNet and with the quantized one, the other graphs the same: PSNR and SSIM of the final images,
    and each step's eps error of the quantized UNet on the fp16 edit's own inputs. Below `min_psnr` the export fails
@@ -25,8 +27,8 @@ the device's ONNX Runtime provider and Model Optimizer present. Then, after the 
 
 OUT/onnx/unet.onnx is the quantized graph; the fp16 graph it came from stays as OUT/onnx/unet.fp16.onnx (both in
 the entry, hashed, with their external data files), so smartedit-verify can run the quality report again. The
-entry's precision stays "fp16" (its inputs' and outputs' dtype); `options.quantization` records the mode, the
-calibration and the layers kept in fp16.
+entry's precision is the quantized one (its row gives the fp16 inputs and outputs); `options.quantization` records
+the calibration and the layers kept in fp16.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from smartedit.config import MAX_SEED, check_seed
+from smartedit.config import MAX_SEED, PRECISIONS, QUANTIZED_PRECISIONS, Precision, check_seed, precision_named
 from smartedit.engines.artifacts import Artifacts
 from smartedit.engines.onnxruntime import OnnxRuntimeRunner, session
 from smartedit.errors import ExportError, InputError, RunError, UnavailableError
@@ -63,8 +65,8 @@ from smartedit.pipeline import SmartEditPipeline
 from smartedit.scheduler import MAX_STEPS
 from smartedit.vision import to_rgb
 
-MODES = ("int8", "fp8")
-CALIBRATORS = ("entropy", "max")  # what modelopt's ONNX path has for INT8 (no SmoothQuant, no percentile)
+CALIBRATORS = tuple(dict.fromkeys(c for n in QUANTIZED_PRECISIONS for c in PRECISIONS[n].calibrators))
+QUANTIZING = "/".join(QUANTIZED_PRECISIONS)  # the flags' help: "int8/fp8"
 MODELOPT_VERSION = "0.47.0"
 # Module paths (read through each node's weight name: the exported node names are generic) kept in fp16
 KEPT_HIGH = re.compile(r"\.(time_embedding|conv_in|conv_out|time_emb_proj|conv_shortcut)\.|"
@@ -103,43 +105,46 @@ class QuantizeOptions:
 
     FLAGS = {
         "--calibration-edits": dict(dest="calibration_edits", type=int, default=8,
-                                    help="int8/fp8: calibration edits run through the fp16 graphs (every step's UNet "
-                                         f"inputs are kept), 1 to {MAX_CALIBRATION_EDITS}"),
+                                    help=f"{QUANTIZING}: calibration edits run through the fp16 graphs (every step's "
+                                         f"UNet inputs are kept), 1 to {MAX_CALIBRATION_EDITS}"),
         "--calibration-steps": dict(dest="calibration_steps", type=int, default=10,
-                                    help="int8/fp8: denoising steps of each calibration and report edit, 1 to "
+                                    help=f"{QUANTIZING}: denoising steps of each calibration and report edit, 1 to "
                                          f"{MAX_STEPS}"),
         "--calibration-seed": dict(dest="calibration_seed", type=int, default=0,
-                                   help="int8/fp8: seed of the calibration edits (noise, template, drawn images)"),
+                                   help=f"{QUANTIZING}: seed of the calibration edits (noise, template, drawn images)"),
         "--calibration-images": dict(dest="calibration_images", default=None, metavar="DIR",
-                                     help="int8/fp8: a folder of PNG/JPEG/WebP images only, used in name order "
+                                     help=f"{QUANTIZING}: a folder of PNG/JPEG/WebP images only, used in name order "
                                           "(default: images drawn from the seed; real photos calibrate a trained "
                                           "model better)"),
         "--calibrator": dict(dest="calibrator", choices=list(CALIBRATORS), default=None,
-                             help="int8: Model Optimizer's activation calibrator (default entropy); fp8 takes max "
-                                  "only"),
+                             help="Model Optimizer's activation calibrator, the precision's first by default: "
+                                  + "; ".join(f"{n}: {', '.join(PRECISIONS[n].calibrators)}"
+                                              for n in QUANTIZED_PRECISIONS)),
         "--min-psnr": dict(dest="min_psnr", type=float, default=20.0, metavar="DB",
-                           help="int8/fp8: the export fails when a report edit's PSNR against the fp16 edit is "
+                           help=f"{QUANTIZING}: the export fails when a report edit's PSNR against the fp16 edit is "
                                 "below this, 0 to 100 (20 dB catches a broken graph: black or noise images score "
                                 "5-12 dB; raise it for a trained model once its report says what it reaches)"),
         "--report-edits": dict(dest="report_edits", type=int, default=4,
-                               help=f"int8/fp8: fixed edits of the quality report (seeds 0..N-1), 1 to "
+                               help=f"{QUANTIZING}: fixed edits of the quality report (seeds 0..N-1), 1 to "
                                     f"{MAX_REPORT_EDITS}"),
     }
 
-    mode: str = "int8"
+    precision: Precision  # a quantized row of config.PRECISIONS (its name is taken too)
     calibration_edits: int = 8
     calibration_steps: int = 10
     calibration_seed: int = 0
     calibration_images: str | None = None
-    calibrator: str | None = None  # None: entropy for int8, max for fp8
+    calibrator: str | None = None  # None: the precision's first calibrator
     min_psnr: float = 20.0
     report_edits: int = 4
     device: str = "cpu"  # the export's --device: the calibration and report edits and Model Optimizer's calibration
     images: tuple = field(default=(), compare=False, repr=False)  # `prepare`: the calibration images, downscaled
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"quantization mode must be one of {list(MODES)}, got {self.mode!r}")
+        p = precision_named(self.precision) if isinstance(self.precision, str) else self.precision
+        if not p.quantized:
+            raise InputError(f"--precision {p.name} quantizes nothing; quantizing: {list(QUANTIZED_PRECISIONS)}")
+        object.__setattr__(self, "precision", p)
         for flag, v, top in (("--calibration-edits", self.calibration_edits, MAX_CALIBRATION_EDITS),
                              ("--calibration-steps", self.calibration_steps, MAX_STEPS),
                              ("--report-edits", self.report_edits, MAX_REPORT_EDITS)):
@@ -149,11 +154,12 @@ class QuantizeOptions:
         if self.calibration_seed > MAX_SEED - self.calibration_edits:  # edit i is seeded calibration_seed + i
             raise InputError(f"--calibration-seed {self.calibration_seed} + {self.calibration_edits} edits passes "
                              "2^63-1 (edit i takes seed + i): use a smaller seed")
-        calibrator = self.calibrator or ("entropy" if self.mode == "int8" else "max")
+        calibrator = self.calibrator or p.calibrators[0]
         if calibrator not in CALIBRATORS:
             raise InputError(f"--calibrator must be one of {list(CALIBRATORS)}, got {self.calibrator!r}")
-        if self.mode == "fp8" and calibrator != "max":
-            raise InputError(f"--calibrator {calibrator}: --precision fp8 calibrates with max only")
+        if calibrator not in p.calibrators:
+            raise InputError(f"--calibrator {calibrator}: --precision {p.name} calibrates with "
+                             f"{' or '.join(p.calibrators)} only")
         object.__setattr__(self, "calibrator", calibrator)
         m = self.min_psnr
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m <= MAX_PSNR_DB:  # NaN fails too
@@ -168,17 +174,17 @@ class QuantizeOptions:
             _image_files(Path(self.calibration_images))  # the folder's listing now; its images in `prepare`
 
     @classmethod
-    def from_flags(cls, mode: str, a) -> "QuantizeOptions":
+    def from_flags(cls, precision: Precision, a) -> "QuantizeOptions":
         """The options of parsed flags; a flag left at None takes the default here."""
         given = {kw["dest"]: getattr(a, kw["dest"]) for kw in cls.FLAGS.values()
                  if getattr(a, kw["dest"], None) is not None}
-        return cls(mode=mode, device=getattr(a, "device", None) or "cpu", **given)
+        return cls(precision=precision, device=getattr(a, "device", None) or "cpu", **given)
 
     @property
     def record(self) -> dict[str, Any]:
         """What the manifest keeps (and the entry's key hashes): the images folder by name, not by path; not the
-        device (it changes how fast, not what)."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("images", "device")}
+        precision (the entry's own) nor the device (it changes how fast, not what)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("precision", "images", "device")}
         d["calibration_images"] = Path(self.calibration_images).name if self.calibration_images else None
         return d
 
@@ -264,8 +270,8 @@ def prepare(opts: QuantizeOptions, spec: GraphSpec, resolution: int, vision_side
     try:
         import modelopt.onnx.quantization  # noqa: F401
     except ImportError as e:
-        raise UnavailableError(f"--precision {opts.mode} needs NVIDIA Model Optimizer's ONNX quantizer ({e}): "
-                               "pip install -e '.[quantize]'") from None
+        raise UnavailableError(f"--precision {opts.precision.name} needs NVIDIA Model Optimizer's ONNX quantizer "
+                               f"({e}): pip install -e '.[quantize]'") from None
     providers(opts.device)
     calls = opts.calibration_edits * opts.calibration_steps
     need = calls * call_bytes(spec)
@@ -465,13 +471,13 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def quality(pipe: SmartEditPipeline, base: OnnxRuntimeRunner, graph: str, fp16: Path, quantized: Path, fp8: bool,
+def quality(pipe: SmartEditPipeline, base: OnnxRuntimeRunner, graph: str, fp16: Path, quantized: Path,
             opts: QuantizeOptions, resolution: int, progress: Callable[[str], None]) -> dict[str, Any]:
     """The quantized graph's edits against the fp16 graph's at fixed seeds, prompts and images (see the module)."""
     from skimage.metrics import structural_similarity
 
     fp16_graph = session(fp16, base.providers)  # both opened once for every edit
-    quantized_graph = session(quantized, base.providers, basic=fp8)
+    quantized_graph = session(quantized, base.providers, basic=opts.precision.onnxruntime_basic)
     edits, per_step = [], []
     report_set = [(drawn_image(10_000 + i), REPORT_INSTRUCTIONS[i % len(REPORT_INSTRUCTIONS)])
                   for i in range(opts.report_edits)]  # drawn, never the user's: smartedit-verify redraws them
@@ -506,13 +512,12 @@ def quality(pipe: SmartEditPipeline, base: OnnxRuntimeRunner, graph: str, fp16: 
 
 def options_of(entry: Entry) -> QuantizeOptions | None:
     """The QuantizeOptions an entry was quantized with (None: not quantized)."""
-    q = entry.options.get("quantization")
-    if not q:
+    if not PRECISIONS[entry.precision].quantized:
         return None
-    fields = {k: q[k] for k in QuantizeOptions.__dataclass_fields__ if k in q and k not in ("images", "device")}
-    if fields.get("mode") == "fp8":
-        fields.pop("calibrator", None)  # fp8 calibrates with max whatever an older export recorded
-    return QuantizeOptions(**{**fields, "calibration_images": None})
+    q = entry.options["quantization"]
+    fields = {k: q[k] for k in QuantizeOptions.__dataclass_fields__
+              if k in q and k not in ("precision", "images", "device")}
+    return QuantizeOptions(precision=entry.precision, **{**fields, "calibration_images": None})
 
 
 def verify_quality(out: Path, source, entry: Entry, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -525,8 +530,7 @@ def verify_quality(out: Path, source, entry: Entry, progress: Callable[[str], No
         raise ExportError(f"the quantized {entry.graph} entry lists no {fp16.name}: re-run the export")
     pipe = SmartEditPipeline.from_weights(source.load("cpu", torch.float32, only=[]))
     resolution = entry.options["quantization"]["calibration_resolution"]
-    return quality(pipe, OnnxRuntimeRunner(arts), entry.graph, fp16, main, opts.mode == "fp8", opts, resolution,
-                   progress)
+    return quality(pipe, OnnxRuntimeRunner(arts), entry.graph, fp16, main, opts, resolution, progress)
 
 
 def produce(job, opts: QuantizeOptions) -> None:
@@ -536,7 +540,8 @@ def produce(job, opts: QuantizeOptions) -> None:
     entries = job.manifest.entries("onnx")
     missing = [g for g in GRAPH_NAMES if g not in entries]
     if missing:  # run_export refuses this before any work; here it would be a bug
-        raise ExportError(f"--precision {opts.mode} calibrates on whole edits: the onnx export lacks {missing}")
+        raise ExportError(f"--precision {opts.precision.name} calibrates on whole edits: the onnx export lacks "
+                          f"{missing}")
     fp16_entry = entries[graph]
     folder = job.out / "onnx"
     main, kept = folder / f"{graph}.onnx", folder / f"{graph}.fp16.onnx"
@@ -546,7 +551,7 @@ def produce(job, opts: QuantizeOptions) -> None:
     pipe = SmartEditPipeline.from_weights(job.source.load("cpu", torch.float32, only=[]))
     base = OnnxRuntimeRunner(Artifacts(job.out, "onnx"), providers(opts.device))
     resolution = job.profile.opt_res
-    job.progress(f"[{graph}] {opts.mode}: {opts.calibration_edits} calibration edits through the fp16 graphs "
+    job.progress(f"[{graph}] {opts.precision.name}: {opts.calibration_edits} calibration edits through the fp16 graphs "
                  f"({opts.calibration_steps} steps, {resolution} px, ONNX Runtime on {opts.device}) ...")
     recorder = _Recorder(base, graph, fp16_entry.precision)
     pipe.runner = recorder
@@ -566,26 +571,28 @@ def produce(job, opts: QuantizeOptions) -> None:
     calibrator = opts.calibrator
     with scratch_folder(folder / graph) as work:  # .unet.tmp-*: no ".onnx" in the quantizer's paths (see above)
         t1 = time.perf_counter()
-        job.progress(f"    Model Optimizer {opts.mode} ({calibrator} calibrator, {len(calls)} calls on {opts.device}), "
+        mode = opts.precision.quantize_mode
+        job.progress(f"    Model Optimizer {mode} ({calibrator} calibrator, {len(calls)} calls on {opts.device}), "
                      f"{len(exclude)} layers kept in fp16 ...")
-        quantized = modelopt_quantize(main, work, opts.mode, calib, shapes, exclude, calibrator, opts.device,
+        quantized = modelopt_quantize(main, work, mode, calib, shapes, exclude, calibrator, opts.device,
                                       folder / f"{graph}.quantize.log", job.progress)
         del calib
         quantize_s = time.perf_counter() - t1
         job.progress(f"    quantized in {quantize_s:.1f} s; quality report: {opts.report_edits} fixed edits ...")
         base = OnnxRuntimeRunner(Artifacts(job.out, "onnx"), providers(opts.device))  # its unet is never opened
-        report = quality(pipe, base, graph, main, quantized, opts.mode == "fp8", opts, resolution, job.progress)
+        report = quality(pipe, base, graph, main, quantized, opts, resolution, job.progress)
         # the fp16 entry goes only now, and the files move in: nothing runs an entry whose files are moving
         job.forget("onnx", graph)
         fp16_files = _keep_fp16(main, kept, work)
         for f in [*_external_files(quantized), quantized]:  # data first, the graph last
             move_into_place(f, folder / f.name)
     rels = [f"onnx/{main.name}", *(f"onnx/{f.name}" for f in _external_files(main)), *fp16_files]
-    settings = {"mode": opts.mode, **opts.record, "kept_fp16": exclude, "kept_fp16_modules": KEPT_HIGH.pattern,
+    settings = {**opts.record, "kept_fp16": exclude, "kept_fp16_modules": KEPT_HIGH.pattern,
                 "tool": f"nvidia-modelopt {MODELOPT_VERSION} (modelopt.onnx.quantization)",
                 "calibration_calls": len(calls), "calibration_resolution": resolution,
                 "calibration_device": opts.device}
-    entry = Entry("onnx", graph, job.key(graph), fp16_entry.spec, {**fp16_entry.options, "quantization": settings},
+    options = {**job.entry_options(graph), "quantization": settings}  # the precision: the quantized one
+    entry = Entry("onnx", graph, job.key(graph), fp16_entry.spec, options,
                   {rel: job.manifest.file_record(rel) for rel in rels},
                   record={**fp16_entry.record, "quantize_s": quantize_s})
     entry.verified = report["passed"]
@@ -594,9 +601,9 @@ def produce(job, opts: QuantizeOptions) -> None:
                  f"{report['eps_rel_error_max']}: {'PASS' if report['passed'] else 'FAIL'} (--min-psnr "
                  f"{opts.min_psnr:g})")
     if not report["passed"]:
-        raise ExportError(f"the {opts.mode} UNet's edits fall below --min-psnr {opts.min_psnr:g} dB against the fp16 "
-                          f"edits (worst {report['worst_psnr_db']}): recorded as failed, which no runner runs; see "
-                          f"{job.out / 'report.json'}")
+        raise ExportError(f"the {opts.precision.name} UNet's edits fall below --min-psnr {opts.min_psnr:g} dB "
+                          f"against the fp16 edits (worst {report['worst_psnr_db']}): recorded as failed, which no "
+                          f"runner runs; see {job.out / 'report.json'}")
 
 
 def _release_memory() -> None:

@@ -42,7 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from smartedit.config import SmartEditConfig
+from smartedit.config import EXPORT_PRECISIONS, QUANTIZED_PRECISIONS, Precision, SmartEditConfig, precision_named
 from smartedit.errors import InputError, RunError
 from smartedit.files import write_json
 from smartedit.graphs import (
@@ -56,13 +56,12 @@ from smartedit.graphs import (
     parse_graph_names,
 )
 from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, load_json, loads_json
-from smartedit.graphs.spec import DIM_MEANINGS, EXPORT_PRECISIONS, ProfileOptions
+from smartedit.graphs.spec import DIM_MEANINGS, ProfileOptions
 from smartedit.scheduler import get_sampler
 from smartedit.weights import ModelSource
 
 from . import targets
 from .job import ExportJob, Target
-from .quantize import MODES as QUANTIZED
 from .quantize import QuantizeOptions
 from .quantize import prepare as prepare_quantize
 from .onnx import NoExamplePoint, export_point
@@ -86,30 +85,35 @@ def toolchain() -> dict[str, str | None]:
 
 
 def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
-               target: str = "onnx", precision: str = "fp16", graph_names: str | list[str] | None = None,
+               target: str = "onnx", precision: Precision | str = "fp16", graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
                target_options=None, quantize=None, progress: Callable[[str], None] = print,
                cache_branch: int | None = None) -> Manifest:
     """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
-    `out`; see targets.TARGETS. `target_options`: the target's TargetOptions (its defaults when None). Argument
-    problems are refused before any model is loaded. `cache_branch`: also export the DeepCache graphs (unet_deep,
-    unet_shallow) at this skip branch."""
+    `out`; see targets.TARGETS. `precision`: a row of config.PRECISIONS (or its name); a quantized one quantizes
+    the unet with `quantize` (its defaults when None). `target_options`: the target's TargetOptions (its defaults when
+    None). Argument problems are refused before any model is loaded. `cache_branch`: also export the DeepCache graphs
+    (unet_deep, unet_shallow) at this skip branch."""
     t = targets.get(target)
     target_options = t.options() if target_options is None else target_options
     if not isinstance(target_options, t.options):
         raise InputError(f"--target {target} takes {t.options.__name__}, got {type(target_options).__name__}")
-    if precision in QUANTIZED:  # the unet quantized, the other graphs (and the unet's inputs and outputs) fp16
-        quantize = quantize or QuantizeOptions(mode=precision)
-        if quantize.mode != precision:
-            raise InputError(f"--precision {precision} with quantization options for {quantize.mode}")
+    precision = precision_named(precision) if isinstance(precision, str) else precision
+    if not precision.exported:
+        raise InputError(f"--precision {precision.name} is not exported (eager PyTorch only); smartedit-export "
+                         f"builds {', '.join(EXPORT_PRECISIONS)}")
+    if precision.quantized:  # the unet quantized, the other graphs (and the unet's inputs and outputs) its dtype
+        quantize = quantize or QuantizeOptions(precision=precision)
+        if quantize.precision != precision:
+            raise InputError(f"--precision {precision.name} with quantization options for "
+                             f"{quantize.precision.name}")
         if not t.quantized:
-            raise InputError(f"--target {target} takes --precision {' or '.join(EXPORT_PRECISIONS)}; int8 and fp8 "
-                             "quantize the ONNX UNet (targets onnx, trt, trt-rtx, triton)")
-        precision = "fp16"
-    elif precision not in EXPORT_PRECISIONS:
-        raise InputError(f"precision must be one of {list(EXPORT_PRECISIONS) + list(QUANTIZED)}, got {precision!r}")
-    else:
-        quantize = None
+            plain = [n for n in EXPORT_PRECISIONS if n not in QUANTIZED_PRECISIONS]
+            raise InputError(f"--target {target} takes --precision {' or '.join(plain)}; "
+                             f"{', '.join(QUANTIZED_PRECISIONS)} quantize the ONNX UNet (targets "
+                             f"{', '.join(n for n, x in targets.TARGETS.items() if x.quantized)})")
+    elif quantize is not None:
+        raise InputError(f"--precision {precision.name} quantizes nothing: no quantization options")
     if opset < 18:
         raise InputError(f"opset must be >= 18 (the dynamo exporter's minimum), got {opset}")
     source = ModelSource(model=model) if model is not None else ModelSource(preset=preset, seed=seed)
@@ -164,7 +168,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
 
 def _with_deepcache(names: list[str], cfg, cache_branch: int | None, quantize) -> list[str]:
     """The graphs to export with the DeepCache pair added when `cache_branch` is given (InputError: a DeepCache graph
-    named without a branch, a branch outside this UNet's, or with --precision int8 / fp8, which quantizes the unet
+    named without a branch, a branch outside this UNet's, or with a quantized precision, which quantizes the unet
     graph only)."""
     if cache_branch is None:
         named = [n for n in names if n in DEEPCACHE_GRAPHS]
@@ -173,24 +177,27 @@ def _with_deepcache(names: list[str], cfg, cache_branch: int | None, quantize) -
         return names
     check_cache_branch(cfg, cache_branch)
     if quantize is not None:
-        raise InputError("--deepcache exports fp16 / fp32 graphs; --precision int8 / fp8 quantizes the unet graph "
-                         "only (export the DeepCache graphs into another folder)")
+        raise InputError(f"--deepcache exports unquantized graphs; --precision {quantize.precision.name} quantizes "
+                         "the unet graph only (export the DeepCache graphs into another folder)")
     return [n for n in GRAPHS if n in names or n in DEEPCACHE_GRAPHS]
 
 
-def _check_calibration_graphs(manifest: Manifest, names: list[str], precision: str) -> None:
+def _check_calibration_graphs(manifest: Manifest, names: list[str], precision: Precision) -> None:
     """Quantization calibrates on whole edits through the onnx graphs: those this export does not write must be in
-    the manifest already, at the export's precision, and not failed (InputError naming them, before any work)."""
+    the manifest already, in the precision it leaves unquantized (fp16), and not failed (InputError naming them,
+    before any work)."""
     entries = manifest.entries("onnx")
     missing = [g for g in GRAPH_NAMES if g not in names and g not in entries]
     if missing:
-        raise InputError(f"--precision int8/fp8 calibrates on whole edits: {manifest.root} has no onnx {missing} "
-                         f"and --graphs {','.join(names)} does not export them (export every graph: --graphs all)")
+        raise InputError(f"--precision {precision.name} calibrates on whole edits: {manifest.root} has no onnx "
+                         f"{missing} and --graphs {','.join(names)} does not export them (export every graph: "
+                         "--graphs all)")
     bad = [f"{g} ({entries[g].refused() or 'precision ' + entries[g].precision})" for g in GRAPH_NAMES
-           if g not in names and (entries[g].refused() or entries[g].precision != precision)]
+           if g not in names and (entries[g].refused() or entries[g].precision != precision.unquantized.name)]
     if bad:
-        raise InputError(f"--precision int8/fp8 calibrates on whole edits through the onnx graphs, and --graphs "
-                         f"{','.join(names)} leaves {', '.join(bad)} as they are: export them too (--graphs all)")
+        raise InputError(f"--precision {precision.name} calibrates on whole edits through the onnx graphs, and "
+                         f"--graphs {','.join(names)} leaves {', '.join(bad)} as they are: export them too "
+                         "(--graphs all)")
 
 
 def _manifest_or_none(out: Path) -> Manifest | None:

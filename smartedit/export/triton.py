@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smartedit.config import PRECISIONS
 from smartedit.errors import ArtifactError, ExportError, InputError
 from smartedit.files import sha256_file, staged
 from smartedit.serve.repository import (
@@ -70,11 +71,11 @@ def stage_config(entry: Entry, kind: str, profile: int | None = None, files: dic
     refuses shapes outside the profile before any work) and `files`, its version folder's {name: sha256}."""
     mc, _ = model_config_pb()
     spec = entry.spec
-    fp8 = entry.options.get("quantization", {}).get("mode") == "fp8"  # ONNX Runtime: optimisations up to BASIC
+    basic = PRECISIONS[entry.precision].onnxruntime_basic  # ONNX Runtime: optimisations up to BASIC
     if kind == "onnx":
         c = mc.ModelConfig(name=spec.name, backend="onnxruntime", max_batch_size=0)
-        if fp8:
-            c.optimization.graph.level = -1  # the onnxruntime backend's BASIC (its extended fusions reject FP8 Q/DQ)
+        if basic:
+            c.optimization.graph.level = -1  # the onnxruntime backend's BASIC
     elif kind == "trt":
         c = mc.ModelConfig(name=spec.name, platform="tensorrt_plan", max_batch_size=0)
     else:
@@ -82,7 +83,6 @@ def stage_config(entry: Entry, kind: str, profile: int | None = None, files: dic
         c.parameters["spec"].string_value = json.dumps(spec.to_dict(), sort_keys=True)
         c.parameters["precision"].string_value = entry.precision
         c.parameters["files"].string_value = json.dumps(files or {}, sort_keys=True)
-        c.parameters["basic_optimizations"].string_value = "1" if fp8 else "0"
     for tensors, add in ((spec.inputs, c.input.add), (spec.outputs, c.output.add)):
         for t in tensors:
             dtype = str(t.torch_dtype(entry.precision)).removeprefix("torch.")

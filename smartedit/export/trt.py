@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from smartedit.config import RESOLUTION_STEP
+from smartedit.config import PRECISIONS, RESOLUTION_STEP
 from smartedit.engines.trt import import_tensorrt
 from smartedit.errors import ExportError, InputError, UnavailableError
 from smartedit.files import write_atomic
@@ -272,18 +272,17 @@ def _layer_information(flavor: Flavor, plan: bytes, plan_path: Path, logger) -> 
         return f"not written: {type(e).__name__}: {e}"
 
 
-# the GPUs with FP8 tensor cores (Ada SM89, Hopper SM90, Blackwell SM100/SM120...): TensorRT builds FP8 Q/DQ nowhere else
-FP8_MIN_CAPABILITY = 89
-
-
 def _check(target: str, build: BuildOptions, quantize) -> None:
-    """Before the (long) ONNX export: TensorRT is here, targets something, and each GPU has the quantized type."""
+    """Before the (long) ONNX export: TensorRT is here, targets something, and each GPU has the quantized type (its
+    precision's min_capability: TensorRT builds its Q/DQ nowhere else)."""
     caps = Flavor(import_tensorrt(target), target).resolve_targets(build.compute_capabilities)
-    if quantize is not None and quantize.mode == "fp8":
-        no_fp8 = [c for c in caps if int(c) < FP8_MIN_CAPABILITY]
-        if no_fp8:
-            raise InputError(f"--precision fp8 needs a GPU with FP8 (compute capability {FP8_MIN_CAPABILITY} or "
-                             f"newer); SM{', SM'.join(no_fp8)} has none: build those with --precision int8 or fp16")
+    least = quantize.precision.min_capability if quantize is not None else None
+    below = [c for c in caps if least is not None and int(c) < least]
+    if below:
+        others = [n for n, p in PRECISIONS.items()
+                  if p.exported and all(int(c) >= (p.min_capability or 0) for c in below)]
+        raise InputError(f"--precision {quantize.precision.name} needs a GPU of compute capability {least} or newer; "
+                         f"SM{', SM'.join(below)} is older: build those with --precision {' or '.join(others)}")
 
 
 def produce(job: ExportJob) -> None:

@@ -116,7 +116,7 @@ class _Reference:
         ref = g.module(pipe.stages, pipe.null_text_embeds).eval()
         if e.precision == "fp32":
             return ref, None
-        at = copy.deepcopy(ref).to(device=device, dtype=PRECISIONS[e.precision])
+        at = copy.deepcopy(ref).to(device=device, dtype=PRECISIONS[e.precision].dtype)
         return ref, (at if device == "cpu" else OnDevice(at, device))
 
 
@@ -146,7 +146,7 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
         result["not_run"].append(f"{target} ({', '.join(entries)}) vs PyTorch: {why}")
         return
     for g, e in entries.items():
-        if e.options.get("quantization"):  # judged by its quality report, not by fp16's bound
+        if PRECISIONS[e.precision].quantized:  # judged by its quality report, not by fp16's bound
             _verify_quantized(out, target, g, e, source, result, progress)
             continue
         ref, at = reference.modules(e, device)
@@ -168,12 +168,12 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
 
 def _verify_quantized(out: Path, target: str, g: str, e: Entry, source: ModelSource, result: dict,
                       progress) -> None:
-    mode = e.options["quantization"]["mode"]
     if target != "onnx":
-        result["not_run"].append(f"{target}/{g} ({mode}) vs the fp16 graph: built from the quantized onnx/{g}.onnx, "
+        result["not_run"].append(f"{target}/{g} ({e.precision}) vs the fp16 graph: built from the quantized "
+                                 f"onnx/{g}.onnx, "
                                  "whose quality report smartedit-verify runs in ONNX Runtime")
         return
-    progress(f"{target}/{g}: {mode} quality report again (its edits against the fp16 graph's) ...")
+    progress(f"{target}/{g}: {e.precision} quality report again (its edits against the fp16 graph's) ...")
     report = verify_quality(out, source, e, progress)
     result["parity"].setdefault(target, {})[g] = {"passed": report["passed"], "backend": "onnxruntime",
                                                   "quantization": report}

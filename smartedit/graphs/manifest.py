@@ -1,6 +1,6 @@
 """The manifest of an export folder, OUT/manifest.json: one schema whatever the target.
 
-    {"manifest_version": 3,
+    {"manifest_version": 4,
      "source":    what the graphs were exported from (a checkpoint's file hashes, or a random preset and seed),
      "toolchain": library versions of the export,
      "artifacts": {target: {graph: entry}},       target: onnx | trt | trt-rtx | aoti
@@ -13,7 +13,8 @@ Every entry has the same fields:
     source                   the sha256 of the source it was exported from: an entry copied in from another export
                              (another source) is refused by every runner and by smartedit-verify
     spec                     the graph spec (smartedit.graphs.spec), with its full dynamic range
-    options                  precision, fold_cfg, profile, and the target's own options
+    options                  precision (a name in smartedit.config.PRECISIONS: a quantized UNet's says int8 or
+                             fp8, its row the fp16 inputs and outputs), fold_cfg, profile, and the target's own options
     files                    {path relative to OUT: {"sha256", "bytes"}}
     requires                 what a runner must match to run it: {"tensorrt": "10.7.0", "compute_capability":
                              ["86", "80"]} or {"torch": "2.13.0", "device": {"type": "cuda", "capability": "9.0"}}
@@ -41,13 +42,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from smartedit.config import PRECISIONS
 from smartedit.errors import ArtifactError
 from smartedit import files
 from smartedit.files import MAX_JSON_BYTES, sha256_file, sha256_file_cached, write_json
 
 from .spec import DimRange, GraphSpec, parse_dim
 
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 MAX_MANIFEST_BYTES = MAX_JSON_BYTES
 
@@ -97,7 +99,7 @@ class Entry:
         if self.verified is not False:
             return None
         check = ("its quality report fell below --min-psnr against the fp16 graph"
-                 if self.options.get("quantization") else "it did not match PyTorch")
+                 if PRECISIONS[self.precision].quantized else "it did not match PyTorch")
         return (f"{self.target}/{self.graph} failed its check at export ({check}; verified: false in the manifest, "
                 f"see report.json): it is not run; re-run smartedit-export --target {self.target}")
 
@@ -133,6 +135,8 @@ class Entry:
                 raise TypeError(f"source must be a sha256 string, got {entry.source!r}")
             if not any(entry.verified is v for v in (True, False, None)):  # not 1 or 0
                 raise TypeError(f"verified must be true, false or null, got {entry.verified!r}")
+            if not isinstance(entry.precision, str) or entry.precision not in PRECISIONS:
+                raise ValueError(f"options.precision must be one of {list(PRECISIONS)}, got {entry.precision!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{where}: malformed manifest entry ({type(e).__name__}: {e})") from None
         _check_bounded(entry.spec, where)

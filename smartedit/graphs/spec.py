@@ -25,9 +25,8 @@ from smartedit.config import (
 )
 from smartedit.errors import InputError
 
-# dtype tags: "float" follows the graph's precision (fp16 / fp32 / bf16); the others are fixed
+# dtype tags: "float" follows the graph's precision (its row's dtype: fp16 for int8); the others are fixed
 DTYPES = {"float32": torch.float32, "int64": torch.int64}
-EXPORT_PRECISIONS = ("fp16", "fp32")  # what the exporters build (bf16: eager only)
 MIN_SUFFIX = NUM_IMG_TOKENS + 1  # a forced-mode suffix: at least one id, then <img_0>..<img_31>
 
 
@@ -50,7 +49,7 @@ class TensorSpec:
     values: str = "randn"  # how sample inputs are drawn: randn | image | token_ids | img_suffix_ids | timestep | sigma | guidance
 
     def torch_dtype(self, precision: str) -> torch.dtype:
-        return PRECISIONS[precision] if self.dtype == "float" else DTYPES[self.dtype]
+        return PRECISIONS[precision].dtype if self.dtype == "float" else DTYPES[self.dtype]
 
 
 _EXPR = re.compile(r"^(?:(\d+)\*)?([A-Za-z_]\w*)$")

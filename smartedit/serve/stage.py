@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from smartedit.config import PRECISIONS
 from smartedit.errors import ArtifactError, InputError
 from smartedit.files import sha256_file_cached
 from smartedit.graphs.spec import GraphSpec
@@ -53,7 +54,7 @@ class TritonPythonModel:
                 raise RuntimeError(f"smartedit: ArtifactError: {path} is missing or does not match the sha256 the "
                                    f"export recorded ({sha[:12]}...): re-run smartedit-export --target triton")
         options = ort.SessionOptions()
-        if params.get("basic_optimizations", {}).get("string_value") == "1":  # an FP8 Q/DQ graph (export/triton.py)
+        if PRECISIONS[self.precision].onnxruntime_basic:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         self.session = ort.InferenceSession(str(version / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
