@@ -191,6 +191,11 @@ def _tensorrt_vs_onnxruntime(manifest: Manifest, target: str, entries: dict[str,
                              reference: _Reference, result: dict, progress) -> None:
     """Each plan against its intact ONNX graph, both run by Polygraphy, where TensorRT and a GPU run here."""
     plain = [g for g, e in entries.items() if not e.refused() and not e.options.get("quantization") and g in onnx]
+    stripped = [g for g in plain if entries[g].options.get("strip_weights")]
+    if stripped:  # Polygraphy's EngineFromBytes runs a plan as it is; the project's runner refits these at load
+        result["not_run"].append(f"{target} ({', '.join(stripped)}) vs ONNX Runtime through Polygraphy: "
+                                 "weight-stripped plans (--strip-weights) run only refitted, by the trt backend")
+        plain = [g for g in plain if g not in stripped]
     if not plain:
         return
     why = onnx_parity.why_no_tensorrt(target)

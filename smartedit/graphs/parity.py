@@ -1,4 +1,6 @@
-"""Parity of an exported graph with PyTorch: the check every export and `smartedit-verify` run.
+"""Parity of an exported graph with PyTorch: the check every export and `smartedit-verify` run. Here: the shape
+points, PyTorch's reference outputs there (`references`) and the bound; the ONNX graphs are compared through
+Polygraphy (smartedit.export.onnx_parity), the runners it has no runner for by `compare`.
 
     fp32: |got - torch| <= 1e-4 * max(1, max|ref|)  (different kernels, same precision).
     fp16: |got - ref32| <= k * |torch16 - ref32| + 1e-3 * max|ref|: bounded by PyTorch's own fp16 error
