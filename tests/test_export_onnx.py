@@ -1,4 +1,5 @@
-"""smartedit-export --target onnx on the tiny preset: every graph, fp32 and fp16, checked in ONNX Runtime."""
+"""smartedit-export --target onnx on the tiny preset: every graph, fp32 and fp16, checked in ONNX Runtime (through
+Polygraphy)."""
 
 import json
 import os
@@ -54,6 +55,8 @@ def test_every_graph_exports_checks_and_matches_pytorch(exported):
         assert len(points) >= 2, f"{name} checked at one shape only"
         for c in r["comparisons"]:
             assert c["cosine"] > 0.999 and c["max_abs_err"] <= c["bound"]
+            assert c["stats"]["comparator"] == "polygraphy onnxruntime vs pytorch-fp32"  # checked through Polygraphy
+            assert c["stats"]["verdict"] == "PASSED" and c["stats"]["atol"] == c["bound"], c
 
 
 def test_dynamic_dims_survive_in_the_onnx_inputs(exported):
@@ -260,3 +263,52 @@ def test_cli_export_then_edit_on_onnxruntime(tmp_path, test_image, capsys):
                                       "onnxruntime", "--artifacts", tmp_path / "plain", "--image", tmp_path / "in.png",
                                       "--instruction", "x", "--out", tmp_path / "o.png"], capsys)
     assert code == 2 and "not an smartedit-export output folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_perturbed_onnx_graph_fails_polygraphy_naming_the_output(onnx_export, tiny_pipe, tmp_path, capsys):
+    """One weight of the vae_decoder changed in a copy (with the onnx package, the hash re-recorded so the file is
+    run): smartedit-verify's Polygraphy comparison fails it, naming the output; PyTorch's saved outputs and inputs
+    load with Polygraphy's own loaders and hold what the fp32 module gives on those inputs."""
+    import shutil
+
+    from onnx import numpy_helper
+    from polygraphy.comparator import RunResults
+    from polygraphy.json import load_json
+
+    from smartedit.export.onnx_parity import PYTORCH, compare_onnx
+    from smartedit.export.verify import main as verify
+
+    out = tmp_path / "perturbed"
+    shutil.copytree(onnx_export("fp32"), out)
+    path = out / "onnx" / "vae_decoder.onnx"
+    model = onnx.load(str(path))
+    w = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the largest weight
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) + np.float32(0.5), w.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"]["onnx"] = {"vae_decoder": manifest["artifacts"]["onnx"]["vae_decoder"]}
+    manifest["artifacts"]["onnx"]["vae_decoder"]["files"]["onnx/vae_decoder.onnx"] = {
+        "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, err = run_cli(verify, [out, "--preset", "tiny", "--random-weights"], capsys)
+    assert code == 1 and "onnx/vae_decoder onnxruntime vs PyTorch at 2 shapes: FAIL (worst image:" in stdout, stdout
+    assert "      image: FAILED | max absdiff" in stdout and "polygraphy onnxruntime vs pytorch-fp32" in stdout
+    assert "FAILED:" in err and "onnx/vae_decoder" in err and len(err.strip().splitlines()) == 1
+    result = json.loads((out / "verify.json").read_text())["parity"]["onnx"]["vae_decoder"]
+    assert not result["passed"] and {c["stats"]["verdict"] for c in result["comparisons"]} == {"FAILED"}
+
+    g = graph_table(tiny_pipe.config, SMALL)["vae_decoder"]
+    ref = g.module(tiny_pipe.stages).eval()
+    points = verification_points(g.spec)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    comps = compare_onnx(path, g.spec, ref, "fp32", None, points, folder=saved)
+    assert [c.output for c in comps if not c.passed] == ["image", "image"]
+    results = RunResults.load(str(saved / "vae_decoder.pytorch.json"))
+    feeds = load_json(str(saved / "vae_decoder.inputs.json"))
+    assert list(results.keys()) == [PYTORCH] and len(results[PYTORCH]) == len(feeds) == len(points)
+    for point, feed, it in zip(points, feeds, results[PYTORCH]):
+        x = g.spec.sample_inputs(point, "fp32", seed=1)
+        assert list(feed) == list(x) and all(np.array_equal(feed[k], x[k].numpy()) for k in x)
+        with torch.no_grad():
+            assert_close(torch.from_numpy(np.asarray(it["image"])), ref(*x.values()), atol=0, msg=str(point))

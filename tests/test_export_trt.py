@@ -134,6 +134,8 @@ def test_verify_reports_what_it_cannot_run_and_catches_damage(built, tmp_path, c
     if NO_GPU:
         assert "not run: trt-rtx (llava, qformer_bim, unet, vae_encoder, vae_decoder) vs PyTorch: needs a CUDA GPU " \
                "and there is none here" in stdout
+        assert "not run: trt-rtx (llava, qformer_bim, unet, vae_encoder, vae_decoder) vs ONNX Runtime through " \
+               "Polygraphy: needs a CUDA GPU and there is none here" in stdout
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
     (damaged / "trt-rtx" / "unet.plan").write_bytes(b"broken")

@@ -138,11 +138,13 @@ class ExportJob:
             return ref, copy.deepcopy(ref).to(device=device, dtype=self.precision.dtype)
         return ref, ref.to(device=device)
 
-    def check(self, entry: Entry, what: str, run: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]],
-              ref: nn.Module, at_precision: nn.Module, **report: Any) -> dict[str, Any] | None:
-        """With verification on: the artifact (`run`, inputs -> outputs, run by `what`) against fp32 PyTorch at the
-        spec's verification points (and PyTorch at the export precision, the bound's scale); sets entry.verified
-        and returns its report (`report`: more fields for it). None when verification is off."""
+    def check(self, entry: Entry, what: str, compare: Callable[..., list[parity.Comparison]], ref: nn.Module,
+              at_precision: nn.Module, **report: Any) -> dict[str, Any] | None:
+        """With verification on: the artifact against fp32 PyTorch at the spec's verification points (and PyTorch at
+        the export precision, the bound's scale), by `compare(spec, ref, precision, model_at_precision, points) ->
+        comparisons` (an ONNX file: onnx_parity.compare_onnx through Polygraphy; a runner Polygraphy has none for:
+        functools.partial(parity.compare, run)), run by `what`; sets entry.verified and returns its report
+        (`report`: more fields for it). None when verification is off."""
         if not self.verify:
             return None
         spec = self.graphs[entry.graph].spec
@@ -150,7 +152,7 @@ class ExportJob:
         precision = entry.precision  # what the artifact is in (the unet before it is quantized: fp16)
         t0 = time.perf_counter()
         self.progress(f"    checking in {what} at {len(points)} shapes ...")
-        comps = parity.compare(run, spec, ref, precision, at_precision if precision != "fp32" else None, points)
+        comps = compare(spec, ref, precision, at_precision if precision != "fp32" else None, points)
         entry.verified = all(c.passed for c in comps)
         report = {"passed": entry.verified, "precision": precision, **report,
                   "comparisons": parity.as_dicts(comps)}

@@ -1,4 +1,5 @@
-"""`--target onnx`: each graph exported with torch.onnx's dynamo exporter and checked in ONNX Runtime against PyTorch.
+"""`--target onnx`: each graph exported with torch.onnx's dynamo exporter and checked in ONNX Runtime against PyTorch
+(through Polygraphy: onnx_parity).
 
 The dynamo exporter traces without computing (fake tensors), so fp16 graphs export on a CPU in seconds to minutes,
 keeps the spec's named dynamic dims ("3*B", "8*h8"), and runs onnxscript's optimizer (constant folding, dead-code
@@ -8,6 +9,7 @@ and redundancy cleanup) on the result. ONNX shape inference then annotates every
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from pathlib import Path
@@ -15,13 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smartedit.engines.onnxruntime import run_file
 from smartedit.errors import ExportError
 from smartedit.files import move_into_place, scratch_folder
 from smartedit.graphs.manifest import Entry
 from smartedit.graphs.spec import GraphSpec, parse_dim
 
 from .job import ExportJob, Target
+from .onnx_parity import compare_onnx
 
 TWO_GB = 2**31
 
@@ -155,7 +157,7 @@ def produce(job: ExportJob) -> None:
                       record={"export_s": info["export_s"], "external_data": info["external_data"]})
         job.progress(f"    exported in {info['export_s']:.1f} s, "
                      f"{sum(f['bytes'] for f in entry.files.values()) / 1e6:.1f} MB")
-        report = job.check(entry, "ONNX Runtime", lambda x: run_file(path, x), ref, at_precision)
+        report = job.check(entry, "ONNX Runtime", functools.partial(compare_onnx, path), ref, at_precision)
         if entry.verified is False:
             failed.append(n)
         job.record(entry, report)

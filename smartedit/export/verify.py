@@ -4,9 +4,15 @@
 2. parity: given the source model (--model DIR, or --preset P --random-weights), every graph of every target runs on
    the backend of the registry that runs that target (ONNX Runtime, AOTInductor, TensorRT), on this machine where it
    can, and is compared with fp32 PyTorch at the two shapes the export checked, with the export's bound (PyTorch's
-   own fp16 error, smartedit.graphs.parity). A target that cannot run here (no GPU, no TensorRT, built for another
-   torch) is listed with the reason, not failed. An entry whose check failed at export (verified: false) is reported
-   failed and not run.
+   own fp16 error, smartedit.graphs.parity). The ONNX graphs on the CPU go through Polygraphy (onnx_parity: PyTorch's
+   outputs saved as its RunResults, its OnnxrtRunner and Comparator, one line per output in its terms); the other
+   runners are compared by hand (parity.compare: Polygraphy has no runner for an AOTInductor package, and the
+   TensorRT runner's own profile choice is what an edit runs). A quantized graph is judged by its whole-edit PSNR
+   report (quantize.verify_quality), a metric over finished images rather than one graph's outputs. A target that
+   cannot run here (no GPU, no TensorRT, built for another torch) is listed with the reason, not failed. An entry
+   whose check failed at export (verified: false) is reported failed and not run.
+3. TensorRT against ONNX Runtime (trt, trt-rtx): each plan in Polygraphy's TrtRunner against its ONNX graph in
+   ONNX Runtime on the same inputs, where a GPU and the TensorRT package run; otherwise listed as not run, with why.
 Writes OUT/verify.json. Exit status 1 if anything checked failed.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,6 +44,7 @@ from smartedit.graphs.spec import ProfileOptions
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.weights import ModelSource
 
+from . import onnx_parity
 from .aoti import OnDevice
 from .quantize import verify_quality
 from .run import lock_output
@@ -52,7 +60,7 @@ def verify_artifacts(out: str | Path, source: ModelSource | None = None,
 
 def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[str], None]) -> dict:
     out = manifest.root
-    result: dict = {"integrity": {}, "parity": {}, "not_run": []}
+    result: dict = {"integrity": {}, "parity": {}, "tensorrt_vs_onnxruntime": {}, "not_run": []}
     intact: dict[str, dict[str, Entry]] = {}
     for target, entries in manifest.artifacts.items():
         for g in [n for n in GRAPHS if n in entries]:  # the DeepCache pair too, where exported
@@ -91,7 +99,10 @@ def _verify(manifest: Manifest, source: ModelSource | None, progress: Callable[[
             raise InputError(reason)
         reference = _Reference(source, progress)
         for target, entries in intact.items():
-            _verify_target(out, target, entries, source, reference, result, progress)
+            _verify_target(manifest, target, entries, source, reference, result, progress)
+            if target in TENSORRT_TARGETS:
+                _tensorrt_vs_onnxruntime(manifest, target, entries, intact.get("onnx", {}), reference, result,
+                                         progress)
     write_json(out / "verify.json", result)
     return result
 
@@ -120,8 +131,9 @@ class _Reference:
         return ref, (at if device == "cpu" else OnDevice(at, device))
 
 
-def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: ModelSource, reference: _Reference,
-                   result: dict, progress) -> None:
+def _verify_target(manifest: Manifest, target: str, entries: dict[str, Entry], source: ModelSource,
+                   reference: _Reference, result: dict, progress) -> None:
+    out = manifest.root
     refused = [g for g, e in entries.items() if e.refused()]
     if refused:  # reported failed by _verify; no runner opens the target
         rest = [g for g in entries if g not in refused]
@@ -153,9 +165,13 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
         points = parity.verification_points(e.spec)
         progress(f"{target}/{g}: {backend.name} on {device} vs PyTorch at {len(points)} shapes ...")
         t0 = time.perf_counter()
+        if backend.name == "onnxruntime" and device == "cpu":
+            compare = functools.partial(onnx_parity.compare_onnx, manifest.file(f"onnx/{g}.onnx"))
+        else:
+            compare = functools.partial(parity.compare, lambda x: list(
+                runner.run(g, {k: v.to(device) for k, v in x.items()}).values()))
         try:
-            comps = parity.compare(lambda x: list(runner.run(g, {k: v.to(device) for k, v in x.items()}).values()),
-                                   e.spec, ref, e.precision, at, points)
+            comps = compare(e.spec, ref, e.precision, at, points)
         except ArtifactError as err:  # a file that passed its hash but does not load: a failure, not "not run"
             result["parity"].setdefault(target, {})[g] = {"passed": False, "backend": backend.name, "error": str(err)}
             progress(f"{target}/{g}: FAILED to load: {err}")
@@ -164,6 +180,47 @@ def _verify_target(out: Path, target: str, entries: dict[str, Entry], source: Mo
         result["parity"].setdefault(target, {})[g] = {"passed": ok, "backend": backend.name, "device": device,
                                                       "comparisons": parity.as_dicts(comps)}
         progress(parity.summary(f"{target}/{g} {backend.name}", comps, time.perf_counter() - t0))
+        for line in onnx_parity.describe(comps):
+            progress(line)
+
+
+TENSORRT_TARGETS = ("trt", "trt-rtx")
+
+
+def _tensorrt_vs_onnxruntime(manifest: Manifest, target: str, entries: dict[str, Entry], onnx: dict[str, Entry],
+                             reference: _Reference, result: dict, progress) -> None:
+    """Each plan against its intact ONNX graph, both run by Polygraphy, where TensorRT and a GPU run here."""
+    plain = [g for g, e in entries.items() if not e.refused() and not e.options.get("quantization") and g in onnx]
+    stripped = [g for g in plain if entries[g].options.get("strip_weights")]
+    if stripped:  # Polygraphy's EngineFromBytes runs a plan as it is; the project's runner refits these at load
+        result["not_run"].append(f"{target} ({', '.join(stripped)}) vs ONNX Runtime through Polygraphy: "
+                                 "weight-stripped plans (--strip-weights) run only refitted, by the trt backend")
+        plain = [g for g in plain if g not in stripped]
+    if not plain:
+        return
+    why = onnx_parity.why_no_tensorrt(target)
+    if why is not None:
+        result["not_run"].append(f"{target} ({', '.join(plain)}) vs ONNX Runtime through Polygraphy: {why}")
+        return
+    for g in plain:
+        e = entries[g]
+        ref, at = reference.modules(e, "cpu")
+        points = parity.verification_points(e.spec)
+        progress(f"{target}/{g}: Polygraphy's TrtRunner vs its OnnxrtRunner at {len(points)} shapes ...")
+        t0 = time.perf_counter()
+        try:
+            comps = onnx_parity.compare_tensorrt(manifest.file(f"{target}/{g}.plan"), manifest.file(f"onnx/{g}.onnx"),
+                                                 e.profile_specs(), e.spec, ref, e.precision, at, points)
+        except ArtifactError as err:
+            result["tensorrt_vs_onnxruntime"].setdefault(target, {})[g] = {"passed": False, "error": str(err)}
+            progress(f"{target}/{g}: FAILED: {err}")
+            continue
+        ok = all(c.passed for c in comps)
+        result["tensorrt_vs_onnxruntime"].setdefault(target, {})[g] = {"passed": ok,
+                                                                       "comparisons": parity.as_dicts(comps)}
+        progress(parity.summary(f"{target}/{g} TensorRT", comps, time.perf_counter() - t0, "ONNX Runtime"))
+        for line in onnx_parity.describe(comps):
+            progress(line)
 
 
 def _verify_quantized(out: Path, target: str, g: str, e: Entry, source: ModelSource, result: dict,
@@ -184,6 +241,8 @@ def _verify_quantized(out: Path, target: str, g: str, e: Entry, source: ModelSou
 def failed(result: dict) -> list[str]:
     bad = [f"integrity of {k} ({'; '.join(r['bad'])})" for k, r in result["integrity"].items() if r["bad"]]
     bad += [f"{t}/{g}" for t, rs in result["parity"].items() for g, r in rs.items() if not r["passed"]]
+    bad += [f"{t}/{g} vs onnx" for t, rs in result["tensorrt_vs_onnxruntime"].items() for g, r in rs.items()
+            if not r["passed"]]
     return bad
 
 

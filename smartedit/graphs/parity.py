@@ -1,4 +1,6 @@
-"""Parity of an exported graph with PyTorch: the check every export and `smartedit-verify` run.
+"""Parity of an exported graph with PyTorch: the check every export and `smartedit-verify` run. Here: the shape
+points, PyTorch's reference outputs there (`references`) and the bound; the ONNX graphs are compared through
+Polygraphy (smartedit.export.onnx_parity), the runners it has no runner for by `compare`.
 
     fp32: |got - torch| <= 1e-4 * max(1, max|ref|)  (different kernels, same precision).
     fp16: |got - ref32| <= k * |torch16 - ref32| + 1e-3 * max|ref|: bounded by PyTorch's own fp16 error
@@ -39,6 +41,34 @@ class Comparison:
     cosine: float
     bound: float
     passed: bool
+    # the comparator's own error statistics where one made the comparison (Polygraphy: mean / median absdiff,
+    # max / mean reldiff, its PASSED / FAILED), None for the hand-written one
+    stats: dict | None = None
+
+
+@dataclass
+class Reference:
+    """PyTorch at one shape point: the inputs at the export precision (what the artifact is fed), fp32 PyTorch's
+    outputs on the same values in fp32, and PyTorch's own outputs at the precision (fp16 only: the bound's scale)."""
+
+    point: dict[str, int]
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    at_precision: dict[str, torch.Tensor] | None
+
+    def bound(self, output: str, precision: str, k: float = 4.0) -> float:
+        """The largest |exported - fp32 PyTorch| that passes for `output` (the module docstring's rule)."""
+        r = self.outputs[output].double()
+        scale = r.abs().max().item()
+        if precision == "fp32":
+            return 1e-4 * max(1.0, scale)
+        torch_err = self.torch_err(output) or 0.0
+        return k * torch_err + 1e-3 * max(scale, 1e-6)
+
+    def torch_err(self, output: str) -> float | None:
+        if self.at_precision is None:
+            return None
+        return (self.at_precision[output].double() - self.outputs[output].double()).abs().max().item()
 
 
 # image-side dims in their units per 64 px step: h8/w8 (px / 64) move by 1, h/w (px / 8) by 8
@@ -74,36 +104,49 @@ def max_point_note(spec: GraphSpec) -> str | None:
             "of GB (attention memory grows with the square of the image area); checked at opt and a point near it")
 
 
-def compare(run: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]], spec: GraphSpec, ref_model: nn.Module,
-            precision: str, model_at_precision: nn.Module | None, points: list[dict[str, int]], seed: int = 1,
-            k: float = 4.0) -> list[Comparison]:
-    """`run(inputs at the precision, on the CPU) -> outputs` (an exported artifact) against fp32 PyTorch
-    (`ref_model`, and `model_at_precision` for PyTorch's own fp16 error) at each shape point."""
-    results = []
+def references(spec: GraphSpec, ref_model: nn.Module, precision: str, model_at_precision: nn.Module | None,
+               points: list[dict[str, int]], seed: int = 1) -> list[Reference]:
+    """fp32 PyTorch (`ref_model`, and `model_at_precision` for PyTorch's own fp16 error) at each shape point, on the
+    inputs an artifact is checked with (spec.sample_inputs at `seed`)."""
+    refs = []
     for point in points:
         if not spec.contains(point):
             raise InputError(f"{spec.name}: verification point {point} lies outside the profile {spec.dims}")
         x32 = spec.sample_inputs(point, "fp32", seed=seed)
         x = spec.sample_inputs(point, precision, seed=seed)
-        got = [g.detach().cpu() for g in run(x)]
+        names = [t.name for t in spec.outputs]
         with torch.no_grad():
-            ref = _as_tuple(ref_model(*x32.values()))
-            same = _as_tuple(model_at_precision(*x.values())) if model_at_precision is not None else None
+            ref = dict(zip(names, (o.detach().cpu() for o in _as_tuple(ref_model(*x32.values())))))
+            same = (dict(zip(names, (o.detach().cpu() for o in _as_tuple(model_at_precision(*x.values())))))
+                    if model_at_precision is not None else None)
+        refs.append(Reference(point, x, ref, same))
+    return refs
+
+
+def check_shape(spec: GraphSpec, output: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(want):
+        raise ExportError(f"{spec.name}.{output}: exported shape {tuple(got)} != PyTorch {tuple(want)}")
+
+
+def compare(run: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]], spec: GraphSpec, ref_model: nn.Module,
+            precision: str, model_at_precision: nn.Module | None, points: list[dict[str, int]], seed: int = 1,
+            k: float = 4.0) -> list[Comparison]:
+    """`run(inputs at the precision, on the CPU) -> outputs` (an exported artifact) against fp32 PyTorch
+    (`ref_model`, and `model_at_precision` for PyTorch's own fp16 error) at each shape point. Hand-written: the
+    runners Polygraphy has no runner for (AOTInductor packages, this project's TensorRT runner with its profile
+    choice) are checked here; ONNX artifacts go through Polygraphy (smartedit.export.onnx_parity)."""
+    results = []
+    for ref in references(spec, ref_model, precision, model_at_precision, points, seed):
+        got = [g.detach().cpu() for g in run(ref.inputs)]
         for i, t in enumerate(spec.outputs):
-            r, g = ref[i].double(), got[i].double()
-            if tuple(g.shape) != tuple(r.shape):
-                raise ExportError(f"{spec.name}.{t.name}: exported shape {tuple(g.shape)} != PyTorch "
-                                  f"{tuple(r.shape)}")
+            r, g = ref.outputs[t.name].double(), got[i].double()
+            check_shape(spec, t.name, g.shape, r.shape)
             err = (g - r).abs().max().item()
-            scale = r.abs().max().item()
             cos = torch.nn.functional.cosine_similarity(g.flatten(), r.flatten(), dim=0).item()
-            torch_err = (same[i].double() - r).abs().max().item() if same is not None else None
-            if precision == "fp32":
-                bound = 1e-4 * max(1.0, scale)
-            else:
-                bound = k * (torch_err or 0.0) + 1e-3 * max(scale, 1e-6)
+            bound = ref.bound(t.name, precision, k)
             ok = math.isfinite(err) and err <= bound
-            results.append(Comparison(point, t.name, err, scale, torch_err, cos, bound, ok))
+            results.append(Comparison(ref.point, t.name, err, r.abs().max().item(), ref.torch_err(t.name), cos, bound,
+                                      ok))
     return results
 
 
@@ -115,10 +158,10 @@ def as_dicts(cs: list[Comparison]) -> list[dict]:
     return [asdict(c) for c in cs]
 
 
-def summary(what: str, comps: list[Comparison], seconds: float) -> str:
+def summary(what: str, comps: list[Comparison], seconds: float, against: str = "PyTorch") -> str:
     """One line: pass/fail at how many shapes, and the comparison closest to its bound."""
     ok = all(c.passed for c in comps)
     worst = max(comps, key=lambda c: c.max_abs_err / max(c.bound, 1e-30))
-    return (f"    {what} vs PyTorch at {len({str(c.point) for c in comps})} shapes: {'PASS' if ok else 'FAIL'} "
+    return (f"    {what} vs {against} at {len({str(c.point) for c in comps})} shapes: {'PASS' if ok else 'FAIL'} "
             f"(worst {worst.output}: max err {worst.max_abs_err:.2e}, bound {worst.bound:.2e}, "
             f"cosine {worst.cosine:.6f}) in {seconds:.1f} s")
