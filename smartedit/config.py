@@ -231,6 +231,7 @@ DEFAULT_STEPS = 100
 DEFAULT_RESOLUTION = 256
 DEFAULT_GUIDANCE_SCALE = 7.5  # text
 DEFAULT_IMAGE_GUIDANCE_SCALE = 1.5  # image (the official script sweeps 1.4 / 1.5 / 1.6)
+DEFAULT_SEED = 0  # of the edit's noise
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 

@@ -15,8 +15,10 @@ reference computes:
 
 and the classifier-free guidance of InstructPix2Pix, written once: the 3-way batch [cond; null+img; null+zero-img]
 (`cfg_batch`) and the combine eps = u + g_t (t - i) + g_i (i - u) in fp32 (`cfg_combine`: g_t * (t - i) amplifies
-fp16 rounding; every backend and the C++ runtime use this one); and the cheaper batches of a guidance schedule
-(smartedit/guidance.py): 2 branches [cond; null+img] with eps = i + g_t (t - i), 1 branch [cond] with eps = t.
+fp16 rounding; every Python backend uses this one, and the --fold-cfg unet graph holds it, so the C++ runtime runs it
+there; on the plain graph the C++ loop writes the same combine again, runtime/src/denoiser.cpp); and the cheaper
+batches of a guidance schedule (smartedit/guidance.py): 2 branches [cond; null+img] with eps = i + g_t (t - i),
+1 branch [cond] with eps = t.
 """
 
 from __future__ import annotations

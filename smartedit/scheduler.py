@@ -26,6 +26,7 @@ folder records and an export's manifest carries.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
@@ -78,8 +79,13 @@ class Sampler:
         return self.scheduler.from_config(self.config)
 
     def record(self) -> dict[str, Any]:
-        """What a model folder saves and an export's manifest carries: name, diffusers class and config."""
-        return {"name": self.name, "class": self.scheduler.__name__, "config": self.config}
+        """What a model folder saves and an export's manifest carries: name, diffusers class and the config it runs
+        with, as diffusers' class fills it in (config plus its defaults: timestep_spacing, trained_betas, ...), so
+        that a reader without diffusers (the C++ runtime) builds the same schedule from it. A value JSON cannot
+        hold (dpm-solver++'s lambda_min_clipped -inf) is left out: an absent key is the class's default."""
+        full = self.diffusers_scheduler().config
+        config = {k: v for k, v in full.items() if not k.startswith("_") and _json_finite(v)}
+        return {"name": self.name, "class": self.scheduler.__name__, "config": config}
 
     def check_steps(self, steps: object) -> int:
         """A number of steps this sampler takes: an integer in 1..max_steps (InputError naming it otherwise)."""
@@ -359,13 +365,20 @@ def sampler_from_record(record: object, where: str) -> Sampler:
     config = record.get("config", sampler.config)
     if not isinstance(config, dict):
         raise InputError(f"{where}: the sampler's config must be a JSON object")
-    for key in sorted(set(config) | set(sampler.config)):
+    runs = sampler.diffusers_scheduler().config  # what it runs with
+    defaults = sampler.scheduler().config  # what diffusers reads for a key the record leaves out
+    for key in sorted(set(config) | set(runs)):
         if key.startswith("_"):  # diffusers' own bookkeeping (_class_name, _diffusers_version)
             continue
-        if config.get(key) != sampler.config.get(key):
-            raise InputError(f"{where}: sampler {sampler.name!r} runs with {key} = {sampler.config.get(key)!r}, the "
-                             f"record says {config.get(key)!r}; this toolchain runs only the listed config")
+        said = config.get(key, defaults.get(key))
+        if said != runs.get(key):
+            raise InputError(f"{where}: sampler {sampler.name!r} runs with {key} = {runs.get(key)!r}, the "
+                             f"record says {said!r}; this toolchain runs only the listed config")
     return sampler
+
+
+def _json_finite(value: object) -> bool:
+    return not (isinstance(value, float) and not math.isfinite(value))
 
 
 def check_steps(steps: object, sampler: str = DEFAULT_SAMPLER) -> int:

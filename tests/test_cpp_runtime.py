@@ -3,6 +3,7 @@ EulerAncestral table against diffusers', its safetensors I/O against the safeten
 loop around the AOTInductor UNet package (and the DeepCache pair) against SmartEditPipeline.denoise for the same
 seed."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AOTI_CACHE_BRANCH, assert_close, made_once
+from conftest import AOTI_CACHE_BRANCH, SMALL_PROFILE, assert_close, made_once
 from safetensors.torch import load_file, save_file
 
 from smartedit.engines.aoti import AOTIRunner
@@ -59,6 +60,9 @@ def test_schedule_equals_diffusers(runtime_bin, sampler, steps):
     got = json.loads(r.stdout)
     plan = get_sampler(sampler).plan(steps, "cpu")  # diffusers' timesteps and sigmas, its step's constants
     assert got["sampler"] == sampler
+    recorded = get_sampler(sampler).record()["config"]  # without a manifest: SmartEdit's config, key for key
+    assert {k: v for k, v in got["config"].items() if k in recorded} == {k: recorded[k] for k in got["config"]
+                                                                        if k in recorded}
     assert torch.equal(torch.tensor(got["table"], dtype=torch.float32), plan.table)
     assert len(got["columns"]) == plan.table.shape[1] and got["columns"][:2] == ["timestep", "sigma"]
     assert torch.tensor(got["init_noise_sigma"], dtype=torch.float32) == plan.init_noise_sigma
@@ -261,6 +265,108 @@ def test_the_edit_runs_the_sampler_its_manifest_records(runtime_bin, aoti_export
     r = _run(runtime_bin, "edit", "--artifacts", unipc, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "x.safetensors", "--steps", 1, "--sampler", "euler")
     assert r.returncode == 0 and json.loads(r.stdout)["sampler"] == "euler", r.stderr[-3000:]
+
+
+def _linked_with(src, dst, edit):
+    """_copy_with, the files hard-linked (the manifest rewritten): for runs that read the manifest only."""
+    shutil.copytree(src, dst, copy_function=os.link)
+    m = json.loads((dst / "manifest.json").read_text())
+    edit(m)
+    (dst / "manifest.json").unlink()  # a link to the shared export's manifest: replaced, not written through
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+MODEL_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset", "prediction_type")
+
+
+@pytest.mark.parametrize("recorded, sampler, changes", [
+    ("euler-ancestral", "euler-ancestral", {"beta_schedule": "linear", "beta_end": 0.02, "num_train_timesteps": 500}),
+    ("euler-ancestral", "euler-ancestral", {"timestep_spacing": "trailing"}),
+    ("euler-ancestral", "euler-ancestral", {"timestep_spacing": "leading", "steps_offset": 0}),
+    ("euler", "euler", {"timestep_spacing": "leading", "beta_start": 0.001}),
+    ("ddim", "ddim", {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    ("ddim", "ddim", {"timestep_spacing": "linspace"}),
+    ("euler-ancestral", "ddim", {"beta_end": 0.02, "timestep_spacing": "trailing"}),  # another sampler: see below
+])
+def test_the_schedule_follows_the_config_the_manifest_records(runtime_bin, aoti_export, tmp_path, recorded, sampler,
+                                                             changes):
+    """A manifest whose sampler config differs from SmartEdit's gives the table diffusers computes for that config.
+    Another sampler (--sampler) runs its own config on the recorded training schedule (SCHEDULER_CONFIG's keys)."""
+    record = SAMPLERS[recorded].record()
+    record["config"].update(changes)
+    art = _linked_with(aoti_export, tmp_path / "a", lambda m: m.update(sampler=record))
+    r = _run(runtime_bin, "schedule", 7, "--artifacts", art, *(["--sampler", sampler] if sampler != recorded else []))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    reference = SAMPLERS[sampler]
+    applies = changes if sampler == recorded else {k: v for k, v in changes.items() if k in MODEL_KEYS}
+    plan = dataclasses.replace(reference, options={**reference.options, **applies}).plan(7)  # diffusers' own
+    assert got["sampler"] == sampler
+    assert torch.equal(torch.tensor(got["table"], dtype=torch.float32), plan.table)
+    assert torch.tensor(got["init_noise_sigma"], dtype=torch.float32) == plan.init_noise_sigma
+
+
+def test_the_edit_takes_its_defaults_from_the_manifest(runtime_bin, aoti_export, tiny_pipe, test_image, tmp_path):
+    """The export records smartedit/config.py's defaults and each dim's pixels per unit; an edit without flags runs
+    the manifest's defaults (here changed by hand), a flag overrides them."""
+    from smartedit import config
+
+    m = json.loads((aoti_export / "manifest.json").read_text())
+    assert m["edit_defaults"] == {"steps": config.DEFAULT_STEPS, "guidance_scale": config.DEFAULT_GUIDANCE_SCALE,
+                                  "image_guidance_scale": config.DEFAULT_IMAGE_GUIDANCE_SCALE, "seed": 0}
+    assert m["dims"]["h8"]["px"] == config.RESOLUTION_STEP and m["dims"]["h"]["px"] == 8
+    defaults = {"steps": 2, "guidance_scale": 5.0, "image_guidance_scale": 1.25, "seed": 3}
+    art = _linked_with(aoti_export, tmp_path / "d", lambda m: m.update(edit_defaults=defaults))
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "in.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", art, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "a.safetensors")
+    assert r.returncode == 0 and json.loads(r.stdout)["steps"] == 2, r.stderr[-3000:]
+    r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "b.safetensors", "--steps", 2, "--seed", 3, "--guidance-scale", 5,
+             "--image-guidance-scale", 1.25)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["image"], load_file(tmp_path / "b.safetensors")["image"])
+    r = _run(runtime_bin, "edit", "--artifacts", art, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "c.safetensors", "--steps", 1)
+    assert r.returncode == 0 and json.loads(r.stdout)["steps"] == 1, r.stderr[-3000:]
+    r = _run(runtime_bin, "--help")
+    assert "the manifest's" in r.stdout and "edit_defaults" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def aoti_folded(aoti_export, tmp_path_factory):
+    """The shared export with its unet re-exported with --fold-cfg (the other graphs reused)."""
+    from smartedit.export.run import run_export
+    from smartedit.graphs.spec import ProfileOptions
+
+    out = tmp_path_factory.mktemp("aoti_folded") / "out"
+    shutil.copytree(aoti_export, out)
+    run_export(out, preset="tiny", target="aoti", precision="fp32", graph_names=["unet"], fold_cfg=True,
+               profile=ProfileOptions(**SMALL_PROFILE), progress=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("schedule", [None, ("--text-only-guidance", "0.5,1")])
+def test_a_folded_export_runs_its_graph_and_equals_the_pipelines_folded_edit(runtime_bin, aoti_folded, tiny_pipe,
+                                                                            test_image, tmp_path, schedule):
+    """smartedit-export --target aoti --fold-cfg: the C++ edit calls the folded unet (the combine inside it) and gives
+    the Python pipeline's image on the same packages bit for bit, with a guidance schedule's cheaper steps too."""
+    assert json.loads((aoti_folded / "manifest.json").read_text())["artifacts"]["aoti"]["unet"]["options"]["fold_cfg"]
+    save_file(tiny_pipe.runtime_inputs([test_image], ["make it blue"], resolution=256), tmp_path / "in.safetensors")
+    r = _run(runtime_bin, "edit", "--artifacts", aoti_folded, "--inputs", tmp_path / "in.safetensors",
+             "--out", tmp_path / "image.safetensors", "--steps", 3, "--seed", 1, *(schedule or ()))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(tmp_path / "image.safetensors")["image"]
+    packaged = SmartEditPipeline(tiny_pipe.config, tiny_pipe.tokenizer, tiny_pipe.stages, tiny_pipe.null_text_embeds,
+                                 random_weights=True, runner=AOTIRunner(Artifacts(aoti_folded, "aoti")))
+    assert packaged.runner.fold_cfg
+    prompt_embeds, residual = packaged.encode_condition([test_image], ["make it blue"])
+    latents = packaged.denoise(prompt_embeds, residual, packaged.encode_image([test_image], 256), steps=3,
+                               generator=torch.Generator().manual_seed(1),
+                               guidance_schedule=GuidanceSchedule(text_only=(0.5, 1.0)) if schedule else None)
+    want = packaged.decode(latents)
+    assert torch.equal(got, want), f"C++ vs Python, folded packages: max diff {(got - want).abs().max():.3e}"
 
 
 def test_the_runtime_reads_files_and_specs_from_the_manifest(runtime_bin, aoti_export, tiny_pipe, test_image,

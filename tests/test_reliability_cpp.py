@@ -241,6 +241,22 @@ def _entry_verified(value):
     return make
 
 
+def _manifest_with(edit):
+    """The manifest's sampler config, edit defaults or dims changed by hand: refused naming the key and value, before
+    any package loads."""
+    def make(c: Ctx):
+        manifest = _copied_artifacts(c) / "manifest.json"
+        m = json.loads(manifest.read_text())
+        edit(m)
+        manifest.write_text(json.dumps(m))
+        return c.edit(c.ok_edit())
+    return make
+
+
+def _sampler_config(**changes):
+    return _manifest_with(lambda m: m["sampler"]["config"].update(changes))
+
+
 def _unet_symlink_out_of_the_folder(c: Ctx):
     """The unet package a symlink to the same bytes outside the folder: the path resolves outside and is refused
     (the manifest's paths are checked after resolving links, not just by their spelling)."""
@@ -318,6 +334,23 @@ ROWS = [
     Row("entry_verified_not_a_boolean", _entry_verified("yes"), 2, "[aoti][unet]: 'verified' must be true, false"),
     Row("manifest_nested_100k_deep", _manifest_nested_100k_deep, 2, "nested deeper than 64 levels"),
     Row("manifest_over_64_mb", _manifest_over_64_mb, 2, "manifest.json is over 64 MB"),
+    # what the manifest records for the C++ side: built as recorded, or refused naming the key and value
+    Row("sampler_config_beta_schedule_unbuilt", _sampler_config(beta_schedule="squaredcos_cap_v2"), 2,
+        "sampler config beta_schedule = 'squaredcos_cap_v2': the C++ runtime builds 'linear' and 'scaled_linear'"),
+    Row("sampler_config_v_prediction", _sampler_config(prediction_type="v_prediction"), 2,
+        "sampler config prediction_type = 'v_prediction': the C++ runtime runs epsilon prediction only"),
+    Row("sampler_config_spacing_unknown", _sampler_config(timestep_spacing="sideways"), 2,
+        "sampler config timestep_spacing = 'sideways'"),
+    Row("sampler_config_beta_end_text", _sampler_config(beta_end="0.012"), 2,
+        "sampler config beta_end = '0.012': must be a number"),
+    Row("sampler_config_beta_end_1", _sampler_config(beta_end=1.5), 2, "sampler config beta_end = 1.5"),
+    Row("sampler_config_zero_snr", _sampler_config(rescale_betas_zero_snr=True), 2,
+        "sampler config rescale_betas_zero_snr = true: the C++ runtime does not build it"),
+    Row("edit_defaults_steps_0", _manifest_with(lambda m: m["edit_defaults"].update(steps=0)), 2,
+        "edit_defaults: steps = 0: must be an integer in [1, 1000]"),
+    Row("edit_defaults_guidance_text", _manifest_with(lambda m: m["edit_defaults"].update(guidance_scale="7.5")), 2,
+        "edit_defaults: guidance_scale = '7.5': must be a finite number"),
+    Row("dims_px_negative", _manifest_with(lambda m: m["dims"]["h8"].update(px=-64)), 2, "dims h8: px = -64"),
     # torch's own error (c10::Error) escaping to main: its first line, without the C++ backtrace
     Row("device_cuda_absent", lambda c: c.denoise(c.ok_denoise(), None, "--device", "cuda"), 1, "cuda",
         when=not torch.cuda.is_available()),

@@ -98,6 +98,8 @@ def test_unknown_sampler_and_a_record_of_another_config_are_refused():
         get_sampler("heun")
     record = SAMPLERS["ddim"].record()
     assert sampler_from_record(record, "x").name == "ddim"
+    assert record["config"]["timestep_spacing"] == "leading"  # diffusers' default, recorded for the C++ runtime
+    assert sampler_from_record({**record, "config": SAMPLERS["ddim"].config}, "x").name == "ddim"  # an older record
     assert sampler_from_record({**record, "config": {**record["config"], "_class_name": "DDIMScheduler"}}, "x")
     bad = {**record, "config": {**record["config"], "clip_sample": True}}
     with pytest.raises(InputError, match="x: sampler 'ddim' runs with clip_sample = False, the record says True"):

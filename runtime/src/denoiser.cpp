@@ -29,6 +29,7 @@ std::string number(double v) {
 
 void check_options(const DenoiseOptions& o) {
   check_sampler(o.sampler.empty() ? kDefaultSampler : o.sampler, o.steps);
+  if (o.scheduler) o.scheduler->check();
   o.guidance.check();
   check_deepcache_interval(o.deepcache);
   for (const auto& [name, v] : {std::pair{"guidance_scale", o.guidance_scale},
@@ -86,6 +87,7 @@ Denoiser::Denoiser(const std::string& unet_package, const c10::Device& device)
     : unet_(unet_package, device), device_(device) {
   if (unet_.graph() != "unet")
     throw std::invalid_argument(unet_package + " holds the " + unet_.graph() + " graph, not unet");
+  folded_ = unet_.input_name(0) == "latents";  // the --fold-cfg graph's first input (smartedit/graphs/unet.py)
 }
 
 void Denoiser::load_deepcache(const std::string& deep_package, const std::string& shallow_package) {
@@ -117,7 +119,9 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   const at::Tensor null = on_device(x.null_text_embeds), residual = on_device(x.bim_residual);
   const int64_t b = img.size(0);
 
-  const Schedule schedule = Schedule::build(o.sampler.empty() ? kDefaultSampler : o.sampler, o.steps);
+  const std::string sampler = o.sampler.empty() ? kDefaultSampler : o.sampler;
+  const Schedule schedule =
+      Schedule::build(sampler, o.steps, o.scheduler ? *o.scheduler : SchedulerConfig::smartedit(sampler));
   const at::Tensor table = schedule.table.to(device_);
   const std::vector<int> branches = o.guidance.branches(o.steps);
   const bool deepcache = o.deepcache > 1;  // 1: the plain loop on the unet package, as without DeepCache
@@ -143,9 +147,20 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
   const auto t0 = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
     const at::Tensor row = table[i];
+    const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
+    if (folded_ && !deepcache) {  // the graph scales, batches and combines: the scales that reduce its 3-way
+                                  // combine to the step's, as SmartEditPipeline.guided_eps gives them
+      const double g_text = branches[i] == 1 ? 1.0 : o.guidance_scale;
+      const double g_image = branches[i] == 3 ? o.image_guidance_scale : 1.0;
+      const at::Tensor guidance = at::tensor({static_cast<float>(g_text), static_cast<float>(g_image)});
+      const at::Tensor guided =
+          unet_.run({latents, img, t, row[kSigma].reshape({1}), prompt, residual, guidance})[0].to(dtype);
+      latents = sampler_step(schedule, latents, guided, row, schedule.noise ? step_noise[i] : at::Tensor());
+      finite.push_back(at::isfinite(latents).all());
+      continue;
+    }
     const at::Tensor x = latents / (row[kSigma].pow(2) + 1).pow(0.5);  // scale_model_input (sigma 0: x / 1)
     const at::Tensor sample = at::cat({at::cat({x, x, x}), image_part}, 1).contiguous();   // [3B,8,h,w]
-    const at::Tensor t = row[kTimestep].reshape({1}).contiguous();
     at::Tensor eps;                                                                           // [3B,4,h,w]
     if (!deepcache) {
       eps = unet_.run({sample, t, embeds, residual})[0];
@@ -156,8 +171,11 @@ at::Tensor Denoiser::run(const DenoiseInputs& x, const DenoiseOptions& o, double
     } else {  // the shallow path on the cached feature (3-way, as cached: the graphs take no other batch)
       eps = shallow_->run({sample, t, embeds, residual, feature})[0];
     }
-    // smartedit.model.cfg_combine: u + g_t (t - i) + g_i (i - u) in fp32 (g_t amplifies fp16 rounding), then cast;
-    // a cheaper step of the guidance schedule: i + g_t (t - i) (text-only), or t (the conditional branch alone)
+    // smartedit.model.cfg_combine, written again here (no Python in this process): u + g_t (t - i) + g_i (i - u) in
+    // fp32 (g_t amplifies fp16 rounding), then cast; a cheaper step of the guidance schedule: i + g_t (t - i)
+    // (text-only), or t (the conditional branch alone). It stays for the plain graph, which returns the batch's eps,
+    // and for the DeepCache pair, which takes the 3-way batch whatever --fold-cfg says; the --fold-cfg graph runs
+    // Python's combine inside it (above). tests/test_cpp_runtime.py checks both loops against the pipeline's.
     const auto parts = eps.to(at::kFloat).chunk(3);
     const at::Tensor guided =
         (branches[i] == 3 ? parts[2] + o.guidance_scale * (parts[0] - parts[1]) +

@@ -32,10 +32,6 @@ int64_t check_deepcache(const Manifest& m, int64_t interval) {
 
 Editor::Editor(const std::string& artifacts, const c10::Device& device)
     : manifest_(Manifest::load(artifacts, "aoti")), device_(device) {
-  const GraphArtifact& unet = manifest_.graph("unet");
-  if (unet.fold_cfg)
-    throw std::runtime_error(unet.file + " is the --fold-cfg unet graph; the C++ loop runs the plain one (its own "
-                             "CFG batch and combine): re-export without --fold-cfg");
   // the graphs this edit calls, as the Python pipeline does; the unet runs inside the Denoiser's loop. Every file is
   // checked against its sha256 before any package reaches libtorch's loader: a damaged folder is refused before the
   // (slow) loads, not half way through them
@@ -117,6 +113,7 @@ at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<st
   lap("vae_encode", latents);
   DenoiseOptions with_sampler = o;  // no sampler asked for: the one the export recorded
   if (with_sampler.sampler.empty()) with_sampler.sampler = manifest_.sampler();
+  if (!with_sampler.scheduler) with_sampler.scheduler = manifest_.scheduler_config(with_sampler.sampler);
   const at::Tensor denoised = denoiser_->run({latents, cond[0], x.null_text_embeds, cond[1]}, with_sampler);  // casts
   lap("denoise", denoised);
   const at::Tensor image = call("vae_decoder", {denoised})[0];                      // [B,3,H,W]

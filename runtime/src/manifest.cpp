@@ -3,6 +3,7 @@
 #include <openssl/evp.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "smartedit/json.h"
+#include "smartedit/sampler.h"
 
 namespace smartedit {
 
@@ -49,16 +51,84 @@ std::vector<TensorSpec> tensors(const Json& list, const std::string& where) {
   return out;
 }
 
-std::string describe(const std::string& dim, int64_t v, const DimRange& r) {
-  // spatial dims in image pixels: latent h/w are pixels / 8, h8/w8 pixels / 64
-  const int64_t px = (dim == "h" || dim == "w") ? 8 : (dim == "h8" || dim == "w8") ? 64 : 0;
-  if (px) {
-    return std::string("image ") + (dim[0] == 'h' ? "height " : "width ") + std::to_string(v * px) +
-           " px is outside the exported range " + std::to_string(r.min * px) + "-" + std::to_string(r.max * px) +
-           " px (re-export with --min-res / --max-res)";
+std::string describe(const std::string& dim, int64_t v, const DimRange& r,
+                     const std::map<std::string, DimMeaning>& meanings) {
+  const auto m = meanings.find(dim);
+  if (m != meanings.end() && m->second.px) {  // an image side, in image pixels (the manifest's pixels per unit)
+    const int64_t px = m->second.px;
+    return m->second.what + " " + std::to_string(v * px) + " px is outside the exported range " +
+           std::to_string(r.min * px) + "-" + std::to_string(r.max * px) + " px (re-export with " + m->second.flag +
+           ")";
   }
   return "dimension " + dim + " = " + std::to_string(v) + " is outside the exported profile [" +
-         std::to_string(r.min) + ", " + std::to_string(r.max) + "]";
+         std::to_string(r.min) + ", " + std::to_string(r.max) + "]" +
+         (m != meanings.end() ? " (re-export with " + m->second.flag + ")" : "");
+}
+
+std::string value_text(const Json& v) {
+  switch (v.kind) {
+    case Json::Kind::kNull: return "null";
+    case Json::Kind::kBool: return v.boolean ? "true" : "false";
+    case Json::Kind::kNumber: {
+      std::ostringstream s;
+      s.precision(17);
+      s << v.number;
+      return s.str();
+    }
+    case Json::Kind::kString: return "'" + v.string.substr(0, 100) + "'";
+    case Json::Kind::kArray: return "a list";
+    case Json::Kind::kObject: return "an object";
+  }
+  return "?";
+}
+
+// The keys of a diffusers scheduler config that SchedulerConfig does not hold, with the value under which they change
+// nothing this runtime builds (diffusers' defaults: what they switch on is not built here). The last three are read
+// only under thresholding / clip_sample.
+bool neutral(const std::string& key, const Json& v) {
+  static const std::set<std::string> kNull = {"trained_betas", "sigma_min", "sigma_max"};
+  static const std::set<std::string> kFalse = {"rescale_betas_zero_snr", "clip_sample", "thresholding",
+                                               "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"};
+  static const std::map<std::string, std::string> kText = {
+      {"interpolation_type", "linear"}, {"timestep_type", "discrete"}, {"final_sigmas_type", "zero"}};
+  static const std::set<std::string> kUnread = {"dynamic_thresholding_ratio", "clip_sample_range",
+                                                "sample_max_value"};
+  if (kNull.count(key)) return v.kind == Json::Kind::kNull;
+  if (kFalse.count(key)) return v.kind == Json::Kind::kBool && !v.boolean;
+  if (const auto t = kText.find(key); t != kText.end()) return v.kind == Json::Kind::kString && v.string == t->second;
+  return kUnread.count(key) > 0;
+}
+
+// The scheduler config a manifest records for `sampler` (smartedit/scheduler.py Sampler.record()["config"]); a key
+// it leaves out keeps SmartEdit's value. `strict` (a sampler this runtime runs): every other key must be neutral.
+SchedulerConfig scheduler_config_of(const Json& config, const std::string& sampler, bool strict,
+                                    const std::string& where) {
+  SchedulerConfig c = SchedulerConfig::smartedit(sampler);
+  const auto bad = [&](const std::string& key, const Json& v, const std::string& why) {
+    return std::runtime_error(where + ": sampler config " + key + " = " + value_text(v) + ": " + why);
+  };
+  for (const auto& [key, v] : config.object) {
+    if (key.rfind('_', 0) == 0) continue;  // diffusers' bookkeeping (_class_name, _diffusers_version)
+    if (key == "num_train_timesteps" || key == "steps_offset") {
+      if (v.kind != Json::Kind::kNumber || !v.is_uint || v.uint > 100000)
+        throw bad(key, v, "must be an integer in [0, 100000]");
+      (key == "steps_offset" ? c.steps_offset : c.num_train_timesteps) = static_cast<int64_t>(v.uint);
+    } else if (key == "beta_start" || key == "beta_end") {
+      if (v.kind != Json::Kind::kNumber) throw bad(key, v, "must be a number");
+      (key == "beta_start" ? c.beta_start : c.beta_end) = v.number;
+    } else if (key == "beta_schedule" || key == "timestep_spacing" || key == "prediction_type") {
+      if (v.kind != Json::Kind::kString) throw bad(key, v, "must be a string");
+      (key == "beta_schedule" ? c.beta_schedule : key == "timestep_spacing" ? c.timestep_spacing : c.prediction_type) =
+          v.string;
+    } else if (key == "set_alpha_to_one") {
+      if (v.kind != Json::Kind::kBool) throw bad(key, v, "must be true or false");
+      c.set_alpha_to_one = v.boolean;
+    } else if (strict && !neutral(key, v)) {
+      throw bad(key, v, "the C++ runtime does not build it (it builds a schedule from num_train_timesteps, the "
+                        "betas, timestep_spacing, steps_offset, prediction_type and set_alpha_to_one)");
+    }
+  }
+  return c;
 }
 
 bool is_sha256(const std::string& s) {
@@ -106,7 +176,7 @@ std::map<std::string, int64_t> GraphSpec::check(const std::vector<at::Tensor>& x
   }
   for (const auto& [dim, v] : point) {
     const DimRange& r = dims.at(dim);
-    if (v < r.min || v > r.max) throw std::invalid_argument(name + ": " + describe(dim, v, r));
+    if (v < r.min || v > r.max) throw std::invalid_argument(name + ": " + describe(dim, v, r, meanings));
   }
   return point;
 }
@@ -150,8 +220,55 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
   Manifest m;
   m.dir_ = artifacts_dir;
   m.target_ = target;
-  if (const Json* sampler = root.find("sampler"); sampler && sampler->kind != Json::Kind::kNull)
+  if (const Json* sampler = root.find("sampler"); sampler && sampler->kind != Json::Kind::kNull) {
     m.sampler_ = sampler->at("name", Json::Kind::kString, where + " sampler").string;
+    bool native = false;  // a sampler this runtime runs: its whole config must be one it builds
+    for (const SamplerInfo& s : samplers()) native = native || (s.native && m.sampler_ == s.name);
+    const Json* config = sampler->find("config");
+    m.recorded_ = config && config->kind != Json::Kind::kNull
+                      ? scheduler_config_of(sampler->at("config", Json::Kind::kObject, where + " sampler"),
+                                            m.sampler_, native, where)
+                      : SchedulerConfig::smartedit(m.sampler_);
+  }
+  if (const Json* d = root.find("edit_defaults"); d && d->kind != Json::Kind::kNull) {
+    const std::string w = where + " edit_defaults";
+    if (d->kind != Json::Kind::kObject) throw std::runtime_error(w + " must be a JSON object");
+    EditDefaults& e = m.edit_defaults_;
+    if (const Json* v = d->find("steps")) {
+      if (v->kind != Json::Kind::kNumber || !v->is_uint || v->uint < 1 || v->uint > static_cast<uint64_t>(kMaxSteps))
+        throw std::runtime_error(w + ": steps = " + value_text(*v) + ": must be an integer in [1, " +
+                                 std::to_string(kMaxSteps) + "]");
+      e.steps = static_cast<int64_t>(v->uint);
+    }
+    for (auto [key, field] : {std::pair{"guidance_scale", &e.guidance_scale},
+                              std::pair{"image_guidance_scale", &e.image_guidance_scale}})
+      if (const Json* v = d->find(key)) {
+        if (v->kind != Json::Kind::kNumber || !std::isfinite(v->number))
+          throw std::runtime_error(w + ": " + key + " = " + value_text(*v) + ": must be a finite number");
+        *field = v->number;
+      }
+    if (const Json* v = d->find("seed")) {
+      if (v->kind != Json::Kind::kNumber || !v->is_uint || v->uint > (uint64_t{1} << 63) - 1)
+        throw std::runtime_error(w + ": seed = " + value_text(*v) + ": must be an integer in [0, 2^63-1]");
+      e.seed = v->uint;
+    }
+  }
+  std::map<std::string, DimMeaning> meanings;
+  if (const Json* dims = root.find("dims"); dims && dims->kind != Json::Kind::kNull) {
+    const std::string w = where + " dims";
+    if (dims->kind != Json::Kind::kObject) throw std::runtime_error(w + " must be a JSON object");
+    for (const auto& [dim, d] : dims->object) {
+      DimMeaning meaning;
+      meaning.what = d.at("what", Json::Kind::kString, w + " " + dim).string;
+      meaning.flag = d.at("flag", Json::Kind::kString, w + " " + dim).string;
+      const Json& px = d.at("px", Json::Kind::kNumber, w + " " + dim);
+      if (!px.is_uint || px.uint > 4096)
+        throw std::runtime_error(w + " " + dim + ": px = " + value_text(px) + ": must be an integer in [0, 4096] "
+                                 "(image pixels per unit; 0: not an image side)");
+      meaning.px = static_cast<int64_t>(px.uint);
+      meanings[dim] = meaning;
+    }
+  }
   const fs::path root_dir = fs::weakly_canonical(dir);
   std::vector<std::string> unchecked;
   for (const auto& [graph, e] : entries->object) {
@@ -180,6 +297,7 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
     }
     const Json& spec = e.at("spec", Json::Kind::kObject, w);
     g.spec.name = spec.at("name", Json::Kind::kString, w + " spec").string;
+    g.spec.meanings = meanings;
     g.spec.inputs = tensors(spec.at("inputs", Json::Kind::kArray, w + " spec"), w + " spec input");
     g.spec.outputs = tensors(spec.at("outputs", Json::Kind::kArray, w + " spec"), w + " spec output");
     for (const auto& [dim, r] : spec.at("dims", Json::Kind::kObject, w + " spec").object) {
@@ -220,6 +338,27 @@ Manifest Manifest::load_unchecked(const std::string& artifacts_dir, const std::s
               << "checks them where they run\n";
   }
   return m;
+}
+
+SchedulerConfig Manifest::scheduler_config(const std::string& sampler) const {
+  SchedulerConfig c = SchedulerConfig::smartedit(sampler);
+  if (sampler == sampler_) {
+    c = recorded_;
+  } else {  // the recorded training schedule (SCHEDULER_CONFIG's keys), this sampler's own keys
+    c.num_train_timesteps = recorded_.num_train_timesteps;
+    c.beta_start = recorded_.beta_start;
+    c.beta_end = recorded_.beta_end;
+    c.beta_schedule = recorded_.beta_schedule;
+    c.steps_offset = recorded_.steps_offset;
+    c.prediction_type = recorded_.prediction_type;
+  }
+  try {
+    c.check();
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument((std::filesystem::path(dir_) / "manifest.json").string() + ": " + e.what() +
+                                " (sampler '" + sampler + "')");
+  }
+  return c;
 }
 
 const GraphArtifact& Manifest::graph(const std::string& name) const {

@@ -15,16 +15,37 @@ std::string number(double v) {
   return s.str();
 }
 
-// DDIM with InstructPix2Pix's config (diffusers DDIMScheduler: "leading" spacing, steps_offset 1,
-// set_alpha_to_one false, clip_sample false, eta 0): timestep, sigma 0, sqrt(1 - a_t), sqrt(a_t), sqrt(a_prev),
-// sqrt(1 - a_prev - std^2), each by the tensor expression diffusers' step evaluates
-at::Tensor ddim_table(int64_t steps) {
-  const at::Tensor alphas_cumprod = train_alphas_cumprod();
-  const int64_t ratio = kTrainSteps / steps;
-  const at::Tensor final_alpha = alphas_cumprod[0];
+// DDIM, eta 0, no clipping (diffusers DDIMScheduler; SmartEdit's config: "leading" spacing, steps_offset 1,
+// set_alpha_to_one false): timestep, sigma 0, sqrt(1 - a_t), sqrt(a_t), sqrt(a_prev), sqrt(1 - a_prev - std^2), each
+// by the tensor expression diffusers' step evaluates
+at::Tensor ddim_table(const SchedulerConfig& c, int64_t steps) {
+  const int64_t n = c.num_train_timesteps;
+  const at::Tensor alphas_cumprod = train_alphas_cumprod(c);
+  const int64_t ratio = n / steps;  // the step's prev_timestep = t - n // steps, whatever the spacing
+  const at::Tensor final_alpha = c.set_alpha_to_one ? at::scalar_tensor(1.0, at::kFloat) : alphas_cumprod[0];
+  // set_timesteps' int64 timesteps, spacing by spacing (numpy float64, rounded half to even)
+  std::vector<int64_t> timesteps(steps);
+  for (int64_t i = 0; i < steps; ++i) {
+    if (c.timestep_spacing == "linspace") {
+      const double step = steps > 1 ? static_cast<double>(n - 1) / static_cast<double>(steps - 1) : 0.0;
+      const int64_t j = steps - 1 - i;
+      const double y = (steps > 1 && j == steps - 1) ? static_cast<double>(n - 1) : static_cast<double>(j) * step;
+      timesteps[i] = static_cast<int64_t>(std::nearbyint(y));
+    } else if (c.timestep_spacing == "leading") {
+      timesteps[i] = (steps - 1 - i) * ratio + c.steps_offset;
+    } else {  // trailing
+      const double r = static_cast<double>(n) / static_cast<double>(steps);
+      timesteps[i] = static_cast<int64_t>(std::nearbyint(static_cast<double>(n) - static_cast<double>(i) * r)) - 1;
+    }
+    if (timesteps[i] < 0 || timesteps[i] >= n)
+      throw std::invalid_argument("steps " + std::to_string(steps) + " of ddim with timestep_spacing '" +
+                                  c.timestep_spacing + "' and steps_offset " + std::to_string(c.steps_offset) +
+                                  " read timestep " + std::to_string(timesteps[i]) + ", outside the " +
+                                  std::to_string(n) + " training timesteps: take fewer steps");
+  }
   std::vector<at::Tensor> rows;
   for (int64_t i = 0; i < steps; ++i) {
-    const int64_t t = (steps - 1 - i) * ratio + 1, prev = t - ratio;
+    const int64_t t = timesteps[i], prev = t - ratio;
     const at::Tensor alpha_t = alphas_cumprod[t], alpha_prev = prev >= 0 ? alphas_cumprod[prev] : final_alpha;
     const at::Tensor beta_t = at::rsub(alpha_t, 1), beta_prev = at::rsub(alpha_prev, 1);
     const at::Tensor variance = (beta_prev / beta_t) * at::rsub(alpha_t / alpha_prev, 1);
@@ -37,11 +58,10 @@ at::Tensor ddim_table(int64_t steps) {
 }
 
 // Euler (no churn): timestep, sigma, dt = sigma_next - sigma * (0 + 1)
-at::Tensor euler_table(int64_t steps, at::Tensor* init_noise_sigma) {
+at::Tensor euler_table(const SchedulerConfig& c, int64_t steps, at::Tensor* init_noise_sigma) {
   std::vector<float> timesteps;
-  const at::Tensor s = linspace_sigmas(steps, &timesteps);
+  const at::Tensor s = euler_sigmas(c, steps, &timesteps, init_noise_sigma);
   const at::Tensor sigma = s.slice(0, 0, steps);
-  *init_noise_sigma = s.max();
   return at::stack({at::tensor(timesteps), sigma, s.slice(0, 1, steps + 1) - sigma * (0.0 + 1)}, 1).contiguous();
 }
 }  // namespace
@@ -73,22 +93,23 @@ void check_sampler(const std::string& sampler, int64_t steps) {
   throw std::invalid_argument("sampler must be one of " + names + ", got '" + sampler + "'");
 }
 
-Schedule Schedule::build(const std::string& sampler, int64_t steps) {
+Schedule Schedule::build(const std::string& sampler, int64_t steps, const SchedulerConfig& config) {
   check_sampler(sampler, steps);
+  config.check();
   Schedule out;
   out.sampler = sampler;
   if (sampler == "euler-ancestral") {
-    const AncestralSchedule a = AncestralSchedule::build(steps);
+    const AncestralSchedule a = AncestralSchedule::build(config, steps);
     out.columns = {"timestep", "sigma", "sigma_up", "dt = sigma_down - sigma"};
     out.table = a.table;
     out.init_noise_sigma = a.init_noise_sigma;
     out.noise = true;
   } else if (sampler == "euler") {
     out.columns = {"timestep", "sigma", "dt"};
-    out.table = euler_table(steps, &out.init_noise_sigma);
+    out.table = euler_table(config, steps, &out.init_noise_sigma);
   } else {  // ddim
     out.columns = {"timestep", "sigma", "sqrt_beta_t", "sqrt_alpha_t", "sqrt_alpha_prev", "direction"};
-    out.table = ddim_table(steps);
+    out.table = ddim_table(config, steps);
     out.init_noise_sigma = at::scalar_tensor(1.0, at::kFloat);
   }
   return out;

@@ -4,8 +4,11 @@
 //       out: image [B,3,H,W] in [-1, 1]
 //   smartedit-runtime denoise --unet OUT/aoti/unet.pt2 --inputs cond.safetensors --out latents.safetensors [options]
 //       in: image_latents, prompt_embeds, null_text_embeds, bim_residual; out: latents
-//   smartedit-runtime schedule STEPS [--sampler NAME]   (a sampler's table as JSON, for checking against diffusers)
-// options: --steps N (100) --seed S (0) --guidance-scale G (7.5) --image-guidance-scale G (1.5) --device cpu|cuda[:N]
+//   smartedit-runtime schedule STEPS [--sampler NAME] [--artifacts OUT]
+//       a sampler's config and table as JSON, for checking against diffusers: built from the config OUT's manifest
+//       records, or without --artifacts from SmartEdit's (smartedit/scheduler.py SAMPLERS), which needs no export
+// options: --steps N --seed S --guidance-scale G --image-guidance-scale G (edit: the manifest's edit_defaults;
+//          denoise, which reads no manifest: SmartEdit's 100, 0, 7.5, 1.5) --device cpu|cuda[:N]
 //          --sampler NAME (edit: the manifest's; denoise: euler-ancestral) --guidance-interval START,END (0,1)
 //          --text-only-guidance START,END (none)
 //          --deepcache N (1): DeepCache, the whole UNet every N steps and its shallow path on the cached feature
@@ -27,6 +30,7 @@
 #include <map>
 #include <new>
 #include <set>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -43,16 +47,23 @@
 
 namespace {
 
-const char* kUsage =
+std::string usage() {
+  const smartedit::EditDefaults d;  // what denoise runs, with no manifest to read
+  std::ostringstream denoise;
+  denoise << d.steps << ", " << d.seed << ", " << d.guidance_scale << ", " << d.image_guidance_scale;
+  return
     "usage: smartedit-runtime edit --artifacts DIR --inputs IN.safetensors --out OUT.safetensors [options]\n"
     "       smartedit-runtime denoise --unet PKG.pt2 --inputs IN.safetensors --out OUT.safetensors [options]\n"
-    "       smartedit-runtime schedule STEPS [--sampler NAME]\n"
-    "options: --steps N --seed S --guidance-scale G --image-guidance-scale G --device cpu|cuda|cuda:N\n"
+    "       smartedit-runtime schedule STEPS [--sampler NAME] [--artifacts DIR]\n"
+    "         (the sampler's config and table: DIR's manifest's config, SmartEdit's without --artifacts)\n"
+    "options: --steps N --seed S --guidance-scale G --image-guidance-scale G (default: edit, the manifest's\n"
+    "           edit_defaults; denoise: " + denoise.str() + ") --device cpu|cuda|cuda:N\n"
     "         --sampler euler-ancestral|euler|ddim (edit: the manifest's) --guidance-interval START,END\n"
     "         --text-only-guidance START,END\n"
     "         --deepcache N (1..1000, default 1): DeepCache, the whole UNet every N steps, its shallow path on the\n"
     "           cached feature between; needs the export's DeepCache graphs (smartedit-export --target aoti\n"
     "           --deepcache [BRANCH]; denoise: unet_deep.pt2 and unet_shallow.pt2 beside --unet); 1: the plain loop\n";
+}
 
 // a mistake in the command line itself: its one line points at --help
 struct UsageError : std::invalid_argument {
@@ -149,17 +160,30 @@ void write_output(const std::string& out, const std::map<std::string, at::Tensor
 int run(int argc, char** argv) {
   if (argc < 2) throw UsageError("no command given");
   if (std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help") {
-    std::cout << kUsage;
+    std::cout << usage();
     return 0;
   }
   const std::string mode = argv[1];
   if (mode == "schedule") {
-    if (argc != 3 && !(argc == 5 && std::string(argv[3]) == "--sampler"))
-      throw std::invalid_argument("schedule takes STEPS, then optionally --sampler NAME");
-    const auto s = smartedit::Schedule::build(argc == 5 ? argv[4] : smartedit::kDefaultSampler,
-                                              parse<long long>("STEPS", argv[2], to_ll, "an integer"));
-    std::printf("{\"sampler\": \"%s\", \"init_noise_sigma\": %.9g, \"columns\": [", s.sampler.c_str(),
-                s.init_noise_sigma.item<float>());
+    std::map<std::string, std::string> a;
+    for (int i = 3; i + 1 < argc && (std::string(argv[i]) == "--sampler" || std::string(argv[i]) == "--artifacts") &&
+                    !a.count(argv[i]);
+         i += 2)
+      a[argv[i]] = argv[i + 1];
+    if (argc < 3 || static_cast<size_t>(argc) != 3 + 2 * a.size())
+      throw std::invalid_argument("schedule takes STEPS, then optionally --sampler NAME and --artifacts DIR");
+    const long long steps = parse<long long>("STEPS", argv[2], to_ll, "an integer");
+    std::string sampler = a.count("--sampler") ? a["--sampler"] : smartedit::kDefaultSampler;
+    smartedit::SchedulerConfig config = smartedit::SchedulerConfig::smartedit(sampler);
+    if (a.count("--artifacts")) {  // the manifest's sampler and config
+      const smartedit::Manifest manifest = smartedit::Manifest::load(a["--artifacts"], "aoti");
+      if (!a.count("--sampler")) sampler = manifest.sampler();
+      smartedit::check_sampler(sampler, steps);
+      config = manifest.scheduler_config(sampler);
+    }
+    const auto s = smartedit::Schedule::build(sampler, steps, config);
+    std::printf("{\"sampler\": \"%s\", \"config\": %s, \"init_noise_sigma\": %.9g, \"columns\": [",
+                s.sampler.c_str(), config.to_json().c_str(), s.init_noise_sigma.item<float>());
     for (size_t c = 0; c < s.columns.size(); ++c) std::printf("%s\"%s\"", c ? ", " : "", s.columns[c].c_str());
     std::printf("], \"table\": [");
     const auto t = s.table.accessor<float, 2>();
@@ -185,7 +209,7 @@ int run(int argc, char** argv) {
     if (a.count(k)) throw UsageError(k + " given twice");
     a[k] = argv[++i];
   }
-  smartedit::DenoiseOptions o;
+  smartedit::DenoiseOptions o;  // an edit's defaults: denoise, SmartEdit's; edit, the manifest's (below)
   if (a.count("--steps")) o.steps = parse<long long>("--steps", a["--steps"], to_ll, "an integer");
   if (o.steps < 1) throw std::invalid_argument("--steps must be >= 1, got " + std::to_string(o.steps));
   if (o.steps > smartedit::kMaxSteps)
@@ -263,10 +287,18 @@ int run(int argc, char** argv) {
   }
   smartedit::EditInputs x{take(t, "pixel_values", in), take(t, "prefix_ids", in), take(t, "suffix_ids", in),
                           take(t, "image", in), take(t, "null_text_embeds", in)};
-  if (o.sampler.empty() || o.deepcache > 1) {  // the export's sampler, its DeepCache graphs: refused by name
+  {  // the export's defaults where no flag is given; its sampler, config, DeepCache graphs: refused by name before
+     // the (slow) package loads
     const smartedit::Manifest manifest = smartedit::Manifest::load(source, "aoti");
-    if (o.sampler.empty()) smartedit::check_sampler(manifest.sampler(), o.steps);
-    smartedit::check_deepcache(manifest, o.deepcache);  // before the (slow) package loads
+    const smartedit::EditDefaults& d = manifest.edit_defaults();
+    if (!a.count("--steps")) o.steps = d.steps;
+    if (!a.count("--seed")) o.seed = d.seed;
+    if (!a.count("--guidance-scale")) o.guidance_scale = d.guidance_scale;
+    if (!a.count("--image-guidance-scale")) o.image_guidance_scale = d.image_guidance_scale;
+    const std::string sampler = o.sampler.empty() ? manifest.sampler() : o.sampler;
+    smartedit::check_sampler(sampler, o.steps);
+    manifest.scheduler_config(sampler);
+    smartedit::check_deepcache(manifest, o.deepcache);
   }
   smartedit::Editor editor(source, device);
   std::map<std::string, double> ms;

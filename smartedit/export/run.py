@@ -55,7 +55,7 @@ from smartedit.graphs import (
     graph_with_role,
     parse_graph_names,
 )
-from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, load_json, loads_json
+from smartedit.graphs.manifest import MANIFEST_FILE, Manifest, dim_meanings, edit_defaults, load_json, loads_json
 from smartedit.graphs.spec import DIM_MEANINGS, ProfileOptions
 from smartedit.scheduler import get_sampler
 from smartedit.weights import ModelSource
@@ -153,6 +153,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
             _check_calibration_graphs(manifest, names, precision)
         manifest.source, manifest.toolchain = recorded, tools
         manifest.sampler = get_sampler(source.sampler()).record()  # what the C++ runtime runs by default
+        manifest.edit_defaults, manifest.dims = edit_defaults(), dim_meanings()  # and its defaults, its dims' pixels
         report = _read_report(out)
         if fresh:  # on disk before any file is replaced: no entry of the old model outlives its file
             manifest.write()

@@ -5,8 +5,14 @@
      "toolchain": library versions of the export,
      "artifacts": {target: {graph: entry}},       target: onnx | trt | trt-rtx | aoti
      "repositories": {"triton": repository},      what serves the graphs: a model repository built from entries
-     "sampler": {"name", "class", "config"}}      the source's sampler at export (smartedit.scheduler), what the C++
-                                                  runtime runs by default; absent in older manifests: EulerAncestral
+     "sampler": {"name", "class", "config"},      the source's sampler at export (smartedit.scheduler) and the full
+                                                  diffusers config it runs with: what the C++ runtime builds its
+                                                  schedule from; absent in older manifests: EulerAncestral
+     "edit_defaults": {"steps", "guidance_scale", "image_guidance_scale", "seed"}
+                                                  an edit's defaults (smartedit.config), the C++ runtime's
+     "dims": {dim: {"what", "px", "flag"}}}       what each named dimension of the specs means (spec.DIM_MEANINGS):
+                                                  px = image pixels per unit (0: not an image side), flag = the
+                                                  smartedit-export flag that sets its range
 
 Every entry has the same fields:
     target, graph, key       the target, the graph, the hash of everything that went into it (a rerun compares it)
@@ -47,7 +53,14 @@ from smartedit.errors import ArtifactError
 from smartedit import files
 from smartedit.files import MAX_JSON_BYTES, sha256_file, sha256_file_cached, write_json
 
-from .spec import DimRange, GraphSpec, parse_dim
+from smartedit.config import (
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_SEED,
+    DEFAULT_STEPS,
+)
+
+from .spec import DIM_MEANINGS, DimRange, GraphSpec, parse_dim
 
 MANIFEST_VERSION = 4
 MANIFEST_FILE = "manifest.json"
@@ -161,6 +174,18 @@ def _check_bounded(spec: GraphSpec, where: str) -> None:
                                 "writes; re-export")
 
 
+def edit_defaults() -> dict[str, Any]:
+    """An edit's defaults as the manifest records them (smartedit.config's): what a runtime without the Python
+    package (the C++ one) runs when no flag says otherwise."""
+    return {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE,
+            "image_guidance_scale": DEFAULT_IMAGE_GUIDANCE_SCALE, "seed": DEFAULT_SEED}
+
+
+def dim_meanings() -> dict[str, dict[str, Any]]:
+    """spec.DIM_MEANINGS as the manifest records it: {dim: {"what", "px", "flag"}}."""
+    return {name: {"what": m.what, "px": m.px, "flag": m.flag} for name, m in DIM_MEANINGS.items()}
+
+
 def _sans_name(d: dict) -> dict:
     return {k: v for k, v in d.items() if k != "name"}
 
@@ -173,6 +198,8 @@ class Manifest:
     artifacts: dict[str, dict[str, Entry]] = field(default_factory=dict)
     repositories: dict[str, dict[str, Any]] = field(default_factory=dict)
     sampler: dict[str, Any] = field(default_factory=dict)  # the source's sampler record; {}: none recorded
+    edit_defaults: dict[str, Any] = field(default_factory=dict)  # {}: none recorded (an older manifest)
+    dims: dict[str, dict[str, Any]] = field(default_factory=dict)  # {}: none recorded (an older manifest)
 
     @property
     def path(self) -> Path:
@@ -198,9 +225,12 @@ class Manifest:
         sampler = d.get("sampler") or {}
         if not isinstance(sampler, dict):
             raise ArtifactError(f"{path}: 'sampler' must be a JSON object (name, class, config)")
+        defaults, dims = d.get("edit_defaults") or {}, d.get("dims") or {}
+        if not isinstance(defaults, dict) or not isinstance(dims, dict):
+            raise ArtifactError(f"{path}: 'edit_defaults' and 'dims' must be JSON objects")
         return cls(root, dict(d.get("source") or {}), dict(d.get("toolchain") or {}),
                    {t: {g: Entry.from_dict(e, f"{path} [{t}][{g}]") for g, e in gs.items()}
-                    for t, gs in arts.items()}, dict(repos), dict(sampler))
+                    for t, gs in arts.items()}, dict(repos), dict(sampler), dict(defaults), dict(dims))
 
     def write(self) -> None:
         write_json(self.path, {"manifest_version": MANIFEST_VERSION, "source": self.source,
@@ -208,7 +238,9 @@ class Manifest:
                                "artifacts": {t: {g: e.to_dict() for g, e in gs.items()}
                                              for t, gs in self.artifacts.items()},
                                "repositories": self.repositories,
-                               **({"sampler": self.sampler} if self.sampler else {})})
+                               **({"sampler": self.sampler} if self.sampler else {}),
+                               **({"edit_defaults": self.edit_defaults} if self.edit_defaults else {}),
+                               **({"dims": self.dims} if self.dims else {})})
 
     def entries(self, target: str) -> dict[str, Entry]:
         return self.artifacts.get(target, {})

@@ -1,6 +1,10 @@
 // The denoising loop of a SmartEdit edit around an AOTInductor UNet package (smartedit-export --target aoti):
 // 3-way CFG batch [cond; null+img; null+zero-img] -> eps = u + g_t (t - i) + g_i (i - u) -> the sampler
-// (EulerAncestral by default; euler, ddim), `steps` times. The initial and ancestral noise come from a CPU generator
+// (EulerAncestral by default; euler, ddim), `steps` times. The --fold-cfg unet package (smartedit-export --target aoti
+// --fold-cfg: latents, sigma and the guidance scales in, the guided eps out) holds the input scaling, the batch and
+// smartedit.model.cfg_combine itself: the loop then only steps the sampler on its output, giving each step of a
+// guidance schedule the scales that reduce the 3-way combine to its own ((g_t, 1) text-only, (1, 1) conditional
+// alone), as SmartEditPipeline.guided_eps does. The initial and ancestral noise come from a CPU generator
 // seeded like SmartEditPipeline's (torch.Generator().manual_seed(seed)), drawn in diffusers' order, so the same seed
 // gives the same latents. A guidance schedule's cheaper steps combine fewer branches (2-way text-only:
 // i + g_t (t - i); conditional alone: t), as the Python pipeline does; the exported unet graph takes the 3-way batch
@@ -19,10 +23,12 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "smartedit/euler_ancestral.h"
+#include "smartedit/manifest.h"
 #include "smartedit/package.h"
 #include "smartedit/sampler.h"
 
@@ -45,18 +51,21 @@ struct DenoiseInputs {
 };
 
 struct DenoiseOptions {
-  int64_t steps = 100;
-  double guidance_scale = 7.5;        // text
-  double image_guidance_scale = 1.5;  // image
-  uint64_t seed = 0;
+  int64_t steps = EditDefaults().steps;  // an edit's defaults: the manifest's (Editor's caller), SmartEdit's here
+  double guidance_scale = EditDefaults().guidance_scale;              // text
+  double image_guidance_scale = EditDefaults().image_guidance_scale;  // image
+  uint64_t seed = EditDefaults().seed;
   std::string sampler;         // empty: the artifacts' (Editor), euler-ancestral (Denoiser)
+  // the schedule's config: empty, the manifest's for the sampler (Editor), SmartEdit's (Denoiser)
+  std::optional<SchedulerConfig> scheduler;
   GuidanceSchedule guidance;   // default: 3-way on every step
   int64_t deepcache = 1;       // DeepCache interval N in [1, 1000]: the whole UNet every N steps (1: the plain loop)
 };
 
 class Denoiser {
  public:
-  // `unet_package`: OUT/aoti/unet.pt2 (the plain unet graph, not --fold-cfg); `device` as it was compiled for.
+  // `unet_package`: OUT/aoti/unet.pt2 (the plain unet graph, or the --fold-cfg one: told apart by its inputs);
+  // `device` as it was compiled for.
   Denoiser(const std::string& unet_package, const c10::Device& device);
 
   // The DeepCache pair of one export (OUT/aoti/unet_deep.pt2 and unet_shallow.pt2, `smartedit-export --target aoti
@@ -75,6 +84,7 @@ class Denoiser {
 
  private:
   Package unet_;
+  bool folded_ = false;  // the --fold-cfg unet graph: guided eps from unscaled latents, no batch or combine here
   std::unique_ptr<Package> deep_, shallow_;  // DeepCache (load_deepcache): unet_deep, unet_shallow
   c10::Device device_;
 };

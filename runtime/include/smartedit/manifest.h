@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include "smartedit/euler_ancestral.h"
+
 namespace smartedit {
 
 struct TensorSpec {
@@ -29,10 +31,18 @@ struct DimRange {
   int64_t min = 1, opt = 1, max = 1;
 };
 
+// What a named dimension means (the manifest's "dims", smartedit/graphs/spec.py DIM_MEANINGS): "image height" with
+// 64 image pixels per unit for h8, the smartedit-export flag that sets its range. px 0: not an image side.
+struct DimMeaning {
+  std::string what, flag;
+  int64_t px = 0;
+};
+
 struct GraphSpec {
   std::string name;
   std::vector<TensorSpec> inputs, outputs;
   std::map<std::string, DimRange> dims;
+  std::map<std::string, DimMeaning> meanings;  // the manifest's; empty for a manifest that records none
 
   // The named dimensions of `inputs` (in spec order); std::invalid_argument naming the input, the dimension and its
   // exported range when they do not fit.
@@ -55,6 +65,15 @@ struct GraphArtifact {
   GraphSpec spec;
 };
 
+// An edit's defaults, as the export recorded them (the manifest's "edit_defaults", smartedit/config.py); these
+// initial values stand for a manifest that records none (and for `denoise`, which reads no manifest).
+struct EditDefaults {
+  int64_t steps = 100;
+  double guidance_scale = 7.5;        // text
+  double image_guidance_scale = 1.5;  // image
+  uint64_t seed = 0;
+};
+
 class Manifest {
  public:
   // OUT/manifest.json's entries for `target` (e.g. "aoti"); std::invalid_argument (bad input, like the Python
@@ -72,11 +91,20 @@ class Manifest {
   // The sampler the export recorded (the model folder's; smartedit/graphs/manifest.py "sampler"), by name;
   // "euler-ancestral" for a manifest that records none.
   const std::string& sampler() const { return sampler_; }
+  // The scheduler config `sampler` runs with: the recorded sampler, the config the manifest records with it (a key it
+  // leaves out: SmartEdit's); another sampler, SmartEdit's config of that sampler on the recorded training schedule
+  // (num_train_timesteps, betas, steps_offset, prediction_type: smartedit/config.py SCHEDULER_CONFIG's keys, every
+  // sampler's). std::invalid_argument naming the manifest, the key and the value when it cannot be built.
+  SchedulerConfig scheduler_config(const std::string& sampler) const;
+  // The manifest's edit defaults (EditDefaults' own where it records none).
+  const EditDefaults& edit_defaults() const { return edit_defaults_; }
 
  private:
   static Manifest load_unchecked(const std::string& artifacts_dir, const std::string& target);
 
   std::string dir_, target_, sampler_ = "euler-ancestral";
+  SchedulerConfig recorded_ = SchedulerConfig::smartedit("euler-ancestral");  // the recorded sampler's
+  EditDefaults edit_defaults_;
   std::map<std::string, GraphArtifact> graphs_;
   std::set<std::string> hashed_;  // files already found to match
 };

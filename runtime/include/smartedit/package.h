@@ -21,6 +21,7 @@ class Package {
 
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs);
   at::ScalarType input_dtype(size_t i) const { return inputs_.at(i).second; }
+  const std::string& input_name(size_t i) const { return inputs_.at(i).first; }
   const std::string& graph() const { return graph_; }
 
  private:

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "smartedit/euler_ancestral.h"
+
 namespace smartedit {
 
 // Every sampler smartedit/scheduler.py knows, in its order, with its step bound; `native`: this runtime runs it.
@@ -32,7 +34,9 @@ struct Schedule {
   at::Tensor init_noise_sigma;       // 0-dim fp32
   bool noise = false;                // draws one noise tensor per step (ancestral)
 
-  static Schedule build(const std::string& sampler, int64_t steps);  // check_sampler first
+  // check_sampler, then `config` (SchedulerConfig::check; also steps whose timesteps fall outside the training
+  // schedule, naming them)
+  static Schedule build(const std::string& sampler, int64_t steps, const SchedulerConfig& config);
 };
 
 // One update: latents [B,4,h,w], eps [B,4,h,w] (guided), row [K] (one table row), noise [B,4,h,w] (an ancestral
