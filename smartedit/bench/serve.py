@@ -41,6 +41,7 @@ from smartedit.weights import ModelSource
 
 from .run import write_figure
 from smartedit.serve.server import Features, read_metrics, running, settings_for
+from smartedit.serve.settings import ServeSettings
 
 PROTOCOLS = ("http", "grpc")
 # (seed, instruction, guidance_scale, image_guidance_scale): two prompt lengths, two guidance pairs
@@ -110,8 +111,8 @@ def run_load_test(model: str | None = None, preset: str | None = "tiny", seed: i
     if bad or not protocols:
         raise InputError(f"protocols must be from {list(PROTOCOLS)}, got {list(protocols)}")
     source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
-    settings = settings_for(source, backend, artifacts, device, dtype, max_steps=max(steps, 100),
-                            max_megapixels=16.0, max_batch=max_batch)
+    settings = settings_for(source, backend, artifacts, device, dtype, max_steps=max(steps, ServeSettings.max_steps),
+                            max_batch=max_batch)
     rng = np.random.RandomState(0)
     buf = io.BytesIO()
     Image.fromarray((rng.rand(192, 256, 3) * 255).astype(np.uint8)).save(buf, format="PNG")
