@@ -41,7 +41,7 @@ class ServeSettings:
 
     source: ModelSource  # a relative model folder (a container repository's) is relative to the version folder
     runner: str = "registry"
-    backend: str | None = "eager"  # registry: what runs the graphs (smartedit.engines.registry)
+    backend: str | None = None  # registry: what runs the graphs (smartedit.engines.registry)
     artifacts: str | None = None  # registry: the smartedit-export folder of an exported backend
     device: str = "cpu"
     dtype: str = "fp32"
