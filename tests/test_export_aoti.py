@@ -52,9 +52,11 @@ def test_rerun_skips_unchanged_packages(aoti_export):
 
 def _edit(tmp_path, image, **kw):
     from smartedit.cli import edit
+    from smartedit.edit_options import EditOptions
+    from smartedit.weights import ModelSource
 
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}.png"
-    edit(None, "tiny", True, str(image), "make it blue", str(out), steps=3, progress=False, **kw)
+    edit(ModelSource(preset="tiny"), str(image), "make it blue", str(out), EditOptions(steps=3), progress=False, **kw)
     return np.asarray(Image.open(out), dtype=np.float64)
 
 

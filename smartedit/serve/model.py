@@ -7,11 +7,12 @@ Triton loads this through the one-line model.py that smartedit writes into a mod
 the requests may ask for, and what runs the graphs:
     runner "registry": the graphs in this process, on a backend of smartedit.engines.registry (smartedit-serve)
     runner "bls": the graphs as stage models of the same Triton, through BLS calls (the container repository)
-A config whose settings are out of bounds is refused at load, naming the value. Loading checks the artifacts (every file against its manifest sha256; through BLS, every file of the repository
-against the sha256 the export recorded, and nothing unrecorded beside them), loads them and runs a one-step edit at
-the smallest profile: Triton reports the model ready only after that. (Through BLS, Triton itself loads the stage
-models first; BLS calls are not allowed while loading, so there is no warm-up edit.) A failure refuses the load with
-one line naming the cause, and tritonserver exits non-zero.
+A config whose settings are out of bounds is refused at load, naming the value. Loading checks the artifacts (every
+file against its manifest sha256; through BLS, every file of the repository against the sha256 the export recorded,
+and nothing unrecorded beside them), loads them and runs a one-step edit at the smallest profile: Triton reports the
+model ready only after that. (Through BLS, Triton itself loads the stage models first; BLS calls are not allowed
+while loading, so there is no warm-up edit.) A failure refuses the load with one line naming the cause, and
+tritonserver exits non-zero.
 
 Answers: a bad request is the client's error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT), an edit whose clients
 all left is CANCELLED, a request that arrives once the server drains is UNAVAILABLE (HTTP 503: nothing was computed,
