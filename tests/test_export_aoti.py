@@ -155,9 +155,10 @@ def test_verify_rechecks_packages_and_catches_damage(aoti_export, tmp_path, caps
 
 def test_bench_measures_the_aoti_backend(aoti_export):
     from smartedit.bench.run import run_bench
+    from smartedit.weights import ModelSource
 
-    res = run_bench(preset="tiny", backends=("eager", "aoti"), resolutions=(256,), steps=2, repeats=1, warmup=1,
-                    dtype="fp32", artifacts=str(aoti_export), progress=lambda m: None)
+    res = run_bench(ModelSource(preset="tiny"), backends=("eager", "aoti"), resolutions=(256,), steps=2, repeats=1,
+                    warmup=1, dtype="fp32", artifacts=str(aoti_export), progress=lambda m: None)
     assert {r["backend"] for r in res["runs"]} == {"eager", "aoti"} and not res["skipped"]
     row = [r for r in res["runs"] if r["backend"] == "aoti"][0]
     assert row["stage_ms"]["unet_step"] > 0 and row["speedup_vs_eager"] > 0

@@ -337,8 +337,8 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path, image):
 def test_load_test_writes_its_results_and_every_answer_matches_offline(tmp_path):
     from smartedit.bench.serve import run_load_test, write_outputs
 
-    res = run_load_test(preset="tiny", concurrency=(1, 3), requests=3, steps=1, resolution=64, max_batch=4,
-                        queue_delay_ms=100, progress=lambda m: None, features=False)  # features: the test below
+    res = run_load_test(ModelSource(preset="tiny"), concurrency=(1, 3), requests=3, steps=1, resolution=64,
+                        max_batch=4, queue_delay_ms=100, progress=lambda m: None, features=False)  # features: the test below
     assert res["all_answered"] and res["all_match_offline"]
     assert [(r["protocol"], r["concurrency"]) for r in res["levels"]] == [("http", 1), ("http", 3), ("grpc", 1),
                                                                           ("grpc", 3)]
