@@ -52,6 +52,7 @@ from smartedit.config import (
 from smartedit.deepcache import DeepCache
 from smartedit.errors import Cancelled, InputError, RunError, SmartEditError
 from smartedit.files import open_image
+from smartedit.graphs.spec import ProfileOptions
 from smartedit.guidance import GuidanceSchedule
 from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
 from smartedit.pipeline import SmartEditPipeline, StageClock
@@ -74,9 +75,9 @@ class Limits:
     max_megapixels: float = ServeSettings.max_megapixels
     max_image_bytes: int = 32 << 20
     min_resolution: int = RESOLUTION_STEP
-    max_resolution: int = 768
-    max_prefix: int = 512  # prompt ids before / after the image (the llava graph's Lp, Ls)
-    max_suffix: int = 512
+    max_resolution: int = ProfileOptions.max_res  # the export's default profile, on every backend
+    max_prefix: int = ProfileOptions.max_prefix  # prompt ids before / after the image (the llava graph's Lp, Ls)
+    max_suffix: int = ProfileOptions.max_suffix
     max_batch: int = ServeSettings.max_batch  # samples through the graphs at once (each variant counts one)
     max_variants: int = MAX_VARIANTS
     max_evaluations: int | None = None  # UNet evaluations per request, all variants (None: what steps and variants
