@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         extra = parse_settings(a.settings) if a.settings else ()
         res = run_bench(source, backends=a.backends, resolutions=a.resolution, steps=a.steps, batch=a.batch,
                         repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=dtype(), artifacts=a.artifacts,
-                        seed=a.seed, progress=lambda m: print(m, flush=True),
+                        progress=lambda m: print(m, flush=True),
                         checkpoint=lambda r: write_outputs(r, Path(a.out)),  # partial results survive a kill
                         settings=(first_setting(),) + tuple(x for x in extra if x != first_setting()))
         paths = write_outputs(res, Path(a.out))
