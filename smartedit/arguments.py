@@ -49,7 +49,7 @@ def resolution(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _listed(text: str, each, what: str) -> tuple[int, ...]:
+def _listed(text: str, each, what: str) -> tuple:
     values = tuple(each(v.strip()) for v in text.split(",") if v.strip())
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
@@ -59,6 +59,11 @@ def _listed(text: str, each, what: str) -> tuple[int, ...]:
 def resolutions(text: str) -> tuple[int, ...]:
     """Comma-separated image sides, each a valid resolution (e.g. 256,512)."""
     return _listed(text, resolution, "image sides")
+
+
+def names(text: str) -> tuple[str, ...]:
+    """Comma-separated names (e.g. backends official,eager), parsed once; the caller checks them against its list."""
+    return _listed(text, str, "names")
 
 
 def counts(text: str) -> tuple[int, ...]:

@@ -19,23 +19,14 @@ from .arguments import (
     model_source,
     non_negative,
     positive,
-    require_random_weights,
     resolution,
 )
-from .config import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_IMAGE_GUIDANCE_SCALE,
-    DEFAULT_RESOLUTION,
-    DEFAULT_STEPS,
-    RESOLUTION_STEP,
-    RUN_PRECISIONS,
-    check_device,
-    dtype_named,
-)
+from .config import RESOLUTION_STEP, RUN_PRECISIONS, check_device, dtype_named
+from .edit_options import EditOptions
 from .errors import InputError, run_command
-from .deepcache import DeepCache
-from .guidance import DEFAULT_GUIDANCE, GuidanceSchedule
+from .guidance import DEFAULT_GUIDANCE
 from .files import check_writable_parent, open_image, refuse_overwriting_inputs, write_atomic, write_json
+from .weights import ModelSource
 
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -57,33 +48,21 @@ def _template(text: str) -> str:
     raise argparse.ArgumentTypeError(f"must be 0..{len(EDIT_TEMPLATES) - 1} or 'random', got {text!r}")
 
 
-def edit(model: str | None, preset: str | None, random_weights: bool, image: str, instruction: str, out: str,
-         steps: int = DEFAULT_STEPS, seed: int = 0, resolution: int = DEFAULT_RESOLUTION, device: str = "cpu",
-         dtype: str = "fp32", guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-         image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE, img_token_mode: str = "forced",
-         template: str = "0", progress: bool = True, timings: dict[str, float] | None = None, warmup: int = 0,
-         backend: str = "eager", artifacts: str | None = None, sampler: str | None = None,
-         guidance: GuidanceSchedule | None = None, deepcache: DeepCache | None = None) -> Path:
+def edit(source: ModelSource, image: str, instruction: str, out: str, options: EditOptions = EditOptions(),
+         device: str = "cpu", dtype: str = "fp32", progress: bool = True, timings: dict[str, float] | None = None,
+         warmup: int = 0, backend: str = "eager", artifacts: str | None = None) -> Path:
     """Run one edit on `backend` and write the image atomically (temp file + rename): a failed run leaves no file.
-    `sampler` (default: the model folder's), `guidance` (default: 3-way on every step) and `deepcache` (default:
-    none) are the loop's levers."""
+    `options` were checked when made (before anything loads)."""
     from .pipeline import SmartEditPipeline
-    from .scheduler import get_sampler
-    from .weights import ModelSource
 
     out_path = _check_output(Path(out), "--out")
     if out_path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"--out must end in {', '.join(OUTPUT_SUFFIXES)}, got {out_path.name!r}")
-    refuse_overwriting_inputs({"--out": out_path}, {"--image": image, "--model": model, "--artifacts": artifacts})
+    refuse_overwriting_inputs({"--out": out_path}, {"--image": image, "--model": source.model,
+                                                    "--artifacts": artifacts})
     device = check_device(device)
-    require_random_weights(preset, random_weights)
-    source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
-    get_sampler(sampler or source.sampler()).check_steps(steps)  # before anything loads
     pipe = SmartEditPipeline.on_backend(backend, source, device, dtype_named(dtype), artifacts)
-    kwargs = dict(steps=steps, guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                  resolution=resolution, seed=seed, img_token_mode=img_token_mode,
-                  template=template if template == "random" else int(template), sampler=sampler,
-                  guidance_schedule=guidance, deepcache=deepcache)
+    kwargs = options.pipeline_kwargs()
     for _ in range(warmup):  # untimed: first calls pay for allocator growth, cuDNN/cuBLAS autotuning, capture
         pipe(image, instruction, **kwargs)
     result = pipe(image, instruction, progress=progress, timings=timings, **kwargs)
@@ -106,16 +85,19 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--instruction", required=True, help='edit instruction, e.g. "make it blue"')
     p.add_argument("--out", required=True, help="output image (.png/.jpg/.webp)")
-    p.add_argument("--steps", type=positive, default=DEFAULT_STEPS, help="denoising steps (official: 100)")
-    p.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION,
-                   help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official 256)")
+    p.add_argument("--steps", type=positive, default=EditOptions.steps,
+                   help=f"denoising steps (official: {EditOptions.steps})")
+    p.add_argument("--resolution", type=resolution, default=EditOptions.resolution,
+                   help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official "
+                        f"{EditOptions.resolution})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(RUN_PRECISIONS), default="fp32",
                    help="the precision the graphs run in (--dtype: its former name)")
-    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="text CFG scale (official 7.5)")
-    p.add_argument("--image-guidance-scale", type=float, default=DEFAULT_IMAGE_GUIDANCE_SCALE,
+    p.add_argument("--guidance-scale", type=float, default=EditOptions.guidance_scale,
+                   help=f"text CFG scale (official {EditOptions.guidance_scale})")
+    p.add_argument("--image-guidance-scale", type=float, default=EditOptions.image_guidance_scale,
                    help="image CFG scale (official 1.4/1.5/1.6)")
-    p.add_argument("--img-token-mode", choices=["forced", "generate", "stepwise"], default="forced",
+    p.add_argument("--img-token-mode", choices=["forced", "generate", "stepwise"], default=EditOptions.img_token_mode,
                    help="forced: canonical answer in one pass; generate: decode token by token (official); "
                         "stepwise: the canonical answer fed token by token (the official cost)")
     p.add_argument("--template", type=_template, default="0",
@@ -135,26 +117,28 @@ def edit_cli(argv: list[str] | None = None) -> None:
 
     def body() -> None:
         t0 = time.perf_counter()
-        cache = deepcache(a)  # before anything loads
+        options = EditOptions(a.sampler or source.sampler(), a.steps, a.resolution, a.seed, a.guidance_scale,
+                              a.image_guidance_scale, a.img_token_mode,
+                              a.template if a.template == "random" else int(a.template), guidance_schedule(a),
+                              deepcache(a))  # before anything loads
         stage_ms: dict[str, float] | None = {} if a.timings else None
         if a.timings:
             _check_output(Path(a.timings), "--timings")
             refuse_overwriting_inputs({"--timings": Path(a.timings), "--out": Path(a.out)},
                                       {"--image": a.image, "--model": a.model, "--artifacts": a.artifacts})
-        out = edit(a.model, a.preset, a.random_weights, a.image, a.instruction, a.out, a.steps, a.seed,
-                   a.resolution, a.device, a.precision, a.guidance_scale, a.image_guidance_scale, a.img_token_mode,
-                   a.template, progress=not a.quiet, timings=stage_ms, warmup=a.warmup, backend=a.backend,
-                   artifacts=a.artifacts, sampler=a.sampler, guidance=guidance_schedule(a), deepcache=cache)
+        out = edit(source, a.image, a.instruction, a.out, options, a.device, a.precision, progress=not a.quiet,
+                   timings=stage_ms, warmup=a.warmup, backend=a.backend, artifacts=a.artifacts)
         where = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
-        schedule = guidance_schedule(a) or DEFAULT_GUIDANCE
+        schedule = options.guidance or DEFAULT_GUIDANCE
+        cache = options.deepcache
         print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: {where}, backend {a.backend}, {a.precision} on "
-              f"{a.device}, {a.resolution} px, {a.steps} steps of {a.sampler or source.sampler()}"
+              f"{a.device}, {a.resolution} px, {a.steps} steps of {options.sampler}"
               + ("" if schedule.is_default else f", guidance {schedule.describe()} "
                  f"({schedule.evaluations(a.steps)} UNet evaluations, the default {3 * a.steps})")
               + ("" if cache is None else f", DeepCache every {cache.interval} steps")
               + (f", artifacts {a.artifacts}" if a.artifacts and BACKENDS[a.backend].target else ""))
         if stage_ms is not None:
-            record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / a.steps,
+            record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / options.steps,
                       "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
                       "torch": torch.__version__, "peak_gpu_GB": (torch.cuda.max_memory_allocated() / 2**30
                                                                  if a.device.startswith("cuda") else None),
@@ -210,7 +194,8 @@ def tensors_cli(argv: list[str] | None = None) -> None:
     add_model_source(pk, what=": the one the packages were exported from")
     pk.add_argument("--image", required=True, help="input image file")
     pk.add_argument("--instruction", required=True)
-    pk.add_argument("--resolution", type=resolution, default=DEFAULT_RESOLUTION, help="output side in px (the edit's resolution)")
+    pk.add_argument("--resolution", type=resolution, default=EditOptions.resolution,
+                    help="output side in px (the edit's resolution)")
     pk.add_argument("--out", required=True, help="the .safetensors file to write")
     png = sub.add_parser("png", help="smartedit-runtime's image.safetensors -> PNG (one file per batch item)")
     png.add_argument("tensors", help="the .safetensors file smartedit-runtime edit wrote")

@@ -8,6 +8,9 @@ import torch
 from smartedit.bench.run import run_bench
 from smartedit.engines.registry import BACKENDS
 from smartedit.errors import InputError
+from smartedit.weights import ModelSource
+
+TINY = ModelSource(preset="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +57,14 @@ def test_markdown_and_chart_are_written(cpu_bench):
 
 def test_bad_requests():
     with pytest.raises(InputError, match=r"unknown backend\(s\) \['fast'\]"):
-        run_bench(preset="tiny", backends=("fast",))
+        run_bench(TINY, backends=("fast",))
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="no CUDA GPU here"):
-            run_bench(preset="tiny", device="cuda")
+            run_bench(TINY, device="cuda")
 
 
 def test_a_failing_backend_is_reported_not_dropped(onnx_export):
-    res = run_bench(preset="tiny", backends=("onnxruntime",), resolutions=(128,), steps=1, repeats=1, warmup=0,
+    res = run_bench(TINY, backends=("onnxruntime",), resolutions=(128,), steps=1, repeats=1, warmup=0,
                     dtype="fp32", artifacts=str(onnx_export("fp16")), progress=lambda m: None)
     assert res["runs"] == []
     [f] = res["failed"]
@@ -100,7 +103,7 @@ def test_any_exception_of_one_backend_is_recorded_and_the_others_still_run(monke
     monkeypatch.setitem(registry.BACKENDS, "oom", Backend("oom", "test", ("cpu",), None, always, out_of_shared_memory))
     monkeypatch.setitem(registry.BACKENDS, "broken", Backend("broken", "test", ("cpu",), None, always, plain_failure))
     written = []
-    res = run_bench(preset="tiny", backends=("oom", "broken", "eager"), resolutions=(64, 128), steps=1,
+    res = run_bench(TINY, backends=("oom", "broken", "eager"), resolutions=(64, 128), steps=1,
                     repeats=1, warmup=0, dtype="fp32", progress=lambda m: None,
                     checkpoint=lambda r: written.append(json.loads(json.dumps(r, default=str))))
     assert [(f["backend"], f["resolution"]) for f in res["failed"]] == [("oom", 128), ("broken", None)]
@@ -150,7 +153,7 @@ def test_each_backend_is_freed_before_the_next_one_loads():
 
     gc.disable()  # only the explicit collection may free the official pipeline
     try:
-        run_bench(preset="tiny", backends=("official", "eager"), resolutions=(64,), steps=1, repeats=1, warmup=0,
+        run_bench(TINY, backends=("official", "eager"), resolutions=(64,), steps=1, repeats=1, warmup=0,
                   dtype="fp32", progress=progress)
     finally:
         gc.enable()
@@ -175,7 +178,7 @@ def test_rows_say_how_the_loop_was_captured_and_each_resolution_starts_clean(mon
 
     monkeypatch.setitem(registry.BACKENDS, "loop-cpu", Backend("loop-cpu", "test", ("cpu",), None,
                                                                lambda device: None, load))
-    res = run_bench(preset="tiny", backends=("loop-cpu",), resolutions=(64, 128), steps=2, repeats=1, warmup=0,
+    res = run_bench(TINY, backends=("loop-cpu",), resolutions=(64, 128), steps=2, repeats=1, warmup=0,
                     dtype="fp32", progress=lambda m: None)
     rows = {r["resolution"]: r for r in res["runs"]}
     assert rows[64]["capture_asked"] == "none"

@@ -52,9 +52,11 @@ def test_rerun_skips_unchanged_packages(aoti_export):
 
 def _edit(tmp_path, image, **kw):
     from smartedit.cli import edit
+    from smartedit.edit_options import EditOptions
+    from smartedit.weights import ModelSource
 
     out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}.png"
-    edit(None, "tiny", True, str(image), "make it blue", str(out), steps=3, progress=False, **kw)
+    edit(ModelSource(preset="tiny"), str(image), "make it blue", str(out), EditOptions(steps=3), progress=False, **kw)
     return np.asarray(Image.open(out), dtype=np.float64)
 
 
@@ -153,9 +155,10 @@ def test_verify_rechecks_packages_and_catches_damage(aoti_export, tmp_path, caps
 
 def test_bench_measures_the_aoti_backend(aoti_export):
     from smartedit.bench.run import run_bench
+    from smartedit.weights import ModelSource
 
-    res = run_bench(preset="tiny", backends=("eager", "aoti"), resolutions=(256,), steps=2, repeats=1, warmup=1,
-                    dtype="fp32", artifacts=str(aoti_export), progress=lambda m: None)
+    res = run_bench(ModelSource(preset="tiny"), backends=("eager", "aoti"), resolutions=(256,), steps=2, repeats=1,
+                    warmup=1, dtype="fp32", artifacts=str(aoti_export), progress=lambda m: None)
     assert {r["backend"] for r in res["runs"]} == {"eager", "aoti"} and not res["skipped"]
     row = [r for r in res["runs"] if r["backend"] == "aoti"][0]
     assert row["stage_ms"]["unet_step"] > 0 and row["speedup_vs_eager"] > 0

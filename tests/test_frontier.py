@@ -16,6 +16,9 @@ from smartedit.bench.settings import FRONTIER_SETTINGS, Setting, parse_settings
 from smartedit.errors import InputError
 from smartedit.deepcache import DeepCache
 from smartedit.guidance import GuidanceSchedule
+from smartedit.weights import ModelSource
+
+TINY = ModelSource(preset="tiny")
 
 
 def test_settings_parse_label_and_bounds():
@@ -117,7 +120,7 @@ def test_bench_refuses_bad_settings_in_one_line(tmp_path, args, says, capsys, mo
 def test_bench_rows_for_settings_of_the_loop():
     """The first setting runs on every row; each further one adds a row per backend at the first resolution, with its
     UNet evaluations and its speed-up over the same backend's first setting."""
-    res = run_bench(preset="tiny", backends=("eager",), resolutions=(64, 128), repeats=1, warmup=0, dtype="fp32",
+    res = run_bench(TINY, backends=("eager",), resolutions=(64, 128), repeats=1, warmup=0, dtype="fp32",
                     progress=lambda m: None, settings=(Setting(steps=2), Setting("unipc", 2, GuidanceSchedule((0.0, 0.0)))))
     rows = [(r["resolution"], r["setting"], r["unet_evaluations"]) for r in res["runs"]]
     assert rows == [(64, "euler-ancestral:2", 6), (128, "euler-ancestral:2", 6), (64, "unipc:2:guided=0-0", 4)]

@@ -37,9 +37,11 @@ from smartedit.serve.repository import MAX_QUEUE, MODEL, write_serving_repositor
 from smartedit.serve.client import connect, edit  # noqa: E402
 from smartedit.serve.server import free_endpoints, read_metrics  # noqa: E402
 from smartedit.weights import ModelSource  # noqa: E402
+from smartedit.serve.settings import ServeSettings  # noqa: E402
 
 TOLERANCE = 1  # grey levels of 255, batched vs alone: see the module doc
 BAD = pytest.importorskip("tritonclient.utils").InferenceServerException
+TINY_SETTINGS = ServeSettings(ModelSource(preset="tiny"), backend="eager")  # what a repository test carries
 
 
 def _png(img: Image.Image) -> bytes:
@@ -189,7 +191,7 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
 
     from smartedit.graphs.manifest import Manifest
 
-    repo = write_serving_repository(tmp_path / "repo", {"runner": "registry"}, max_batch=4, queue_delay_ms=5,
+    repo = write_serving_repository(tmp_path / "repo", TINY_SETTINGS, max_batch=4, queue_delay_ms=5,
                                     instances=2, gpu=True)
     c = text_format.Parse((repo / MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
     assert (c.backend, c.max_batch_size, c.dynamic_batching.max_queue_delay_microseconds) == ("python", 4, 5000)
@@ -197,8 +199,8 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
     assert {i.name for i in c.input} >= {"image", "instruction", "seed", "steps", "resolution"}
     assert {i.name for i in c.input if not i.optional} == {"image", "instruction"}
     assert c.dynamic_batching.default_queue_policy.max_queue_size == MAX_QUEUE  # the queue is bounded
-    unbatched = write_serving_repository(tmp_path / "one", {}, max_batch=1, queue_delay_ms=5, instances=1, gpu=False,
-                                         max_queue=3)
+    unbatched = write_serving_repository(tmp_path / "one", TINY_SETTINGS, max_batch=1, queue_delay_ms=5, instances=1,
+                                         gpu=False, max_queue=3)
     one = text_format.Parse((unbatched / MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
     assert (one.max_batch_size, one.dynamic_batching.max_queue_delay_microseconds) == (1, 0)  # each request alone
     assert one.dynamic_batching.default_queue_policy.max_queue_size == 3
@@ -337,8 +339,9 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tmp_path, image):
 def test_load_test_writes_its_results_and_every_answer_matches_offline(tmp_path):
     from smartedit.bench.serve import run_load_test, write_outputs
 
-    res = run_load_test(preset="tiny", concurrency=(1, 3), requests=3, steps=1, resolution=64, max_batch=4,
-                        queue_delay_ms=100, progress=lambda m: None, features=False)  # features: the test below
+    res = run_load_test(ModelSource(preset="tiny"), concurrency=(1, 3), requests=3, steps=1, resolution=64,
+                        max_batch=4, queue_delay_ms=100, progress=lambda m: None,
+                        features=False)  # features: the test below
     assert res["all_answered"] and res["all_match_offline"]
     assert [(r["protocol"], r["concurrency"]) for r in res["levels"]] == [("http", 1), ("http", 3), ("grpc", 1),
                                                                           ("grpc", 3)]
@@ -785,7 +788,7 @@ def test_configs_carry_priorities_the_cache_and_the_stream_twin(triton_repositor
     def parse(path):
         return text_format.Parse(path.read_text(), mc.ModelConfig())
 
-    repo = write_serving_repository(tmp_path / "repo", {"runner": "registry"}, max_batch=4, queue_delay_ms=5,
+    repo = write_serving_repository(tmp_path / "repo", TINY_SETTINGS, max_batch=4, queue_delay_ms=5,
                                     instances=1, gpu=False, stream=True, cache=True, low_priority_wait_s=42)
     c, s = parse(repo / MODEL / "config.pbtxt"), parse(repo / STREAM_MODEL / "config.pbtxt")
     out, _ = triton_repository
@@ -810,8 +813,8 @@ def test_configs_carry_priorities_the_cache_and_the_stream_twin(triton_repositor
         assert "preview_every" in {i.name for i in twin_config.input}
     settings = json.loads(twin.parameters["settings"].string_value)
     assert settings["repository"] == str((out / "triton").resolve()) and settings["runner"] == "bls"
-    plain = parse(write_serving_repository(tmp_path / "plain", {}, max_batch=2, queue_delay_ms=5, instances=1,
-                                           gpu=False, priority_levels=1) / MODEL / "config.pbtxt")
+    plain = parse(write_serving_repository(tmp_path / "plain", TINY_SETTINGS, max_batch=2, queue_delay_ms=5,
+                                           instances=1, gpu=False, priority_levels=1) / MODEL / "config.pbtxt")
     assert plain.dynamic_batching.priority_levels == 0 and not plain.response_cache.enable  # one level, no cache
     assert not (tmp_path / "plain" / STREAM_MODEL).exists()
 

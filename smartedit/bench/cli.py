@@ -13,11 +13,12 @@ from smartedit.arguments import (
     deepcache,
     guidance_schedule,
     model_source,
+    names,
     non_negative,
     positive,
     resolutions,
 )
-from smartedit.config import RUN_PRECISIONS, check_device, dtype_named
+from smartedit.config import DEFAULT_STEPS, RUN_PRECISIONS, check_device, dtype_named
 from smartedit.engines.registry import BACKENDS
 from smartedit.errors import InputError, run_command
 from smartedit.files import check_writable_parent
@@ -33,10 +34,11 @@ def main(argv: list[str] | None = None) -> None:
                                 epilog="Example (GPU): smartedit-bench --preset 7b --random-weights --device cuda "
                                        "--backends official,eager,cudagraph --resolution 256,512 --out bench/results")
     add_model_source(p)
-    p.add_argument("--backends", default="official,eager", help=f"comma-separated, from {','.join(BACKENDS)}")
+    p.add_argument("--backends", type=names, default="official,eager",
+                   help=f"comma-separated, from {','.join(BACKENDS)}")
     p.add_argument("--resolution", type=resolutions, default=(256,), help="comma-separated image sides, e.g. 256,512")
-    p.add_argument("--steps", type=positive, default=100, help="steps of every row (with --sampler and the guidance "
-                   "levers: the first setting)")
+    p.add_argument("--steps", type=positive, default=DEFAULT_STEPS, help="steps of every row (with --sampler and the "
+                   "guidance levers: the first setting)")
     p.add_argument("--batch", type=positive, default=1)
     p.add_argument("--repeats", type=positive, default=5, help="timed edits per backend and resolution (the report "
                    "gives their spread, and warns above 20%%)")
@@ -69,14 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--requests", type=positive, default=16, help="requests per level (bounded)")
     s.add_argument("--max-batch", type=positive, default=8, help="the server's dynamic batch limit")
     s.add_argument("--max-queue-delay-ms", type=float, default=20.0, help="the server's batching delay")
-    s.add_argument("--protocols", default="http,grpc", help="comma-separated: http, grpc")
+    s.add_argument("--protocols", type=names, default="http,grpc", help="comma-separated: http, grpc")
     s.add_argument("--serve-features", action=argparse.BooleanOptionalAction, default=True, help="then a server with "
                    "the stream model, a response cache and two priority levels: streaming overhead, priority-1 "
                    "latency under a priority-2 flood, cache hits against misses (default on)")
     s.add_argument("--flood-clients", type=positive, default=4, help="clients flooding the server with priority-2 "
                    "requests (default 4)")
     a = p.parse_args(argv)
-    model_source(p, a)
+    source = model_source(p, a)
     logging.basicConfig(level=logging.ERROR)
 
     def dtype() -> str:
@@ -87,15 +89,14 @@ def main(argv: list[str] | None = None) -> None:
 
         from . import serve
 
-        backends = [b.strip() for b in a.backends.split(",") if b.strip()]
+        backends = a.backends
         if len(backends) != 1 or len(a.resolution) != 1:
-            raise InputError(f"--serve load-tests one backend at one resolution, got --backends {a.backends} and "
-                             f"--resolution {','.join(map(str, a.resolution))}: run it once per pair")
+            raise InputError(f"--serve load-tests one backend at one resolution, got --backends {','.join(backends)} "
+                             f"and --resolution {','.join(map(str, a.resolution))}: run it once per pair")
         check_queue_delay_ms(a.max_queue_delay_ms)
         backend = backends[0]
-        res = serve.run_load_test(a.model, a.preset, a.seed, backend=backend, artifacts=a.artifacts, device=a.device,
-                                  dtype=dtype(), concurrency=a.concurrency,
-                                  protocols=tuple(x.strip() for x in a.protocols.split(",") if x.strip()),
+        res = serve.run_load_test(source, backend=backend, artifacts=a.artifacts, device=a.device,
+                                  dtype=dtype(), concurrency=a.concurrency, protocols=a.protocols,
                                   requests=a.requests, steps=a.steps, resolution=a.resolution[0],
                                   max_batch=a.max_batch, queue_delay_ms=a.max_queue_delay_ms,
                                   features=a.serve_features, flood_clients=a.flood_clients,
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
 
     def first_setting() -> Setting:
-        return Setting(a.sampler or (model_source(p, a).sampler()), a.steps, guidance_schedule(a) or Setting().guidance,
+        return Setting(a.sampler or source.sampler(), a.steps, guidance_schedule(a) or Setting().guidance,
                        deepcache(a))
 
     def frontier_body() -> None:
@@ -117,11 +118,10 @@ def main(argv: list[str] | None = None) -> None:
 
         from . import frontier
 
-        backends = [b.strip() for b in a.backends.split(",") if b.strip() and b.strip() != "official"] or ["official"]
+        backends = [b for b in a.backends if b != "official"] or ["official"]
         settings = parse_settings(a.settings) if a.settings else FRONTIER_SETTINGS
         edits = frontier.read_edits(a.edits) if a.edits else frontier.default_edits()
-        pipe = SmartEditPipeline.on_backend(backends[0], model_source(p, a), a.device, dtype_named(dtype()),
-                                            a.artifacts)
+        pipe = SmartEditPipeline.on_backend(backends[0], source, a.device, dtype_named(dtype()), a.artifacts)
         res = frontier.run_frontier(pipe, edits, settings, resolution=a.resolution[0], seed=a.seed,
                                     repeats=a.repeats, model=a.model or f"{a.preset} (random weights)",
                                     progress=lambda m: print(m, flush=True),
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"--out {out} is a file; give a folder for the results")
         check_writable_parent(out / "results.json", "--out")
         check_device(a.device)
-        unknown = [b for b in a.backends.split(",") if b.strip() and b.strip() not in BACKENDS]
+        unknown = [b for b in a.backends if b not in BACKENDS]
         if unknown:
             raise InputError(f"--backends: unknown backend(s) {unknown}; choose from {','.join(BACKENDS)}")
         if a.serve:
@@ -144,10 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         if a.frontier:
             return frontier_body()
         extra = parse_settings(a.settings) if a.settings else ()
-        res = run_bench(a.model, a.preset, backends=tuple(b.strip() for b in a.backends.split(",") if b.strip()),
-                        resolutions=a.resolution, steps=a.steps, batch=a.batch,
+        res = run_bench(source, backends=a.backends, resolutions=a.resolution, steps=a.steps, batch=a.batch,
                         repeats=a.repeats, warmup=a.warmup, device=a.device, dtype=dtype(), artifacts=a.artifacts,
-                        seed=a.seed, progress=lambda m: print(m, flush=True),
+                        progress=lambda m: print(m, flush=True),
                         checkpoint=lambda r: write_outputs(r, Path(a.out)),  # partial results survive a kill
                         settings=(first_setting(),) + tuple(x for x in extra if x != first_setting()))
         paths = write_outputs(res, Path(a.out))

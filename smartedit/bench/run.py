@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from smartedit.config import dtype_named
+from smartedit.config import DEFAULT_STEPS, dtype_named
 from smartedit.engines import registry
 from smartedit.errors import InputError
 from smartedit.files import write_atomic, write_json
@@ -116,11 +116,10 @@ def measured_peak_tflops(device: torch.device) -> float | None:
     return 10 * 2 * 8192**3 / (time.perf_counter() - t0) / 1e12
 
 
-def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int = 0,
-              backends: tuple[str, ...] = ("official", "eager"), resolutions: tuple[int, ...] = (256,),
-              steps: int = 100, batch: int = 1, repeats: int = 3, warmup: int = 1, device: str = "cpu",
-              dtype: str = "fp16", artifacts: str | None = None, progress=print, checkpoint=None,
-              settings: tuple[Setting, ...] | None = None) -> dict:
+def run_bench(source: ModelSource, backends: tuple[str, ...] = ("official", "eager"),
+              resolutions: tuple[int, ...] = (256,), steps: int = DEFAULT_STEPS, batch: int = 1, repeats: int = 3,
+              warmup: int = 1, device: str = "cpu", dtype: str = "fp16", artifacts: str | None = None, progress=print,
+              checkpoint=None, settings: tuple[Setting, ...] | None = None) -> dict:
     """`checkpoint(result)`, if given, is called after every measured or failed (backend, resolution) with the results
     so far (smartedit-bench writes them out: a run cut short by a time limit keeps what it measured).
 
@@ -137,7 +136,6 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
         raise InputError(f"unknown backend(s) {unknown}; choose from {list(registry.BACKENDS)}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA GPU here")
-    source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
     settings = tuple(settings) if settings else (Setting(steps=steps),)
     rng = np.random.RandomState(0)
     image = Image.fromarray((rng.rand(512, 512, 3) * 255).astype(np.uint8))
@@ -146,7 +144,7 @@ def run_bench(model: str | None = None, preset: str | None = "tiny", seed: int =
               "driver": _driver_version() if dev.type == "cuda" else None,
               "cuda_runtime": torch.version.cuda if dev.type == "cuda" else None, "torch": torch.__version__,
               "versions": library_versions(),
-              "python": platform.python_version(), "command": sys.argv, "model": model or f"{preset} (random)",
+              "python": platform.python_version(), "command": sys.argv, "model": str(source.model or f"{source.preset} (random)"),
               "dtype": dtype, "steps": settings[0].steps, "batch": batch, "repeats": repeats, "warmup": warmup,
               "settings": [x.label for x in settings],
               "peak_fp16_tflops": measured_peak_tflops(dev), "runs": [], "skipped": {}, "failed": []}

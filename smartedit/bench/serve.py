@@ -41,6 +41,7 @@ from smartedit.weights import ModelSource
 
 from .run import write_figure
 from smartedit.serve.server import Features, read_metrics, running, settings_for
+from smartedit.serve.settings import ServeSettings
 
 PROTOCOLS = ("http", "grpc")
 # (seed, instruction, guidance_scale, image_guidance_scale): two prompt lengths, two guidance pairs
@@ -95,7 +96,7 @@ def level(url: str, protocol: str, metrics, concurrency: int, n: int, image: byt
             "errors": sorted({d[3] for d in done if d[3]})}
 
 
-def run_load_test(model: str | None = None, preset: str | None = "tiny", seed: int = 0, backend: str = "eager",
+def run_load_test(source: ModelSource, backend: str = "eager",
                   artifacts: str | None = None, device: str = "cpu", dtype: str = "fp32",
                   concurrency: tuple[int, ...] = (1, 2, 4, 8), protocols: tuple[str, ...] = PROTOCOLS,
                   requests: int = 16, steps: int = 2, resolution: int = 256, max_batch: int = 8,
@@ -109,9 +110,8 @@ def run_load_test(model: str | None = None, preset: str | None = "tiny", seed: i
     bad = [p for p in protocols if p not in PROTOCOLS]
     if bad or not protocols:
         raise InputError(f"protocols must be from {list(PROTOCOLS)}, got {list(protocols)}")
-    source = ModelSource(model=model) if model else ModelSource(preset=preset, seed=seed)
-    settings = settings_for(source, backend, artifacts, device, dtype, max_steps=max(steps, 100),
-                            max_megapixels=16.0, max_batch=max_batch)
+    settings = settings_for(source, backend, artifacts, device, dtype, max_steps=max(steps, ServeSettings.max_steps),
+                            max_batch=max_batch)
     rng = np.random.RandomState(0)
     buf = io.BytesIO()
     Image.fromarray((rng.rand(192, 256, 3) * 255).astype(np.uint8)).save(buf, format="PNG")
@@ -129,7 +129,7 @@ def run_load_test(model: str | None = None, preset: str | None = "tiny", seed: i
 
     res: dict[str, Any] = {
         "kind": "serve", "device": f"cpu ({os.cpu_count()} cores)" if device == "cpu" else device,
-        "model": preset if not model else Path(model).name, "source": str(source), "backend": backend, "dtype": dtype, "steps": steps, "resolution": resolution,
+        "model": source.preset or source.model.name, "source": str(source), "backend": backend, "dtype": dtype, "steps": steps, "resolution": resolution,
         "max_batch": max_batch, "queue_delay_ms": queue_delay_ms, "requests_per_level": requests,
         "tolerance_grey_levels": tolerance, "levels": [], "unbatched": None}
 

@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--fold-cfg", action="store_true",
                    help="fold the scheduler input scaling, the 3-way CFG batch and the combine into the unet graph")
-    p.add_argument("--max-batch", type=int, default=4)
-    p.add_argument("--min-res", type=int, default=256,
+    p.add_argument("--max-batch", type=int, default=ProfileOptions.max_batch)
+    p.add_argument("--min-res", type=int, default=ProfileOptions.min_res,
                    help="smallest image side (multiple of 64); --min-res = --opt-res = --max-res exports one static "
                         "size")
-    p.add_argument("--opt-res", type=int, default=256, help="image side to optimise for (multiple of 64)")
-    p.add_argument("--max-res", type=int, default=768, help="largest image side (multiple of 64)")
-    p.add_argument("--max-prompt", type=int, default=512, help="longest prefix / suffix, in tokens")
+    p.add_argument("--opt-res", type=int, default=ProfileOptions.opt_res, help="image side to optimise for (multiple of 64)")
+    p.add_argument("--max-res", type=int, default=ProfileOptions.max_res, help="largest image side (multiple of 64)")
+    p.add_argument("--max-prompt", type=int, default=ProfileOptions.max_prefix, help="longest prefix / suffix, in tokens")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the check against fp32 PyTorch (it needs the fp32 model in host RAM: 28 GB for the "
                         "7b LLM)")

@@ -45,9 +45,11 @@ from smartedit.serve.repository import (
     version_dir,
     write_config,
 )
+from smartedit.serve.settings import ServeSettings
 from smartedit.graphs import GRAPH_NAMES
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import GraphSpec, parse_dim
+from smartedit.weights import ModelSource
 
 from . import onnx
 from .job import ExportJob, Target, TargetOptions
@@ -145,23 +147,22 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
             profile = len(e.profiles) - 1 if stages == "trt" and e.profiles else None
             write_config(model_dir, stage_config(e, stages, profile, stage_files))
         src = manifest.source
-        source: dict[str, Any]
         if src.get("kind") == "checkpoint":
             _copy_model_folder(Path(src["path"]), tmp / MODEL / "1" / "model")
-            source = {"model": "model"}  # relative to the model's version folder
+            source = ModelSource(model=Path("model"))  # relative to the model's version folder
         else:
-            source = {"preset": src["preset"], "seed": src["seed"]}
+            source = ModelSource(preset=src["preset"], seed=src["seed"])
         version_dir(tmp / MODEL, "smartedit.serve.model", "the whole SmartEdit edit, graphs through BLS")
         record = {rel: known.get(rel) or {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
                   for rel in repository_files(tmp)}
-        settings = {"runner": "bls", "source": source, "device": device, "dtype": "fp32",
-                    "graphs": {g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg,
-                                   **({"cache_branch": e.options["cache_branch"]} if "cache_branch" in e.options
-                                      else {})}
-                               for g, e in entries.items()},
-                    "max_batch": min([max_batch] + [e.spec.dims["B"].max for e in entries.values()]),
-                    "files": {rel: meta["sha256"] for rel, meta in record.items()}}
-        write_config(tmp / MODEL, orchestrator_config(settings, settings["max_batch"], queue_delay_ms, 1,
+        settings = ServeSettings(
+            source, "bls", backend=None, device=device, dtype="fp32",
+            graphs={g: {"spec": e.spec.to_dict(), "precision": e.precision, "fold_cfg": e.fold_cfg,
+                        **({"cache_branch": e.options["cache_branch"]} if "cache_branch" in e.options else {})}
+                    for g, e in entries.items()},
+            max_batch=min([max_batch] + [e.spec.dims["B"].max for e in entries.values()]),
+            files={rel: meta["sha256"] for rel, meta in record.items()})
+        write_config(tmp / MODEL, orchestrator_config(settings, settings.max_batch, queue_delay_ms, 1,
                                                        gpu=device.startswith("cuda")))
         own = f"{MODEL}/config.pbtxt"
         record[own] = {"sha256": sha256_file(tmp / own), "bytes": (tmp / own).stat().st_size}

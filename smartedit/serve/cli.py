@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
 from smartedit.arguments import add_model_source, model_source, positive
 from smartedit.config import RUN_PRECISIONS, check_device
 from smartedit.engines import registry
-from smartedit.errors import InputError, run_command
+from smartedit.errors import run_command
 
-from smartedit.scheduler import MAX_STEPS
-
-from .repository import (LOW_PRIORITY_WAIT_S, MAX_QUEUE, MAX_VARIANTS, PRIORITY_LEVELS, STREAM_MODEL,
-                         check_queue_delay_ms)
-from .server import WARM_UPS, Endpoints, Features, TritonServer, serve, settings_for, shares_dev_shm
+from .repository import LOW_PRIORITY_WAIT_S, MAX_QUEUE, PRIORITY_LEVELS, STREAM_MODEL, check_queue_delay_ms
+from .server import Endpoints, Features, TritonServer, serve, settings_for, shares_dev_shm
+from .settings import MAX_VARIANTS, WARM_UPS, ServeSettings
 
 EXAMPLE = """example:
   smartedit-serve --preset tiny --random-weights            # eager PyTorch on the CPU, http :8000 grpc :8001
@@ -46,8 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="(default 8000)")
     p.add_argument("--grpc-port", type=int, default=8001, help="(default 8001)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
-    p.add_argument("--max-batch", type=positive, default=4, help="requests run as one batch, at most (default 4; 1: no "
-                   "dynamic batching; an exported backend's profile may lower it)")
+    p.add_argument("--max-batch", type=positive, default=ServeSettings.max_batch, help="requests run as one batch, at "
+                   f"most (default {ServeSettings.max_batch}; 1: no dynamic batching; an exported backend's profile "
+                   "may lower it)")
     p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
                    help="how long a request may wait for others to batch with (default 5 ms)")
     p.add_argument("--max-queue", type=positive, default=MAX_QUEUE, help="requests that may wait for the model, at "
@@ -55,8 +53,10 @@ def main(argv: list[str] | None = None) -> None:
                    "503)")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own copy of the "
                    "model (default 1)")
-    p.add_argument("--max-steps", type=positive, default=100, help="largest `steps` a request may ask for (default 100)")
-    p.add_argument("--max-megapixels", type=float, default=16.0, help="largest input image (default 16 MP)")
+    p.add_argument("--max-steps", type=positive, default=ServeSettings.max_steps, help="largest `steps` a request may "
+                   f"ask for (default {ServeSettings.max_steps}; at most the sampler's bound)")
+    p.add_argument("--max-megapixels", type=float, default=ServeSettings.max_megapixels, help="largest input image "
+                   f"(default {ServeSettings.max_megapixels:g} MP)")
     p.add_argument("--max-variants", type=positive, default=MAX_VARIANTS, help="variants (seeds, guidance scales) "
                    f"one request may ask for, at most (default {MAX_VARIANTS}; at most --max-batch: they run as one "
                    "batch)")
@@ -83,19 +83,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def body() -> None:
         check_queue_delay_ms(a.max_queue_delay_ms)
-        if not (a.max_megapixels > 0 and math.isfinite(a.max_megapixels)):
-            raise InputError(f"--max-megapixels must be a finite number > 0, got {a.max_megapixels}")
-        if a.max_steps > MAX_STEPS:
-            raise InputError(f"--max-steps must be from 1 to the sampler's {MAX_STEPS}, got {a.max_steps}")
-        if a.max_variants > a.max_batch:
-            raise InputError(f"--max-variants {a.max_variants} is over --max-batch {a.max_batch}: a request's "
-                             "variants run as one batch")
         features = Features(a.stream, a.cache_mb, a.priority_levels, a.low_priority_wait_s).check()
         check_device(a.device)
-        endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
-        endpoints.check()  # before the model is loaded
         settings = settings_for(source, a.backend, a.artifacts, a.device, a.precision, a.max_steps, a.max_megapixels,
                                 a.max_batch, a.warm_up, a.max_variants, a.max_unet_evaluations)
+        endpoints = Endpoints(a.host, a.http_port, a.grpc_port, a.metrics_port)
+        endpoints.check()  # before the model is loaded
 
         def ready(server: TritonServer) -> None:
             e = server.endpoints
@@ -113,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                       "gets a /dev/shm of its own) or in a container", flush=True)
 
         print(f"smartedit-serve: starting Triton Inference Server ({source}, backend {a.backend}) ...", flush=True)
-        code = serve(settings, endpoints, a.max_batch, a.max_queue_delay_ms, a.instances,
+        code = serve(settings, endpoints, settings.max_batch, a.max_queue_delay_ms, a.instances,
                      gpu=a.device.startswith("cuda"), on_ready=ready, max_queue=a.max_queue, features=features)
         print(f"smartedit-serve: stopped (status {code})", flush=True)
         if code:

@@ -2,17 +2,17 @@
 decoupled twin `smartedit_stream` (the same code; its config says decoupled), which answers each request as a stream.
 
 Triton loads this through the one-line model.py that smartedit writes into a model repository
-(smartedit/export/triton.py). Its settings come from the model config's "settings" parameter (never from a
-request): where the weights are, and what runs the graphs:
-    {"runner": "registry", "backend": "eager" | ... , "artifacts": ..., "source": {...}, "device", "dtype", ...}
-        the graphs in this process, on a backend of smartedit.engines.registry (smartedit-serve)
-    {"runner": "bls", "graphs": {graph: {spec, precision, fold_cfg}}, "source": {...}, ...}
-        the graphs as stage models of the same Triton, through BLS calls (the container repository)
-Loading checks the artifacts (every file against its manifest sha256; through BLS, every file of the repository
-against the sha256 the export recorded, and nothing unrecorded beside them), loads them and runs a one-step edit at
-the smallest profile: Triton reports the model ready only after that. (Through BLS, Triton itself loads the stage
-models first; BLS calls are not allowed while loading, so there is no warm-up edit.) A failure refuses the load with
-one line naming the cause, and tritonserver exits non-zero.
+(smartedit/export/triton.py). Its settings (serve/settings.py: ServeSettings, read back from the model config's
+"settings" parameter with the bounds smartedit-serve checks; never from a request) say where the weights are, what
+the requests may ask for, and what runs the graphs:
+    runner "registry": the graphs in this process, on a backend of smartedit.engines.registry (smartedit-serve)
+    runner "bls": the graphs as stage models of the same Triton, through BLS calls (the container repository)
+A config whose settings are out of bounds is refused at load, naming the value. Loading checks the artifacts (every
+file against its manifest sha256; through BLS, every file of the repository against the sha256 the export recorded,
+and nothing unrecorded beside them), loads them and runs a one-step edit at the smallest profile: Triton reports the
+model ready only after that. (Through BLS, Triton itself loads the stage models first; BLS calls are not allowed
+while loading, so there is no warm-up edit.) A failure refuses the load with one line naming the cause, and
+tritonserver exits non-zero.
 
 Answers: a bad request is the client's error (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT), an edit whose clients
 all left is CANCELLED, a request that arrives once the server drains is UNAVAILABLE (HTTP 503: nothing was computed,
@@ -29,6 +29,7 @@ an image); the finished edit is kept for the client's retry.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -40,58 +41,44 @@ import numpy as np
 import torch
 
 from smartedit.config import dtype_named
-from smartedit.errors import ArtifactError, Cancelled, InputError, RunError, SmartEditError
+from smartedit.errors import Cancelled, InputError, RunError, SmartEditError
 from smartedit.graphs import DEEPCACHE_SHALLOW, DENOISER, graph_with_role
 from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import SmartEditPipeline
-from smartedit.weights import ModelSource
 
 from .admin import STAGE_KEY, STAGE_KEY_ENV, draining
 from .repository import CACHE_ENV, REQUEST_INPUTS, STREAM_INPUTS
 from .service import EditService, Progress, timings_json
+from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
 OUTCOMES = ("ok", "refused", "cancelled", "unavailable", "failed")
 _NP = {torch.float16: np.float16, torch.float32: np.float32, torch.int64: np.int64, torch.bfloat16: np.float32}
 
 
-def _source(settings: dict, version_dir: Path) -> ModelSource:
-    src = settings["source"]
-    if src.get("model"):
-        model = Path(src["model"])
-        return ModelSource(model=model if model.is_absolute() else version_dir / model)
-    return ModelSource(preset=src["preset"], seed=int(src.get("seed", 0)))
-
-
-def build_service(settings: dict, version_dir: Path, seed_required: bool = False) -> EditService:
+def build_service(settings: ServeSettings, version_dir: Path, seed_required: bool = False) -> EditService:
     """The service of a model config's settings: checked, loaded and warmed up. `seed_required`: answers are
     cached (see the module doc)."""
-    source = _source(settings, version_dir)
-    device, dtype = settings.get("device", "cpu"), dtype_named(settings.get("dtype", "fp32"))
-    if settings["runner"] == "bls":
+    source = settings.model_source(version_dir)
+    device, dtype = settings.device, dtype_named(settings.dtype)
+    if settings.runner == "bls":
         from .repository import MODEL, check_repository
 
-        if not isinstance(settings.get("files"), dict):
-            raise ArtifactError("the `smartedit` model's settings record no repository files: re-run "
-                                "smartedit-export --target triton")
         # __pycache__ aside: Triton imports the stage models' model.py (which writes it) while this one loads; the
         # launcher removed every __pycache__ and checked the whole repository before the server started. The stream
         # twin lives in a repository of its own and names the exported one.
-        repo = Path(settings.get("repository") or version_dir.parent.parent)
-        check_repository(repo, settings["files"], own=[f"{MODEL}/config.pbtxt"], bytecode=False)
-        pipe = SmartEditPipeline.from_weights(source.load(device, dtype, only=[]), BLSRunner(settings["graphs"], device))
+        repo = Path(settings.repository or version_dir.parent.parent)
+        check_repository(repo, settings.files, own=[f"{MODEL}/config.pbtxt"], bytecode=False)
+        pipe = SmartEditPipeline.from_weights(source.load(device, dtype, only=[]), BLSRunner(settings.graphs, device))
     else:
         # exported backends open their folder through engines.artifacts.Artifacts: every file against its sha256
-        pipe = SmartEditPipeline.on_backend(settings["backend"], source, device, dtype, settings.get("artifacts"))
-    evaluations = settings.get("max_evaluations")
-    limits = EditService.limits_for(pipe, int(settings.get("max_steps", 100)),
-                                    float(settings.get("max_megapixels", 16.0)), int(settings.get("max_batch", 4)),
-                                    max_variants=int(settings.get("max_variants", 4)),
-                                    max_evaluations=None if evaluations is None else int(evaluations),
+        pipe = SmartEditPipeline.on_backend(settings.backend, source, device, dtype, settings.artifacts)
+    limits = EditService.limits_for(pipe, settings.max_steps, settings.max_megapixels, settings.max_batch,
+                                    max_variants=settings.max_variants, max_evaluations=settings.max_evaluations,
                                     seed_required=seed_required)
     service = EditService(pipe, limits)
-    if settings["runner"] != "bls":  # BLS calls are allowed only in execute; Triton loads the stage models itself
-        _warm_up(pipe, limits, settings.get("warm_up", "min"))
+    if settings.runner != "bls":  # BLS calls are allowed only in execute; Triton loads the stage models itself
+        _warm_up(pipe, limits, settings.warm_up)
     return service
 
 
@@ -168,15 +155,16 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb
 
         config = json.loads(args["model_config"])
-        settings = json.loads(config["parameters"]["settings"]["string_value"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        if args.get("model_instance_kind") == "GPU":  # KIND_GPU: Triton gives each instance its device
-            settings["device"] = f"cuda:{args['model_instance_device_id']}"
         self.decoupled = pb.using_decoupled_model_transaction_policy(config)
         self.cached = bool(config.get("response_cache", {}).get("enable")) and os.environ.get(CACHE_ENV) == "1"
         self.inputs = [name for name, *_ in REQUEST_INPUTS] + ([n for n, *_ in STREAM_INPUTS] if self.decoupled
                                                                else [])
         try:
+            settings = ServeSettings.from_json(config["parameters"]["settings"]["string_value"],
+                                               f"{args['model_name']}/config.pbtxt")
+            if args.get("model_instance_kind") == "GPU":  # KIND_GPU: Triton gives each instance its device
+                settings = dataclasses.replace(settings, device=f"cuda:{args['model_instance_device_id']}")
             self.service = build_service(settings, version_dir, seed_required=self.cached)
         except SmartEditError as e:  # one line in tritonserver's log, which smartedit-serve prints
             raise RuntimeError(f"smartedit: {type(e).__name__}: {e}") from None

@@ -11,15 +11,18 @@ text format, so it parses by construction; tests parse the files back.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from smartedit.errors import ArtifactError, InputError, UnavailableError
 from smartedit.files import sha256_file_cached, write_atomic
+
+from .settings import ServeSettings
 
 MODEL = "smartedit"  # the orchestrating model's name, in every repository
 STREAM_MODEL = "smartedit_stream"  # its decoupled twin: the same edit, answered as a stream (progress, previews)
@@ -85,7 +88,6 @@ MAX_PRIORITY_LEVELS = 16
 LOW_PRIORITY_WAIT_S = 300.0
 MAX_WAIT_S = 86_400.0
 MAX_CACHE_MB = 1 << 20  # a response cache past a TiB is a typo
-MAX_VARIANTS = 4  # variants per request by default (each is one more sample through the UNet loop)
 
 
 def check_queue_delay_ms(value: float, name: str = "--max-queue-delay-ms") -> float:
@@ -111,7 +113,7 @@ def check_cache_mb(value: object) -> int:
     return value
 
 
-def orchestrator_config(settings: dict[str, Any], max_batch: int, queue_delay_ms: float, instances: int,
+def orchestrator_config(settings: ServeSettings, max_batch: int, queue_delay_ms: float, instances: int,
                         gpu: bool, max_queue: int = MAX_QUEUE, priority_levels: int = PRIORITY_LEVELS,
                         low_priority_wait_s: float = LOW_PRIORITY_WAIT_S, cache: bool = True):
     """The `smartedit` model: the request contract above, dynamic batching (batch 1: each request alone) with
@@ -146,11 +148,11 @@ def orchestrator_config(settings: dict[str, Any], max_batch: int, queue_delay_ms
     kind = mc.ModelInstanceGroup.Kind.Value("KIND_GPU" if gpu else "KIND_CPU")
     c.instance_group.add(count=instances, kind=kind)
     c.response_cache.enable = cache
-    c.parameters["settings"].string_value = json.dumps(settings, sort_keys=True)
+    c.parameters["settings"].string_value = settings.to_json()
     return c
 
 
-def stream_config(config, settings: dict[str, Any] | None = None):
+def stream_config(config, settings: ServeSettings | None = None):
     """The decoupled twin of the `smartedit` model's config: the same batching, priorities, instances and settings
     (or `settings`), its stream's inputs and outputs, no response cache (Triton caches no decoupled model)."""
     mc, _ = model_config_pb()
@@ -166,11 +168,11 @@ def stream_config(config, settings: dict[str, Any] | None = None):
         if name not in known:
             c.output.add(name=name, data_type=mc.DataType.Value(dtype), dims=[-1])
     if settings is not None:
-        c.parameters["settings"].string_value = json.dumps(settings, sort_keys=True)
+        c.parameters["settings"].string_value = settings.to_json()
     return c
 
 
-def write_serving_repository(repo: Path, settings: dict[str, Any], max_batch: int, queue_delay_ms: float,
+def write_serving_repository(repo: Path, settings: ServeSettings, max_batch: int, queue_delay_ms: float,
                              instances: int, gpu: bool, max_queue: int = MAX_QUEUE, stream: bool = False,
                              cache: bool = False, priority_levels: int = PRIORITY_LEVELS,
                              low_priority_wait_s: float = LOW_PRIORITY_WAIT_S) -> Path:
@@ -197,10 +199,8 @@ def write_stream_twin(repo: Path, dst: Path) -> Path:
     mc, text_format = model_config_pb()
     repo = Path(repo).resolve()
     config = text_format.Parse((repo / MODEL / "config.pbtxt").read_text(), mc.ModelConfig())
-    settings = json.loads(config.parameters["settings"].string_value)
-    settings["repository"] = str(repo)
-    if settings.get("source", {}).get("model"):  # relative to the `smartedit` model's version folder
-        settings["source"] = {"model": str(repo / MODEL / "1" / settings["source"]["model"])}
+    settings = ServeSettings.from_json(config.parameters["settings"].string_value, f"{repo / MODEL}/config.pbtxt")
+    settings = dataclasses.replace(settings, repository=str(repo), source=settings.model_source(repo / MODEL / "1"))
     twin = Path(dst) / STREAM_MODEL
     version_dir(twin, "smartedit.serve.model", "the whole SmartEdit edit, answered as a stream")
     write_config(twin, stream_config(config, settings))
@@ -241,11 +241,13 @@ def recorded_files(repo: Path) -> dict[str, str] | None:
     mc, text_format = model_config_pb()
     try:
         c = text_format.Parse(config.read_text(), mc.ModelConfig())
-        settings = json.loads(c.parameters["settings"].string_value) if "settings" in c.parameters else {}
+        if "settings" not in c.parameters:
+            return None
+        settings = json.loads(c.parameters["settings"].string_value)
     except (text_format.ParseError, UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{config} is not a model config this project wrote ({str(e)[:200]})") from None
     files = settings.get("files") if isinstance(settings, dict) else None
-    if settings.get("runner") == "bls" and not isinstance(files, dict):
+    if isinstance(settings, dict) and settings.get("runner") == "bls" and not isinstance(files, dict):
         raise ArtifactError(f"{config} records no repository files: re-run smartedit-export --target triton")
     return files if isinstance(files, dict) else None
 

@@ -45,16 +45,17 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from smartedit.engines import registry
 from smartedit.errors import ArtifactError, InputError, RunError, UnavailableError
 from smartedit.files import sha256_file
 from .admin import DRAIN_ENV, STAGE_KEY_ENV, restricted_flags, start_drain
-from .repository import (CACHE_ENV, LOW_PRIORITY_WAIT_S, MAX_QUEUE, MODEL, PRIORITY_LEVELS, MAX_VARIANTS,
+from .repository import (CACHE_ENV, LOW_PRIORITY_WAIT_S, MAX_QUEUE, MODEL, PRIORITY_LEVELS,
                          check_cache_mb, check_priority, check_repository, clear_bytecode, recorded_files,
                          write_serving_repository, write_stream_twin)
 from smartedit.weights import ModelSource
+from .settings import ServeSettings
 
 
 @dataclass(frozen=True)
@@ -103,29 +104,23 @@ class Endpoints:
                     raise InputError(f"{flag} {port} cannot be used on {self.host}: {why}") from None
 
 
-WARM_UPS = ("min", "max")
-
-
-def settings_for(source: ModelSource, backend: str, artifacts: str | None, device: str, dtype: str, max_steps: int,
-                 max_megapixels: float, max_batch: int, warm_up: str | None = None, max_variants: int = MAX_VARIANTS,
-                 max_evaluations: int | None = None) -> dict:
-    """The `smartedit` model's settings; refuses at once what the registry says cannot run here. warm_up: the
-    one-step edit run before the server is ready, at the smallest request ("min") or at the largest it admits
-    ("max": every request then fits the device's memory; default on a GPU, where it costs well under a second).
-    max_variants: variants per request (at most max_batch); max_evaluations: UNet evaluations per request (None:
-    what max_steps and max_variants allow)."""
+def settings_for(source: ModelSource, backend: str, artifacts: str | None, device: str, dtype: str,
+                 max_steps: int = ServeSettings.max_steps, max_megapixels: float = ServeSettings.max_megapixels,
+                 max_batch: int = ServeSettings.max_batch, warm_up: str | None = None,
+                 max_variants: int | None = None, max_evaluations: int | None = None) -> ServeSettings:
+    """The `smartedit` model's settings (ServeSettings checks their bounds); refuses at once what the registry says
+    cannot run here. warm_up: the one-step edit run before the server is ready, at the smallest request ("min") or
+    at the largest it admits ("max": every request then fits the device's memory; default on a GPU, where it costs
+    well under a second)."""
     reason = registry.why_not(backend, device, artifacts)
     if reason:
         raise InputError(f"--backend {backend}: {reason}")
-    warm_up = warm_up or ("max" if device.startswith("cuda") else "min")
-    if warm_up not in WARM_UPS:
-        raise InputError(f"--warm-up must be one of {list(WARM_UPS)}, got {warm_up!r}")
-    src = {"model": str(Path(source.model).resolve())} if source.model else {"preset": source.preset,
-                                                                               "seed": source.seed}
-    return {"runner": "registry", "backend": backend, "source": src,
-            "artifacts": str(Path(artifacts).resolve()) if artifacts else None, "device": device, "dtype": dtype,
-            "max_steps": max_steps, "max_megapixels": max_megapixels, "max_batch": max_batch, "warm_up": warm_up,
-            "max_variants": max_variants, "max_evaluations": max_evaluations}
+    if source.model:
+        source = ModelSource(model=Path(source.model).resolve())
+    return ServeSettings(source, "registry", backend, artifacts=str(Path(artifacts).resolve()) if artifacts else None,
+                         device=device, dtype=dtype, max_steps=max_steps, max_megapixels=max_megapixels,
+                         max_batch=max_batch, max_variants=max_variants, max_evaluations=max_evaluations,
+                         warm_up=warm_up or ("max" if device.startswith("cuda") else "min"))
 
 
 def free_endpoints(host: str = "127.0.0.1") -> Endpoints:
@@ -547,7 +542,7 @@ class Features:
         check_priority(self.priority_levels, self.low_priority_wait_s)
         return self
 
-    def repository(self, repo: Path, settings: dict[str, Any], max_batch: int, queue_delay_ms: float,
+    def repository(self, repo: Path, settings: ServeSettings, max_batch: int, queue_delay_ms: float,
                    instances: int, gpu: bool, max_queue: int) -> Path:
         return write_serving_repository(repo, settings, max_batch, queue_delay_ms, instances, gpu, max_queue,
                                         self.stream, self.cache_mb > 0, self.priority_levels,
@@ -555,7 +550,7 @@ class Features:
 
 
 @contextmanager
-def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_batch: int = 4,
+def running(settings: ServeSettings, endpoints: Endpoints | None = None, max_batch: int = 4,
             queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False, ready_timeout_s: float = 600,
             workdir: str | Path | None = None, max_queue: int = MAX_QUEUE,
             features: Features = Features()) -> Iterator[TritonServer]:
@@ -574,7 +569,7 @@ def running(settings: dict[str, Any], endpoints: Endpoints | None = None, max_ba
             server.stop(grace_s=5)  # nothing waits for answers any more: no drain
 
 
-def serve(settings: dict[str, Any], endpoints: Endpoints = Endpoints(), max_batch: int = 4,
+def serve(settings: ServeSettings, endpoints: Endpoints = Endpoints(), max_batch: int = 4,
           queue_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
           on_ready: Callable[[TritonServer], None] = lambda s: None, workdir: str | Path | None = None,
           ready_timeout_s: float = 600, max_queue: int = MAX_QUEUE, features: Features = Features()) -> int:

@@ -52,13 +52,14 @@ from smartedit.config import (
 from smartedit.deepcache import DeepCache
 from smartedit.errors import Cancelled, InputError, RunError, SmartEditError
 from smartedit.files import open_image
+from smartedit.graphs.spec import ProfileOptions
 from smartedit.guidance import GuidanceSchedule
 from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
 from smartedit.pipeline import SmartEditPipeline, StageClock
 from smartedit.scheduler import SIGMA, T, get_sampler
 from smartedit.vae import postprocess
 
-from .repository import MAX_VARIANTS
+from .settings import MAX_VARIANTS, ServeSettings
 
 DEFAULTS = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE,
             "image_guidance_scale": DEFAULT_IMAGE_GUIDANCE_SCALE, "resolution": DEFAULT_RESOLUTION}
@@ -70,14 +71,14 @@ VARIANT_INPUTS = ("seed", "guidance_scale", "image_guidance_scale")  # one value
 
 @dataclass(frozen=True)
 class Limits:
-    max_steps: int = 100
-    max_megapixels: float = 16.0
+    max_steps: int = ServeSettings.max_steps
+    max_megapixels: float = ServeSettings.max_megapixels
     max_image_bytes: int = 32 << 20
     min_resolution: int = RESOLUTION_STEP
-    max_resolution: int = 768
-    max_prefix: int = 512  # prompt ids before / after the image (the llava graph's Lp, Ls)
-    max_suffix: int = 512
-    max_batch: int = 4  # samples through the graphs at once (a request's variants count one each)
+    max_resolution: int = ProfileOptions.max_res  # the export's default profile, on every backend
+    max_prefix: int = ProfileOptions.max_prefix  # prompt ids before / after the image (the llava graph's Lp, Ls)
+    max_suffix: int = ProfileOptions.max_suffix
+    max_batch: int = ServeSettings.max_batch  # samples through the graphs at once (each variant counts one)
     max_variants: int = MAX_VARIANTS
     max_evaluations: int | None = None  # UNet evaluations per request, all variants (None: what steps and variants
     # allow); an evaluation is one sample through the UNet once: 3 per guided step by default (GuidanceSchedule)
