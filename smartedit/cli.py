@@ -91,8 +91,8 @@ def edit_cli(argv: list[str] | None = None) -> None:
                    help=f"square output side in px, a multiple of {RESOLUTION_STEP} (official "
                         f"{EditOptions.resolution})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(RUN_PRECISIONS), default="fp32",
-                   help="the precision the graphs run in (--dtype: its former name)")
+    p.add_argument("--precision", choices=sorted(RUN_PRECISIONS), default="fp32",
+                   help="the precision the graphs run in")
     p.add_argument("--guidance-scale", type=float, default=EditOptions.guidance_scale,
                    help=f"text CFG scale (official {EditOptions.guidance_scale})")
     p.add_argument("--image-guidance-scale", type=float, default=EditOptions.image_guidance_scale,

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
                    "gives their spread, and warns above 20%%)")
     p.add_argument("--warmup", type=non_negative, default=1, help="untimed-in-the-stats edits first (reported separately)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(RUN_PRECISIONS), default=None,
+    p.add_argument("--precision", choices=sorted(RUN_PRECISIONS), default=None,
                    help="the precision the graphs run in; default: fp16 on a GPU, fp32 on the CPU (where fp16 is "
-                        "emulated and slow) (--dtype: its former name)")
+                        "emulated and slow)")
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
                    + ", ".join(b.name for b in BACKENDS.values() if b.target))
     p.add_argument("--out", default="bench/results", help="folder for <device>-<model>.{json,md,png}")

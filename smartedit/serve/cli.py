@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(default eager): " + "; ".join(f"{b.name}: {b.summary}" for b in registry.BACKENDS.values()))
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--precision", "--dtype", dest="precision", choices=sorted(RUN_PRECISIONS), default="fp32",
-                   help="the precision the graphs run in (default fp32; --dtype: its former name)")
+    p.add_argument("--precision", choices=sorted(RUN_PRECISIONS), default="fp32",
+                   help="the precision the graphs run in (default fp32)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; the "
                    "ports serve health, metadata and inference to anyone who reaches them: see the README before "
                    "binding another address)")
