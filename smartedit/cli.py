@@ -107,7 +107,7 @@ def edit_cli(argv: list[str] | None = None) -> None:
     p.add_argument("--artifacts", help="smartedit-export output folder, for the backends that run exported graphs: "
                    + ", ".join(b.name for b in BACKENDS.values() if b.target))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--timings", metavar="JSON", help="write per-stage wall times (ms, device-synchronised), the "
+    p.add_argument("--timings", metavar="JSON", help="write per-phase wall times (ms, device-synchronised), the "
                    "device and the arguments to this file (see --warmup)")
     p.add_argument("--warmup", type=non_negative, default=0, help="untimed edits before the timed one (with --timings)")
     add_denoise_levers(p)
@@ -121,13 +121,13 @@ def edit_cli(argv: list[str] | None = None) -> None:
                               a.image_guidance_scale, a.img_token_mode,
                               a.template if a.template == "random" else int(a.template), guidance_schedule(a),
                               deepcache(a))  # before anything loads
-        stage_ms: dict[str, float] | None = {} if a.timings else None
+        phase_ms: dict[str, float] | None = {} if a.timings else None
         if a.timings:
             _check_output(Path(a.timings), "--timings")
             refuse_overwriting_inputs({"--timings": Path(a.timings), "--out": Path(a.out)},
                                       {"--image": a.image, "--model": a.model, "--artifacts": a.artifacts})
         out = edit(source, a.image, a.instruction, a.out, options, a.device, a.precision, progress=not a.quiet,
-                   timings=stage_ms, warmup=a.warmup, backend=a.backend, artifacts=a.artifacts)
+                   timings=phase_ms, warmup=a.warmup, backend=a.backend, artifacts=a.artifacts)
         where = a.model or f"preset {a.preset} (random weights, seed {a.seed})"
         schedule = options.guidance or DEFAULT_GUIDANCE
         cache = options.deepcache
@@ -137,15 +137,15 @@ def edit_cli(argv: list[str] | None = None) -> None:
                  f"({schedule.evaluations(a.steps)} UNet evaluations, the default {3 * a.steps})")
               + ("" if cache is None else f", DeepCache every {cache.interval} steps")
               + (f", artifacts {a.artifacts}" if a.artifacts and BACKENDS[a.backend].target else ""))
-        if stage_ms is not None:
-            record = {"stage_ms": stage_ms, "per_step_ms": stage_ms["denoise"] / options.steps,
+        if phase_ms is not None:
+            record = {"phase_ms": phase_ms, "per_step_ms": phase_ms["denoise"] / options.steps,
                       "device": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu",
                       "torch": torch.__version__, "peak_gpu_GB": (torch.cuda.max_memory_allocated() / 2**30
                                                                  if a.device.startswith("cuda") else None),
                       "warmup_edits": a.warmup, "args": sys.argv[1:] if argv is None else argv}
             Path(a.timings).parent.mkdir(parents=True, exist_ok=True)
             write_json(Path(a.timings), record)
-            print(" ".join(f"{k} {v:.1f} ms" for k, v in stage_ms.items()))
+            print(" ".join(f"{k} {v:.1f} ms" for k, v in phase_ms.items()))
 
     run_command("smartedit-edit", body)
 

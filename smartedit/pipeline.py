@@ -151,7 +151,7 @@ class SmartEditPipeline:
         self.null_text_embeds = self.null_text_embeds.to(device=device, dtype=dtype)
         return self
 
-    # -- stages -------------------------------------------------------------------------------------------------------
+    # -- phases -------------------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def encode_condition(self, images: Sequence[Image.Image], instructions: Sequence[str],
@@ -389,7 +389,7 @@ class SmartEditPipeline:
         `deepcache` (smartedit.deepcache.DeepCache; default none) runs the UNet's shallow path on the steps between
         whole runs: the runner must hold the DeepCache graphs (the model itself does).
 
-        `timings`, if given, receives the wall time in ms of each stage (device-synchronised): condition (vision +
+        `timings`, if given, receives the wall time in ms of each phase (device-synchronised): condition (vision +
         LLM + QFormer + BIM), vae_encode, denoise (all steps), vae_decode, total. `stop`: see denoise.
 
         Non-finite latents or a non-finite decoded image (a huge guidance can keep the latents finite and still
@@ -422,7 +422,7 @@ class SmartEditPipeline:
             generator = [torch.Generator().manual_seed(int(s)) for s in seed]
         else:
             generator = torch.Generator().manual_seed(seed)
-        clock = StageClock(self.device, timings)
+        clock = PhaseClock(self.device, timings)
         with clock("condition"):
             prompt_embeds, bim_residual = self.encode_condition(pil, instructions, img_token_mode, template,
                                                                 temperature, seed)
@@ -474,8 +474,8 @@ def _per_sample(g: Guidance, latents: torch.Tensor):
     return torch.tensor(g, dtype=torch.float32, device=latents.device).view(-1, 1, 1, 1)
 
 
-class StageClock:
-    """Wall time per stage in ms into `sink` (the edit's stage names; None: nothing measured), synchronising the
+class PhaseClock:
+    """Wall time per phase in ms into `sink` (the edit's phase names; None: nothing measured), synchronising the
     device before each reading (CUDA work is asynchronous); finish() adds "total" since construction."""
 
     def __init__(self, device: torch.device, sink: dict[str, float] | None):

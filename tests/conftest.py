@@ -176,7 +176,7 @@ def trt_rtx_export(onnx_export, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton_repository(onnx_export, tmp_path_factory):
-    """-> (export folder, progress messages): the fp16 ONNX export plus its `--target triton --triton-stages python`
+    """-> (export folder, progress messages): the fp16 ONNX export plus its `--target triton --graph-models python`
     repository (OUT/triton), made once per session; tests that change it work on a copy."""
     import shutil
 
@@ -188,7 +188,7 @@ def triton_repository(onnx_export, tmp_path_factory):
         shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
         said = []
         run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
-                   target_options=TritonOptions(stages="python"), progress=said.append)
+                   target_options=TritonOptions(graph_models="python"), progress=said.append)
         return said
 
     return made_once(tmp_path_factory, "triton_export", make)
@@ -293,7 +293,7 @@ def record_sha256(export) -> str:
 
 @pytest.fixture(scope="session")
 def repository_server(triton_repository):
-    """The shared `--target triton --triton-stages python` repository (its BLS orchestrator and five Python stage
+    """The shared `--target triton --graph-models python` repository (its BLS orchestrator and five Python stage
     models) on the bundled tritonserver, started as a container starts it (python -m smartedit.serve.launch with the
     record's sha256), once per session."""
     from smartedit.serve.server import free_endpoints

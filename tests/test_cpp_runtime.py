@@ -184,7 +184,7 @@ def test_whole_edit_equals_the_pipeline(runtime_bin, aoti_export, tiny_pipe, tes
     r = _run(runtime_bin, "edit", "--artifacts", aoti_export, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "image.safetensors", "--steps", 3, "--seed", 1)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert set(json.loads(r.stdout)["stage_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode"}
+    assert set(json.loads(r.stdout)["phase_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode"}
     got = load_file(tmp_path / "image.safetensors")["image"]
 
     def edit(pipe):

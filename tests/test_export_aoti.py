@@ -161,4 +161,4 @@ def test_bench_measures_the_aoti_backend(aoti_export):
                     warmup=1, dtype="fp32", artifacts=str(aoti_export), progress=lambda m: None)
     assert {r["backend"] for r in res["runs"]} == {"eager", "aoti"} and not res["skipped"]
     row = [r for r in res["runs"] if r["backend"] == "aoti"][0]
-    assert row["stage_ms"]["unet_step"] > 0 and row["speedup_vs_eager"] > 0
+    assert row["phase_ms"]["unet_step"] > 0 and row["speedup_vs_eager"] > 0

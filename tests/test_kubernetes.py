@@ -452,7 +452,7 @@ def test_every_emptydir_is_bounded_and_the_storage_is_sized_from_the_repository(
     models = {v["name"]: v for v in spec["volumes"]}["models"]["emptyDir"]["sizeLimit"]
     assert _gib(models) * 2 ** 30 >= size * 1.1
     assert _gib(spec["containers"][0]["resources"]["limits"]["ephemeral-storage"]) > _gib(models)
-    big = plain(DeployOptions(image=IMAGE, storage_uri="s3://models/triton"), Facts(stages="onnx", files={}, record_sha256="0",
+    big = plain(DeployOptions(image=IMAGE, storage_uri="s3://models/triton"), Facts(graph_models="onnx", files={}, record_sha256="0",
                                                                           repository_bytes=int(15.9e9)))
     pod = big["deployment.yaml"]["spec"]["template"]["spec"]
     assert {v["name"]: v for v in pod["volumes"]}["models"]["emptyDir"]["sizeLimit"] == "17Gi"
@@ -525,7 +525,7 @@ def _trt_export(triton_repository, tmp_path: Path, tensorrt, caps) -> Path:
     m = json.loads((dst / "manifest.json").read_text())
     m["artifacts"]["trt"] = {g: {**e, "target": "trt", "requires": {"tensorrt": tensorrt, "compute_capability": caps}}
                              for g, e in m["artifacts"]["onnx"].items()}
-    m["repositories"]["triton"]["stages"] = "trt"
+    m["repositories"]["triton"]["graph_models"] = "trt"
     (dst / "manifest.json").write_text(json.dumps(m))
     return dst
 
@@ -566,7 +566,7 @@ EXPORT_CHANGES = {  # name -> what is done to a copy of the shared export
     "model-planted": lambda e: ((e / "triton" / "detector" / "1").mkdir(parents=True),
                                 (e / "triton" / "detector" / "config.pbtxt").write_text('backend: "python"\n')),
     "file-missing": lambda e: (e / "triton" / "vae_decoder" / "1" / "model.py").unlink(),
-    "stages-unknown": lambda e: _edit_manifest(e, lambda m: m["repositories"]["triton"].update(stages="$(id)")),
+    "graph-models-unknown": lambda e: _edit_manifest(e, lambda m: m["repositories"]["triton"].update(graph_models="$(id)")),
     "config-unrecorded": lambda e: _edit_manifest(e, _no_config_record),
     "sha-malformed": lambda e: _edit_manifest(e, _bad_sha),
 }
@@ -629,7 +629,7 @@ BAD = [
     ("repository-file-planted", [], "file-planted", "unet/1/extra.py, which the export did not write"),
     ("repository-model-planted", [], "model-planted", "detector/, which the export did not write"),
     ("repository-file-missing", [], "file-missing", "lacks vae_decoder/1/model.py"),
-    ("stages-unknown", [], "stages-unknown", "records stages '$(id)'"),
+    ("graph-models-unknown", [], "graph-models-unknown", "records graph_models '$(id)'"),
     ("config-unrecorded", [], "config-unrecorded", "does not record smartedit/config.pbtxt"),
     ("record-sha-malformed", [], "sha-malformed", "malformed entry 'triton/unet/config.pbtxt'"),
     ("plans-of-an-unknown-tensorrt", [], ("10.99.1.0", ["90"]), "built by TensorRT 10.99.1"),
@@ -737,7 +737,7 @@ def test_promtool_checks_the_rule(tmp_path):
 
 def _rule_test(tmp_path: Path, want: float) -> subprocess.CompletedProcess:
     """promtool test rules on synthetic counters: per 15 s, the smartedit model queues 1.5 s and computes 3 s (the
-    ratio is 0.5), while a stage model of the same pod queues 30 s (which must not count: the rule is the
+    ratio is 0.5), while a graph model of the same pod queues 30 s (which must not count: the rule is the
     orchestrator's alone)."""
     rules = _rules_file(tmp_path, DeployOptions(image=IMAGE, storage_uri="s3://models/triton"))
     pod = 'namespace="ns",pod="smartedit-0"'
@@ -758,7 +758,7 @@ def _rule_test(tmp_path: Path, want: float) -> subprocess.CompletedProcess:
 def test_promtool_computes_the_stated_ratio(tmp_path):
     ok = _rule_test(tmp_path, 0.5)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    wrong = _rule_test(tmp_path, 0.25)  # what an average over the stage models too would not give either
+    wrong = _rule_test(tmp_path, 0.25)  # what an average over the graph models too would not give either
     assert wrong.returncode != 0 and "got: " in wrong.stderr and "5E-01" in wrong.stderr, wrong.stderr
 
 

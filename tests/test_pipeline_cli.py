@@ -104,7 +104,7 @@ def test_cli_timings_record(tmp_path, test_image, capsys):
                                       "--warmup", "1"], capsys)
     assert code == 0, err
     rec = json.loads((tmp_path / "new" / "t.json").read_text())
-    assert set(rec["stage_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode", "total"}
-    assert all(v > 0 for v in rec["stage_ms"].values())
-    assert rec["stage_ms"]["total"] >= rec["stage_ms"]["denoise"]
+    assert set(rec["phase_ms"]) == {"condition", "vae_encode", "denoise", "vae_decode", "total"}
+    assert all(v > 0 for v in rec["phase_ms"].values())
+    assert rec["phase_ms"]["total"] >= rec["phase_ms"]["denoise"]
     assert rec["device"] == "cpu" and rec["warmup_edits"] == 1 and rec["per_step_ms"] > 0

@@ -105,13 +105,13 @@ def test_readers_take_onnx_runtimes_optimisation_level_from_the_entrys_row(monke
     from tritonclient.grpc import model_config_pb2 as mc
 
     from smartedit.engines import onnxruntime as ort_backend
-    from smartedit.export.triton import stage_config
+    from smartedit.export.triton import graph_model_config
 
     for name, basic in (("fp16", False), ("int8", False), ("fp8", True)):
-        c = stage_config(_entry(name), "onnx")
+        c = graph_model_config(_entry(name), "onnx")
         assert (c.optimization.graph.level == -1) is basic, name
         assert [i.data_type for i in c.input if i.name == "sample"] == [mc.DataType.Value("TYPE_FP16")], name
-        python = stage_config(_entry(name), "python")
+        python = graph_model_config(_entry(name), "python")
         assert python.parameters["precision"].string_value == name
         opened = {}
         monkeypatch.setattr(ort_backend, "session", lambda path, providers, basic: opened.setdefault("basic", basic))

@@ -166,12 +166,12 @@ def test_calibration_edits_take_the_users_images_in_name_order_decoded_once_and_
 
 def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path, monkeypatch):
     """--target triton on the FP8 export: Triton's onnxruntime stage asks for BASIC optimisations (level -1), and the
-    Python stage model (what the bundled server runs), given the config Triton would pass it, opens and runs the FP8
+    Python graph model (what the bundled server runs), given the config Triton would pass it, opens and runs the FP8
     graph (ONNX Runtime's default optimisations refuse it)."""
     from google.protobuf import json_format
 
-    from smartedit.export.triton import TritonOptions, stage_config
-    from smartedit.serve.stage import TritonPythonModel
+    from smartedit.export.triton import TritonOptions, graph_model_config
+    from smartedit.serve.graph_model import TritonPythonModel
 
     out = tmp_path / "export"
     shutil.copytree(fp8_rtx[0], out, ignore=shutil.ignore_patterns("trt-rtx"))
@@ -180,18 +180,18 @@ def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path, mon
     (out / "manifest.json").write_text(json.dumps(manifest))
     said = []
     run_export(out, preset="tiny", precision="fp8", target="triton", profile=ProfileOptions(**SMALL_PROFILE),
-               quantize=QuantizeOptions(precision="fp8", **SMALL), target_options=TritonOptions(stages="python"),
+               quantize=QuantizeOptions(precision="fp8", **SMALL), target_options=TritonOptions(graph_models="python"),
                progress=said.append)
     assert "unet: up to date, skipped" in said
     entry = Manifest.read(out).entries("onnx")["unet"]
-    assert stage_config(entry, "onnx").optimization.graph.level == -1
+    assert graph_model_config(entry, "onnx").optimization.graph.level == -1
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
     written = text_format.Parse((out / "triton" / "unet" / "config.pbtxt").read_text(), mc.ModelConfig())
     config = json_format.MessageToDict(written, preserving_proto_field_name=True)  # as Triton hands it over
     assert config["parameters"]["precision"]["string_value"] == "fp8"  # its row: ONNX Runtime up to BASIC
-    monkeypatch.setenv("SMARTEDIT_STAGE_KEY", "a key the launcher would draw")  # a stage model answers to it
+    monkeypatch.setenv("SMARTEDIT_GRAPH_KEY", "a key the launcher would draw")  # a graph model answers to it
     stage = TritonPythonModel()
     stage.initialize({"model_config": json.dumps(config), "model_repository": str(out / "triton" / "unet"),
                       "model_version": "1"})

@@ -366,7 +366,7 @@ def _triton_build(out: Path, w: Path) -> tuple:
     """--target triton over the export, only vae_decoder (re)exported: the repository would pack the others as they
     are, the unet's failed entry among them."""
     return export_main, [*TINY, "--max-batch", 3, "--max-res", 512, "--max-prompt", 400, "--graphs", "vae_decoder",
-                         "--target", "triton", "--triton-stages", "python", "--out", out]
+                         "--target", "triton", "--graph-models", "python", "--out", out]
 
 
 def _backend_load(backend: str, target: str):

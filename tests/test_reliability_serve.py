@@ -1,5 +1,5 @@
 """The reliability catalogue of the server, as a hostile network client sees it: smartedit-serve (the real
-tritonserver, tiny preset, eager, CPU) and the `--target triton` repository's stage models on the bundled server.
+tritonserver, tiny preset, eager, CPU) and the `--target triton` repository's graph models on the bundled server.
 
 Every request row asserts the status (HTTP code or gRPC status), one line naming the value, no traceback, what the
 server computed (its own counters, `smartedit_requests_total{outcome}`) and that it still serves. The principles,
@@ -588,15 +588,15 @@ def test_refused_requests_leave_no_memory_behind(strict):
     _serves(e)
 
 
-# -- 1, 2: the --target triton repository's stage models on the bundled server -------------------------------------
+# -- 1, 2: the --target triton repository's graph models on the bundled server -------------------------------------
 
 
-def _stage_call(e, graph: str, tensors: dict[str, np.ndarray], key: str | None = None, protocol: str = "http"):
-    """A direct call to a stage model; `key`: the server's stage key (what the `smartedit` model's BLS calls carry)."""
+def _graph_call(e, graph: str, tensors: dict[str, np.ndarray], key: str | None = None, protocol: str = "http"):
+    """A direct call to a graph model; `key`: the server's graph key (what the `smartedit` model's BLS calls carry)."""
     import tritonclient.grpc as grpc
     import tritonclient.http as http
 
-    from smartedit.serve.admin import STAGE_KEY
+    from smartedit.serve.admin import GRAPH_KEY
 
     module = http if protocol == "http" else grpc
     inputs = []
@@ -606,13 +606,13 @@ def _stage_call(e, graph: str, tensors: dict[str, np.ndarray], key: str | None =
         i.set_data_from_numpy(x)
         inputs.append(i)
     url = e.http_url if protocol == "http" else e.grpc_url
-    return connect(protocol, url, 120).infer(graph, inputs, parameters={STAGE_KEY: key} if key is not None else None)
+    return connect(protocol, url, 120).infer(graph, inputs, parameters={GRAPH_KEY: key} if key is not None else None)
 
 
-def _stage_key(server) -> str:
-    from smartedit.serve.admin import STAGE_KEY_ENV
+def _graph_key(server) -> str:
+    from smartedit.serve.admin import GRAPH_KEY_ENV
 
-    return server.server_env()[STAGE_KEY_ENV]
+    return server.server_env()[GRAPH_KEY_ENV]
 
 
 STAGES = [
@@ -638,18 +638,18 @@ STAGES = [
 
 @pytest.mark.parametrize("what,graph,inputs,says", STAGES, ids=[r[0] for r in STAGES])
 def test_a_stage_model_refuses_shapes_outside_its_profile_before_work(repository_server, what, graph, inputs, says):
-    """3: even a call with the stage key (as the `smartedit` model's are) is checked against the profile first."""
+    """3: even a call with the graph key (as the `smartedit` model's are) is checked against the profile first."""
     e = repository_server.endpoints
-    key = _stage_key(repository_server)
+    key = _graph_key(repository_server)
     before = _rss_kb(repository_server.proc.pid)
     with pytest.raises(BAD) as err:
-        _stage_call(e, graph, inputs(), key)
+        _graph_call(e, graph, inputs(), key)
     assert err.value.status() == "400" and says in str(err.value), (what, str(err.value)[:300])
     _one_line(str(err.value))
     grown_mb = (_rss_kb(repository_server.proc.pid) - before) / 1024
     assert grown_mb < 300, f"{what}: the server grew by {grown_mb:.0f} MB for a refused call"  # 200x200: +13.6 GB
     assert _http(e, "POST", "/v2/repository/models/llava/unload", b"{}")[0] == 403  # 1: no model control either
-    ok = _stage_call(e, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)}, key)
+    ok = _graph_call(e, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)}, key)
     assert ok.as_numpy("image").shape == (1, 3, 256, 256)
 
 
@@ -662,10 +662,10 @@ CALLERS = [
 
 @pytest.mark.parametrize("what,protocol,key", CALLERS, ids=[r[0] for r in CALLERS])
 def test_a_stage_model_answers_only_the_smartedit_model(repository_server, what, protocol, key):
-    """4: a client calling a stage model directly (Triton Inference Server restricts by API, not by model) is
+    """4: a client calling a graph model directly (Triton Inference Server restricts by API, not by model) is
     refused before its tensors are read, even with a valid shape."""
     with pytest.raises(BAD) as err:
-        _stage_call(repository_server.endpoints, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)},
+        _graph_call(repository_server.endpoints, "vae_decoder", {"latents": np.zeros((1, 4, 32, 32), np.float16)},
                     key, protocol)
     assert err.value.status() in ("400", "StatusCode.INVALID_ARGUMENT"), str(err.value)
     assert "answers only the `smartedit` model" in str(err.value), str(err.value)
@@ -673,7 +673,7 @@ def test_a_stage_model_answers_only_the_smartedit_model(repository_server, what,
 
 
 def test_a_flood_of_direct_stage_calls_costs_the_edit_nothing(repository_server, image_bytes=IMAGE):
-    """4: 40 direct calls to the unet stage model at once, with an edit among them: every direct call is refused
+    """4: 40 direct calls to the unet graph model at once, with an edit among them: every direct call is refused
     before its tensors are read (80 such calls were all computed before, holding an edit 32 s), and the edit is
     answered."""
     e = repository_server.endpoints
@@ -682,7 +682,7 @@ def test_a_flood_of_direct_stage_calls_costs_the_edit_nothing(repository_server,
                "bim_residual": np.zeros((1, 32, 16, 16), np.float16)}
     results: list = [None] * 40
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _catch(
-        lambda: _stage_call(e, "unet", tensors)))) for i in range(40)]
+        lambda: _graph_call(e, "unet", tensors)))) for i in range(40)]
     edited: dict = {}
     for t in threads[:20]:
         t.start()
@@ -719,7 +719,7 @@ def _foreign_model(out: Path) -> str:
     return "my_detector/"
 
 
-def _edited_stage_config(out: Path) -> str:
+def _edited_graph_model_config(out: Path) -> str:
     cfg = out / "triton" / "vae_decoder" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace("count: 1", "count: 4"))
     return "vae_decoder/config.pbtxt"
@@ -729,7 +729,7 @@ RAN = Path("/tmp/smartedit-repository-code-ran")
 
 
 def _changed_model_py(out: Path) -> str:
-    """A stage model's model.py that runs code of its own when Triton imports it."""
+    """A graph model's model.py that runs code of its own when Triton imports it."""
     f = out / "triton" / "llava" / "1" / "model.py"
     f.write_text(f"open({str(RAN)!r}, 'w').write('ran')\n" + f.read_text())
     return "llava/1/model.py"
@@ -751,7 +751,7 @@ def _planted_bytecode(out: Path) -> str:
 
 SERVED = [("another-graph-as-the-unet", _swap_unet_for_another_graph),
           ("a-model-the-export-did-not-write", _foreign_model),
-          ("a-stage-config-edited", _edited_stage_config),
+          ("a-stage-config-edited", _edited_graph_model_config),
           ("a-stage-model-py-changed", _changed_model_py),
           ("a-planted-pycache", _planted_bytecode)]
 
@@ -818,7 +818,7 @@ def test_the_launcher_refuses_before_anything_starts(triton_repository, tmp_path
         from smartedit.files import sha256_file
         from smartedit.serve.server import check_before_start
 
-        _edited_stage_config(out)
+        _edited_graph_model_config(out)
         cfg = repo / MODEL / "config.pbtxt"
         c = text_format.Parse(cfg.read_text(), model_config_pb2.ModelConfig())
         settings = json.loads(c.parameters["settings"].string_value)
@@ -1032,7 +1032,7 @@ def test_a_re_export_never_deletes_a_model_it_did_not_write(triton_repository, t
     mine.mkdir(parents=True)
     (mine / "model.onnx").write_bytes(b"the user's own model")
     code, _, err = run_cli(export_main, ["--preset", "tiny", "--random-weights", "--target", "triton",
-                                         "--triton-stages", "python", "--out", out], capsys)
+                                         "--graph-models", "python", "--out", out], capsys)
     assert code == 2 and "triton/my_detector/" in err and len(err.strip().splitlines()) == 1, err
     assert (mine / "model.onnx").read_bytes() == b"the user's own model"
 

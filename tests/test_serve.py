@@ -32,7 +32,7 @@ pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip in
 tritonclient = pytest.importorskip("tritonclient.grpc")
 
 from conftest import readme_block, settled  # noqa: E402
-from smartedit.export.triton import stage_config  # noqa: E402
+from smartedit.export.triton import graph_model_config  # noqa: E402
 from smartedit.serve.repository import MAX_QUEUE, MODEL, write_serving_repository  # noqa: E402
 from smartedit.serve.client import connect, edit  # noqa: E402
 from smartedit.serve.server import free_endpoints, read_metrics  # noqa: E402
@@ -75,7 +75,7 @@ def test_http_and_grpc_answer_what_the_offline_pipeline_gives(server, tiny_pipe,
         png, timings = edit(connect(protocol, url, 120), image, "make it blue", seed=7, steps=2, resolution=64)
         assert png == want, f"{protocol}: alone on the server differs from alone offline"
         assert timings["batch_size"] == 1 and timings["seed"] == 7 and timings["backend"] == "eager"
-        assert set(timings["stage_ms"]) >= {"condition", "denoise", "vae_decode", "total"}
+        assert set(timings["phase_ms"]) >= {"condition", "denoise", "vae_decode", "total"}
 
 
 def _concurrently(calls):
@@ -207,7 +207,7 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
 
     entry = Manifest.read(onnx_export("fp16")).entries("onnx")["unet"]
     for kind, want in (("onnx", ("onnxruntime", "")), ("trt", ("", "tensorrt_plan")), ("python", ("python", ""))):
-        c = text_format.Parse(text_format.MessageToString(stage_config(entry, kind, 0 if kind == "trt" else None)),
+        c = text_format.Parse(text_format.MessageToString(graph_model_config(entry, kind, 0 if kind == "trt" else None)),
                               mc.ModelConfig())
         assert (c.backend, c.platform) == want and c.max_batch_size == 0
         sample = next(i for i in c.input if i.name == "sample")
@@ -216,7 +216,7 @@ def test_config_pbtxt_parses_into_tritons_model_config(tmp_path, onnx_export):
 
 
 def test_container_repository_runs_on_the_bundled_server(repository_server, triton_repository, image):
-    """--target triton --triton-stages python: the BLS-orchestrated repository, stage models in ONNX Runtime, served
+    """--target triton --graph-models python: the BLS-orchestrated repository, graph models in ONNX Runtime, served
     by the bundled tritonserver; it answers what the in-process onnxruntime backend answers for the same request."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc

@@ -60,7 +60,7 @@ std::vector<at::Tensor> Editor::call(const std::string& graph, const std::vector
   return outputs;
 }
 
-at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<std::string, double>* stage_ms) {
+at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<std::string, double>* phase_ms) {
   if (!x.prefix_ids.defined() || !x.suffix_ids.defined() || at::isFloatingType(x.prefix_ids.scalar_type()) ||
       at::isFloatingType(x.suffix_ids.scalar_type()))
     throw std::invalid_argument("prefix_ids and suffix_ids must hold integer token ids");
@@ -99,11 +99,11 @@ at::Tensor Editor::run(const EditInputs& x, const DenoiseOptions& o, std::map<st
       denoiser_->load_deepcache(manifest_.open("unet_deep").file, manifest_.open("unet_shallow").file);
   }
   auto clock = std::chrono::steady_clock::now();
-  const auto lap = [&](const char* stage, const at::Tensor& done) {
-    if (!stage_ms) return;
+  const auto lap = [&](const char* phase, const at::Tensor& done) {
+    if (!phase_ms) return;
     if (device_.is_cuda()) done.cpu();  // synchronise before reading the clock
     const auto now = std::chrono::steady_clock::now();
-    (*stage_ms)[stage] = std::chrono::duration<double, std::milli>(now - clock).count();
+    (*phase_ms)[phase] = std::chrono::duration<double, std::milli>(now - clock).count();
     clock = now;
   };
   const auto llava = call("llava", {x.pixel_values, x.prefix_ids, x.suffix_ids});  // img_hidden, clip_feats

@@ -305,7 +305,7 @@ int run(int argc, char** argv) {
   const at::Tensor image = editor.run(x, o, &ms);
   smartedit::check_finite_result(image, "the edited image");
   write_output(out, {{"image", image}});
-  std::printf("{\"stage_ms\": {");
+  std::printf("{\"phase_ms\": {");
   bool first = true;
   for (const auto& [stage, v] : ms) std::printf("%s\"%s\": %.3f", first ? "" : ", ", stage.c_str(), v), first = false;
   std::printf("}, \"steps\": %lld, \"sampler\": \"%s\", \"deepcache\": %lld", static_cast<long long>(o.steps),

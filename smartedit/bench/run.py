@@ -1,11 +1,11 @@
 """`smartedit-bench`: every backend against eager (and the official-style baseline) in one run, on one device.
 
 Per backend and resolution: end-to-end latency over `repeats` timed edits (median, p90, min, max) after warm-up
-edits that are timed separately (they carry compile / capture / engine-load time); per-stage times from one extra
+edits that are timed separately (they carry compile / capture / engine-load time); per-phase times from one extra
 instrumented edit (each graph call synchronised: vision+LLM, qformer_bim, vae encode, one UNet step, the scheduler
-and CFG work in between, vae decode) and per pipeline stage of the timed edits themselves (condition, vae encode,
+and CFG work in between, vae decode) and per phase of the timed edits themselves (condition, vae encode,
 denoise, vae decode: for `cudagraph` the denoise is the captured loop, which the instrumented edit's per-call path
-cannot show); peak GPU memory; images/s; FLOPs per stage (PyTorch's flop counter, on the
+cannot show); peak GPU memory; images/s; FLOPs per graph (PyTorch's flop counter, on the
 eager run) and achieved TFLOP/s against the card's fp16 matmul rate measured in the same run. Backends that cannot
 run here are listed with the reason, never dropped. Writes <out>/<device>-<preset>.{json,md,png}.
 
@@ -226,28 +226,28 @@ def _bench_resolution(result, backend, pipe, load_s, res, dev, setting: Setting,
     inner = pipe.runner
     timed = _TimedRunner(inner, dev, count_flops=backend == "eager")
     pipe.runner = timed
-    stage_t: dict[str, float] = {}
+    phase_t: dict[str, float] = {}
     try:
-        pipe(images, texts, timings=stage_t, **kw)
+        pipe(images, texts, timings=phase_t, **kw)
     finally:
         pipe.runner = inner
     unet = graph_with_role(DENOISER)  # its time is reported per step, with the loop's time around it
-    stages = {GRAPHS[g].label: statistics.median(v) for g, v in timed.ms.items() if g != unet}
+    phases = {GRAPHS[g].label: statistics.median(v) for g, v in timed.ms.items() if g != unet}
     if unet in timed.ms:
-        stages[GRAPHS[unet].step_label] = statistics.median(timed.ms[unet])
-        stages["scheduler+cfg_per_step"] = (stage_t["denoise"] - sum(timed.ms[unet])) / steps
+        phases[GRAPHS[unet].step_label] = statistics.median(timed.ms[unet])
+        phases["scheduler+cfg_per_step"] = (phase_t["denoise"] - sum(timed.ms[unet])) / steps
     if backend == "official":
-        stages["vision+llm+qformer_bim (fp32 decode)"] = stage_t["condition"]
+        phases["vision+llm+qformer_bim (fp32 decode)"] = phase_t["condition"]
     row = {"backend": backend, "resolution": res, "setting": setting.label, "steps": steps,
            "unet_evaluations": setting.evaluations(batch), "load_s": load_s, "warmup_ms": warm,
-           "e2e_ms": _stats(e2e), "stage_ms": stages,
-           # the timed edits themselves, per pipeline stage (the backend's real path: e.g. the captured loop)
-           "edit_stage_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
+           "e2e_ms": _stats(e2e), "phase_ms": phases,
+           # the timed edits themselves, per phase (the backend's real path: e.g. the captured loop)
+           "edit_phase_ms": {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "total"},
            "images_per_s": batch / (statistics.median(e2e) / 1e3),
            "peak_gpu_GB": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
            **getattr(inner, "record", {})}  # e.g. cudagraph: the capture each program got
     if timed.flops:
-        row["stage_tflop"] = {GRAPHS[g].label: f / 1e12 / (len(timed.ms[g]) if GRAPHS[g].per_step else 1)
+        row["graph_tflop"] = {GRAPHS[g].label: f / 1e12 / (len(timed.ms[g]) if GRAPHS[g].per_step else 1)
                               for g, f in timed.flops.items()}
     result["runs"].append(row)
     progress(f"{backend} @ {res}, {setting.label}: median {row['e2e_ms']['median']:.1f} ms end to end, spread "
@@ -265,7 +265,7 @@ def _ratios(result: dict) -> None:
         if r["setting"] != first and (r["backend"], r["resolution"]) in by:  # a lever against its own backend
             r["speedup_vs_first_setting"] = by[(r["backend"], r["resolution"])] / r["e2e_ms"]["median"]
     runs = [r for r in result["runs"] if r["setting"] == first]
-    flops = {r["resolution"]: r.get("stage_tflop") for r in runs if r["backend"] == "eager"}
+    flops = {r["resolution"]: r.get("graph_tflop") for r in runs if r["backend"] == "eager"}
     peak = result["peak_fp16_tflops"]
     unet = GRAPHS[graph_with_role(DENOISER)]
     ms_label = {GRAPHS[g].label: GRAPHS[g].step_label or GRAPHS[g].label for g in GRAPH_NAMES}  # FLOPs -> time key
@@ -273,13 +273,13 @@ def _ratios(result: dict) -> None:
         tf = flops.get(r["resolution"])
         if not tf:
             continue
-        if unet.label in tf and unet.step_label in r["stage_ms"]:
-            achieved = r[f"{unet.step_label}_tflops_achieved"] = tf[unet.label] / (r["stage_ms"][unet.step_label] / 1e3)
+        if unet.label in tf and unet.step_label in r["phase_ms"]:
+            achieved = r[f"{unet.step_label}_tflops_achieved"] = tf[unet.label] / (r["phase_ms"][unet.step_label] / 1e3)
             if peak:
                 r[f"{unet.step_label}_frac_peak"] = achieved / peak
-        r["stage_tflops_achieved"] = {stage: tf[stage] / (r["stage_ms"][ms_label[stage]] / 1e3)
-                                      for stage in tf  # in the order the edit calls the graphs
-                                      if stage in ms_label and r["stage_ms"].get(ms_label[stage])}
+        r["graph_tflops_achieved"] = {g: tf[g] / (r["phase_ms"][ms_label[g]] / 1e3)
+                                      for g in tf  # in the order the edit calls the graphs
+                                      if g in ms_label and r["phase_ms"].get(ms_label[g])}
         # the whole edit's work (eager's count: every backend does the same math) and its time at the measured peak
         r["e2e_tflop"] = (sum(v for k, v in tf.items() if k != unet.label)
                           + tf.get(unet.label, 0.0) * result["steps"])
@@ -316,8 +316,8 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {r['backend']} | {r['resolution']} | {e['median']:.1f} | {e['p90']:.1f} | {e['min']:.1f} | "
                      f"{e['max']:.1f} | {spread(r):.0%} | {num(r.get('speedup_vs_eager'), '{:.2f}')} | "
                      f"{num(r.get('speedup_vs_official'), '{:.2f}')} | "
-                     f"{num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} | "
-                     f"{num(r['stage_ms'].get('unet_step'), '{:.2f}')} | "
+                     f"{num(r.get('edit_phase_ms', {}).get('denoise'), '{:.1f}')} | "
+                     f"{num(r['phase_ms'].get('unet_step'), '{:.2f}')} | "
                      f"{num(r['peak_gpu_GB'], '{:.1f}')} | {r['images_per_s']:.2f} |")
     for b, why in res["skipped"].items():
         lines.append(f"| {b} | - | skipped: {why} | | | | | | | | | | |")
@@ -337,7 +337,7 @@ def to_markdown(res: dict) -> str:
         for r in levers:
             lines.append(f"| {r['backend']} | {r['setting']} | {r['unet_evaluations']} | {r['e2e_ms']['median']:.1f} "
                          f"| {spread(r):.0%} | {num(r.get('speedup_vs_first_setting'), '{:.2f}')} | "
-                         f"{num(r.get('edit_stage_ms', {}).get('denoise'), '{:.1f}')} |")
+                         f"{num(r.get('edit_phase_ms', {}).get('denoise'), '{:.1f}')} |")
     noisy = [f"{r['backend']} @ {r['resolution']} ({spread(r):.0%})" for r in res["runs"] if spread(r) > NOISY]
     if noisy:
         lines += ["", f"**Warning: noisy timings** (spread over {NOISY:.0%}): {', '.join(noisy)}. Ratios between "

@@ -5,11 +5,11 @@ Two repositories, one model implementation (smartedit/serve/model.py, a Python-b
 edit: tokenizer, sampler and guidance in PyTorch, the graphs on a GraphRunner):
 
   smartedit-serve (local)      one model `smartedit`; its graphs run in-process on a backend of the registry
-  --target triton (container)  `smartedit` runs its graphs through BLS calls to one stage model per graph:
-                                 --triton-stages onnx  Triton's onnxruntime backend on OUT/onnx  (the default)
-                                 --triton-stages trt   Triton's tensorrt_plan backend on OUT/trt (built with the
+  --target triton (container)  `smartedit` runs its graphs through BLS calls to one graph model per graph:
+                                 --graph-models onnx  Triton's onnxruntime backend on OUT/onnx  (the default)
+                                 --graph-models trt   Triton's tensorrt_plan backend on OUT/trt (built with the
                                                        container's TensorRT, on its GPU)
-                                 --triton-stages python  Python-backend stage models running the ONNX files in
+                                 --graph-models python  Python-backend graph models running the ONNX files in
                                                        ONNX Runtime: what the bundled server of this project can
                                                        serve (it has the Python backend only); for testing
 
@@ -21,7 +21,7 @@ user's model folder.
 What is served is what was exported: every file of OUT/triton is recorded with its sha256 in the manifest
 (`repositories.triton`, which smartedit-verify checks), the `smartedit` model's settings list the sha256 of every
 other file of the repository, and its initialize() refuses to serve when one differs or an unrecorded file is there;
-a Python stage model checks its own graph files before ONNX Runtime opens them.
+a Python graph model checks its own graph files before ONNX Runtime opens them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from smartedit.config import PRECISIONS
 from smartedit.errors import ArtifactError, ExportError, InputError
 from smartedit.files import sha256_file, staged
 from smartedit.serve.repository import (
+    GRAPH_MODEL_KINDS,
     MODEL,
     model_config_pb,
     orchestrator_config,
@@ -54,22 +55,21 @@ from smartedit.weights import ModelSource
 from . import onnx
 from .job import ExportJob, Target, TargetOptions
 
-STAGE_KINDS = ("onnx", "trt", "python")
 _TRITON_DTYPE = {"float16": "TYPE_FP16", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}
 def _dims(t, spec: GraphSpec) -> list[int]:
     return [-1 if parse_dim(d)[1] is not None else int(d) for d in t.shape]
 
 
 def served_name(graph: str, rel: str) -> str:
-    """The name of an entry's file in its stage model's version folder: the graph itself is model.onnx / model.plan;
+    """The name of an entry's file in its graph model's version folder: the graph itself is model.onnx / model.plan;
     its other files (external data, which the .onnx names; a quantized unet's fp16 source) keep their names."""
     name = Path(rel).name
     return {f"{graph}.onnx": "model.onnx", f"{graph}.plan": "model.plan"}.get(name, name)
 
 
-def stage_config(entry: Entry, kind: str, profile: int | None = None, files: dict[str, str] | None = None):
+def graph_model_config(entry: Entry, kind: str, profile: int | None = None, files: dict[str, str] | None = None):
     """One graph as a Triton model: its inputs and outputs from the spec (named dims -1: dynamic), batch dims
-    explicit (max_batch_size 0: the unet's 3B is not a plain batch). A Python stage model also gets the spec (it
+    explicit (max_batch_size 0: the unet's 3B is not a plain batch). A Python graph model also gets the spec (it
     refuses shapes outside the profile before any work) and `files`, its version folder's {name: sha256}."""
     mc, _ = model_config_pb()
     spec = entry.spec
@@ -114,13 +114,13 @@ def _copy_model_folder(source_model: Path, dst: Path) -> None:
     shutil.copytree(source_model / "tokenizer", dst / "tokenizer", copy_function=shutil.copyfile, symlinks=False)
 
 
-def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_batch: int, queue_delay_ms: float,
-                               device: str) -> Path:
-    """OUT/triton: a stage model per graph (from the export's entries) and the BLS-orchestrating `smartedit`, every
+def write_container_repository(manifest: Manifest, repo: Path, graph_models: str, max_batch: int,
+                               queue_delay_ms: float, device: str) -> Path:
+    """OUT/triton: a graph model per graph (from the export's entries) and the BLS-orchestrating `smartedit`, every
     file recorded in the manifest (repositories.triton) and its sha256 in the orchestrator's settings."""
-    if stages not in STAGE_KINDS:
-        raise InputError(f"--triton-stages must be one of {list(STAGE_KINDS)}, got {stages!r}")
-    target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}[stages]
+    if graph_models not in GRAPH_MODEL_KINDS:
+        raise InputError(f"--graph-models must be one of {list(GRAPH_MODEL_KINDS)}, got {graph_models!r}")
+    target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}[graph_models]
     entries = manifest.entries(target)
     missing = [g for g in GRAPH_NAMES if g not in entries]
     if missing:
@@ -135,17 +135,17 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
         for graph, e in entries.items():
             model_dir = tmp / graph
             version = model_dir / "1"
-            stage_files = {}
+            graph_model_files = {}
             for rel in e.files:
                 src = manifest.file(rel)
                 name = served_name(graph, rel)
                 _link(src, version / name)  # external data keeps its name: the .onnx refers to it by name
                 known[f"{graph}/1/{name}"] = e.files[rel]
-                stage_files[name] = e.files[rel]["sha256"]
-            if stages == "python":
-                version_dir(model_dir, "smartedit.serve.stage", f"the {graph} graph in ONNX Runtime")
-            profile = len(e.profiles) - 1 if stages == "trt" and e.profiles else None
-            write_config(model_dir, stage_config(e, stages, profile, stage_files))
+                graph_model_files[name] = e.files[rel]["sha256"]
+            if graph_models == "python":
+                version_dir(model_dir, "smartedit.serve.graph_model", f"the {graph} graph in ONNX Runtime")
+            profile = len(e.profiles) - 1 if graph_models == "trt" and e.profiles else None
+            write_config(model_dir, graph_model_config(e, graph_models, profile, graph_model_files))
         src = manifest.source
         if src.get("kind") == "checkpoint":
             _copy_model_folder(Path(src["path"]), tmp / MODEL / "1" / "model")
@@ -167,7 +167,7 @@ def write_container_repository(manifest: Manifest, repo: Path, stages: str, max_
         own = f"{MODEL}/config.pbtxt"
         record[own] = {"sha256": sha256_file(tmp / own), "bytes": (tmp / own).stat().st_size}
     prefix = Path(repo).resolve().relative_to(manifest.root.resolve())  # OUT/triton -> "triton"
-    manifest.repositories["triton"] = {"source": manifest.source["sha256"], "stages": stages,
+    manifest.repositories["triton"] = {"source": manifest.source["sha256"], "graph_models": graph_models,
                                        "files": {str(prefix / rel): meta for rel, meta in sorted(record.items())}}
     manifest.write()
     return repo
@@ -184,7 +184,7 @@ def repository_problems(manifest: Manifest, name: str = "triton", hashes: bool =
                                                                              [r.split("/", 1)[1] for r in files])]
     if repo.get("source") != manifest.source.get("sha256"):
         bad.append(f"{name}: recorded from another source than this folder's")
-    target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}.get(repo.get("stages"), "?")
+    target = {"onnx": "onnx", "python": "onnx", "trt": "trt"}.get(repo.get("graph_models"), "?")
     for graph, e in manifest.entries(target).items():
         for rel, meta in e.files.items():
             served = f"{name}/{graph}/1/{served_name(graph, rel)}"
@@ -196,30 +196,30 @@ def repository_problems(manifest: Manifest, name: str = "triton", hashes: bool =
 @dataclass(frozen=True)
 class TritonOptions(TargetOptions):
     FLAGS = {
-        "--triton-stages": dict(dest="stages", choices=list(STAGE_KINDS), default="onnx",
-                                help="triton: the stage models' backend: Triton's onnxruntime, its tensorrt_plan "
-                                     "(OUT/trt, built with the container's TensorRT), or Python models running ONNX "
-                                     "Runtime (what smartedit's bundled server can run)"),
+        "--graph-models": dict(dest="graph_models", choices=list(GRAPH_MODEL_KINDS), default="onnx",
+                               help="triton: what the graph models run on: Triton's onnxruntime backend, its "
+                                    "tensorrt_plan (OUT/trt, built with the container's TensorRT), or Python models "
+                                    "running ONNX Runtime (what smartedit's bundled server can run)"),
         "--device": dict(dest="device", default="cpu",
                          help="triton: the device of the orchestrating model's PyTorch work"),
     }
 
-    stages: str = "onnx"
+    graph_models: str = "onnx"
     device: str = "cpu"
 
 
 def produce(job: ExportJob) -> None:
-    """The ONNX graphs (exported or reused; --triton-stages trt needs OUT/trt built first), then OUT/triton."""
+    """The ONNX graphs (exported or reused; --graph-models trt needs OUT/trt built first), then OUT/triton."""
     model_config_pb()  # tritonclient present: before the export work
-    stages, device = job.target_options.stages, job.target_options.device
-    if stages != "trt":
+    graph_models, device = job.target_options.graph_models, job.target_options.device
+    if graph_models != "trt":
         onnx.produce(job)
     repo = job.out / "triton"
-    job.progress(f"writing the Triton model repository {repo} ({stages} stage models) ...")
-    write_container_repository(job.manifest, repo, stages, job.profile.max_batch, 5.0, device)
+    job.progress(f"writing the Triton model repository {repo} ({graph_models} graph models) ...")
+    write_container_repository(job.manifest, repo, graph_models, job.profile.max_batch, 5.0, device)
     job.progress(f"    {repo}: {', '.join(sorted(p.name for p in repo.iterdir()))}")
 
 
-TARGET = Target("triton", "a Triton Inference Server model repository (stage models + the BLS-orchestrating "
+TARGET = Target("triton", "a Triton Inference Server model repository (graph models + the BLS-orchestrating "
                 "`smartedit` Python model) in OUT/triton", produce, TritonOptions,
-                side_files=("smartedit",), whole_folder=True, runtime="NVIDIA Triton Inference Server (tritonserver, or smartedit-serve for --triton-stages python)")
+                side_files=("smartedit",), whole_folder=True, runtime="NVIDIA Triton Inference Server (tritonserver, or smartedit-serve for --graph-models python)")

@@ -24,11 +24,11 @@ RESTRICTED = ("model-repository", "model-config", "shared-memory", "statistics",
 CLOSED_HEADER = "smartedit-closed-api"
 _UNSENDABLE = "closed\nto every client"  # a line feed: no HTTP/1.1 header and no HTTP/2 / gRPC metadata value holds one
 DRAIN_ENV = "SMARTEDIT_DRAIN_FILE"  # the flag file's path, in the server's environment (its Python models inherit it)
-# Triton Inference Server restricts by API, not by model: a client may call a stage model (`llava`, `unet`, ...) of a
-# BLS repository directly. Its Python stage models answer only calls carrying this parameter with the key that the
+# Triton Inference Server restricts by API, not by model: a client may call a graph model (`llava`, `unet`, ...) of a
+# BLS repository directly. Its Python graph models answer only calls carrying this parameter with the key that the
 # server's environment holds (drawn at each start; an environment is readable by its own user and root only).
-STAGE_KEY = "smartedit-stage-key"
-STAGE_KEY_ENV = "SMARTEDIT_STAGE_KEY"
+GRAPH_KEY = "smartedit-graph-key"
+GRAPH_KEY_ENV = "SMARTEDIT_GRAPH_KEY"
 
 
 def restricted_flags() -> list[str]:

@@ -65,7 +65,7 @@ from smartedit.errors import ArtifactError, InputError, run_command
 from smartedit.files import check_writable_parent, read_json, refuse_overwriting_inputs, sha256_file, write_atomic
 from smartedit.graphs.manifest import Manifest
 
-from .repository import MODEL, STREAM_MODEL, check_cache_mb, check_repository
+from .repository import GRAPH_MODEL_KINDS, MODEL, STREAM_MODEL, check_cache_mb, check_repository
 
 # NVIDIA's Triton containers (nvcr.io/nvidia/tritonserver:<tag>-py3) and the TensorRT each ships, as their release
 # notes list it (docs/introduction/release_notes.md of triton-inference-server/server at each release): a TensorRT plan
@@ -73,7 +73,6 @@ from .repository import MODEL, STREAM_MODEL, check_cache_mb, check_repository
 # can be named with --triton-release (its TensorRT is then the user's to check).
 TRITON_RELEASES = {"24.08": "10.3.0", "24.10": "10.5.0", "24.12": "10.7.0", "25.01": "10.8.0"}
 STORAGE_SCHEMES = ("s3", "gs", "pvc")  # what KServe's storage initializer and a plain volume can both serve
-STAGES = ("onnx", "trt", "python")  # the stage models' kinds smartedit-export --target triton writes
 NAME_MAX = 52  # DNS-1123 label (63) less room for the names derived from it ("-triton", "-client", ...)
 RATIO = "smartedit:queue_compute_ratio"
 HTTP, GRPC, METRICS = 8000, 8001, 8002
@@ -251,7 +250,7 @@ def _seconds(s: float) -> str:
 @dataclass
 class Facts:
     """What the manifests take from the export."""
-    stages: str                                  # onnx | trt | python
+    graph_models: str                            # onnx | trt | python
     files: dict[str, str]                        # the repository's record: {path in OUT/triton: sha256}
     record_sha256: str                           # smartedit/config.pbtxt's sha256 (it lists every other file's)
     repository_bytes: int = 0                    # the repository's size, once its files matched the record
@@ -266,14 +265,15 @@ class Facts:
 
 
 def _recorded_repository(manifest: Manifest, out: Path) -> tuple[str, dict[str, str]]:
-    """(stages, {path in OUT/triton: sha256}) of the manifest's record of OUT/triton, each value checked."""
+    """(graph_models, {path in OUT/triton: sha256}) of the manifest's record of OUT/triton, each value checked."""
     where = f"{manifest.path} [repositories][triton]"
     repo = manifest.repositories.get("triton")
     if repo is None:
         raise ArtifactError(f"{out} has no Triton model repository: run smartedit-export --target triton --out {out}")
-    stages = repo.get("stages")
-    if stages not in STAGES:
-        raise ArtifactError(f"{where} records stages {stages!r}, not one of {', '.join(STAGES)}: re-run "
+    graph_models = repo.get("graph_models")
+    if graph_models not in GRAPH_MODEL_KINDS:
+        raise ArtifactError(f"{where} records graph_models {graph_models!r}, not one of "
+                            f"{', '.join(GRAPH_MODEL_KINDS)}: re-run "
                             "smartedit-export --target triton")
     files = {}
     for rel, meta in repo["files"].items():
@@ -284,16 +284,16 @@ def _recorded_repository(manifest: Manifest, out: Path) -> tuple[str, dict[str, 
         files[rel[len("triton/"):]] = sha
     if f"{MODEL}/config.pbtxt" not in files:
         raise ArtifactError(f"{where} does not record {MODEL}/config.pbtxt: re-run smartedit-export --target triton")
-    return stages, files
+    return graph_models, files
 
 
 def read_export(out: Path, opts: DeployOptions) -> Facts:
     """The facts of an export folder, or one InputError naming what is missing, malformed or cannot match. The
     repository's bytes are not read here (check_export does that)."""
     manifest = Manifest.read(out)
-    stages, files = _recorded_repository(manifest, out)
-    facts = Facts(stages=stages, files=files, record_sha256=files[f"{MODEL}/config.pbtxt"])
-    if stages == "trt":
+    graph_models, files = _recorded_repository(manifest, out)
+    facts = Facts(graph_models=graph_models, files=files, record_sha256=files[f"{MODEL}/config.pbtxt"])
+    if graph_models == "trt":
         entries = manifest.entries("trt")
         if not entries:
             raise ArtifactError(f"{out}: the repository serves TensorRT plans, but the manifest has no trt entries")

@@ -6,7 +6,7 @@ What it adds to a bare `tritonserver` (the same supervision as smartedit-serve, 
   so no model.py, config or planted __pycache__ runs unchecked, and the record itself against --record-sha256 (the
   sha256 the export's manifest gives for smartedit/config.pbtxt, which an attacker who rewrote the repository
   cannot also rewrite in the pod's spec); no bytecode is written;
-- the administrative APIs closed to every client, no model control, a stage key for the Python stage models;
+- the administrative APIs closed to every client, no model control, a graph key for the Python graph models;
 - `smartedit_stream`, the stream twin of the `smartedit` model (serve/repository.py write_stream_twin), derived from
   its checked config into a repository of the launcher's own (a BLS orchestrator: no second copy of the graphs);
 - with --cache-config (Triton's response cache), the cache's library folder, and the `smartedit` model told that

@@ -6,11 +6,11 @@ Triton loads this through the one-line model.py that smartedit writes into a mod
 "settings" parameter with the bounds smartedit-serve checks; never from a request) say where the weights are, what
 the requests may ask for, and what runs the graphs:
     runner "registry": the graphs in this process, on a backend of smartedit.engines.registry (smartedit-serve)
-    runner "bls": the graphs as stage models of the same Triton, through BLS calls (the container repository)
+    runner "bls": the graphs as graph models of the same Triton, through BLS calls (the container repository)
 A config whose settings are out of bounds is refused at load, naming the value. Loading checks the artifacts (every
 file against its manifest sha256; through BLS, every file of the repository against the sha256 the export recorded,
 and nothing unrecorded beside them), loads them and runs a one-step edit at the smallest profile: Triton reports the
-model ready only after that. (Through BLS, Triton itself loads the stage models first; BLS calls are not allowed
+model ready only after that. (Through BLS, Triton itself loads the graph models first; BLS calls are not allowed
 while loading, so there is no warm-up edit.) A failure refuses the load with one line naming the cause, and
 tritonserver exits non-zero.
 
@@ -46,7 +46,7 @@ from smartedit.graphs import DEEPCACHE_SHALLOW, DENOISER, graph_with_role
 from smartedit.graphs.spec import GraphSpec
 from smartedit.pipeline import SmartEditPipeline
 
-from .admin import STAGE_KEY, STAGE_KEY_ENV, draining
+from .admin import GRAPH_KEY, GRAPH_KEY_ENV, draining
 from .repository import CACHE_ENV, REQUEST_INPUTS, STREAM_INPUTS
 from .service import EditService, Progress, timings_json
 from .settings import ServeSettings
@@ -64,7 +64,7 @@ def build_service(settings: ServeSettings, version_dir: Path, seed_required: boo
     if settings.runner == "bls":
         from .repository import MODEL, check_repository
 
-        # __pycache__ aside: Triton imports the stage models' model.py (which writes it) while this one loads; the
+        # __pycache__ aside: Triton imports the graph models' model.py (which writes it) while this one loads; the
         # launcher removed every __pycache__ and checked the whole repository before the server started. The stream
         # twin lives in a repository of its own and names the exported one.
         repo = Path(settings.repository or version_dir.parent.parent)
@@ -77,7 +77,7 @@ def build_service(settings: ServeSettings, version_dir: Path, seed_required: boo
                                     max_variants=settings.max_variants, max_evaluations=settings.max_evaluations,
                                     seed_required=seed_required)
     service = EditService(pipe, limits)
-    if settings.runner != "bls":  # BLS calls are allowed only in execute; Triton loads the stage models itself
+    if settings.runner != "bls":  # BLS calls are allowed only in execute; Triton loads the graph models itself
         _warm_up(pipe, limits, settings.warm_up)
     return service
 
@@ -101,7 +101,7 @@ def _warm_up(pipe: SmartEditPipeline, limits, at: str = "min") -> None:
 
 
 class BLSRunner:
-    """The graphs as stage models of the same Triton server, called through Business Logic Scripting. CPU tensors
+    """The graphs as graph models of the same Triton server, called through Business Logic Scripting. CPU tensors
     travel as numpy arrays; CUDA tensors through DLPack, without a host copy."""
 
     name = "bls"
@@ -113,7 +113,7 @@ class BLSRunner:
         # DeepCache's skip branch; None: no such graphs
         self.cache_branch = graphs.get(graph_with_role(DEEPCACHE_SHALLOW), {}).get("cache_branch")
         self.device = torch.device(device)
-        self.key = {STAGE_KEY: os.environ.get(STAGE_KEY_ENV, "")}  # the Python stage models answer only these calls
+        self.key = {GRAPH_KEY: os.environ.get(GRAPH_KEY_ENV, "")}  # the Python graph models answer only these calls
 
     def run(self, graph: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import triton_python_backend_utils as pb
@@ -130,7 +130,7 @@ class BLSRunner:
         response = pb.InferenceRequest(model_name=graph, requested_output_names=[o.name for o in spec.outputs],
                                        inputs=tensors, parameters=self.key).exec()
         if response.has_error():
-            raise RunError(f"stage model {graph}: {response.error().message()}")
+            raise RunError(f"graph model {graph}: {response.error().message()}")
         out = {}
         for o in spec.outputs:
             t = pb.get_output_tensor_by_name(response, o.name)

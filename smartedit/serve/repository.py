@@ -25,6 +25,9 @@ from smartedit.files import sha256_file_cached, write_atomic
 from .settings import ServeSettings
 
 MODEL = "smartedit"  # the orchestrating model's name, in every repository
+# what a --target triton repository's graph models (one per graph) run on: Triton's onnxruntime backend on OUT/onnx,
+# its tensorrt_plan backend on OUT/trt, or Python models running the ONNX files in ONNX Runtime (serve/graph_model.py)
+GRAPH_MODEL_KINDS = ("onnx", "trt", "python")
 STREAM_MODEL = "smartedit_stream"  # its decoupled twin: the same edit, answered as a stream (progress, previews)
 # The model's request, (name, Triton dtype, dims per request, optional): one edit per request; max_batch_size > 0
 # stacks requests in front. seed and the guidance scales hold one value per variant (dims [-1]: 1 to --max-variants
@@ -192,7 +195,7 @@ def write_serving_repository(repo: Path, settings: ServeSettings, max_batch: int
 
 def write_stream_twin(repo: Path, dst: Path) -> Path:
     """DST/smartedit_stream: the stream twin of a `--target triton` repository's `smartedit` model (BLS: its graphs
-    are the stage models, so the twin holds no weights of its own), derived from that model's config once the
+    are the graph models, so the twin holds no weights of its own), derived from that model's config once the
     repository was checked against its record. DST is a repository of its own (the server's private folder; the
     exported one stays as exported): the twin's settings name the exported repository, which it checks as the
     `smartedit` model does, and its checkpoint files there."""

@@ -50,7 +50,7 @@ from typing import Callable, Iterator
 from smartedit.engines import registry
 from smartedit.errors import ArtifactError, InputError, RunError, UnavailableError
 from smartedit.files import sha256_file
-from .admin import DRAIN_ENV, STAGE_KEY_ENV, restricted_flags, start_drain
+from .admin import DRAIN_ENV, GRAPH_KEY_ENV, restricted_flags, start_drain
 from .repository import (CACHE_ENV, LOW_PRIORITY_WAIT_S, MAX_QUEUE, MODEL, PRIORITY_LEVELS,
                          check_cache_mb, check_priority, check_repository, clear_bytecode, recorded_files,
                          write_serving_repository, write_stream_twin)
@@ -203,7 +203,7 @@ def prepare_backends(dst: Path) -> Path:
 def server_env(drain_file: Path) -> dict[str, str]:
     """This interpreter's libpython first (see the module doc), then the server's own libraries; no bytecode written
     (a repository holds exactly the files its record lists, so a __pycache__ in it is refused, never read); the
-    drain flag's path; a stage key drawn for this start (serve/admin.py)."""
+    drain flag's path; a graph key drawn for this start (serve/admin.py)."""
     root = bundled()
     libs = [sysconfig.get_config_var("LIBDIR"), str(root.parent.parent / "nvidia_pytriton.libs"), str(root / "lib")]
     env = dict(os.environ)
@@ -212,7 +212,7 @@ def server_env(drain_file: Path) -> dict[str, str]:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env[DRAIN_ENV] = str(drain_file)
-    env[STAGE_KEY_ENV] = secrets.token_urlsafe(32)
+    env[GRAPH_KEY_ENV] = secrets.token_urlsafe(32)
     return env
 
 

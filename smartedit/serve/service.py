@@ -55,7 +55,7 @@ from smartedit.files import open_image
 from smartedit.graphs.spec import ProfileOptions
 from smartedit.guidance import GuidanceSchedule
 from smartedit.mllm import MAX_INSTRUCTION_BYTES, tokenize_prompt
-from smartedit.pipeline import SmartEditPipeline, StageClock
+from smartedit.pipeline import SmartEditPipeline, PhaseClock
 from smartedit.scheduler import SIGMA, T, get_sampler
 from smartedit.vae import postprocess
 
@@ -308,15 +308,15 @@ class EditService:
 
     def _edit(self, batch: list[EditRequest], stop: Callable[[], bool] | None = None,
               watch: Callable[[int, Progress], None] | None = None) -> list[EditResult]:
-        """The pipeline's stages on the batch (SmartEditPipeline.__call__'s order and calls): the conditions and the
+        """The pipeline's phases on the batch (SmartEditPipeline.__call__'s order and calls): the conditions and the
         image latents once per request, repeated for its variants; one denoising loop over every sample."""
         pipe, first = self.pipe, batch[0]
         pil, texts = [r.image for r in batch], [r.instruction for r in batch]
         seeds = [s for r in batch for s in r.seeds]
         g = [x for r in batch for x in r.guidance_scales]
         gi = [x for r in batch for x in r.image_guidance_scales]
-        stage_ms: dict[str, float] = {}
-        clock = StageClock(pipe.device, stage_ms)
+        phase_ms: dict[str, float] = {}
+        clock = PhaseClock(pipe.device, phase_ms)
         with clock("condition"):
             prompt_embeds, bim_residual = pipe.encode_condition(pil, texts, seed=[r.seeds[0] for r in batch])
         with clock("vae_encode"):
@@ -327,7 +327,7 @@ class EditService:
             prompt_embeds, bim_residual, image_latents = (x[rows] for x in (prompt_embeds, bim_residual,
                                                                             image_latents))
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        watched = self._watched(batch, watch, stage_ms) if watch else contextlib.nullcontext()
+        watched = self._watched(batch, watch, phase_ms) if watch else contextlib.nullcontext()
         with clock("denoise"), watched:
             latents = pipe.denoise(prompt_embeds, bim_residual, image_latents, first.steps, g, gi, generators,
                                    stop=stop, sampler=first.sampler, guidance_schedule=first.schedule,
@@ -338,7 +338,7 @@ class EditService:
         _check_finite(pipe, decoded, "the decoded image is not finite")
         images = postprocess(decoded)
         clock.finish()
-        wall = stage_ms["total"]
+        wall = phase_ms["total"]
         out, at = [], 0
         for r in batch:
             pngs = [_png(img) for img in images[at:at + r.variants]]
@@ -346,7 +346,7 @@ class EditService:
                         for s, a, b, p in zip(r.seeds, r.guidance_scales, r.image_guidance_scales, pngs)]
             at += r.variants
             out.append(EditResult(b"".join(pngs), {
-                "stage_ms": stage_ms, "wall_ms": wall, "batch_size": len(seeds), "condition_batch": len(batch),
+                "phase_ms": phase_ms, "wall_ms": wall, "batch_size": len(seeds), "condition_batch": len(batch),
                 "seed": r.seeds[0], "variants": variants, "steps": r.steps, "resolution": r.resolution,
                 "sampler": r.sampler, "guidance_schedule": r.schedule.to_dict(),
                 "deepcache": None if r.deepcache is None else r.deepcache.interval,
@@ -355,10 +355,10 @@ class EditService:
         return out
 
     @contextlib.contextmanager
-    def _watched(self, batch: list[EditRequest], watch: Callable[[int, Progress], None], stage_ms: dict):
+    def _watched(self, batch: list[EditRequest], watch: Callable[[int, Progress], None], phase_ms: dict):
         """The pipeline's own denoising loop, watched: SmartEditPipeline.denoise evaluates each step's guided eps
         through pipe.guided_eps (pipe.cached_eps with DeepCache), once per step; while this is open, that call also
-        tells every request of `batch` its step and decodes the previews that are due (stage_ms["previews"]: their
+        tells every request of `batch` its step and decodes the previews that are due (phase_ms["previews"]: their
         time, within "denoise")."""
         pipe, first = self.pipe, batch[0]
         inner, inner_cached, done = pipe.guided_eps, pipe.cached_eps, [0]
@@ -385,7 +385,7 @@ class EditService:
                 for j in due:
                     previews[j] = tuple(pics[at:at + batch[j].variants])
                     at += batch[j].variants
-                stage_ms["previews"] = stage_ms.get("previews", 0.0) + (time.perf_counter() - t0) * 1e3
+                phase_ms["previews"] = phase_ms.get("previews", 0.0) + (time.perf_counter() - t0) * 1e3
             for j in range(len(batch)):
                 watch(j, Progress(step, first.steps, previews.get(j, ())))
             return eps

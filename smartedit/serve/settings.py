@@ -17,7 +17,7 @@ from smartedit.errors import ArtifactError, InputError
 from smartedit.scheduler import MAX_STEPS
 from smartedit.weights import ModelSource
 
-RUNNERS = ("registry", "bls")  # the graphs in the model's process on a registry backend, or as BLS stage models
+RUNNERS = ("registry", "bls")  # the graphs in the model's process on a registry backend, or as BLS graph models
 WARM_UPS = ("min", "max")
 MAX_VARIANTS = 4  # variants per request by default (each is one more sample through the UNet loop)
 MAX_MEGAPIXELS = 16.0  # the largest input image by default

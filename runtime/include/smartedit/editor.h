@@ -40,11 +40,11 @@ class Editor {
   Editor(const std::string& artifacts, const c10::Device& device);
 
   // -> image [B,3,H,W] in [-1, 1]. Inputs may have any dtype (ids any integer type): each package casts them to
-  // its own. `stage_ms`, if given, receives wall times per stage (device-synchronised). options.sampler empty: the
+  // its own. `phase_ms`, if given, receives wall times per phase (device-synchronised). options.sampler empty: the
   // sampler the manifest records (sampler()). options.deepcache > 1: refused (std::invalid_argument, before any
   // work) by check_deepcache when the export has no DeepCache graphs.
   at::Tensor run(const EditInputs& inputs, const DenoiseOptions& options,
-                 std::map<std::string, double>* stage_ms = nullptr);
+                 std::map<std::string, double>* phase_ms = nullptr);
   const std::string& sampler() const { return manifest_.sampler(); }
   // The skip branch the export's DeepCache graphs were made at; -1 when it has none.
   int64_t cache_branch() const;

@@ -1,11 +1,11 @@
-"""A stage model as a Python-backend Triton model: one graph's ONNX file in ONNX Runtime.
+"""A graph model as a Python-backend Triton model: one graph's ONNX file in ONNX Runtime.
 
-For the `--triton-stages python` repository: what this project's bundled Triton (Python backend only) can serve, so
+For the `--graph-models python` repository: what this project's bundled Triton (Python backend only) can serve, so
 the BLS-orchestrated repository runs end to end here. In NVIDIA's container the same graphs use Triton's own
 onnxruntime or tensorrt_plan backends instead.
 
-A stage model is as reachable from outside as the `smartedit` model (Triton restricts by API, not by model), so it
-trusts no request: it answers only calls that carry the stage key of the server's environment (serve/admin.py),
+A graph model is as reachable from outside as the `smartedit` model (Triton restricts by API, not by model), so it
+trusts no request: it answers only calls that carry the graph key of the server's environment (serve/admin.py),
 which the `smartedit` model's BLS calls do, and refuses every other call before reading it (80 direct calls once
 held an edit 32 s behind them); its files are checked against the sha256 the export recorded before ONNX Runtime
 opens them, and every request's shapes against the graph's exported profile before any work (a 200x200-latent
@@ -26,7 +26,7 @@ from smartedit.errors import ArtifactError, InputError
 from smartedit.files import sha256_file_cached
 from smartedit.graphs.spec import GraphSpec
 
-from .admin import STAGE_KEY, STAGE_KEY_ENV
+from .admin import GRAPH_KEY, GRAPH_KEY_ENV
 
 _NP = {"float16": np.float16, "float32": np.float32, "int64": np.int64}
 
@@ -37,10 +37,10 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         params = config["parameters"]
-        self.key = os.environ.get(STAGE_KEY_ENV, "")
+        self.key = os.environ.get(GRAPH_KEY_ENV, "")
         if not self.key:
-            raise RuntimeError(f"smartedit: InputError: ${STAGE_KEY_ENV} is not set: start the repository with "
-                               "python -m smartedit.serve.launch, which draws the key its stage models answer to")
+            raise RuntimeError(f"smartedit: InputError: ${GRAPH_KEY_ENV} is not set: start the repository with "
+                               "python -m smartedit.serve.launch, which draws the key its graph models answer to")
         self.spec = GraphSpec.from_dict(json.loads(params["spec"]["string_value"]))
         self.precision = params["precision"]["string_value"]
         version = Path(args["model_repository"]) / args["model_version"]
@@ -81,13 +81,13 @@ class TritonPythonModel:
         return responses
 
     def _check_caller(self, request) -> None:
-        """InputError unless the call carries the server's stage key (the `smartedit` model's BLS calls do)."""
+        """InputError unless the call carries the server's graph key (the `smartedit` model's BLS calls do)."""
         try:
-            key = json.loads(request.parameters() or "{}").get(STAGE_KEY, "")
+            key = json.loads(request.parameters() or "{}").get(GRAPH_KEY, "")
         except (ValueError, AttributeError):
             key = ""
         if not (isinstance(key, str) and hmac.compare_digest(key.encode(), self.key.encode())):
-            raise InputError("this stage model answers only the `smartedit` model: send edits to "
+            raise InputError("this graph model answers only the `smartedit` model: send edits to "
                              "/v2/models/smartedit")
 
     def _feed(self, request) -> dict[str, np.ndarray]:
