@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+from smartedit.weights import ModelSource
+
 # pytest-xdist's workers (pyproject's addopts: -n auto, --dist loadfile) share the cores: each worker and the commands
 # it starts take cores / workers threads (1 each on 2 cores), as oversubscribed OpenMP threads spin 10-30x slower
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -124,7 +126,7 @@ def onnx_export(tmp_path_factory):
 
     def get(precision: str):
         def make(out):
-            run_export(out, preset="tiny", precision=precision, profile=ProfileOptions(**SMALL_PROFILE),
+            run_export(out, ModelSource(preset="tiny"), precision=precision, profile=ProfileOptions(**SMALL_PROFILE),
                        progress=lambda m: None)
 
         return made_once(tmp_path_factory, f"onnx_{precision}", make)[0]
@@ -144,7 +146,7 @@ def aoti_export(tmp_path_factory):
     from smartedit.graphs.spec import ProfileOptions
 
     def make(out):
-        run_export(out, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
+        run_export(out, ModelSource(preset="tiny"), target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
                    progress=lambda m: None, cache_branch=AOTI_CACHE_BRANCH)
 
     return made_once(tmp_path_factory, "aoti_fp32", make)[0]
@@ -167,7 +169,7 @@ def trt_rtx_export(onnx_export, tmp_path_factory):
     def make(out):
         shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
         said = []
-        run_export(out, preset="tiny", precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
+        run_export(out, ModelSource(preset="tiny"), precision="fp16", target="trt-rtx", profile=ProfileOptions(**SMALL_PROFILE),
                    target_options=BuildOptions(compute_capabilities=TRT_RTX_CAPS), progress=said.append)
         return said
 
@@ -187,7 +189,7 @@ def triton_repository(onnx_export, tmp_path_factory):
     def make(out):
         shutil.copytree(onnx_export("fp16"), out, dirs_exist_ok=True)
         said = []
-        run_export(out, preset="tiny", target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
+        run_export(out, ModelSource(preset="tiny"), target="triton", precision="fp16", profile=ProfileOptions(**SMALL_PROFILE),
                    target_options=TritonOptions(graph_models="python"), progress=said.append)
         return said
 
@@ -321,7 +323,7 @@ def trained_export(tmp_path_factory):
 
     def make(out):
         for target in ("onnx", "aoti"):
-            run_export(out, model=TRAINED_MODEL, target=target, precision="fp32",
+            run_export(out, ModelSource(model=TRAINED_MODEL), target=target, precision="fp32",
                        profile=ProfileOptions(**TRAINED_PROFILE), progress=lambda m: None,
                        cache_branch=1 if target == "onnx" else None)
 

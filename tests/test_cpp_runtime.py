@@ -21,6 +21,7 @@ from smartedit.deepcache import MAX_CACHE_INTERVAL, DeepCache
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.guidance import GuidanceSchedule
 from smartedit.scheduler import SAMPLERS, get_sampler
+from smartedit.weights import ModelSource
 
 ROOT = Path(__file__).resolve().parent.parent  # the top-level CMakeLists.txt builds runtime/
 
@@ -342,7 +343,7 @@ def aoti_folded(aoti_export, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("aoti_folded") / "out"
     shutil.copytree(aoti_export, out)
-    run_export(out, preset="tiny", target="aoti", precision="fp32", graph_names=["unet"], fold_cfg=True,
+    run_export(out, ModelSource(preset="tiny"), target="aoti", precision="fp32", graph_names=["unet"], fold_cfg=True,
                profile=ProfileOptions(**SMALL_PROFILE), progress=lambda m: None)
     return out
 

@@ -169,11 +169,11 @@ def test_refusals(onnx_export, tmp_path, capsys, test_image):
     with pytest.raises(InputError, match="has no DeepCache graphs: export them with smartedit-export --deepcache"):
         pipe(test_image, "x", steps=2, resolution=256, deepcache=DeepCache(2))
     with pytest.raises(InputError, match=r"DeepCache branch must be an integer in \[0, 1\].*got 5"):
-        run_export(tmp_path / "a", preset="tiny", cache_branch=5, progress=lambda m: None)
+        run_export(tmp_path / "a", ModelSource(preset="tiny"), cache_branch=5, progress=lambda m: None)
     with pytest.raises(InputError, match="--precision int8 quantizes the unet graph only"):
-        run_export(tmp_path / "b", preset="tiny", precision="int8", cache_branch=0, progress=lambda m: None)
+        run_export(tmp_path / "b", ModelSource(preset="tiny"), precision="int8", cache_branch=0, progress=lambda m: None)
     with pytest.raises(InputError, match="the DeepCache graphs are exported with --deepcache"):
-        run_export(tmp_path / "c", preset="tiny", graph_names="unet_deep", progress=lambda m: None)
+        run_export(tmp_path / "c", ModelSource(preset="tiny"), graph_names="unet_deep", progress=lambda m: None)
     assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
     image = tmp_path / "in.png"
     test_image.save(image)
@@ -194,7 +194,7 @@ def test_tensorrt_rtx_engines_of_both_graphs_build(tmp_path):
     from smartedit.export.trt import BuildOptions
     from smartedit.graphs.spec import ProfileOptions
 
-    manifest = run_export(tmp_path, model=TRAINED_MODEL, target="trt-rtx", graph_names="unet_deep,unet_shallow",
+    manifest = run_export(tmp_path, ModelSource(model=TRAINED_MODEL), target="trt-rtx", graph_names="unet_deep,unet_shallow",
                           cache_branch=1, profile=ProfileOptions(**TRAINED_PROFILE), verify=False,
                           target_options=BuildOptions(compute_capabilities=("86",), static_res=(64,)),
                           progress=lambda m: None)

@@ -22,6 +22,7 @@ from smartedit.export.run import run_export
 from smartedit.files import sha256_file
 from smartedit.graphs import DEEPCACHE_GRAPHS, GRAPH_NAMES
 from smartedit.graphs.spec import ProfileOptions
+from smartedit.weights import ModelSource
 
 
 def test_every_graph_is_packaged_and_verified(aoti_export):
@@ -45,7 +46,7 @@ def test_every_graph_is_packaged_and_verified(aoti_export):
 
 def test_rerun_skips_unchanged_packages(aoti_export):
     said = []
-    run_export(aoti_export, preset="tiny", target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
+    run_export(aoti_export, ModelSource(preset="tiny"), target="aoti", precision="fp32", profile=ProfileOptions(**SMALL_PROFILE),
                progress=said.append, cache_branch=AOTI_CACHE_BRANCH)
     assert said == [f"{g}: AOTInductor package up to date, skipped" for g in GRAPH_NAMES + DEEPCACHE_GRAPHS]
 
@@ -114,13 +115,13 @@ def test_backend_refuses_what_it_cannot_run(aoti_export, tmp_path):
 def test_export_argument_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="--device cuda: no CUDA GPU here"):
-            run_export(tmp_path, preset="tiny", target="aoti", target_options=AotiOptions(device="cuda"),
+            run_export(tmp_path, ModelSource(preset="tiny"), target="aoti", target_options=AotiOptions(device="cuda"),
                        progress=lambda m: None)
     with pytest.raises(InputError, match="compiled for cpu or cuda, got --device meta"):
-        run_export(tmp_path, preset="tiny", target="aoti", target_options=AotiOptions(device="meta"),
+        run_export(tmp_path, ModelSource(preset="tiny"), target="aoti", target_options=AotiOptions(device="meta"),
                    progress=lambda m: None)
     with pytest.raises(InputError, match="unknown export target 'tflite'"):
-        run_export(tmp_path, preset="tiny", target="tflite", progress=lambda m: None)
+        run_export(tmp_path, ModelSource(preset="tiny"), target="tflite", progress=lambda m: None)
     assert not (tmp_path / "manifest.json").exists()  # refused before any work
 
 
@@ -130,7 +131,7 @@ def test_failed_compile_leaves_no_package(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     with pytest.raises(RuntimeError, match="simulated"):
-        run_export(tmp_path, preset="tiny", target="aoti", precision="fp32", graph_names="vae_encoder",
+        run_export(tmp_path, ModelSource(preset="tiny"), target="aoti", precision="fp32", graph_names="vae_encoder",
                    profile=ProfileOptions(**SMALL_PROFILE), progress=lambda m: None)
     assert not (tmp_path / "aoti").exists() or not list((tmp_path / "aoti").iterdir())  # no package, no temp folder
     assert "vae_encoder" not in (json.loads((tmp_path / "manifest.json").read_text())["artifacts"].get("aoti", {})

@@ -22,6 +22,7 @@ from smartedit.files import sha256_file  # noqa: E402
 from smartedit.graphs import GRAPH_NAMES, graph_table, parse_graph_names  # noqa: E402
 from smartedit.graphs.parity import compare, verification_points  # noqa: E402
 from smartedit.graphs.spec import DimRange, GraphSpec, ProfileOptions, TensorSpec  # noqa: E402
+from smartedit.weights import ModelSource
 
 SMALL = ProfileOptions(**SMALL_PROFILE)
 
@@ -117,7 +118,7 @@ def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
     from smartedit.pipeline import SmartEditPipeline
     from smartedit.scheduler import get_sampler
 
-    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="unet", fold_cfg=True, profile=SMALL,
+    run_export(tmp_path, ModelSource(preset="tiny"), precision="fp32", graph_names="unet", fold_cfg=True, profile=SMALL,
                progress=_quiet)
     ort = OnnxRuntimeRunner(Artifacts(tmp_path, "onnx"))
     assert ort.fold_cfg
@@ -137,21 +138,21 @@ def test_folded_cfg_unet_matches_the_pipeline_step(tmp_path, tiny_pipe):
 
 
 def test_rerun_skips_and_changed_inputs_reexport(tmp_path):
-    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+    run_export(tmp_path, ModelSource(preset="tiny"), precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
                progress=_quiet)
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "onnx").iterdir()}
     said = []
-    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+    run_export(tmp_path, ModelSource(preset="tiny"), precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
                progress=said.append)
     assert said == ["qformer_bim: up to date, skipped", "vae_decoder: up to date, skipped"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "onnx").iterdir()} == files
     said.clear()  # a different seed is a different model: both re-export
-    run_export(tmp_path, preset="tiny", seed=1, precision="fp32", graph_names="qformer_bim", profile=SMALL,
+    run_export(tmp_path, ModelSource(preset="tiny", seed=1), precision="fp32", graph_names="qformer_bim", profile=SMALL,
                progress=said.append)
     assert any("qformer_bim: exporting" in m for m in said)
     (tmp_path / "onnx" / "qformer_bim.onnx").write_bytes(b"tampered")  # a damaged file is not up to date
     said.clear()
-    run_export(tmp_path, preset="tiny", seed=1, precision="fp32", graph_names="qformer_bim", profile=SMALL,
+    run_export(tmp_path, ModelSource(preset="tiny", seed=1), precision="fp32", graph_names="qformer_bim", profile=SMALL,
                progress=said.append)
     assert any("qformer_bim: exporting" in m for m in said)
 
@@ -170,14 +171,14 @@ def test_interrupted_export_leaves_finished_graphs_valid_and_nothing_half_writte
 
     monkeypatch.setattr(onnx_mod.torch.onnx, "export", flaky)
     with pytest.raises(KeyboardInterrupt):
-        run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+        run_export(tmp_path, ModelSource(preset="tiny"), precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
                    progress=_quiet)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert list(manifest["artifacts"]["onnx"]) == ["qformer_bim"]
     assert sorted(os.listdir(tmp_path / "onnx")) == ["qformer_bim.onnx"]  # no temp folders, no vae_decoder file
     monkeypatch.setattr(onnx_mod.torch.onnx, "export", real)
     said = []
-    run_export(tmp_path, preset="tiny", precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
+    run_export(tmp_path, ModelSource(preset="tiny"), precision="fp32", graph_names="qformer_bim,vae_decoder", profile=SMALL,
                progress=said.append)
     assert said[0] == "qformer_bim: up to date, skipped" and any("vae_decoder: exporting" in m for m in said)
 
@@ -225,12 +226,9 @@ def test_bad_requests_name_the_value(tmp_path, tiny_pipe):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError, match="cannot write to output folder"):
-        run_export(blocker / "out", preset="tiny", progress=_quiet)
+        run_export(blocker / "out", ModelSource(preset="tiny"), progress=_quiet)
     with pytest.raises(InputError, match=r"unknown export target 'tflite'; choose one of \['onnx', 'trt', "):
-        run_export(tmp_path / "o", preset="tiny", target="tflite", progress=_quiet)
-    model = tiny_pipe.save_pretrained(tmp_path / "model")
-    with pytest.raises(ValueError, match="does not match preset '7b'"):
-        run_export(tmp_path / "o", model=model, preset="7b", progress=_quiet)
+        run_export(tmp_path / "o", ModelSource(preset="tiny"), target="tflite", progress=_quiet)
 
 
 def test_onnxruntime_backend_refuses_shapes_outside_the_profile(exported):

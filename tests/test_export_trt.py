@@ -21,6 +21,7 @@ from smartedit.export.trt import (  # noqa: E402
 from smartedit.files import sha256_file  # noqa: E402
 from smartedit.graphs.manifest import Manifest  # noqa: E402
 from smartedit.graphs.spec import ProfileOptions  # noqa: E402
+from smartedit.weights import ModelSource
 
 NO_GPU = not torch.cuda.is_available()
 from conftest import TRT_RTX_CAPS as CAPS  # noqa: E402
@@ -53,7 +54,7 @@ def test_all_tiny_graphs_build_for_sm86_and_sm80(built):
 def test_rebuild_is_skipped_when_nothing_changed(built):
     out, _ = built
     said = []
-    run_export(out, preset="tiny", precision="fp16", target="trt-rtx", graph_names="qformer_bim,unet",
+    run_export(out, ModelSource(preset="tiny"), precision="fp16", target="trt-rtx", graph_names="qformer_bim,unet",
                profile=ProfileOptions(**SMALL_PROFILE), target_options=BuildOptions(compute_capabilities=CAPS),
                progress=said.append)
     assert said == ["qformer_bim: up to date, skipped", "unet: up to date, skipped",
@@ -152,7 +153,7 @@ def test_tensorrt_backend_edit_matches_eager(tmp_path, test_image):
     from smartedit.pipeline import SmartEditPipeline
     from smartedit.weights import ModelSource
 
-    run_export(tmp_path, preset="tiny", precision="fp16", target="trt-rtx", progress=lambda m: None)
+    run_export(tmp_path, ModelSource(preset="tiny"), precision="fp16", target="trt-rtx", progress=lambda m: None)
     eager = SmartEditPipeline.from_preset("tiny", seed=0, device="cuda")
     fast = SmartEditPipeline.on_backend("trt-rtx", ModelSource(preset="tiny"), "cuda", artifacts=tmp_path)
     a = np.asarray(eager(test_image, "make it blue", steps=8, seed=3), dtype=np.float64)

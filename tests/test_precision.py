@@ -12,6 +12,7 @@ from smartedit.errors import ArtifactError, InputError
 from smartedit.graphs import graph_table
 from smartedit.graphs.manifest import Entry, Manifest
 from smartedit.graphs.spec import ProfileOptions
+from smartedit.weights import ModelSource
 
 
 def _choices(main, capsys) -> set[str]:
@@ -52,11 +53,11 @@ def test_errors_name_the_bad_precision(tmp_path, capsys):
     from smartedit.export.run import run_export
 
     with pytest.raises(InputError, match="unknown precision 'int3'"):
-        run_export(tmp_path / "a", preset="tiny", precision="int3", progress=lambda m: None)
+        run_export(tmp_path / "a", ModelSource(preset="tiny"), precision="int3", progress=lambda m: None)
     with pytest.raises(InputError, match="--precision bf16 is not exported"):
-        run_export(tmp_path / "b", preset="tiny", precision="bf16", progress=lambda m: None)
+        run_export(tmp_path / "b", ModelSource(preset="tiny"), precision="bf16", progress=lambda m: None)
     with pytest.raises(InputError, match=r"--target aoti takes --precision fp32 or fp16; int8, fp8"):
-        run_export(tmp_path / "c", preset="tiny", precision="int8", target="aoti", progress=lambda m: None)
+        run_export(tmp_path / "c", ModelSource(preset="tiny"), precision="int8", target="aoti", progress=lambda m: None)
     assert not any((tmp_path / d).exists() for d in "abc")
     code, _, err = run_cli(export_main, ["--preset", "tiny", "--random-weights", "--precision", "int3", "--out",
                                          tmp_path / "d"], capsys)

@@ -32,7 +32,7 @@ def _quantized(onnx_export, tmp_path_factory, mode: str, **kw):
     out = tmp_path_factory.mktemp(f"quantized_{mode}") / "export"
     shutil.copytree(onnx_export("fp16"), out)
     said = []
-    run_export(out, preset="tiny", precision=mode, profile=ProfileOptions(**SMALL_PROFILE),
+    run_export(out, ModelSource(preset="tiny"), precision=mode, profile=ProfileOptions(**SMALL_PROFILE),
                quantize=QuantizeOptions(precision=mode, **SMALL), progress=said.append, **kw)
     return out, said
 
@@ -102,7 +102,7 @@ def test_int8_quality_report_and_an_edit_end_to_end_in_onnx_runtime(int8, test_i
 def test_a_rerun_skips_and_verify_runs_the_report_again_with_its_threshold(int8, onnx_export, tmp_path_factory):
     out, first = int8
     said = []
-    run_export(out, preset="tiny", precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
+    run_export(out, ModelSource(preset="tiny"), precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
                quantize=QuantizeOptions(precision="int8", **SMALL), progress=said.append)
     assert "unet: up to date, skipped" in said and not any("Model Optimizer" in m for m in said)
     e = Manifest.read(out).entries("onnx")["unet"]
@@ -136,7 +136,7 @@ def test_int8_engine_builds_for_sm86_from_the_quantized_graph(int8):
 
     out, _ = int8
     said = []
-    run_export(out, preset="tiny", precision="int8", target="trt-rtx", graph_names="unet",
+    run_export(out, ModelSource(preset="tiny"), precision="int8", target="trt-rtx", graph_names="unet",
                profile=ProfileOptions(**SMALL_PROFILE), quantize=QuantizeOptions(precision="int8", **SMALL),
                target_options=BuildOptions(compute_capabilities=("86",), static_res=()), progress=said.append)
     assert "unet: up to date, skipped" in said  # the quantized ONNX is reused, not quantized again
@@ -179,7 +179,7 @@ def test_fp8_stage_models_run_their_graph_in_onnx_runtime(fp8_rtx, tmp_path, mon
     manifest["artifacts"].pop("trt-rtx")
     (out / "manifest.json").write_text(json.dumps(manifest))
     said = []
-    run_export(out, preset="tiny", precision="fp8", target="triton", profile=ProfileOptions(**SMALL_PROFILE),
+    run_export(out, ModelSource(preset="tiny"), precision="fp8", target="triton", profile=ProfileOptions(**SMALL_PROFILE),
                quantize=QuantizeOptions(precision="fp8", **SMALL), target_options=TritonOptions(graph_models="python"),
                progress=said.append)
     assert "unet: up to date, skipped" in said
@@ -468,7 +468,7 @@ def failed_external(onnx_export, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(onnx_export_module, "TWO_GB", 0)  # the quantized graph takes external data from its source
         with pytest.raises(ExportError) as failed:
-            run_export(out, preset="tiny", precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
+            run_export(out, ModelSource(preset="tiny"), precision="int8", profile=ProfileOptions(**SMALL_PROFILE),
                        quantize=QuantizeOptions(precision="int8", calibration_edits=1, calibration_steps=2,
                                                 report_edits=1, min_psnr=100.0), progress=said.append)
     return out, said, str(failed.value)

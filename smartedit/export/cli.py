@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip the check against fp32 PyTorch (it needs the fp32 model in host RAM: 28 GB for the "
                         "7b LLM)")
     a = p.parse_args(argv)
-    model_source(p, a)
+    source = model_source(p, a)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # torchvision absent
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         opts = ProfileOptions(max_batch=a.max_batch, min_res=a.min_res, opt_res=a.opt_res, max_res=a.max_res,
                               max_prefix=a.max_prompt, max_suffix=a.max_prompt,
                               opt_prefix=min(96, a.max_prompt), opt_suffix=min(96, a.max_prompt))
-        run_export(a.out, model=a.model, preset=a.preset, seed=a.seed, target=a.target, precision=precision,
+        run_export(a.out, source, target=a.target, precision=precision,
                    graph_names=a.graphs, opset=a.opset, profile=opts, fold_cfg=a.fold_cfg, verify=not a.no_verify,
                    target_options=TARGETS[a.target].options.from_flags(a),
                    quantize=QuantizeOptions.from_flags(precision, a) if precision.quantized else None,

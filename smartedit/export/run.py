@@ -84,13 +84,13 @@ def toolchain() -> dict[str, str | None]:
     return out
 
 
-def run_export(out: str | Path, model: str | Path | None = None, preset: str | None = None, seed: int = 0,
-               target: str = "onnx", precision: Precision | str = "fp16", graph_names: str | list[str] | None = None,
+def run_export(out: str | Path, source: ModelSource, target: str = "onnx", precision: Precision | str = "fp16",
+               graph_names: str | list[str] | None = None,
                opset: int = 18, profile: ProfileOptions | None = None, fold_cfg: bool = False, verify: bool = True,
                target_options=None, quantize=None, progress: Callable[[str], None] = print,
                cache_branch: int | None = None) -> Manifest:
-    """Export the graphs of `model` (a converted folder) or `preset` (random weights, `seed`) for `target` into
-    `out`; see targets.TARGETS. `precision`: a row of config.PRECISIONS (or its name); a quantized one quantizes
+    """Export the graphs of `source` (a converted folder, or a preset's random weights) for `target` into `out`; see
+    targets.TARGETS. `precision`: a row of config.PRECISIONS (or its name); a quantized one quantizes
     the unet with `quantize` (its defaults when None). `target_options`: the target's TargetOptions (its defaults when
     None). Argument problems are refused before any model is loaded. `cache_branch`: also export the DeepCache graphs
     (unet_deep, unet_shallow) at this skip branch."""
@@ -116,11 +116,7 @@ def run_export(out: str | Path, model: str | Path | None = None, preset: str | N
         raise InputError(f"--precision {precision.name} quantizes nothing: no quantization options")
     if opset < 18:
         raise InputError(f"opset must be >= 18 (the dynamo exporter's minimum), got {opset}")
-    source = ModelSource(model=model) if model is not None else ModelSource(preset=preset, seed=seed)
     cfg = source.config()
-    if model is not None and preset is not None:  # a checkpoint named with the preset it should be
-        if SmartEditConfig.from_name(preset).to_dict() | {"name": cfg.name} != cfg.to_dict():
-            raise InputError(f"the checkpoint at {model} (config {cfg.name!r}) does not match preset {preset!r}")
     names = _with_deepcache(parse_graph_names(graph_names), cfg, cache_branch, quantize)
     profile = profile or ProfileOptions()
     _check_traceable(cfg, profile, fold_cfg, names, t)
