@@ -21,6 +21,7 @@ from smartedit.deepcache import MAX_CACHE_INTERVAL, DeepCache
 from smartedit.pipeline import SmartEditPipeline
 from smartedit.guidance import GuidanceSchedule
 from smartedit.scheduler import SAMPLERS, get_sampler
+from smartedit.graphs.manifest import MANIFEST_VERSION
 from smartedit.weights import ModelSource
 
 ROOT = Path(__file__).resolve().parent.parent  # the top-level CMakeLists.txt builds runtime/
@@ -387,7 +388,7 @@ def test_the_runtime_reads_files_and_specs_from_the_manifest(runtime_bin, aoti_e
     old = _copy_with(aoti_export, tmp_path / "old", lambda m: m.update(manifest_version=1))
     r = _run(runtime_bin, "edit", "--artifacts", old, "--inputs", tmp_path / "in.safetensors",
              "--out", tmp_path / "o.safetensors", "--steps", 1)
-    assert r.returncode == 2 and "not manifest version 3" in r.stderr
+    assert r.returncode == 2 and f"not manifest version {MANIFEST_VERSION}" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
