@@ -119,7 +119,7 @@ def test_trt_target_without_tensorrt_says_how_to_install(tmp_path):
     from smartedit.export.run import run_export as run
 
     with pytest.raises(UnavailableError, match=r"`tensorrt` is not installed.*--target trt-rtx"):
-        run(tmp_path, preset="tiny", target="trt", progress=lambda m: None)
+        run(tmp_path, ModelSource(preset="tiny"), target="trt", progress=lambda m: None)
     assert not (tmp_path / "onnx").exists()  # refused before any export work
 
 
