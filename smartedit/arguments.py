@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import PRESETS, check_resolution, check_seed
+from .config import DEFAULT_SEED, PRESETS, check_resolution, check_seed
 from .errors import InputError
 from .deepcache import DEFAULT_CACHE_BRANCH, DeepCache, parse_deepcache
 from .guidance import GuidanceSchedule, parse_interval
@@ -79,7 +79,8 @@ def add_model_source(p: argparse.ArgumentParser, required: bool = True, what: st
                      help="this preset with random weights" + what)
     p.add_argument("--random-weights", action="store_true",
                    help="required with --preset: outputs are noise (latency does not depend on weight values)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the random weights (and of the noise of an edit)")
+    p.add_argument("--seed", type=seed, default=DEFAULT_SEED,
+                   help="seed of the random weights (and of the noise of an edit)")
 
 
 def require_random_weights(preset: str | None, random_weights: bool) -> None:

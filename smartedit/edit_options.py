@@ -10,6 +10,7 @@ from .config import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_IMAGE_GUIDANCE_SCALE,
     DEFAULT_RESOLUTION,
+    DEFAULT_SEED,
     DEFAULT_STEPS,
     check_guidance,
     check_resolution,
@@ -29,7 +30,7 @@ class EditOptions:
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_STEPS
     resolution: int = DEFAULT_RESOLUTION
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE
     img_token_mode: str = "forced"
